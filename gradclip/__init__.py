@@ -1,0 +1,76 @@
+"""gradclip: gradient clipping for PyTorch, TensorFlow/Keras, JAX/optax and NumPy.
+
+Every clipping technique behind one API: pick a clipper, then clip in place (PyTorch) or
+functionally (any framework)::
+
+    import gradclip
+    clipper = gradclip.GlobalNorm(max_norm=1.0)
+    info = clipper.clip_(model)          # after loss.backward(), before optimizer.step()
+
+``import gradclip`` imports no deep-learning framework: a backend is chosen from the type of the
+arrays it is given and its framework is imported then.
+"""
+
+from gradclip._core.errors import (
+    BackendError,
+    GradClipError,
+    InvalidArgumentError,
+    NonFiniteError,
+    SparseGradientError,
+    StateError,
+    UnknownNameError,
+)
+from gradclip._core.clipper import Clipper
+from gradclip._core.registry import available, get, register
+from gradclip._core.types import ClipInfo
+from gradclip.clippers import (
+    AverageNorm,
+    BlockRMS,
+    Chain,
+    GlobalNorm,
+    Norm,
+    NormSign,
+    Value,
+    ZeroOutliers,
+    chain,
+)
+from gradclip.functional import (
+    clip_by_global_norm,
+    clip_by_norm,
+    clip_by_value,
+    clip_weights_,
+    global_norm,
+    zero_outliers,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AverageNorm",
+    "BackendError",
+    "BlockRMS",
+    "Chain",
+    "ClipInfo",
+    "Clipper",
+    "GlobalNorm",
+    "GradClipError",
+    "InvalidArgumentError",
+    "NonFiniteError",
+    "Norm",
+    "NormSign",
+    "SparseGradientError",
+    "StateError",
+    "UnknownNameError",
+    "Value",
+    "ZeroOutliers",
+    "available",
+    "chain",
+    "clip_by_global_norm",
+    "clip_by_norm",
+    "clip_by_value",
+    "clip_weights_",
+    "get",
+    "global_norm",
+    "register",
+    "zero_outliers",
+]

@@ -1,0 +1,56 @@
+"""The exception hierarchy.
+
+Every error gradclip raises on purpose derives from :class:`GradClipError` and from the built-in
+exception a Python user would reach for first (``ValueError`` for a bad value, ``TypeError`` for
+a bad type), so ``except ValueError`` in existing code keeps working. Messages follow one shape:
+the function, the argument, the bad value and what would have been valid.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "GradClipError",
+    "InvalidArgumentError",
+    "UnknownNameError",
+    "BackendError",
+    "SparseGradientError",
+    "NonFiniteError",
+    "StateError",
+]
+
+
+class GradClipError(Exception):
+    """Base class of every error raised by gradclip on purpose."""
+
+
+class InvalidArgumentError(GradClipError, ValueError):
+    """An argument has a value outside its valid range (negative threshold, unknown policy...)."""
+
+
+class UnknownNameError(InvalidArgumentError):
+    """A registry or option name is not known; the message lists the valid names."""
+
+
+class BackendError(GradClipError, TypeError):
+    """The arrays cannot be handled: unknown type, or several frameworks mixed in one call."""
+
+
+class SparseGradientError(BackendError):
+    """A sparse gradient reached a clipper that cannot clip it without densifying it."""
+
+
+class NonFiniteError(GradClipError, ValueError, RuntimeError):
+    """Gradients hold NaN or inf under the ``"raise"`` policy.
+
+    It is also a ``RuntimeError`` because that is what ``torch.nn.utils.clip_grad_norm_`` raises
+    with ``error_if_nonfinite=True``; code written against torch keeps catching it.
+    """
+
+    def __init__(self, message: str, offenders: list[str] | None = None):
+        super().__init__(message)
+        #: Names (or ``"#index"`` labels) of the tensors holding non-finite values.
+        self.offenders = list(offenders or [])
+
+
+class StateError(GradClipError, ValueError):
+    """Clipper state is malformed, does not match the clipper, or was advanced twice in one step."""

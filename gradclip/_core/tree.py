@@ -1,0 +1,152 @@
+"""Flattening the containers users pass gradients in, and collecting gradients from parameters.
+
+Clippers work on flat lists. Users pass one array, a list or tuple, a dict of named arrays (or
+nestings of those), or, for in-place clipping, a module or an iterable of parameters. This module
+turns each into a flat list plus names, and puts results back in the user's structure.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, NamedTuple
+
+from gradclip._core.errors import BackendError
+
+__all__ = ["flatten", "Collected", "collect_gradients"]
+
+
+def _is_array(value: Any) -> bool:
+    return hasattr(value, "shape") and hasattr(value, "dtype")
+
+
+def flatten(tree: Any) -> tuple[list[Any], Callable[[list[Any]], Any], list[str]]:
+    """Flatten an array, or nested lists/tuples/dicts of arrays, into a list.
+
+    ``None`` leaves are kept (as ``None``) so the structure can be rebuilt; clippers skip them.
+
+    Args:
+        tree: The gradients.
+
+    Returns:
+        ``(leaves, unflatten, names)``: the leaves in order, a function rebuilding the structure
+        from a list of the same length, and a readable name per leaf (dict keys joined by ``.``,
+        list positions as ``#i``).
+
+    Raises:
+        BackendError: A leaf is neither an array nor None.
+    """
+    leaves: list[Any] = []
+    names: list[str] = []
+
+    def walk(node: Any, prefix: str):
+        if node is None or _is_array(node):
+            leaves.append(node)
+            names.append(prefix or "#0")
+            return lambda it: next(it)
+        if isinstance(node, Mapping):
+            keys = list(node.keys())
+            builders = [walk(node[k], f"{prefix}.{k}" if prefix else str(k)) for k in keys]
+            kind = type(node)
+
+            def build_mapping(it):
+                values = {k: b(it) for k, b in zip(keys, builders)}
+                return values if kind is dict else kind(values)
+
+            return build_mapping
+        if isinstance(node, (list, tuple)):
+            builders = [walk(v, f"{prefix}#{i}" if prefix else f"#{i}") for i, v in enumerate(node)]
+            kind = type(node)
+
+            def build_sequence(it):
+                values = [b(it) for b in builders]
+                if kind is list:
+                    return values
+                if kind is tuple:
+                    return tuple(values)
+                return kind(*values)  # NamedTuple
+
+            return build_sequence
+        raise BackendError(
+            f"gradclip: cannot clip a {type(node).__module__}.{type(node).__qualname__} "
+            f"at {prefix or 'the top level'}; pass arrays, or lists/tuples/dicts of arrays"
+        )
+
+    builder = walk(tree, "")
+
+    def unflatten(values: list[Any]) -> Any:
+        return builder(iter(values))
+
+    return leaves, unflatten, names
+
+
+class Collected(NamedTuple):
+    """Gradients gathered for in-place clipping."""
+
+    #: The gradient arrays to clip in place (no None).
+    grads: list[Any]
+    #: The matching parameters (the arrays themselves for NumPy, which has no ``.grad``).
+    params: list[Any]
+    #: A readable name per gradient: the module's parameter names, or ``#i`` positions.
+    names: list[str]
+    #: How many parameters were seen in total, with or without a gradient.
+    seen: int
+
+
+def _named_items(target: Any) -> list[tuple[str, Any]]:
+    if hasattr(target, "named_parameters") and callable(target.named_parameters):
+        # remove_duplicate (the default) drops tied weights, which must be counted once.
+        return list(target.named_parameters())
+    if _is_array(target):
+        return [("#0", target)]
+    if isinstance(target, Mapping):
+        if "params" in target:  # one optimizer parameter group
+            return _named_items(target["params"])
+        return [(str(k), v) for k, v in target.items()]
+    if isinstance(target, Iterable) and not isinstance(target, (str, bytes)):
+        items: list[tuple[str, Any]] = []
+        for position, item in enumerate(target):
+            if isinstance(item, Mapping) and "params" in item:  # optimizer.param_groups
+                items.extend(_named_items(item["params"]))
+            elif isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str):
+                items.append(item)  # model.named_parameters()
+            else:
+                items.append((f"#{position}", item))
+        return items
+    raise BackendError(
+        f"gradclip: expected a module, parameters or arrays to clip, got {type(target).__qualname__}"
+    )
+
+
+def collect_gradients(target: Any) -> Collected:
+    """Gather the gradients to clip in place from a module, parameters or arrays.
+
+    Objects with a ``grad`` attribute (torch parameters, tf-like wrappers) contribute their
+    gradient when it is not None; plain arrays without one (NumPy) are clipped themselves. The
+    same parameter listed twice (tied weights) is counted once.
+
+    Returns:
+        A :class:`Collected`.
+
+    Raises:
+        BackendError: ``target`` is not something holding gradients.
+    """
+    grads: list[Any] = []
+    params: list[Any] = []
+    names: list[str] = []
+    seen_ids: set[int] = set()
+    items = _named_items(target)
+    for name, param in items:
+        if id(param) in seen_ids:
+            continue
+        seen_ids.add(id(param))
+        grad = getattr(param, "grad", param) if not isinstance(param, type(None)) else None
+        if grad is None:
+            continue
+        if not _is_array(grad):
+            raise BackendError(
+                f"gradclip: {name} is a {type(param).__qualname__}, not a parameter or array"
+            )
+        grads.append(grad)
+        params.append(param)
+        names.append(name)
+    return Collected(grads, params, names, len(seen_ids))

@@ -1,0 +1,198 @@
+"""NumPy backend: the reference implementation of the Ops protocol.
+
+Plain NumPy on the CPU. It is also the reference the other backends are tested against, so it
+favours clarity; it is still vectorised per tensor. Low-precision inputs (float16, and
+``ml_dtypes.bfloat16`` where installed) are upcast to float32 for every reduction.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from gradclip._core.errors import BackendError
+
+__all__ = ["NumpyOps", "BACKEND"]
+
+
+def _accumulation_dtype(array: np.ndarray) -> np.dtype:
+    # fp64 gradients keep fp64; everything narrower accumulates in fp32 (DESIGN.md rule 2).
+    return np.dtype(np.float64) if array.dtype == np.float64 else np.dtype(np.float32)
+
+
+class NumpyOps:
+    """Ops over lists of ``numpy.ndarray``."""
+
+    name = "numpy"
+
+    def __init__(
+        self,
+        arrays: Sequence[Any] = (),
+        *,
+        inplace: bool = False,
+        foreach: bool | None = None,
+        where: str = "gradclip",
+    ):
+        del foreach  # NumPy has no multi-tensor kernels; the flag only matters for torch.
+        self.inplace = inplace
+        self.caller = where
+        for index, array in enumerate(arrays):
+            if not isinstance(array, np.ndarray):
+                # NumPy scalars (np.float32(3.0)) cannot be written in place; ask for an array.
+                raise BackendError(
+                    f"{where}: gradient #{index} is a {type(array).__name__}, not a numpy.ndarray"
+                    " (wrap scalars with numpy.asarray)"
+                )
+        self._acc = np.dtype(np.float64) if any(
+            getattr(a, "dtype", None) == np.float64 for a in arrays
+        ) else np.dtype(np.float32)
+
+    def context(self):
+        """Nothing to guard: NumPy has no autograd."""
+        return contextlib.nullcontext()
+
+    # -- scalars ------------------------------------------------------------------------------
+    def scalar(self, value, dtype: str = "float32"):
+        return np.asarray(value, dtype=np.dtype(dtype))
+
+    def where(self, cond, a, b):
+        return np.where(cond, a, b)
+
+    def minimum(self, a, b):
+        return np.minimum(a, b)
+
+    def maximum(self, a, b):
+        return np.maximum(a, b)
+
+    def sqrt(self, x):
+        return np.sqrt(x)
+
+    def exp(self, x):
+        return np.exp(x)
+
+    def log(self, x):
+        return np.log(x)
+
+    def isfinite(self, x):
+        return np.isfinite(x)
+
+    def stack(self, xs):
+        return np.stack([np.asarray(x) for x in xs]) if len(xs) else np.zeros((0,), self._acc)
+
+    def any(self, x):
+        return np.any(x)
+
+    def to_host(self, x):
+        return np.asarray(x).item()
+
+    def array(self, value, dtype: str = "float32"):
+        return np.array(value, dtype=np.dtype(dtype))
+
+    def to_list(self, x):
+        return np.asarray(x).tolist()
+
+    # -- multi-tensor ---------------------------------------------------------------------
+    def _norm(self, array: np.ndarray, norm_type: float) -> np.ndarray:
+        flat = np.asarray(array).reshape(-1)
+        acc = _accumulation_dtype(flat)
+        if flat.size == 0:
+            return np.zeros((), acc)
+        values = np.abs(flat.astype(acc, copy=False))
+        with np.errstate(over="ignore", invalid="ignore"):
+            if norm_type == math.inf:
+                return np.asarray(values.max(), acc)
+            if norm_type == 2.0:
+                return np.asarray(np.sqrt(np.dot(values, values)), acc)
+            if norm_type == 1.0:
+                return np.asarray(values.sum(dtype=acc), acc)
+            return np.asarray(np.sum(values**norm_type, dtype=acc) ** (1.0 / norm_type), acc)
+
+    def norms(self, grads, norm_type):
+        return np.asarray(
+            [self._norm(g, norm_type).astype(self._acc) for g in grads], dtype=self._acc
+        ).reshape(len(grads))
+
+    def combine_norms(self, norms, norm_type):
+        norms = np.asarray(norms, dtype=self._acc)
+        if norms.size == 0:
+            return np.zeros((), self._acc)
+        with np.errstate(over="ignore", invalid="ignore"):
+            if norm_type == math.inf:
+                return np.asarray(norms.max(), self._acc)
+            if norm_type == 2.0:
+                return np.asarray(np.sqrt(np.dot(norms, norms)), self._acc)
+            return np.asarray(np.sum(norms**norm_type) ** (1.0 / norm_type), self._acc)
+
+    def global_norm(self, grads, norm_type):
+        return self.combine_norms(self.norms(grads, norm_type), norm_type)
+
+    def _out(self, grad: np.ndarray, result: np.ndarray) -> np.ndarray:
+        result = np.asarray(result).astype(grad.dtype, copy=False)
+        if self.inplace:
+            grad[...] = result
+            return grad
+        return result
+
+    def scale(self, grads, coef):
+        # Multiply in the accumulation dtype and round once into the gradient dtype, as torch's
+        # foreach kernels do for low-precision tensors.
+        out = []
+        for g in grads:
+            with np.errstate(invalid="ignore", over="ignore"):
+                out.append(self._out(g, g.astype(self._acc, copy=False) * coef))
+        return out
+
+    def scale_each(self, grads, coefs):
+        out = []
+        for g, c in zip(grads, np.asarray(coefs)):
+            with np.errstate(invalid="ignore", over="ignore"):
+                out.append(self._out(g, g.astype(self._acc, copy=False) * c))
+        return out
+
+    def clamp(self, grads, low, high):
+        out = []
+        for g in grads:
+            if self.inplace:
+                np.clip(g, low, high, out=g)
+                out.append(g)
+            else:
+                out.append(np.clip(g, low, high).astype(g.dtype, copy=False))
+        return out
+
+    def zero_above(self, grads, threshold):
+        return [self._out(g, np.where(np.abs(g) > threshold, np.zeros_like(g), g)) for g in grads]
+
+    def sign_where(self, grads, magnitude, cond):
+        return [
+            self._out(g, np.where(cond, (magnitude * np.sign(g)).astype(g.dtype), g)) for g in grads
+        ]
+
+    def zero_nonfinite(self, grads):
+        return [self._out(g, np.where(np.isfinite(g), g, np.zeros_like(g))) for g in grads]
+
+    def finite_each(self, grads):
+        return np.asarray([bool(np.isfinite(g).all()) for g in grads], dtype=bool).reshape(len(grads))
+
+    def extrema(self, grads):
+        highs, lows = [], []
+        for g in grads:
+            if g.size == 0:
+                highs.append(-np.inf)
+                lows.append(np.inf)
+            else:
+                values = np.asarray(g).astype(np.float32, copy=False)
+                highs.append(values.max())
+                lows.append(values.min())
+        return np.asarray(highs, np.float32).reshape(len(grads)), np.asarray(lows, np.float32).reshape(
+            len(grads)
+        )
+
+    def numel(self, grad):
+        return int(np.size(grad))
+
+
+BACKEND = NumpyOps

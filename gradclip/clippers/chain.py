@@ -1,0 +1,117 @@
+"""Composition: several clippers applied left to right as one."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, NamedTuple
+
+from gradclip._core.clipper import Clipper, make_info
+from gradclip._core.errors import InvalidArgumentError, StateError
+
+__all__ = ["Chain", "chain"]
+
+
+class ChainState(NamedTuple):
+    """One state per link, in order."""
+
+    states: tuple
+
+
+class Chain(Clipper):
+    """Apply clippers one after the other; built by :func:`chain`.
+
+    The combined :class:`~gradclip.ClipInfo` reports the first link's norm (the gradients as they
+    came in), the last link's threshold, the product of the coefficients, and ``clipped``/``skip``
+    if any link clipped/asked to skip; ``finite`` is the first link's.
+    """
+
+    name = "chain"
+
+    def __init__(self, *clippers: Clipper):
+        super().__init__()
+        if not clippers:
+            raise InvalidArgumentError("chain: give at least one clipper, got none")
+        for position, clipper in enumerate(clippers):
+            if not isinstance(clipper, Clipper):
+                raise InvalidArgumentError(
+                    f"chain: argument #{position} must be a gradclip clipper, got {type(clipper).__name__}"
+                )
+        self.clippers = tuple(clippers)
+
+    def config(self):
+        return {"clippers": [{"clipper": c.name, "config": c.config()} for c in self.clippers]}
+
+    def _uses_params(self) -> bool:
+        return any(c._uses_params() for c in self.clippers)
+
+    def _init(self, ops, grads):
+        return ChainState(tuple(c._init(ops, grads) for c in self.clippers))
+
+    def _update(self, ops, grads, state, params, names):
+        infos = []
+        new_states = []
+        for clipper, link_state in zip(self.clippers, state.states):
+            grads, link_state, info = clipper._update(ops, grads, link_state, params, names)
+            new_states.append(link_state)
+            infos.append(info)
+        coef = infos[0].coef
+        clipped, skip = infos[0].clipped, infos[0].skip
+        for info in infos[1:]:
+            coef = coef * info.coef
+            clipped = clipped | info.clipped
+            skip = skip | info.skip
+        combined = make_info(ops, infos[0].norm, infos[-1].threshold, coef, clipped, infos[0].finite, skip)
+        return grads, ChainState(tuple(new_states)), combined
+
+    # A chain's checkpoint is its links' checkpoints, so each link validates its own part.
+    def state_dict(self) -> dict[str, Any]:
+        base = super().state_dict()
+        if self._state is not None:
+            for clipper, link_state in zip(self.clippers, self._state.states):
+                clipper._state = link_state
+        base["state"] = {"links": [c.state_dict() for c in self.clippers]}
+        return base
+
+    def load_state_dict(self, state_dict) -> None:
+        where = "Chain.load_state_dict"
+        links = (state_dict.get("state") or {}).get("links") if isinstance(state_dict, dict) else None
+        if not isinstance(links, list) or len(links) != len(self.clippers):
+            raise StateError(f"{where}: expected {len(self.clippers)} link states under state['links']")
+        header = {k: v for k, v in state_dict.items() if k != "state"}
+        header["state"] = None
+        # Validate everything first, into scratch copies, so a bad link loses nothing.
+        scratch = [copy.copy(c) for c in self.clippers]
+        Clipper.load_state_dict(self, header)  # format, version, name, config
+        for clipper, link in zip(scratch, links):
+            clipper.load_state_dict(link)
+        for clipper, loaded in zip(self.clippers, scratch):
+            clipper._state, clipper._pending_state = loaded._state, loaded._pending_state
+        self._state = None
+        self._pending_state = None
+        self._links_loaded = True
+
+    def _current_state(self, ops, grads):
+        if getattr(self, "_links_loaded", False):
+            self._links_loaded = False
+            self._state = ChainState(tuple(c._current_state(ops, grads) for c in self.clippers))
+        return super()._current_state(ops, grads)
+
+    def reset(self) -> None:
+        super().reset()
+        for clipper in self.clippers:
+            clipper.reset()
+
+
+def chain(*clippers: Clipper) -> Chain:
+    """Compose clippers left to right: ``chain(NonFinite("zero"), GlobalNorm(1.0))``.
+
+    Args:
+        *clippers: Two or more clipper instances (one is allowed, and behaves as itself).
+
+    Returns:
+        A :class:`Chain`, itself a clipper.
+
+    Raises:
+        InvalidArgumentError: No clippers, or an argument that is not a clipper.
+    """
+    return Chain(*clippers)

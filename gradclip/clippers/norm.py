@@ -1,0 +1,253 @@
+"""Norm-based clipping: the whole gradient, each tensor, or a sign step past a norm threshold.
+
+* :class:`GlobalNorm` — all tensors together, direction kept (Pascanu et al. 2013; seed 001;
+  ``torch.nn.utils.clip_grad_norm_``, ``optax.clip_by_global_norm``).
+* :class:`Norm` — each tensor's own norm (``tf.clip_by_norm``, Keras ``clipnorm``).
+* :class:`AverageNorm` — each tensor's norm divided by its element count
+  (``tf.clip_by_average_norm``).
+* :class:`BlockRMS` — each tensor's root-mean-square (``optax.clip_by_block_rms``; Adafactor's
+  update clipping, Shazeer & Stern 2018).
+* :class:`NormSign` — seed 001's formula (2): ``ε·sign(g)`` when the global norm exceeds ε.
+
+Every coefficient is computed as ``where(norm > threshold, threshold / (norm + eps), 1)`` and
+always multiplied in: no Python branch on a device value (DESIGN.md rule 1), and a norm at or
+under the threshold multiplies by exactly 1, leaving gradients bit-for-bit unchanged (rule 4).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from gradclip._core.clipper import Clipper, make_info
+from gradclip._core.ops import Ops
+from gradclip._core.registry import register
+from gradclip._core.validation import check_norm_type, check_number
+from gradclip.clippers.nonfinite import check_policy, measure, settle
+
+__all__ = ["GlobalNorm", "Norm", "AverageNorm", "BlockRMS", "NormSign", "clip_coefficient"]
+
+
+def clip_coefficient(ops: Ops, norm: Any, threshold: Any, eps: float = 0.0) -> Any:
+    """``threshold / (norm + eps)`` where ``norm > threshold``, else exactly 1.
+
+    Comparing before dividing (rather than torch's ``clamp(max_norm / (norm + eps), max=1)``)
+    keeps coef exactly 1 for every norm at or under the threshold, and gives 1, not NaN, for
+    ``threshold = inf``.
+    """
+    one = ops.scalar(1.0, _dtype(norm))
+    return ops.where(norm > threshold, threshold / (norm + eps), one)
+
+
+def _dtype(x: Any) -> str:
+    return "float64" if "float64" in str(getattr(x, "dtype", "")) else "float32"
+
+
+@register("global_norm")
+class GlobalNorm(Clipper):
+    """Clip all gradients together so their global p-norm is at most ``max_norm``.
+
+    ``g ← g · min(1, max_norm / (‖g‖ + eps))`` over the concatenation of every tensor, which
+    keeps the update's direction (Pascanu, Mikolov & Bengio 2013, "On the difficulty of training
+    recurrent neural networks"). The norm accumulates in fp32 whatever the gradient dtype.
+
+    Args:
+        max_norm: Largest allowed global norm, ``>= 0`` (``inf`` measures without clipping).
+        norm_type: The p of the p-norm: any p > 0, or ``inf`` (max-abs).
+        eps: Added to the norm in the divisor, as torch does (``1e-6``), so the clipped norm is
+            ``max_norm · norm / (norm + eps)``, just under ``max_norm``; ``>= 0``.
+        nonfinite: Non-finite policy, see :mod:`gradclip.clippers.nonfinite`.
+
+    Raises:
+        InvalidArgumentError: A negative/NaN ``max_norm`` or ``eps``, ``norm_type <= 0``, or an
+            unknown ``nonfinite`` policy.
+    """
+
+    defaults = {"max_norm": 1.0}
+
+    def __init__(self, max_norm: float, norm_type: float = 2.0, eps: float = 1e-6, nonfinite: str = "propagate"):
+        super().__init__()
+        where = "GlobalNorm"
+        self.max_norm = check_number(where, "max_norm", max_norm)
+        self.norm_type = check_norm_type(where, norm_type)
+        self.eps = check_number(where, "eps", eps, high=math.inf, high_inclusive=False)
+        self.nonfinite = check_policy(where, nonfinite)
+
+    def config(self):
+        return {"max_norm": self.max_norm, "norm_type": self.norm_type, "eps": self.eps, "nonfinite": self.nonfinite}
+
+    def _update(self, ops, grads, state, params, names):
+        grads, _norms, norm, finite = measure(ops, grads, self.norm_type, self.nonfinite, names, "GlobalNorm")
+        threshold = ops.scalar(self.max_norm, _dtype(norm))
+        coef, skip = settle(ops, clip_coefficient(ops, norm, threshold, self.eps), finite, self.nonfinite)
+        grads = ops.scale(grads, coef)
+        return grads, state, make_info(ops, norm, threshold, coef, coef < 1, finite, skip)
+
+
+class _PerTensorNorm(Clipper):
+    """Shared body of the per-tensor methods: a statistic per tensor, a coefficient per tensor.
+
+    The statistic is ``‖g_i‖ / d_i`` where :meth:`_divisors` gives ``d_i`` (1 for the norm, the
+    element count for the average norm, its square root for the RMS).
+    """
+
+    where = "Norm"
+    norm_type = 2.0
+    argument = "max_norm"
+
+    def __init__(self, threshold: float, nonfinite: str):
+        super().__init__()
+        self.threshold = check_number(self.where, self.argument, threshold)
+        self.nonfinite = check_policy(self.where, nonfinite)
+
+    def config(self):
+        return {self.argument: self.threshold, "nonfinite": self.nonfinite}
+
+    def _divisors(self, ops: Ops, grads: list[Any]) -> list[float]:
+        return [1.0] * len(grads)
+
+    def _update(self, ops, grads, state, params, names):
+        grads, norms, norm, finite = measure(ops, grads, self.norm_type, self.nonfinite, names, self.where)
+        dtype = _dtype(norm)
+        threshold = ops.scalar(self.threshold, dtype)
+        # Empty tensors have divisor 0; their statistic is defined as 0 (nothing to clip).
+        divisors = ops.array([d if d > 0 else 1.0 for d in self._divisors(ops, grads)], dtype)
+        coefs = clip_coefficient(ops, norms / divisors if len(grads) else norms, threshold)
+        # A tensor with NaN/inf keeps coef 1 under "propagate"; "skip" leaves every tensor alone.
+        per_tensor_finite = ops.isfinite(norms)
+        coefs, skip = settle(ops, coefs, finite if self.nonfinite == "skip" else per_tensor_finite, self.nonfinite)
+        grads = ops.scale_each(grads, coefs)
+        after = ops.combine_norms(coefs * norms, self.norm_type)
+        one = ops.scalar(1.0, dtype)
+        effective = ops.where(norm > 0, after / ops.where(norm > 0, norm, one), one)
+        effective = ops.where(ops.isfinite(effective), effective, one)
+        clipped = ops.any(coefs < 1)
+        return grads, state, make_info(ops, norm, threshold, effective, clipped, finite, skip)
+
+
+@register("norm")
+class Norm(_PerTensorNorm):
+    """Clip each tensor separately so its own L2 norm is at most ``max_norm``.
+
+    ``g_i ← g_i · max_norm / max(‖g_i‖, max_norm)``, the rule of ``tf.clip_by_norm`` and Keras'
+    ``clipnorm``. Directions of single tensors are kept; the direction of the whole update is not.
+
+    Args:
+        max_norm: Largest allowed norm per tensor, ``>= 0``.
+        norm_type: The p of the per-tensor p-norm (any p > 0, or ``inf``).
+        nonfinite: Non-finite policy; under ``"propagate"`` only the tensors with non-finite
+            values are left unclipped.
+
+    Raises:
+        InvalidArgumentError: Negative or NaN ``max_norm``, ``norm_type <= 0``, unknown policy.
+    """
+
+    defaults = {"max_norm": 1.0}
+    where = "Norm"
+
+    def __init__(self, max_norm: float, norm_type: float = 2.0, nonfinite: str = "propagate"):
+        super().__init__(max_norm, nonfinite)
+        self.norm_type = check_norm_type(self.where, norm_type)
+
+    def config(self):
+        return {"max_norm": self.threshold, "norm_type": self.norm_type, "nonfinite": self.nonfinite}
+
+    @property
+    def max_norm(self) -> float:
+        return self.threshold
+
+
+@register("average_norm")
+class AverageNorm(_PerTensorNorm):
+    """Clip each tensor so its L2 norm divided by its element count is at most ``max_norm``.
+
+    The rule of ``tf.clip_by_average_norm`` (TensorFlow 1.x), applied to every tensor:
+    ``g_i ← g_i · max_norm / max(‖g_i‖ / n_i, max_norm)``.
+
+    Args:
+        max_norm: Largest allowed average norm per tensor, ``>= 0``.
+        nonfinite: Non-finite policy.
+
+    Raises:
+        InvalidArgumentError: Negative or NaN ``max_norm``, unknown policy.
+    """
+
+    defaults = {"max_norm": 1e-3}
+    where = "AverageNorm"
+
+    def __init__(self, max_norm: float, nonfinite: str = "propagate"):
+        super().__init__(max_norm, nonfinite)
+
+    @property
+    def max_norm(self) -> float:
+        return self.threshold
+
+    def _divisors(self, ops, grads):
+        return [float(ops.numel(g)) for g in grads]
+
+
+@register("block_rms")
+class BlockRMS(_PerTensorNorm):
+    """Clip each tensor so its root-mean-square is at most ``threshold``.
+
+    ``g_i ← g_i / max(1, rms(g_i) / threshold)`` with ``rms(g) = ‖g‖₂ / √n``: the rule of
+    ``optax.clip_by_block_rms`` and of Adafactor's update clipping (Shazeer & Stern 2018).
+
+    Args:
+        threshold: Largest allowed RMS per tensor, ``>= 0``.
+        nonfinite: Non-finite policy.
+
+    Raises:
+        InvalidArgumentError: Negative or NaN ``threshold``, unknown policy.
+    """
+
+    defaults = {"threshold": 1.0}
+    where = "BlockRMS"
+    argument = "threshold"
+
+    def __init__(self, threshold: float, nonfinite: str = "propagate"):
+        super().__init__(threshold, nonfinite)
+
+    def _divisors(self, ops, grads):
+        return [math.sqrt(ops.numel(g)) for g in grads]
+
+
+@register("norm_sign")
+class NormSign(Clipper):
+    """Seed 001's formula (2): replace the gradient by ``ε·sign(g)`` when ``‖g‖ > ε``.
+
+    ``Clip(g, ε) = ε·sign(g)`` if the global L2 norm exceeds ε, else ``g``. Every element of a
+    clipped step becomes ``±ε`` (or stays 0): a sign-descent step of fixed magnitude per element,
+    as in signSGD (Bernstein et al. 2018), taken only when the gradient is large.
+
+    Args:
+        threshold: ε, ``>= 0``.
+        nonfinite: Non-finite policy.
+
+    Raises:
+        InvalidArgumentError: Negative or NaN ``threshold``, unknown policy.
+    """
+
+    defaults = {"threshold": 1.0}
+
+    def __init__(self, threshold: float, nonfinite: str = "propagate"):
+        super().__init__()
+        self.threshold = check_number("NormSign", "threshold", threshold)
+        self.nonfinite = check_policy("NormSign", nonfinite)
+
+    def config(self):
+        return {"threshold": self.threshold, "nonfinite": self.nonfinite}
+
+    def _update(self, ops, grads, state, params, names):
+        grads, _norms, norm, finite = measure(ops, grads, 2.0, self.nonfinite, names, "NormSign")
+        dtype = _dtype(norm)
+        threshold = ops.scalar(self.threshold, dtype)
+        # Reuse the coefficient machinery so the policy applies the same way: coef < 1 marks a
+        # finite step above the threshold.
+        coef, skip = settle(ops, clip_coefficient(ops, norm, threshold), finite, self.nonfinite)
+        clipped = coef < 1
+        grads = ops.sign_where(grads, self.threshold, clipped)
+        after = ops.global_norm(grads, 2.0)
+        one = ops.scalar(1.0, dtype)
+        effective = ops.where(clipped, after / ops.where(norm > 0, norm, one), one)
+        return grads, state, make_info(ops, norm, threshold, effective, clipped, finite, skip)

@@ -1,0 +1,86 @@
+"""Element-wise clipping by value, symmetric or asymmetric (seeds 000, 002, 003).
+
+``g ← clip(g, min_value, max_value)``: ``tf.clip_by_value``, ``torch.nn.utils.clip_grad_value_``,
+``np.clip``. Seed 000 uses an asymmetric range ``(0.5, 1.5)``; seed 003 clamps gradients to
+``±C``. Value clipping changes the update's direction; prefer :class:`~gradclip.GlobalNorm`
+when that matters.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from gradclip._core.clipper import Clipper, make_info
+from gradclip._core.errors import InvalidArgumentError
+from gradclip._core.ops import Ops
+from gradclip._core.registry import register
+from gradclip._core.validation import check_number, check_range_pair
+
+__all__ = ["Value", "elementwise_info"]
+
+
+def elementwise_info(ops: Ops, before_norm: Any, after: list[Any], threshold: Any, clipped: Any):
+    """The :class:`ClipInfo` of an element-wise method, with coef = ``‖after‖ / ‖before‖``.
+
+    Element-wise methods do not scale uniformly, so the coefficient reported is the effective
+    scale of the global L2 norm (1 when nothing changed, by construction of ``clipped``).
+    """
+    one = ops.scalar(1.0, "float64" if "float64" in str(before_norm.dtype) else "float32")
+    after_norm = ops.global_norm(after, 2.0)
+    safe_before = ops.where(before_norm > 0, before_norm, one)
+    coef = ops.where(clipped, after_norm / safe_before, one)
+    coef = ops.where(ops.isfinite(coef), coef, one)
+    return make_info(ops, before_norm, threshold, coef, clipped, ops.isfinite(before_norm))
+
+
+@register("value")
+class Value(Clipper):
+    """Clamp every gradient element into ``[min_value, max_value]``.
+
+    Either give both bounds (asymmetric ranges allowed, as seed 000's ``(0.5, 1.5)``), or one
+    ``clip_value`` for the symmetric range ``[-clip_value, clip_value]``. A bound may be infinite
+    for a one-sided clamp. NaN elements stay NaN (as in every framework's clamp).
+
+    Args:
+        min_value: Lower bound.
+        max_value: Upper bound, ``>= min_value``.
+        clip_value: Symmetric bound ``>= 0``; exclusive with ``min_value``/``max_value``.
+
+    Raises:
+        InvalidArgumentError: NaN bounds, ``min_value > max_value``, negative ``clip_value``,
+            both forms given, or neither.
+    """
+
+    defaults = {"clip_value": 1.0}
+
+    def __init__(self, min_value: float | None = None, max_value: float | None = None, *, clip_value: float | None = None):
+        super().__init__()
+        if clip_value is not None:
+            if min_value is not None or max_value is not None:
+                raise InvalidArgumentError(
+                    "Value: give either clip_value or min_value/max_value, not both "
+                    f"(got clip_value={clip_value!r}, min_value={min_value!r}, max_value={max_value!r})"
+                )
+            bound = check_number("Value", "clip_value", clip_value)
+            self.min_value, self.max_value = -bound, bound
+        else:
+            if min_value is None or max_value is None:
+                raise InvalidArgumentError(
+                    "Value: give clip_value, or both min_value and max_value "
+                    f"(got min_value={min_value!r}, max_value={max_value!r})"
+                )
+            self.min_value, self.max_value = check_range_pair("Value", min_value, max_value)
+
+    def config(self):
+        return {"min_value": self.min_value, "max_value": self.max_value}
+
+    def _update(self, ops, grads, state, params, names):
+        norm = ops.global_norm(grads, 2.0)
+        highs, lows = ops.extrema(grads)
+        clipped = ops.any((highs > self.max_value) | (lows < self.min_value)) if len(grads) else ops.scalar(False, "bool")
+        grads = ops.clamp(grads, self.min_value, self.max_value)
+        threshold = ops.scalar(max(abs(self.min_value), abs(self.max_value)), "float32")
+        if not math.isfinite(self.min_value) and not math.isfinite(self.max_value):
+            threshold = ops.scalar(math.inf, "float32")
+        return grads, state, elementwise_info(ops, norm, grads, threshold, clipped)
