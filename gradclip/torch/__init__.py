@@ -1,0 +1,10 @@
+"""PyTorch front end: drop-ins for ``torch.nn.utils`` and in-place helpers.
+
+``import gradclip.torch as gct`` imports torch (this module is the one place where that is
+expected). The drop-ins give the same results as ``torch.nn.utils.clip_grad_norm_`` and
+``clip_grad_value_`` on finite inputs, with the fixes listed in DESIGN.md.
+"""
+
+from gradclip.torch.clip import clip_grad_norm_, clip_grad_value_, get_total_norm
+
+__all__ = ["clip_grad_norm_", "clip_grad_value_", "get_total_norm"]

@@ -1,0 +1,116 @@
+"""Drop-in replacements for ``torch.nn.utils.clip_grad_norm_`` and ``clip_grad_value_``.
+
+Same signatures and, on finite inputs, the same results as torch. Deviations, all deliberate:
+
+* fp16/bf16 gradients: the norm accumulates in fp32, so fp16 gradients whose norm exceeds 65504
+  are clipped correctly instead of being zeroed through an inf norm; the returned norm is fp32.
+* A norm at or under ``max_norm`` leaves gradients bit-for-bit unchanged; torch scales by
+  ``max_norm / (norm + 1e-6)`` even for norms in ``(max_norm - 1e-6, max_norm]``.
+* ``max_norm=inf`` with an inf norm leaves gradients as they are (torch computes ``inf/inf``
+  and writes NaN everywhere); non-finite norms never turn finite elements into NaN.
+* Validation: negative or NaN ``max_norm``/``clip_value`` and ``norm_type <= 0`` raise
+  :class:`~gradclip.InvalidArgumentError` naming the argument (torch flips gradient signs for a
+  negative ``max_norm`` and counts tensors for ``norm_type=0``).
+* ``error_if_nonfinite=True`` raises :class:`~gradclip.NonFiniteError` (a ``RuntimeError``, as
+  torch raises) naming the offending parameters, before anything is modified.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+
+from gradclip._core.ops import get_ops
+from gradclip._core.tree import collect_gradients
+from gradclip._core.validation import check_norm_type, check_number
+from gradclip.clippers.nonfinite import measure
+from gradclip.clippers.norm import GlobalNorm
+
+__all__ = ["clip_grad_norm_", "clip_grad_value_", "get_total_norm"]
+
+Parameters = torch.Tensor | Iterable[torch.Tensor]
+
+
+def clip_grad_norm_(
+    parameters: Parameters,
+    max_norm: float,
+    norm_type: float = 2.0,
+    error_if_nonfinite: bool = False,
+    foreach: bool | None = None,
+) -> torch.Tensor:
+    """Clip the gradients of ``parameters`` in place to global norm ``max_norm``.
+
+    Args:
+        parameters: A tensor or an iterable of tensors (or a module) whose ``.grad`` is clipped.
+        max_norm: Largest allowed global norm, ``>= 0``.
+        norm_type: Any p > 0, or ``inf`` / ``"inf"``.
+        error_if_nonfinite: Raise :class:`~gradclip.NonFiniteError` if the norm is NaN or inf.
+        foreach: ``None`` uses foreach kernels where supported, ``True`` requires them,
+            ``False`` loops over tensors.
+
+    Returns:
+        The global norm before clipping, a 0-d tensor (fp32, or fp64 for fp64 gradients) on the
+        first gradient's device; ``tensor(0.)`` when there are no gradients.
+
+    Raises:
+        InvalidArgumentError: Bad ``max_norm`` or ``norm_type``.
+        NonFiniteError: Non-finite norm with ``error_if_nonfinite=True``.
+        BackendError: ``foreach=True`` on a device without foreach kernels.
+    """
+    clipper = GlobalNorm(max_norm, norm_type=norm_type, nonfinite="raise" if error_if_nonfinite else "propagate")
+    collected = collect_gradients(parameters)
+    if not collected.grads:
+        return torch.tensor(0.0)
+    ops = get_ops(collected.grads, inplace=True, foreach=foreach, where="clip_grad_norm_")
+    with ops.context():
+        _, _, info = clipper._update(ops, collected.grads, None, None, collected.names)
+    return info.norm
+
+
+def get_total_norm(
+    tensors: Parameters,
+    norm_type: float = 2.0,
+    error_if_nonfinite: bool = False,
+    foreach: bool | None = None,
+) -> torch.Tensor:
+    """The global norm of ``tensors`` themselves (``torch.nn.utils.get_total_norm``), in fp32.
+
+    Args:
+        tensors: A tensor or an iterable of tensors (None entries are skipped).
+        norm_type: Any p > 0, or ``inf``.
+        error_if_nonfinite: Raise :class:`~gradclip.NonFiniteError` on a NaN or inf norm.
+        foreach: As in :func:`clip_grad_norm_`.
+
+    Returns:
+        A 0-d tensor.
+    """
+    norm_type = check_norm_type("get_total_norm", norm_type)
+    tensors = [tensors] if isinstance(tensors, torch.Tensor) else [t for t in tensors if t is not None]
+    if not tensors:
+        return torch.tensor(0.0)
+    ops = get_ops(tensors, foreach=foreach, where="get_total_norm")
+    names = [f"#{i}" for i in range(len(tensors))]
+    _, _, norm, _ = measure(ops, tensors, norm_type, "raise" if error_if_nonfinite else "propagate", names, "get_total_norm")
+    return norm
+
+
+def clip_grad_value_(parameters: Parameters, clip_value: float, foreach: bool | None = None) -> None:
+    """Clamp the gradients of ``parameters`` in place into ``[-clip_value, clip_value]``.
+
+    Args:
+        parameters: A tensor or an iterable of tensors (or a module) whose ``.grad`` is clipped.
+        clip_value: Bound, ``>= 0`` (torch accepts negative values and produces garbage).
+        foreach: As in :func:`clip_grad_norm_`.
+
+    Raises:
+        InvalidArgumentError: Negative or NaN ``clip_value``.
+    """
+    bound = check_number("clip_grad_value_", "clip_value", clip_value)
+    collected = collect_gradients(parameters)
+    if not collected.grads or math.isinf(bound):
+        return
+    ops = get_ops(collected.grads, inplace=True, foreach=foreach, where="clip_grad_value_")
+    with ops.context():
+        ops.clamp(collected.grads, -bound, bound)
