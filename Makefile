@@ -21,7 +21,7 @@ $(STAMP): requirements/dev.txt pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/gradclip demo
+	$(VENV)/bin/gradclip compare
 
 test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider
