@@ -43,7 +43,8 @@ def global_norm(grads: Any, norm_type: float = 2.0):
     """
     norm_type = check_norm_type("global_norm", norm_type)
     leaves, _, _ = flatten(grads)
-    present = [g for g in leaves if g is not None]
+    # The same array listed twice (tied weights) counts once.
+    present = list({id(g): g for g in leaves if g is not None}.values())
     return get_ops(present, where="global_norm").global_norm(present, norm_type)
 
 

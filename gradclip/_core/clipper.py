@@ -10,12 +10,13 @@ algorithm.
 from __future__ import annotations
 
 import warnings
+import weakref
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
 from gradclip._core.errors import InvalidArgumentError, StateError
 from gradclip._core.ops import Ops, framework_of, get_ops
-from gradclip._core.tree import collect_gradients, flatten
+from gradclip._core.tree import collect_gradients, flatten, flatten_like
 from gradclip._core.types import ClipInfo, EmptyState
 
 __all__ = ["Clipper", "STATE_FORMAT_VERSION", "make_info"]
@@ -50,6 +51,68 @@ class Clipper:
     def __init__(self) -> None:
         self._state: Any = None
         self._pending_state: dict[str, Any] | None = None
+        # Backend-held state (TensorFlow: tf.Variables, see _held_state); None elsewhere.
+        self._held: Any = None
+        # The gradients of the last clip/clip_ (weak references and their version token), to
+        # detect a second call on unchanged gradients (see _guard_repeat).
+        self._last_seen: tuple[list[Any], Any] | None = None
+
+    @classmethod
+    def with_defaults(cls, given: dict[str, Any]) -> dict[str, Any]:
+        """The arguments :func:`gradclip.get` passes: ``defaults`` completed by ``given``.
+
+        Methods whose arguments come in alternative forms (``Value``) override this so a default
+        never conflicts with what the caller chose.
+        """
+        return {**cls.defaults, **given}
+
+    # -- distributed training (torch.distributed) --------------------------------------------
+    @property
+    def process_group(self) -> Any:
+        """The ``torch.distributed`` group over which plain-tensor gradients are sharded, or None.
+
+        ``None`` (the default) suits one process, DDP (gradients already averaged: nothing more
+        is reduced) and FSDP2 / tensor parallelism (DTensor gradients are reduced on their own
+        mesh). Set a ``ProcessGroup`` (or a ``DeviceMesh``) when each rank of it holds a different
+        part of the gradient as plain tensors (pipeline stages, ZeRO-style partitions): norms are
+        then all-reduced over it, and a rank without gradients still takes part. Norm-based
+        clippers take it as a keyword (``GlobalNorm(1.0, process_group=pg)``); any clipper accepts
+        ``clipper.process_group = pg`` or ``gradclip.get(name, process_group=pg)``. It is not
+        part of :meth:`config` or the checkpoint. See :mod:`gradclip.torch.distributed`.
+        """
+        ref = self.__dict__.get("_process_group")
+        return None if ref is None else ref.group
+
+    @process_group.setter
+    def process_group(self, group: Any) -> None:
+        self.__dict__["_process_group"] = None if group is None else _SharedGroup(group)
+
+    def _distributed_group(self) -> Any:
+        """The process group for this call: this clipper's, or the one its wrapped clippers
+        (``Chain`` links, ``Subset``'s clipper) carry.
+
+        Raises:
+            InvalidArgumentError: Two different groups among them.
+        """
+        found = self.process_group
+        children = getattr(self, "clippers", None)
+        children = list(children) if isinstance(children, (list, tuple)) else []
+        inner = getattr(self, "clipper", None)
+        if inner is not None:
+            children.append(inner)
+        for child in children:
+            if not isinstance(child, Clipper) or child is self:
+                continue
+            group = child._distributed_group()
+            if group is None or group is found:
+                continue
+            if found is not None:
+                raise InvalidArgumentError(
+                    f"{type(self).__name__}: its clippers carry different process groups "
+                    f"({found!r} and {group!r}); give them all the same process_group"
+                )
+            found = group
+        return found
 
     # -- what subclasses implement -----------------------------------------------------------
     def config(self) -> dict[str, Any]:
@@ -94,78 +157,237 @@ class Clipper:
         return self._run(grads, state, params, inplace=False)
 
     # -- the stateful conveniences ------------------------------------------------------------
-    def clip(self, grads: Any, params: Any = None):
+    def clip(self, grads: Any, params: Any = None, *, allow_repeat: bool = False):
         """Clip gradients functionally (new arrays), advancing this clipper's own state.
 
         Args:
             grads: An array or a list/tuple/dict of arrays (torch, NumPy, ...).
             params: The matching parameters, for methods that need them.
+            allow_repeat: Let a stateful clipper advance again on the very gradients of its
+                previous call (see :meth:`clip_`).
 
         Returns:
             ``(clipped_grads, info)``.
+
+        Raises:
+            StateError: A stateful clipper called again on the same, unchanged gradients.
         """
-        clipped, self._state, info = self._run(grads, None, params, inplace=False, own_state=True)
+        clipped, _, info = self._run(
+            grads, None, params, inplace=False, own_state=True, allow_repeat=allow_repeat
+        )
         return clipped, info
 
-    def clip_(self, parameters: Any) -> ClipInfo:
+    def clip_(self, parameters: Any, *, allow_repeat: bool = False) -> ClipInfo:
         """Clip gradients in place and return what was measured and done.
+
+        Adaptive state advances exactly once per optimizer step (DESIGN.md rule 6). A stateful
+        clipper remembers the gradient arrays it clipped (weak references) and their version
+        token (torch: each tensor's ``_version`` counter, bumped by every in-place write; NumPy:
+        a fingerprint of the bytes). Called again on the same arrays, unchanged since, it raises
+        :class:`~gradclip.StateError` before touching gradients or state: the second call would
+        count one step's gradient twice in the statistics. New gradients from the next
+        ``backward()`` (fresh tensors, or the old ones written or zeroed) pass. The check reads
+        host-side counters only, never a device value. Stateless clippers never check.
 
         Args:
             parameters: A ``torch.nn.Module``, an iterable of parameters (their ``.grad`` is
                 clipped), optimizer parameter groups, or NumPy arrays (clipped themselves).
+            allow_repeat: Skip that check, for a deliberate second update on the same
+                gradients (e.g. replaying one fixed gradient in a test).
 
         Returns:
             A :class:`~gradclip.ClipInfo` whose fields stay on the gradients' device.
+
+        Raises:
+            StateError: A stateful clipper called again on the same, unchanged gradients.
         """
         where = f"{type(self).__name__}.clip_"
         collected = collect_gradients(parameters)
-        if not collected.grads:
+        group = self._distributed_group()
+        # With a process group, ranks without gradients are expected (pipeline stages, uneven
+        # partitions): they still join the reduction, silently.
+        if not collected.grads and group is None:
             warnings.warn(
                 f"{where}: found no gradients among {collected.seen} parameter(s); was it called "
                 "before backward()? Nothing was clipped.",
                 RuntimeWarning,
                 stacklevel=2,
             )
-        framework = None
-        if not collected.grads and collected.params:
-            framework = framework_of(collected.params[0])
-        ops = get_ops(collected.grads, inplace=True, framework=framework, where=where)
+        # With no gradient at all, the parameters seen still fix the backend (a torch module
+        # before backward() gets a torch ClipInfo); collected.params only holds those with one.
+        framework = collected.framework if not collected.grads else None
+        ops = get_ops(collected.grads, inplace=True, framework=framework, where=where, process_group=group)
         params = collected.params if self._uses_params() else None
+        self._guard_repeat(ops, collected.grads, where, allow_repeat)
         with ops.context():
-            state = self._current_state(ops, collected.grads)
+            state = self._own_state(ops, collected.grads)
             _, new_state, info = self._update(ops, collected.grads, state, params, collected.names)
-        self._state = new_state
+            info = _finish_info(ops, info)
+            self._commit_state(ops, new_state, where)
+        # Remember the gradients as they are now, after our own in-place writes.
+        self._remember_grads(ops, collected.grads)
         return info
+
+    def as_optax(self):
+        """This clipper as an ``optax.GradientTransformation`` (JAX).
+
+        Its state is a pytree (the clipper's state plus the last :class:`~gradclip.ClipInfo`),
+        so it works inside ``jax.jit`` and ``optax.chain``; read the info for logging with
+        :func:`gradclip.optax.clip_info`. See :func:`gradclip.optax.as_optax`.
+
+        Raises:
+            ImportError: optax or jax is not installed.
+        """
+        from gradclip.optax import as_optax
+
+        return as_optax(self)
 
     def _uses_params(self) -> bool:
         return False
 
-    def _run(self, grads, state, params, *, inplace: bool, own_state: bool = False):
+    # -- one update per optimizer step ------------------------------------------------------------
+    def _stateful(self) -> bool:
+        """Whether a call advances state (then a repeated call on the same gradients is refused)."""
+        return bool(self.state_type._fields)
+
+    def _guard_repeat(self, ops: Ops, grads: list[Any], where: str, allow_repeat: bool) -> None:
+        if allow_repeat or self._last_seen is None or not grads or not self._stateful():
+            return
+        refs, token = self._last_seen
+        # Identity first (cheap): new gradient tensors mean a new step, whatever their values.
+        if len(refs) != len(grads) or any(ref() is not g for ref, g in zip(refs, grads)):
+            return
+        if token is None or ops.version_token(grads) != token:
+            return
+        raise StateError(
+            f"{where}: called again on the same {len(grads)} gradient array(s), unchanged since "
+            f"the previous call; {type(self).__name__} keeps adaptive state, which must advance "
+            "once per optimizer step (a second call would count this step's gradient twice). "
+            "Compute new gradients (backward()) before clipping again, or pass "
+            "allow_repeat=True if the repeat is deliberate. Nothing was changed."
+        )
+
+    def _remember_grads(self, ops: Ops, grads: list[Any]) -> None:
+        if not grads or not self._stateful():
+            self._last_seen = None
+            return
+        try:
+            refs = [weakref.ref(g) for g in grads]
+        except TypeError:  # arrays that cannot be weakly referenced: no detection
+            self._last_seen = None
+            return
+        self._last_seen = (refs, ops.version_token(grads))
+
+    def _run(
+        self,
+        grads,
+        state,
+        params,
+        *,
+        inplace: bool,
+        own_state: bool = False,
+        allow_repeat: bool = False,
+    ):
         where = f"{type(self).__name__}.{'clip' if own_state else 'update'}"
         leaves, unflatten, names = flatten(grads)
-        positions = [i for i, g in enumerate(leaves) if g is not None]
+        # The same array given twice (tied weights passed as grads) is clipped and counted once;
+        # every position it held gets the one result.
+        first: dict[int, int] = {}
+        positions = []
+        for i, g in enumerate(leaves):
+            if g is not None and id(g) not in first:
+                first[id(g)] = i
+                positions.append(i)
+        repeats = [(i, first[id(g)]) for i, g in enumerate(leaves) if g is not None and first[id(g)] != i]
         present = [leaves[i] for i in positions]
         param_leaves = None
         if params is not None:
-            flat_params, _, _ = flatten(params)
+            flat_params = flatten_like(params, grads)  # dict entries paired by key
             if len(flat_params) != len(leaves):
                 raise InvalidArgumentError(
                     f"{where}: params must have the same structure as grads; got {len(flat_params)} "
                     f"parameter(s) for {len(leaves)} gradient(s)"
                 )
             param_leaves = [flat_params[i] for i in positions]
-        ops = get_ops(present, inplace=inplace, where=where)
+        ops = get_ops(present, inplace=inplace, where=where, process_group=self._distributed_group())
         if own_state:
-            state = self._current_state(ops, present)
+            self._guard_repeat(ops, present, where, allow_repeat)
+            state = self._own_state(ops, present)
         elif state is None:
             state = self._init(ops, present)
         new, new_state, info = self._update(
             ops, present, state, param_leaves, [names[i] for i in positions]
         )
+        info = _finish_info(ops, info)
+        if own_state:
+            self._commit_state(ops, new_state, where)
+            self._remember_grads(ops, present)
         out = list(leaves)
         for position, value in zip(positions, new):
             out[position] = value
+        for position, original in repeats:
+            out[position] = out[original]
         return unflatten(out), new_state, info
+
+    # -- the state the object keeps (clip / clip_) ------------------------------------------------
+    # Backends may offer two optional hooks, looked up with getattr (they are not Ops primitives):
+    #   ops.state_store(template) -> store   state kept by the backend (TensorFlow: tf.Variables,
+    #       so that `clip` inside tf.function advances the same state on every call instead of
+    #       freezing it into the trace); see gradclip.backends.tensorflow.StateStore.
+    #   ops.check_state(state, where)        refuse state that must not be kept (JAX tracers).
+    def _own_state(self, ops: Ops, grads: list[Any]) -> Any:
+        if getattr(ops, "state_store", None) is not None:
+            return self._held_state(ops, grads)
+        return self._current_state(ops, grads)
+
+    def _held_state(self, ops: Ops, grads: list[Any]) -> Any:
+        fresh = self._init(ops, grads)
+        held = getattr(self, "_held", None)
+        if held is None:
+            held = ops.state_store(fresh)
+            self._held = held
+            if self._has_python_state():
+                # State loaded or kept before the store existed: move it into the store now.
+                with held.eager_scope():
+                    held.load(self._current_state(ops, grads))
+        return held.read(fresh)
+
+    def _has_python_state(self) -> bool:
+        """Whether a checkpoint is pending or arrays are kept (Chain adds its links')."""
+        return self._pending_state is not None or self._state is not None
+
+    def _commit_state(self, ops: Ops, new_state: Any, where: str) -> None:
+        held = getattr(self, "_held", None)
+        if held is not None and getattr(ops, "state_store", None) is not None:
+            held.write(new_state)
+            self._state, self._pending_state = held.current(), None
+            return
+        check = getattr(ops, "check_state", None)
+        if check is not None:
+            check(new_state, where)
+        self._state = new_state
+
+    def _refresh_from_held(self) -> None:
+        """Before reading ``self._state`` for a checkpoint: backend-held variables are the truth
+        (a traced tf.function may have advanced them, or run again after a reset)."""
+        held = getattr(self, "_held", None)
+        if held is not None and self._pending_state is None:
+            self._state = held.current() if held.is_ready() else None
+
+    def _sync_held(self) -> None:
+        """After reset/load_state_dict: make backend-held state match the Python side now."""
+        held = getattr(self, "_held", None)
+        if held is None:
+            return
+        if not self._has_python_state():
+            held.reset()
+            return
+        ops = get_ops([], framework=held.framework, where=f"{type(self).__name__}.load_state_dict")
+        with held.eager_scope():
+            # Rebuilt from the checkpoint alone: an initial state for no gradients fills gaps.
+            state = self._current_state(ops, [])
+            held.load(state)
+            self._state, self._pending_state = held.current(), None
 
     # -- checkpoints ----------------------------------------------------------------------------
     def _current_state(self, ops: Ops, grads: list[Any]) -> Any:
@@ -190,13 +412,18 @@ class Clipper:
             ``{"format": "gradclip", "version": 1, "clipper": name, "config": {...},
             "state": {...} or None}``; ``state`` is None before the first step.
         """
+        self._refresh_from_held()
         if self._pending_state is not None:
             state = dict(self._pending_state)
         elif self._state is None or not self.state_type._fields:
             state = None if self._state is None and self.state_type._fields else {}
         else:
+            # Only to_list is needed, which takes any array of the backend: pick the backend by
+            # type alone. Binding it to the fields themselves refused NumPy scalars, which is what
+            # 0-d NumPy arithmetic (state.count + 1) returns, with a BackendError.
+            first = [v for v in self._state if hasattr(v, "shape")][:1]
             ops = get_ops(
-                [v for v in self._state if hasattr(v, "shape")][:1], where=f"{type(self).__name__}.state_dict"
+                [], framework=framework_of(first[0]) if first else None, where=f"{type(self).__name__}.state_dict"
             )
             state = {name: ops.to_list(getattr(self._state, name)) for name in self.state_type._fields}
         return {
@@ -239,7 +466,8 @@ class Clipper:
             )
         state = state_dict.get("state")
         if state is None:
-            self._state, self._pending_state = None, None
+            self._state, self._pending_state, self._last_seen = None, None, None
+            self._sync_held()
             return
         if not isinstance(state, Mapping) or set(state) != set(self.state_type._fields):
             raise StateError(
@@ -249,10 +477,12 @@ class Clipper:
         for name in self.state_type._fields:
             _check_plain(where, name, state[name])
         self._validate_state(where, state)
+        self._last_seen = None
         if not self.state_type._fields:
             self._state, self._pending_state = EmptyState(), None
             return
         self._state, self._pending_state = None, dict(state)
+        self._sync_held()
 
     def _validate_state(self, where: str, state: Mapping[str, Any]) -> None:
         """Hook for methods with extra invariants on their state (lengths, ranges)."""
@@ -261,10 +491,39 @@ class Clipper:
         """Forget all state; the next step starts as the first did."""
         self._state = None
         self._pending_state = None
+        self._last_seen = None
+        self._sync_held()
 
     def __repr__(self) -> str:
         arguments = ", ".join(f"{k}={v!r}" for k, v in self.config().items())
         return f"{type(self).__name__}({arguments})"
+
+
+def _finish_info(ops: Ops, info: ClipInfo) -> ClipInfo:
+    """Let the backend complete the info of a whole call (optional hook, looked up with getattr):
+    the torch backend makes ``clipped`` agree across a process group, where per-tensor and
+    element-wise methods decide it from each rank's own tensors."""
+    hook = getattr(ops, "finish_info", None)
+    return info if hook is None else hook(info)
+
+
+class _SharedGroup:
+    """Holds a clipper's process group; copies of the clipper share it (a ProcessGroup cannot be
+    deep-copied, and ``ClippedOptimizer`` probes clippers on deep copies)."""
+
+    __slots__ = ("group",)
+
+    def __init__(self, group: Any):
+        self.group = group
+
+    def __copy__(self) -> _SharedGroup:
+        return self
+
+    def __deepcopy__(self, memo: Any) -> _SharedGroup:
+        return self
+
+    def __repr__(self) -> str:
+        return f"_SharedGroup({self.group!r})"
 
 
 def _check_plain(where: str, name: str, value: Any) -> None:

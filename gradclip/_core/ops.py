@@ -18,7 +18,7 @@ Conventions every backend keeps:
 
 from __future__ import annotations
 
-import importlib
+import sys
 from collections.abc import Sequence
 from typing import Any, Protocol, runtime_checkable
 
@@ -68,6 +68,91 @@ class Ops(Protocol):
     def finite_each(self, grads: list[Array]) -> Array: ...
     def extrema(self, grads: list[Array]) -> tuple[Array, Array]: ...
     def numel(self, grad: Array) -> int: ...
+
+    # -- added for the adaptive and stateful clippers (issue 3) ----------------------------------
+    #: The axis that indexes output units in this framework's weight layout, used by AGC when
+    #: no ``axis`` is given: 0 for torch (``nn.Linear`` is ``(out, in)``, ``ConvNd`` is
+    #: ``(out, in, *k)``) and for NumPy (which follows torch's layout); -1 for TensorFlow/Keras
+    #: and JAX/Flax (``(in, out)`` dense kernels, ``HWIO`` convolutions).
+    unit_axis: int
+
+    def sum(self, x: Array) -> Array:
+        """Sum of all elements of ``x`` as a 0-d array: float input keeps its dtype; bool and
+        integer input sum to int64 (a count)."""
+        ...
+
+    def arange(self, n: int, dtype: str = "int64") -> Array:
+        """``[0, 1, ..., n-1]`` on the device (``n`` is a Python int)."""
+        ...
+
+    def cast(self, x: Array, dtype: str) -> Array:
+        """``x`` converted to ``dtype`` (``"float32"``, ``"float64"``, ``"int64"``, ``"bool"``);
+        float to int truncates toward zero."""
+        ...
+
+    def floor(self, x: Array) -> Array:
+        """Element-wise floor, same dtype."""
+        ...
+
+    def sort(self, x: Array) -> Array:
+        """A 1-D array sorted ascending (``+inf`` last); a new array."""
+        ...
+
+    def take(self, x: Array, index: Array) -> Array:
+        """``x[index]`` for a 1-D ``x`` and a device integer array ``index`` (any shape, values
+        in ``[0, len(x))``), without reading ``index`` on the host."""
+        ...
+
+    def cumsum(self, x: Array) -> Array:
+        """Inclusive cumulative sum of a 1-D array, same dtype."""
+        ...
+
+    def version_token(self, grads: list[Array]) -> Any:
+        """A hashable host-side token that changes whenever any of ``grads`` is written, or None
+        when the backend cannot tell (then repeated-call detection is off).
+
+        Used by :class:`~gradclip.Clipper` to detect a second ``clip_`` on gradients unchanged
+        since the last one. It must never read a device value: torch returns the tensors'
+        version counters (``tensor._version``, host integers bumped by every in-place write);
+        NumPy, whose arrays live on the host, returns a 64-bit XOR fingerprint of their bytes.
+        Immutable arrays (JAX) and backends without counters return None.
+        """
+        ...
+
+    def unit_norms(self, arrays: list[Array], axes: list[tuple[int, ...] | None]) -> list[Array]:
+        """Unit-wise L2 norms (AGC, Brock et al. 2021), fp32 accumulation (fp64 for fp64).
+
+        For ``arrays[i]``, ``axes[i]`` names the non-negative axes that index units (kept); the
+        norm is taken over every other axis with ``keepdims``, so the result broadcasts against
+        the array. ``None`` takes the norm of the whole array (shape ``(1,) * ndim``). An empty
+        tuple makes every element its own unit (``abs``). Never records autograd history.
+        """
+        ...
+
+    def scale_units(self, grads: list[Array], coefs: list[Array]) -> list[Array]:
+        """Multiply each gradient by a coefficient array that broadcasts against it (a result
+        of :meth:`unit_norms`), computing in the accumulation dtype and rounding once; in place
+        when ``inplace``."""
+        ...
+
+    def uniform(self, key: Array, counter: Array, shapes: list[tuple[int, ...]]) -> list[Array]:
+        """Counter-based uniform numbers in ``[0, 1)``, fp32, one array per shape.
+
+        A pure function of ``(key, counter, tensor position, element position)`` — no generator
+        state — so a clipper's randomness is checkpointed by two integers and is identical on
+        every backend and device. ``key`` and ``counter`` are int64 0-d device arrays >= 0.
+        Element ``j`` (row-major) of shape ``i`` is ``(h >> 8) * 2**-24`` with, in 32-bit
+        unsigned arithmetic, ``m(x) = lowbias32(x)`` (``x ^= x >> 16; x *= 0x7FEB352D;
+        x ^= x >> 15; x *= 0x846CA68B; x ^= x >> 16``) and
+        ``s = m(m(key_lo ^ m(key_hi)) ^ m(counter_lo ^ m(counter_hi)))``,
+        ``t_i = m(s ^ m(i + 0x9E3779B9))``, ``h = m(t_i ^ j)``.
+        """
+        ...
+
+    def select(self, grads: list[Array], replacements: list[Array], masks: list[Array]) -> list[Array]:
+        """``where(mask_i, replacement_i, grad_i)`` per tensor; ``mask_i`` is a 0-d bool or a
+        bool array of the gradient's shape. Written into ``grads`` when ``inplace``."""
+        ...
 
 
 # Maps the top-level module of an array type to the backend module that handles it.
@@ -129,6 +214,7 @@ def get_ops(
     foreach: bool | None = None,
     framework: str | None = None,
     where: str = "gradclip",
+    process_group: Any = None,
 ) -> Ops:
     """Build the Ops for these arrays.
 
@@ -140,19 +226,36 @@ def get_ops(
             only the torch backend has a multi-tensor fast path.
         framework: Force a backend by name (used when the list may be empty).
         where: The public entry point, for error messages.
+        process_group: torch only: the ``torch.distributed`` group (or ``DeviceMesh``) over
+            which plain tensors are sharded; norms are then all-reduced over it (see
+            :mod:`gradclip.torch.distributed`). DTensors need none: their mesh is used.
 
     Returns:
         An object implementing :class:`Ops`, bound to the device of the first array.
 
     Raises:
-        BackendError: Unknown array type or mixed frameworks.
+        BackendError: Unknown array type or mixed frameworks; ``process_group`` with arrays
+            of another framework than torch.
     """
+    if process_group is not None and not arrays and framework is None:
+        framework = "torch"  # a rank without gradients still joins the reduction
     name = backend_name_of(arrays, where) if arrays else (framework or "numpy")
     if framework is not None and arrays and name != framework:
         raise BackendError(f"{where}: expected {framework} arrays, got {name} arrays")
     cls = _backend_cache.get(name)
     if cls is None:
-        module = importlib.import_module(f"gradclip.backends.{name}")
+        # The builtin __import__ rather than importlib: the first call may happen while
+        # tf.function traces with autograph, which tries (noisily) to convert importlib's
+        # Python functions but calls builtins as they are.
+        __import__(f"gradclip.backends.{name}")
+        module = sys.modules[f"gradclip.backends.{name}"]
         cls = module.BACKEND
         _backend_cache[name] = cls
+    if process_group is not None:
+        if name != "torch":
+            raise BackendError(
+                f"{where}: process_group= is supported for torch tensors only (torch.distributed), "
+                f"got {name} arrays"
+            )
+        return cls(arrays, inplace=inplace, foreach=foreach, where=where, process_group=process_group)
     return cls(arrays, inplace=inplace, foreach=foreach, where=where)

@@ -69,6 +69,7 @@ def get(name: str, **kwargs: Any):
         name: A name from :func:`available`, e.g. ``"global_norm"``.
         **kwargs: Constructor arguments; those left out take the method's registry defaults
             (e.g. ``max_norm=1.0`` for ``global_norm``) and then the class's own defaults.
+            ``process_group=`` is accepted for every method (see ``Clipper.process_group``).
 
     Returns:
         A new clipper instance.
@@ -78,5 +79,9 @@ def get(name: str, **kwargs: Any):
         InvalidArgumentError: A bad argument value (from the constructor).
     """
     cls = registered_class(name)
-    arguments = {**getattr(cls, "defaults", {}), **kwargs}
-    return cls(**arguments)
+    # Every clipper takes a process group (torch.distributed), whatever its signature.
+    group = kwargs.pop("process_group", None)
+    clipper = cls(**cls.with_defaults(kwargs))
+    if group is not None:
+        clipper.process_group = group
+    return clipper

@@ -12,7 +12,7 @@ from typing import Any, NamedTuple
 
 from gradclip._core.errors import BackendError
 
-__all__ = ["flatten", "Collected", "collect_gradients"]
+__all__ = ["flatten", "flatten_like", "Collected", "collect_gradients"]
 
 
 def _is_array(value: Any) -> bool:
@@ -66,6 +66,9 @@ def flatten(tree: Any) -> tuple[list[Any], Callable[[list[Any]], Any], list[str]
                 return kind(*values)  # NamedTuple
 
             return build_sequence
+        jax_builder = _jax_node(node, prefix, leaves, names)
+        if jax_builder is not None:
+            return jax_builder
         raise BackendError(
             f"gradclip: cannot clip a {type(node).__module__}.{type(node).__qualname__} "
             f"at {prefix or 'the top level'}; pass arrays, or lists/tuples/dicts of arrays"
@@ -79,6 +82,71 @@ def flatten(tree: Any) -> tuple[list[Any], Callable[[list[Any]], Any], list[str]
     return leaves, unflatten, names
 
 
+def flatten_like(tree: Any, like: Any) -> list[Any]:
+    """The leaves of ``tree`` in the order :func:`flatten` gives for ``like``.
+
+    Used for ``params`` beside ``grads``: dict entries are matched by key, not by position, so
+    parameters and gradients whose dicts list the same keys in different orders still pair up
+    (``jax.tree_util`` returns dicts with sorted keys, a user's dict keeps its own order).
+
+    Raises:
+        BackendError: ``tree`` lacks a key or an entry that ``like`` has, or a sequence differs
+            in length.
+    """
+    out: list[Any] = []
+
+    def walk(node: Any, ref: Any, prefix: str) -> None:
+        if ref is None or _is_array(ref):
+            out.append(node)
+            return
+        if isinstance(ref, Mapping):
+            if not isinstance(node, Mapping) or any(k not in node for k in ref):
+                missing = [k for k in ref if not isinstance(node, Mapping) or k not in node]
+                raise BackendError(
+                    f"gradclip: params lack the entries {missing[:5]} of grads at {prefix or 'the top level'}"
+                )
+            for key in ref:
+                walk(node[key], ref[key], f"{prefix}.{key}" if prefix else str(key))
+            return
+        if isinstance(ref, (list, tuple)) and isinstance(node, (list, tuple)) and len(node) == len(ref):
+            for i, (n, r) in enumerate(zip(node, ref)):
+                walk(n, r, f"{prefix}#{i}" if prefix else f"#{i}")
+            return
+        out.extend(flatten(node)[0])  # other containers: the same flattening as the gradients'
+
+    walk(tree, like, "")
+    return out
+
+
+def _jax_node(node: Any, prefix: str, leaves: list[Any], names: list[str]):
+    """Flatten any other JAX pytree node (dataclasses, flax structs, custom nodes) with
+    ``jax.tree_util``; None when jax is not loaded or ``node`` is not a pytree node.
+
+    Only consulted for nodes the walk above does not know, so lists, tuples and dicts keep
+    their own order and names. jax is never imported here: a custom pytree node exists only
+    once its program has imported jax.
+    """
+    import sys
+
+    tree_util = sys.modules.get("jax.tree_util")
+    if tree_util is None:
+        return None
+    flat, treedef = tree_util.tree_flatten_with_path(node, is_leaf=lambda x: x is None or _is_array(x))
+    if treedef.num_nodes == 1 and treedef.num_leaves == 1 and not flat[0][0]:
+        return None  # a leaf to jax too: not a container
+    for path, leaf in flat:
+        if leaf is not None and not _is_array(leaf):
+            return None  # let the caller raise about this node
+        leaves.append(leaf)
+        names.append(f"{prefix}{tree_util.keystr(path)}" if prefix else tree_util.keystr(path).lstrip("."))
+    count = len(flat)
+
+    def build_jax(it):
+        return treedef.unflatten([next(it) for _ in range(count)])
+
+    return build_jax
+
+
 class Collected(NamedTuple):
     """Gradients gathered for in-place clipping."""
 
@@ -90,6 +158,9 @@ class Collected(NamedTuple):
     names: list[str]
     #: How many parameters were seen in total, with or without a gradient.
     seen: int
+    #: The one framework of everything seen, gradients or not (None when no array was seen):
+    #: it picks the backend of the ClipInfo when no parameter has a gradient yet.
+    framework: str | None = None
 
 
 def _named_items(target: Any) -> list[tuple[str, Any]]:
@@ -130,15 +201,21 @@ def collect_gradients(target: Any) -> Collected:
     Raises:
         BackendError: ``target`` is not something holding gradients.
     """
+    # Imported here: ops imports nothing from this module, but keep the import graph obvious.
+    from gradclip._core.ops import backend_name_of
+
     grads: list[Any] = []
     params: list[Any] = []
     names: list[str] = []
     seen_ids: set[int] = set()
+    arrays_seen: list[Any] = []
     items = _named_items(target)
     for name, param in items:
         if id(param) in seen_ids:
             continue
         seen_ids.add(id(param))
+        if _is_array(param):
+            arrays_seen.append(param)
         grad = getattr(param, "grad", param) if not isinstance(param, type(None)) else None
         if grad is None:
             continue
@@ -149,4 +226,8 @@ def collect_gradients(target: Any) -> Collected:
         grads.append(grad)
         params.append(param)
         names.append(name)
-    return Collected(grads, params, names, len(seen_ids))
+    # Check the frameworks of every array seen, not only of the gradients found: in
+    # [numpy_array, torch_tensor] the tensor's .grad is None, and it used to be dropped silently
+    # while the NumPy array was clipped. Mixed frameworks raise BackendError, naming both.
+    framework = backend_name_of(arrays_seen + grads) if arrays_seen or grads else None
+    return Collected(grads, params, names, len(seen_ids), framework)

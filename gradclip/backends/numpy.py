@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from gradclip._core.errors import BackendError
+from gradclip.backends._hashing import hash_streams
 
 __all__ = ["NumpyOps", "BACKEND"]
 
@@ -28,6 +29,8 @@ class NumpyOps:
     """Ops over lists of ``numpy.ndarray``."""
 
     name = "numpy"
+    #: NumPy follows torch's output-major weight layout for AGC (see ``Ops.unit_axis``).
+    unit_axis = 0
 
     def __init__(
         self,
@@ -193,6 +196,78 @@ class NumpyOps:
 
     def numel(self, grad):
         return int(np.size(grad))
+
+    # -- small-vector math for adaptive state -------------------------------------------------
+    def sum(self, x):
+        x = np.asarray(x)
+        if x.dtype == np.bool_ or np.issubdtype(x.dtype, np.integer):
+            return np.asarray(x.sum(dtype=np.int64))
+        return np.asarray(x.sum(dtype=x.dtype))
+
+    def arange(self, n, dtype="int64"):
+        return np.arange(n, dtype=np.dtype(dtype))
+
+    def cast(self, x, dtype):
+        with np.errstate(invalid="ignore", over="ignore"):
+            return np.asarray(x).astype(np.dtype(dtype))
+
+    def floor(self, x):
+        return np.floor(x)
+
+    def sort(self, x):
+        return np.sort(np.asarray(x), kind="stable")
+
+    def take(self, x, index):
+        return np.asarray(x)[np.asarray(index)]
+
+    def cumsum(self, x):
+        x = np.asarray(x)
+        return np.cumsum(x, dtype=x.dtype)
+
+    def version_token(self, grads):
+        # NumPy arrays have no version counter; a XOR of their 64-bit words changes with any
+        # realistic write (new gradients) and costs one fast read pass, on the host (no device).
+        token = []
+        for g in grads:
+            raw = np.ascontiguousarray(g).reshape(-1).view(np.uint8)
+            whole = raw.size // 8 * 8
+            words = np.bitwise_xor.reduce(raw[:whole].view(np.uint64)) if whole else np.uint64(0)
+            tail = bytes(raw[whole:])
+            token.append((g.shape, str(g.dtype), int(words), tail))
+        return tuple(token)
+
+    def unit_norms(self, arrays, axes):
+        out = []
+        for array, kept in zip(arrays, axes):
+            x = np.asarray(array)
+            values = x.astype(_accumulation_dtype(x), copy=False)
+            with np.errstate(over="ignore", invalid="ignore"):
+                if kept is None:
+                    squares = np.sum(values * values, keepdims=True) if x.size else np.zeros((1,) * x.ndim)
+                    out.append(np.sqrt(np.asarray(squares, values.dtype)))
+                    continue
+                reduce = tuple(d for d in range(x.ndim) if d not in kept)
+                if not reduce:
+                    out.append(np.abs(values))
+                    continue
+                out.append(np.sqrt(np.sum(values * values, axis=reduce, keepdims=True)))
+        return out
+
+    def scale_units(self, grads, coefs):
+        out = []
+        for g, c in zip(grads, coefs):
+            with np.errstate(invalid="ignore", over="ignore"):
+                out.append(self._out(g, g.astype(self._acc, copy=False) * c))
+        return out
+
+    def uniform(self, key, counter, shapes):
+        return [
+            (h >> np.int64(8)).astype(np.float32) * np.float32(2.0**-24)
+            for h in hash_streams(key, counter, shapes, lambda n: np.arange(n, dtype=np.int64))
+        ]
+
+    def select(self, grads, replacements, masks):
+        return [self._out(g, np.where(m, r, g)) for g, r, m in zip(grads, replacements, masks)]
 
 
 BACKEND = NumpyOps

@@ -13,6 +13,7 @@ clipping step never waits for the device (DESIGN.md rule 1).
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -24,10 +25,25 @@ from torch.utils._foreach_utils import (
 )
 
 from gradclip._core.errors import BackendError, SparseGradientError
+from gradclip.backends._hashing import hash_streams
 
 __all__ = ["TorchOps", "BACKEND"]
 
-_DTYPES = {"float32": torch.float32, "float64": torch.float64, "bool": torch.bool, "int64": torch.int64}
+_DTYPES = {
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "bool": torch.bool,
+    "int32": torch.int32,
+    "int64": torch.int64,
+}
+
+
+def _may_hold_dtensor(arrays: Sequence[Any]) -> bool:
+    """False when no array can be a DTensor (torch.distributed.tensor is not even imported, or
+    every array is a plain tensor); True means: look closer."""
+    if "torch.distributed.tensor" not in sys.modules:
+        return False
+    return any(type(a) is not torch.Tensor for a in arrays)
 
 
 def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -52,6 +68,20 @@ class TorchOps:
     """
 
     name = "torch"
+    #: torch weights are output-major (``nn.Linear``: ``(out, in)``): AGC's units are rows.
+    unit_axis = 0
+
+    def __new__(cls, arrays: Sequence[Any] = (), *args: Any, process_group: Any = None, **kwargs: Any):
+        # DTensor gradients (FSDP2, tensor parallel) or a process group over which plain tensors
+        # are sharded: the distributed subclass reduces norms with torch.distributed. A
+        # DTensor can only exist once torch.distributed.tensor is imported, so the common case
+        # costs one dictionary lookup.
+        if cls is TorchOps and (process_group is not None or _may_hold_dtensor(arrays)):
+            from gradclip.torch.distributed import DistributedTorchOps, any_dtensor
+
+            if process_group is not None or any_dtensor(arrays):
+                cls = DistributedTorchOps
+        return super().__new__(cls)
 
     def __init__(
         self,
@@ -60,7 +90,10 @@ class TorchOps:
         inplace: bool = False,
         foreach: bool | None = None,
         where: str = "gradclip",
+        process_group: Any = None,
     ):
+        # process_group is handled by gradclip.torch.distributed.DistributedTorchOps, which
+        # __new__ returns whenever one is given.
         self.inplace = inplace
         self.foreach = foreach
         self.caller = where
@@ -78,6 +111,10 @@ class TorchOps:
     # -- grouping ---------------------------------------------------------------------------
     def _groups(self, grads: list[torch.Tensor]):
         """Yield ``(device, dtype, tensors, indices, use_foreach)`` per (device, dtype) group."""
+        if not grads:
+            # torch's grouping helper fails on an empty list; no tensors, no groups (reached by
+            # clip_ on a module before backward(), which now gets a torch ClipInfo).
+            return
         grouped = _group_tensors_by_device_and_dtype([list(grads)], with_indices=True)
         for (device, dtype), ([tensors], indices) in grouped.items():
             if self.foreach is None:
@@ -96,6 +133,17 @@ class TorchOps:
     def context(self):
         """Context for in-place work on ``.grad``: autograd must not record the clipping."""
         return torch.no_grad()
+
+    def world_size(self) -> int:
+        """How many processes train together (``torch.distributed``), 1 when not initialised.
+
+        An optional hook, not an Ops primitive: clippers whose state must agree across ranks
+        without communicating (a random key) look it up with ``getattr``.
+        """
+        distributed = sys.modules.get("torch.distributed")
+        if distributed is None or not distributed.is_available() or not distributed.is_initialized():
+            return 1
+        return distributed.get_world_size()
 
     # -- scalars ----------------------------------------------------------------------------
     def scalar(self, value, dtype: str = "float32"):
@@ -145,6 +193,17 @@ class TorchOps:
         result: list[torch.Tensor | None] = [None] * len(grads)
         for device, dtype, tensors, indices, use_foreach in self._groups(grads):
             acc = _accumulation_dtype(dtype)
+            if norm_type == math.inf and any(t.numel() == 0 for t in tensors):
+                # torch raises for the inf-norm of an empty tensor (a max has no identity);
+                # define it as 0, as for every finite p and in the NumPy backend. numel() is
+                # metadata: no device read.
+                for index, tensor in zip(indices, tensors):
+                    if tensor.numel() == 0:
+                        result[index] = torch.zeros((), dtype=self.acc, device=self.device)
+                kept = [(t, i) for t, i in zip(tensors, indices) if t.numel() > 0]
+                tensors, indices = [t for t, _ in kept], [i for _, i in kept]
+                if not tensors:
+                    continue
             if use_foreach:
                 group_norms = torch._foreach_norm(tensors, norm_type, dtype=acc)
             else:
@@ -196,6 +255,10 @@ class TorchOps:
         mul = (lambda t, c: t.mul_(c)) if self.inplace else (lambda t, c: t * c)
 
         def per_group(device, indices):
+            if len(indices) == coefs.shape[0] and list(indices) == list(range(len(indices))):
+                # One group holding every tensor in order (the usual case): no index tensor,
+                # whose creation would be a host-to-device copy on every step.
+                return list(coefs.to(device, non_blocking=True).unbind())
             index = torch.as_tensor(indices, device=coefs.device)
             return list(coefs.index_select(0, index).to(device, non_blocking=True).unbind())
 
@@ -282,6 +345,88 @@ class TorchOps:
 
     def numel(self, grad):
         return grad.numel()
+
+    # -- small-vector math for adaptive state -------------------------------------------------
+    def sum(self, x):
+        if x.dtype == torch.bool or not (x.is_floating_point() or x.is_complex()):
+            return torch.sum(x, dtype=torch.int64)
+        return torch.sum(x)
+
+    def arange(self, n, dtype="int64"):
+        return torch.arange(n, dtype=_DTYPES[dtype], device=self.device)
+
+    def cast(self, x, dtype):
+        return x.to(_DTYPES[dtype])
+
+    def floor(self, x):
+        return torch.floor(x)
+
+    def sort(self, x):
+        return torch.sort(x, stable=True).values
+
+    def take(self, x, index):
+        # Not x[index]: indexing with a 0-d integer tensor reads it on the host (.item() in
+        # C++). torch.take gathers on the device.
+        return torch.take(x, index)
+
+    def cumsum(self, x):
+        return torch.cumsum(x, 0, dtype=x.dtype)
+
+    def version_token(self, grads):
+        # ``_version`` is a host-side counter that every in-place write bumps: reading it never
+        # touches the device. Inference tensors have none; then detection is off.
+        try:
+            return tuple(t._version for t in grads)
+        except RuntimeError:
+            return None
+
+    def unit_norms(self, arrays, axes):
+        out = []
+        for tensor, kept in zip(arrays, axes):
+            tensor = tensor.detach()
+            acc = _accumulation_dtype(tensor.dtype)
+            if kept is None:
+                norm = torch.linalg.vector_norm(tensor, 2, dtype=acc)
+                out.append(norm.reshape((1,) * tensor.dim()))
+                continue
+            reduce = tuple(d for d in range(tensor.dim()) if d not in kept)
+            if not reduce:  # dim=() would mean "all dims" to some torch versions
+                out.append(tensor.abs().to(acc))
+                continue
+            out.append(torch.linalg.vector_norm(tensor, 2, dim=reduce, keepdim=True, dtype=acc))
+        return out
+
+    def scale_units(self, grads, coefs):
+        out = []
+        for tensor, coef in zip(grads, coefs):
+            coef = coef.to(tensor.device, non_blocking=True)
+            if self.inplace:
+                # In-place mul with an fp32 operand computes in fp32 and rounds once into the
+                # gradient's dtype.
+                out.append(tensor.mul_(coef))
+            else:
+                out.append((tensor.to(coef.dtype) * coef).to(tensor.dtype))
+        return out
+
+    def uniform(self, key, counter, shapes):
+        key = key.to(self.device)
+        counter = counter.to(self.device)
+        arange = lambda n: torch.arange(n, dtype=torch.int64, device=self.device)  # noqa: E731
+        return [
+            (h >> 8).to(torch.float32) * (2.0**-24) for h in hash_streams(key, counter, shapes, arange)
+        ]
+
+    def select(self, grads, replacements, masks):
+        out = []
+        for tensor, replacement, mask in zip(grads, replacements, masks):
+            mask = mask.to(tensor.device, non_blocking=True)
+            new = torch.where(mask, replacement.to(tensor.dtype), tensor)
+            if self.inplace:
+                tensor.copy_(new)
+                out.append(tensor)
+            else:
+                out.append(new)
+        return out
 
 
 BACKEND = TorchOps

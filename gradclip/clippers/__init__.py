@@ -3,19 +3,35 @@
 Importing this package registers every built-in method with :mod:`gradclip._core.registry`.
 """
 
+from gradclip.clippers.adagc import AdaGC
+from gradclip.clippers.agc import AGC
+from gradclip.clippers.autoclip import AutoClip
 from gradclip.clippers.chain import Chain, chain
+from gradclip.clippers.nonfinite import NonFinite
 from gradclip.clippers.norm import AverageNorm, BlockRMS, GlobalNorm, Norm, NormSign
 from gradclip.clippers.outliers import ZeroOutliers
+from gradclip.clippers.quantile import QuantileNorm
+from gradclip.clippers.spike import SkipOnSpike
+from gradclip.clippers.subset import Subset
 from gradclip.clippers.value import Value
+from gradclip.clippers.zclip import ZClip
 
 __all__ = [
+    "AGC",
+    "AdaGC",
+    "AutoClip",
     "AverageNorm",
     "BlockRMS",
     "Chain",
     "GlobalNorm",
+    "NonFinite",
     "Norm",
     "NormSign",
+    "QuantileNorm",
+    "SkipOnSpike",
+    "Subset",
     "Value",
+    "ZClip",
     "ZeroOutliers",
     "chain",
 ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 from gradclip._core.clipper import Clipper, make_info
@@ -44,6 +45,10 @@ class Chain(Clipper):
     def _uses_params(self) -> bool:
         return any(c._uses_params() for c in self.clippers)
 
+    def _stateful(self) -> bool:
+        # The chain's own state is only a tuple of its links' states.
+        return any(c._stateful() for c in self.clippers)
+
     def _init(self, ops, grads):
         return ChainState(tuple(c._init(ops, grads) for c in self.clippers))
 
@@ -74,21 +79,31 @@ class Chain(Clipper):
 
     def load_state_dict(self, state_dict) -> None:
         where = "Chain.load_state_dict"
-        links = (state_dict.get("state") or {}).get("links") if isinstance(state_dict, dict) else None
+        # A non-mapping "state" (e.g. a list) used to fail with AttributeError, not StateError.
+        state = state_dict.get("state") if isinstance(state_dict, Mapping) else None
+        links = state.get("links") if isinstance(state, Mapping) else None
         if not isinstance(links, list) or len(links) != len(self.clippers):
             raise StateError(f"{where}: expected {len(self.clippers)} link states under state['links']")
         header = {k: v for k, v in state_dict.items() if k != "state"}
         header["state"] = None
         # Validate everything first, into scratch copies, so a bad link loses nothing.
         scratch = [copy.copy(c) for c in self.clippers]
-        Clipper.load_state_dict(self, header)  # format, version, name, config
         for clipper, link in zip(scratch, links):
             clipper.load_state_dict(link)
+        # The header last: its load validates format, version, name and config before changing
+        # anything, but then resets the chain's own state, which holds the steps taken since the
+        # last state_dict() (the links' copies are stale). Loading it before the links lost
+        # that state whenever a link was then rejected.
+        Clipper.load_state_dict(self, header)
         for clipper, loaded in zip(self.clippers, scratch):
             clipper._state, clipper._pending_state = loaded._state, loaded._pending_state
         self._state = None
         self._pending_state = None
         self._links_loaded = True
+        self._sync_held()  # TensorFlow: the links' state goes into the chain's variables now
+
+    def _has_python_state(self) -> bool:
+        return getattr(self, "_links_loaded", False) or super()._has_python_state()
 
     def _current_state(self, ops, grads):
         if getattr(self, "_links_loaded", False):
@@ -97,6 +112,7 @@ class Chain(Clipper):
         return super()._current_state(ops, grads)
 
     def reset(self) -> None:
+        self._links_loaded = False
         super().reset()
         for clipper in self.clippers:
             clipper.reset()

@@ -34,9 +34,17 @@ def clip_coefficient(ops: Ops, norm: Any, threshold: Any, eps: float = 0.0) -> A
     Comparing before dividing (rather than torch's ``clamp(max_norm / (norm + eps), max=1)``)
     keeps coef exactly 1 for every norm at or under the threshold, and gives 1, not NaN, for
     ``threshold = inf``.
+
+    The quotient is formed as ``threshold * (1 / (norm + eps))`` because that is what torch
+    computes: ``max_norm / tensor`` is ``tensor.reciprocal() * max_norm`` in torch, and a true
+    division differs from it by one ulp about half the time, which broke bit-for-bit parity
+    with ``clip_grad_norm_``. The divisor is replaced by 1 wherever the coefficient is not
+    used, so a zero norm (zero or empty tensors, eps = 0) never divides by zero (NumPy warned).
     """
     one = ops.scalar(1.0, _dtype(norm))
-    return ops.where(norm > threshold, threshold / (norm + eps), one)
+    above = norm > threshold
+    divisor = ops.where(above, norm + eps, one)
+    return ops.where(above, threshold * (1.0 / divisor), one)
 
 
 def _dtype(x: Any) -> str:
@@ -57,6 +65,9 @@ class GlobalNorm(Clipper):
         eps: Added to the norm in the divisor, as torch does (``1e-6``), so the clipped norm is
             ``max_norm · norm / (norm + eps)``, just under ``max_norm``; ``>= 0``.
         nonfinite: Non-finite policy, see :mod:`gradclip.clippers.nonfinite`.
+        process_group: torch only: the ``torch.distributed`` group over which plain-tensor
+            gradients are sharded (keyword only; see ``Clipper.process_group``). Leave None for
+            one process, DDP and DTensor gradients (FSDP2, tensor parallel).
 
     Raises:
         InvalidArgumentError: A negative/NaN ``max_norm`` or ``eps``, ``norm_type <= 0``, or an
@@ -65,8 +76,17 @@ class GlobalNorm(Clipper):
 
     defaults = {"max_norm": 1.0}
 
-    def __init__(self, max_norm: float, norm_type: float = 2.0, eps: float = 1e-6, nonfinite: str = "propagate"):
+    def __init__(
+        self,
+        max_norm: float,
+        norm_type: float = 2.0,
+        eps: float = 1e-6,
+        nonfinite: str = "propagate",
+        *,
+        process_group: Any = None,
+    ):
         super().__init__()
+        self.process_group = process_group
         where = "GlobalNorm"
         self.max_norm = check_number(where, "max_norm", max_norm)
         self.norm_type = check_norm_type(where, norm_type)
@@ -95,8 +115,9 @@ class _PerTensorNorm(Clipper):
     norm_type = 2.0
     argument = "max_norm"
 
-    def __init__(self, threshold: float, nonfinite: str):
+    def __init__(self, threshold: float, nonfinite: str, process_group: Any = None):
         super().__init__()
+        self.process_group = process_group
         self.threshold = check_number(self.where, self.argument, threshold)
         self.nonfinite = check_policy(self.where, nonfinite)
 
@@ -119,7 +140,10 @@ class _PerTensorNorm(Clipper):
         grads = ops.scale_each(grads, coefs)
         after = ops.combine_norms(coefs * norms, self.norm_type)
         one = ops.scalar(1.0, dtype)
-        effective = ops.where(norm > 0, after / ops.where(norm > 0, norm, one), one)
+        # Divide only by a finite, positive norm: inf / inf warned under NumPy ("invalid value")
+        # whenever a gradient held inf; the coefficient reported for such steps is 1 anyway.
+        usable = (norm > 0) & finite
+        effective = ops.where(usable, after / ops.where(usable, norm, one), one)
         effective = ops.where(ops.isfinite(effective), effective, one)
         clipped = ops.any(coefs < 1)
         return grads, state, make_info(ops, norm, threshold, effective, clipped, finite, skip)
@@ -137,6 +161,9 @@ class Norm(_PerTensorNorm):
         norm_type: The p of the per-tensor p-norm (any p > 0, or ``inf``).
         nonfinite: Non-finite policy; under ``"propagate"`` only the tensors with non-finite
             values are left unclipped.
+        process_group: torch only: the ``torch.distributed`` group over which plain-tensor
+            gradients are sharded (keyword only; see ``Clipper.process_group``). Leave None for
+            one process, DDP and DTensor gradients (FSDP2, tensor parallel).
 
     Raises:
         InvalidArgumentError: Negative or NaN ``max_norm``, ``norm_type <= 0``, unknown policy.
@@ -145,8 +172,10 @@ class Norm(_PerTensorNorm):
     defaults = {"max_norm": 1.0}
     where = "Norm"
 
-    def __init__(self, max_norm: float, norm_type: float = 2.0, nonfinite: str = "propagate"):
-        super().__init__(max_norm, nonfinite)
+    def __init__(
+        self, max_norm: float, norm_type: float = 2.0, nonfinite: str = "propagate", *, process_group: Any = None
+    ):
+        super().__init__(max_norm, nonfinite, process_group)
         self.norm_type = check_norm_type(self.where, norm_type)
 
     def config(self):
@@ -167,6 +196,9 @@ class AverageNorm(_PerTensorNorm):
     Args:
         max_norm: Largest allowed average norm per tensor, ``>= 0``.
         nonfinite: Non-finite policy.
+        process_group: torch only: the ``torch.distributed`` group over which plain-tensor
+            gradients are sharded (keyword only; see ``Clipper.process_group``). Leave None for
+            one process, DDP and DTensor gradients (FSDP2, tensor parallel).
 
     Raises:
         InvalidArgumentError: Negative or NaN ``max_norm``, unknown policy.
@@ -175,8 +207,8 @@ class AverageNorm(_PerTensorNorm):
     defaults = {"max_norm": 1e-3}
     where = "AverageNorm"
 
-    def __init__(self, max_norm: float, nonfinite: str = "propagate"):
-        super().__init__(max_norm, nonfinite)
+    def __init__(self, max_norm: float, nonfinite: str = "propagate", *, process_group: Any = None):
+        super().__init__(max_norm, nonfinite, process_group)
 
     @property
     def max_norm(self) -> float:
@@ -196,6 +228,9 @@ class BlockRMS(_PerTensorNorm):
     Args:
         threshold: Largest allowed RMS per tensor, ``>= 0``.
         nonfinite: Non-finite policy.
+        process_group: torch only: the ``torch.distributed`` group over which plain-tensor
+            gradients are sharded (keyword only; see ``Clipper.process_group``). Leave None for
+            one process, DDP and DTensor gradients (FSDP2, tensor parallel).
 
     Raises:
         InvalidArgumentError: Negative or NaN ``threshold``, unknown policy.
@@ -205,8 +240,8 @@ class BlockRMS(_PerTensorNorm):
     where = "BlockRMS"
     argument = "threshold"
 
-    def __init__(self, threshold: float, nonfinite: str = "propagate"):
-        super().__init__(threshold, nonfinite)
+    def __init__(self, threshold: float, nonfinite: str = "propagate", *, process_group: Any = None):
+        super().__init__(threshold, nonfinite, process_group)
 
     def _divisors(self, ops, grads):
         return [math.sqrt(ops.numel(g)) for g in grads]
@@ -223,6 +258,9 @@ class NormSign(Clipper):
     Args:
         threshold: ε, ``>= 0``.
         nonfinite: Non-finite policy.
+        process_group: torch only: the ``torch.distributed`` group over which plain-tensor
+            gradients are sharded (keyword only; see ``Clipper.process_group``). Leave None for
+            one process, DDP and DTensor gradients (FSDP2, tensor parallel).
 
     Raises:
         InvalidArgumentError: Negative or NaN ``threshold``, unknown policy.
@@ -230,8 +268,9 @@ class NormSign(Clipper):
 
     defaults = {"threshold": 1.0}
 
-    def __init__(self, threshold: float, nonfinite: str = "propagate"):
+    def __init__(self, threshold: float, nonfinite: str = "propagate", *, process_group: Any = None):
         super().__init__()
+        self.process_group = process_group
         self.threshold = check_number("NormSign", "threshold", threshold)
         self.nonfinite = check_policy("NormSign", nonfinite)
 
@@ -242,12 +281,16 @@ class NormSign(Clipper):
         grads, _norms, norm, finite = measure(ops, grads, 2.0, self.nonfinite, names, "NormSign")
         dtype = _dtype(norm)
         threshold = ops.scalar(self.threshold, dtype)
-        # Reuse the coefficient machinery so the policy applies the same way: coef < 1 marks a
-        # finite step above the threshold.
-        coef, skip = settle(ops, clip_coefficient(ops, norm, threshold), finite, self.nonfinite)
-        clipped = coef < 1
+        # settle() applies the policy the same way as for the other methods (the skip flag).
+        # Whether to take the sign step is decided by comparing, not by coef < 1: the
+        # coefficient threshold * (1 / norm) can round to exactly 1 for a norm one ulp above the
+        # threshold, and formula (2) must still apply there. Non-finite norms never sign-clip.
+        _coef, skip = settle(ops, clip_coefficient(ops, norm, threshold), finite, self.nonfinite)
+        clipped = (norm > threshold) & finite
         grads = ops.sign_where(grads, self.threshold, clipped)
         after = ops.global_norm(grads, 2.0)
         one = ops.scalar(1.0, dtype)
-        effective = ops.where(clipped, after / ops.where(norm > 0, norm, one), one)
+        # clipped implies a finite norm > threshold >= 0; the inner where keeps inf / inf (a
+        # NumPy "invalid value" warning) out of the steps whose result is discarded.
+        effective = ops.where(clipped, after / ops.where(clipped, norm, one), one)
         return grads, state, make_info(ops, norm, threshold, effective, clipped, finite, skip)

@@ -54,6 +54,13 @@ class Value(Clipper):
 
     defaults = {"clip_value": 1.0}
 
+    @classmethod
+    def with_defaults(cls, given):
+        # The default range is [-1, 1] unless the caller chose a bound of either form.
+        if {"min_value", "max_value", "clip_value"} & set(given):
+            return dict(given)
+        return {**cls.defaults, **given}
+
     def __init__(self, min_value: float | None = None, max_value: float | None = None, *, clip_value: float | None = None):
         super().__init__()
         if clip_value is not None:

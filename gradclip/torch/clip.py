@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 
@@ -39,8 +40,14 @@ def clip_grad_norm_(
     norm_type: float = 2.0,
     error_if_nonfinite: bool = False,
     foreach: bool | None = None,
+    *,
+    process_group: Any = None,
 ) -> torch.Tensor:
     """Clip the gradients of ``parameters`` in place to global norm ``max_norm``.
+
+    Distributed training: DTensor gradients (FSDP2 ``fully_shard``, tensor parallel) are reduced
+    over their mesh and the norm returned is a plain, fully reduced tensor, identical on every
+    rank (torch returns a DTensor). Under DDP pass nothing: the gradients are already averaged.
 
     Args:
         parameters: A tensor or an iterable of tensors (or a module) whose ``.grad`` is clipped.
@@ -49,10 +56,15 @@ def clip_grad_norm_(
         error_if_nonfinite: Raise :class:`~gradclip.NonFiniteError` if the norm is NaN or inf.
         foreach: ``None`` uses foreach kernels where supported, ``True`` requires them,
             ``False`` loops over tensors.
+        process_group: The ``torch.distributed`` group (or ``DeviceMesh``) over which plain
+            tensors are sharded, each rank holding different ones; their norms are all-reduced
+            over it, and a rank without gradients still takes part (no hang). See
+            :mod:`gradclip.torch.distributed`.
 
     Returns:
         The global norm before clipping, a 0-d tensor (fp32, or fp64 for fp64 gradients) on the
-        first gradient's device; ``tensor(0.)`` when there are no gradients.
+        first gradient's device; ``tensor(0.)`` when there are no gradients (without a process
+        group).
 
     Raises:
         InvalidArgumentError: Bad ``max_norm`` or ``norm_type``.
@@ -61,9 +73,12 @@ def clip_grad_norm_(
     """
     clipper = GlobalNorm(max_norm, norm_type=norm_type, nonfinite="raise" if error_if_nonfinite else "propagate")
     collected = collect_gradients(parameters)
-    if not collected.grads:
+    if not collected.grads and process_group is None:
         return torch.tensor(0.0)
-    ops = get_ops(collected.grads, inplace=True, foreach=foreach, where="clip_grad_norm_")
+    ops = get_ops(
+        collected.grads, inplace=True, foreach=foreach, framework="torch", where="clip_grad_norm_",
+        process_group=process_group,
+    )
     with ops.context():
         _, _, info = clipper._update(ops, collected.grads, None, None, collected.names)
     return info.norm
@@ -74,23 +89,29 @@ def get_total_norm(
     norm_type: float = 2.0,
     error_if_nonfinite: bool = False,
     foreach: bool | None = None,
+    *,
+    process_group: Any = None,
 ) -> torch.Tensor:
     """The global norm of ``tensors`` themselves (``torch.nn.utils.get_total_norm``), in fp32.
+
+    A tensor listed twice is counted once. DTensors are reduced over their mesh.
 
     Args:
         tensors: A tensor or an iterable of tensors (None entries are skipped).
         norm_type: Any p > 0, or ``inf``.
         error_if_nonfinite: Raise :class:`~gradclip.NonFiniteError` on a NaN or inf norm.
         foreach: As in :func:`clip_grad_norm_`.
+        process_group: As in :func:`clip_grad_norm_`.
 
     Returns:
         A 0-d tensor.
     """
     norm_type = check_norm_type("get_total_norm", norm_type)
     tensors = [tensors] if isinstance(tensors, torch.Tensor) else [t for t in tensors if t is not None]
-    if not tensors:
+    tensors = list({id(t): t for t in tensors}.values())  # tied: the same tensor counts once
+    if not tensors and process_group is None:
         return torch.tensor(0.0)
-    ops = get_ops(tensors, foreach=foreach, where="get_total_norm")
+    ops = get_ops(tensors, foreach=foreach, framework="torch", where="get_total_norm", process_group=process_group)
     names = [f"#{i}" for i in range(len(tensors))]
     _, _, norm, _ = measure(ops, tensors, norm_type, "raise" if error_if_nonfinite else "propagate", names, "get_total_norm")
     return norm

@@ -1,0 +1,185 @@
+"""AdaGC: per-tensor clipping against an EMA of each tensor's own clipped norm.
+
+Wang, Li, Chen, Zeng, Yang, Yu, Ma & Shen 2025, "AdaGC: Improving Training Stability for Large
+Language Model Pretraining" (arXiv:2502.11034), Algorithm 1. For each tensor ``i``:
+
+* **Warm-up** (the first ``start_clip_steps`` steps): global-norm clipping at
+  ``warmup_max_norm``, ``h = min(1, warmup_max_norm / ‖g‖)``, ``ĝ_i = h·g_i``; ``γ_i`` is the
+  running minimum of ``‖ĝ_i‖``.
+* **Afterwards**: ``h_i = min(1, clip_ratio · γ_i / ‖g_i‖)``, ``ĝ_i = h_i·g_i``, and
+  ``γ_i ← β·γ_i + (1-β)·‖ĝ_i‖`` (an EMA of the *clipped* norm, so a spike cannot raise it by more
+  than a factor ``β + (1-β)·clip_ratio`` per step).
+
+State: one fp32 ``γ`` and one flag per tensor (``5·n`` bytes) and a step count. The clip
+coefficient is ``clip_ratio·γ_i / (‖g_i‖ + eps)`` where the norm exceeds ``clip_ratio·γ_i``, else
+exactly 1.
+
+Deviations from the paper, chosen (each tested in ``tests/test_adaptive_adagc.py``):
+
+* A zero (or non-finite) norm does not update ``γ_i``: the paper's running minimum would become
+  0 for a tensor whose gradient is zero during warm-up (zero-initialised branches, unused
+  embeddings), and its EMA of zeros would then clip that tensor to zero for ever.
+* A tensor with no positive norm before the end of warm-up starts its ``γ_i`` from its first
+  positive norm afterwards (that step is not clipped).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+from gradclip._core.clipper import Clipper, make_info
+from gradclip._core.errors import StateError
+from gradclip._core.registry import register
+from gradclip._core.validation import check_int, check_number
+from gradclip.clippers._adaptive import as_f32, check_field
+from gradclip.clippers.nonfinite import check_policy, measure, settle
+from gradclip.clippers.norm import clip_coefficient
+
+__all__ = ["AdaGC", "AdaGCState"]
+
+
+class AdaGCState(NamedTuple):
+    """Per-tensor EMA of clipped norms."""
+
+    step: Any  # int64 0-d: finite steps seen
+    gamma: Any  # (n,) fp32: γ_i
+    seen: Any  # (n,) bool: γ_i holds a value (a positive norm was seen)
+
+
+@register("adagc")
+class AdaGC(Clipper):
+    """Adaptive per-tensor gradient clipping relative to each tensor's history (AdaGC).
+
+    Args:
+        clip_ratio: λ_rel, how far above its EMA ``γ_i`` a tensor's norm may go, ``> 0`` (the
+            paper uses 1.04).
+        beta: EMA factor in ``[0, 1)`` (the paper: 0.99).
+        start_clip_steps: Warm-up steps of global-norm clipping, ``>= 1``.
+        warmup_max_norm: λ_abs, the global norm bound during warm-up, ``> 0``.
+        eps: Added to each norm in the divisor, ``>= 0``.
+        nonfinite: Non-finite policy (:mod:`gradclip.clippers.nonfinite`). Non-finite steps
+            leave the state unchanged.
+
+    The state holds one ``γ`` per gradient tensor, so every call must pass the same tensors in
+    the same order. ``info.threshold`` is ``warmup_max_norm`` during warm-up and afterwards the
+    bound on the clipped global norm, ``‖(clip_ratio·γ_i)_i‖`` (``inf`` while a tensor has no
+    ``γ`` yet).
+
+    Raises:
+        InvalidArgumentError: An argument out of range (named in the message), unknown policy.
+        StateError: At call time, a state built for a different number of tensors.
+    """
+
+    defaults: dict[str, Any] = {}
+    state_type = AdaGCState
+    state_dtypes = {"step": "int64", "gamma": "float32", "seen": "bool"}
+
+    def __init__(
+        self,
+        clip_ratio: float = 1.04,
+        beta: float = 0.99,
+        start_clip_steps: int = 100,
+        warmup_max_norm: float = 1.0,
+        eps: float = 1e-6,
+        nonfinite: str = "propagate",
+    ):
+        super().__init__()
+        where = "AdaGC"
+        self.clip_ratio = check_number(where, "clip_ratio", clip_ratio, low=0.0, low_inclusive=False, high_inclusive=False)
+        self.beta = check_number(where, "beta", beta, low=0.0, high=1.0, high_inclusive=False)
+        self.start_clip_steps = check_int(where, "start_clip_steps", start_clip_steps, low=1)
+        self.warmup_max_norm = check_number(
+            where, "warmup_max_norm", warmup_max_norm, low=0.0, low_inclusive=False, high_inclusive=False
+        )
+        self.eps = check_number(where, "eps", eps, high_inclusive=False)
+        self.nonfinite = check_policy(where, nonfinite)
+
+    def config(self):
+        return {
+            "clip_ratio": self.clip_ratio,
+            "beta": self.beta,
+            "start_clip_steps": self.start_clip_steps,
+            "warmup_max_norm": self.warmup_max_norm,
+            "eps": self.eps,
+            "nonfinite": self.nonfinite,
+        }
+
+    def _init(self, ops, grads):
+        n = len(grads)
+        gamma = ops.cast(ops.arange(n), "float32") * 0.0
+        return AdaGCState(ops.scalar(0, "int64"), gamma, gamma > 0)
+
+    def _update(self, ops, grads, state, params, names):
+        where = "AdaGC"
+        if state.gamma.shape[0] != len(grads):
+            raise StateError(
+                f"{where}: the state tracks {state.gamma.shape[0]} tensor(s) but {len(grads)} "
+                "gradient(s) were given; AdaGC keeps one threshold per tensor, so pass the same "
+                "tensors every step (or reset() the clipper). Nothing was changed."
+            )
+        grads, norms, norm, finite = measure(ops, grads, 2.0, self.nonfinite, names, where)
+        f32 = "float32"
+        one = ops.scalar(1.0, f32)
+        zero = ops.scalar(0.0, f32)
+        # Non-finite norms are replaced by 0 before any arithmetic (the flags below decide what
+        # they may change), so no inf * 0 or inf / inf is ever formed.
+        zero_acc = ops.scalar(0.0, "float64" if "float64" in str(norm.dtype) else f32)
+        tensor_finite = ops.isfinite(norms)
+        norms = ops.where(tensor_finite, norms, zero_acc)
+        total = ops.where(finite, norm, zero_acc)
+        per_tensor = as_f32(ops, norms)
+        gamma, seen = state.gamma, state.seen
+        warming = state.step < self.start_clip_steps
+        # Which tensors inform γ this step: finite steps, positive norms.
+        informative = finite & tensor_finite & (per_tensor > 0)
+
+        # Warm-up: one global coefficient; γ is the running minimum of the clipped norms.
+        warm_limit = ops.scalar(self.warmup_max_norm, f32)
+        h = clip_coefficient(ops, as_f32(ops, total), warm_limit, self.eps)
+        clipped_warm = h * per_tensor
+        lower = informative & (~seen | (clipped_warm < gamma))
+        gamma_warm = ops.where(lower, clipped_warm, gamma)
+
+        # Afterwards: per-tensor coefficients against clip_ratio·γ.
+        limit = gamma * self.clip_ratio
+        above = seen & (per_tensor > limit)
+        divisor = ops.where(above, per_tensor + self.eps, one)
+        h_each = ops.where(above, limit / divisor, one)
+        clipped_each = h_each * per_tensor
+        ema = self.beta * gamma + (1.0 - self.beta) * clipped_each
+        gamma_adaptive = ops.where(informative, ops.where(seen, ema, clipped_each), gamma)
+
+        coefs = ops.where(warming, h * (per_tensor * 0.0 + 1.0), h_each)
+        gamma = ops.where(warming, gamma_warm, gamma_adaptive)
+        seen = seen | informative
+        coefs = ops.cast(coefs, "float64" if "float64" in str(norm.dtype) else f32)
+        coefs, skip = settle(ops, coefs, finite, self.nonfinite)
+        # Under "propagate" a non-finite step is left alone (settle), state included.
+        gamma = ops.where(finite, gamma, state.gamma)
+        seen = ops.where(finite, seen, state.seen)
+        grads = ops.scale_each(grads, coefs)
+        step = state.step + ops.cast(finite, "int64")
+
+        acc_one = ops.scalar(1.0, "float64" if "float64" in str(norm.dtype) else f32)
+        after = ops.combine_norms(coefs * norms, 2.0)
+        safe = ops.where(total > 0, total, acc_one)
+        effective = ops.where(total > 0, after / safe, acc_one)
+        effective = ops.where(finite & ops.isfinite(effective), effective, acc_one)
+        bounds = ops.where(state.seen, limit, ops.scalar(math.inf, f32))
+        # torch.distributed: combine_norms reduces over the process group, so a rank without
+        # gradients must call it too.
+        reduce = len(grads) or getattr(ops, "distributed", False)
+        adaptive_threshold = ops.combine_norms(bounds, 2.0) if reduce else zero
+        threshold = ops.where(warming, warm_limit, adaptive_threshold)
+        threshold = ops.cast(threshold, "float64" if "float64" in str(norm.dtype) else f32)
+        clipped = ops.any(coefs < 1) if len(grads) else ops.scalar(False, "bool")
+        return grads, AdaGCState(step, gamma, seen), make_info(ops, norm, threshold, effective, clipped, finite, skip)
+
+    def _validate_state(self, where, state):
+        check_field(where, state, "step", "int", low=0)
+        gamma, seen = state["gamma"], state["seen"]
+        if not isinstance(gamma, list) or not isinstance(seen, list) or len(gamma) != len(seen):
+            raise StateError(f"{where}: state fields 'gamma' and 'seen' must be lists of one length")
+        check_field(where, state, "gamma", "float", (len(gamma),), low=0.0)
+        check_field(where, state, "seen", "bool", (len(seen),))

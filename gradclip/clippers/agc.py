@@ -1,0 +1,277 @@
+"""Adaptive gradient clipping, unit-wise (Brock, De, Smith & Simonyan 2021).
+
+"High-Performance Large-Scale Image Recognition Without Normalization" (NFNets), section 4:
+each unit ``i`` of a weight (a row of a linear layer, an output filter of a convolution) has its
+gradient ``G_i`` clipped relative to its weight ``W_i``::
+
+    max_i = clip_factor * max(‖W_i‖, eps)
+    G_i  ← G_i * max_i / max(‖G_i‖, 1e-6)    if ‖G_i‖ > max_i
+
+Units follow the backend's weight layout (``Ops.unit_axis``: torch and NumPy are output-major,
+so the norm runs over dims ``1..n``; TensorFlow/JAX are input-major), with an explicit ``axis``
+override; vectors and scalars (biases, gains) are one unit. The paper leaves the final
+classifier unclipped: name it in ``exclude`` (``exclude=("fc.*",)``), never "the last two
+parameters" as timm's training script does by position.
+
+Reference implementations and where this one differs (each a named test in
+``tests/test_adaptive_parity.py``):
+
+* timm ``adaptive_clip_grad``: same rule and results for torch layouts; timm takes norms in the
+  gradient's dtype, this takes them in fp32. timm has no exclusion (its train script drops the
+  last two parameters by position).
+* optax ``adaptive_grad_clip``: input-major; also treats ``(1, n)`` tensors as vectors (it
+  squeezes before testing ``ndim``) and, for 3-D tensors, reduces axis 0 only. Here a tensor is a
+  vector only when ``ndim <= 1``, and ``axis`` says which axes index units.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import numbers
+import warnings
+from typing import Any
+
+from gradclip._core.clipper import Clipper, make_info
+from gradclip._core.errors import InvalidArgumentError
+from gradclip._core.registry import register
+from gradclip._core.validation import check_number
+from gradclip.clippers.nonfinite import _raise_if_nonfinite, check_policy
+
+__all__ = ["AGC"]
+
+#: Floor of the gradient norm in the divisor (the paper's and timm's 1e-6).
+_GRAD_FLOOR = 1e-6
+
+
+def _check_axis(where: str, axis: Any) -> tuple[int, ...] | None:
+    if axis is None:
+        return None
+    items = axis if isinstance(axis, (tuple, list)) else (axis,)
+    out = []
+    for item in items:
+        if isinstance(item, bool) or not isinstance(item, numbers.Integral):
+            raise InvalidArgumentError(
+                f"{where}: axis must be None, an int or a tuple of ints (the axes indexing units), "
+                f"got {axis!r}"
+            )
+        out.append(int(item))
+    if len(set(out)) != len(out):
+        raise InvalidArgumentError(f"{where}: axis must not repeat an axis, got {axis!r}")
+    return tuple(out)
+
+
+def _check_exclude(where: str, exclude: Any) -> tuple[str, ...]:
+    if isinstance(exclude, str):
+        # A bare pattern, not a sequence of one-character patterns.
+        exclude = (exclude,)
+    try:
+        patterns = tuple(exclude)
+    except TypeError:
+        raise InvalidArgumentError(
+            f"{where}: exclude must be a sequence of parameter-name patterns, got {exclude!r}"
+        ) from None
+    for pattern in patterns:
+        if not isinstance(pattern, str) or not pattern:
+            raise InvalidArgumentError(
+                f"{where}: exclude must hold non-empty parameter-name patterns (str), got {pattern!r}"
+            )
+    return patterns
+
+
+@register("agc")
+class AGC(Clipper):
+    """Unit-wise adaptive gradient clipping relative to the parameters (NFNets' AGC).
+
+    Needs the parameters: ``clip_(model)`` finds them beside their ``.grad``; the functional
+    forms take ``params=`` in the structure of ``grads``.
+
+    Args:
+        clip_factor: λ, the largest allowed ratio ``‖G_i‖ / max(‖W_i‖, eps)``, ``> 0``. The
+            paper uses 0.01 for batch size 4096 and larger values for smaller batches.
+        eps: Floor of the weight norm, ``> 0``, so zero-initialised units (biases) can still
+            move: their gradient may reach ``clip_factor * eps``.
+        exclude: Parameter-name patterns (``fnmatch`` globs, matched against the names of
+            ``model.named_parameters()`` or dict keys joined by ``.``; list positions are
+            ``#i``) whose gradients are left unclipped, e.g. ``("fc.*",)`` for a ResNet head.
+            A pattern that matches no gradient is warned about once.
+        axis: Which axes index units for tensors with ``ndim >= 2`` (an int or a tuple of ints;
+            the norm is taken over the others). ``None`` uses the backend's layout
+            (``Ops.unit_axis``). Vectors and scalars are always one unit.
+        nonfinite: Non-finite policy (see :mod:`gradclip.clippers.nonfinite`); under
+            ``"propagate"`` units whose gradient norm is not finite are left as they are.
+
+    ``info.threshold`` reports ``clip_factor`` (the bound is a ratio, per unit); ``info.coef``
+    is the effective scale of the global norm.
+
+    Raises:
+        InvalidArgumentError: ``clip_factor`` or ``eps`` not > 0, bad ``exclude`` or ``axis``,
+            an unknown policy; at call time, missing ``params``, parameters whose shapes differ
+            from their gradients', NumPy ``clip_`` (no separate parameters), or an ``axis`` out of
+            range for a tensor (nothing is modified).
+    """
+
+    defaults: dict[str, Any] = {}
+
+    def __init__(
+        self,
+        clip_factor: float = 0.01,
+        eps: float = 1e-3,
+        exclude: Any = (),
+        axis: Any = None,
+        nonfinite: str = "propagate",
+    ):
+        super().__init__()
+        where = "AGC"
+        self.clip_factor = check_number(where, "clip_factor", clip_factor, low=0.0, low_inclusive=False, high_inclusive=False)
+        self.eps = check_number(where, "eps", eps, low=0.0, low_inclusive=False, high_inclusive=False)
+        self.exclude = _check_exclude(where, exclude)
+        self.axis = _check_axis(where, axis)
+        self.nonfinite = check_policy(where, nonfinite)
+        self._warned_unmatched: set[str] = set()
+
+    def config(self):
+        return {
+            "clip_factor": self.clip_factor,
+            "eps": self.eps,
+            "exclude": list(self.exclude),
+            "axis": None if self.axis is None else list(self.axis),
+            "nonfinite": self.nonfinite,
+        }
+
+    def _uses_params(self) -> bool:
+        return True
+
+    def _kept_axes(self, where: str, ops, shape: tuple[int, ...], name: str):
+        ndim = len(shape)
+        if ndim <= 1:
+            return None
+        axes = self.axis if self.axis is not None else (ops.unit_axis,)
+        kept = []
+        for axis in axes:
+            if not -ndim <= axis < ndim:
+                raise InvalidArgumentError(
+                    f"{where}: axis {axis} is out of range for {name} of shape {tuple(shape)} "
+                    f"(valid: {-ndim}..{ndim - 1}); nothing was clipped"
+                )
+            kept.append(axis % ndim)
+        return tuple(sorted(set(kept)))
+
+    def _excluded(self, names: list[str]) -> list[bool]:
+        flags = [any(fnmatch.fnmatchcase(n, p) for p in self.exclude) for n in names]
+        for pattern in self.exclude:
+            if pattern not in self._warned_unmatched and not any(fnmatch.fnmatchcase(n, pattern) for n in names):
+                self._warned_unmatched.add(pattern)
+                shown = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
+                warnings.warn(
+                    f"AGC: exclude pattern {pattern!r} matches no parameter with a gradient "
+                    f"(names: {shown}); it excludes nothing",
+                    RuntimeWarning,
+                    stacklevel=4,
+                )
+        return flags
+
+    def _update(self, ops, grads, state, params, names):
+        where = "AGC"
+        if params is None:
+            raise InvalidArgumentError(
+                f"{where}: AGC clips relative to the parameters; pass params= (the weights, in the "
+                "structure of grads), or call clip_(model) on a torch model"
+            )
+        if len(params) != len(grads):
+            raise InvalidArgumentError(f"{where}: got {len(params)} parameter(s) for {len(grads)} gradient(s)")
+        for name, p, g in zip(names, params, grads):
+            if p is g:
+                raise InvalidArgumentError(
+                    f"{where}: {name} is its own gradient (NumPy arrays passed to clip_ have no "
+                    "separate parameters); use AGC.clip(grads, params=weights)"
+                )
+            if tuple(p.shape) != tuple(g.shape):
+                raise InvalidArgumentError(
+                    f"{where}: parameter {name} has shape {tuple(p.shape)} but its gradient has "
+                    f"shape {tuple(g.shape)}"
+                )
+        # Everything that can be refused is checked (on shapes and names, host-side) before any
+        # gradient is read or written.
+        axes = [self._kept_axes(where, ops, tuple(g.shape), n) for g, n in zip(grads, names)]
+        excluded = self._excluded(names) if self.exclude else [False] * len(grads)
+
+        if self.nonfinite == "zero":
+            grads = ops.zero_nonfinite(grads)
+        grad_units = ops.unit_norms(grads, axes)
+        # torch.distributed (gradclip.torch.distributed): a DTensor's units may lie on several
+        # ranks and plain tensors may be sharded over a process group, so per-tensor totals come
+        # from the backend's unit_totals hook (summed over every shard) and the global norm from
+        # combine_norms (reduced over the group): identical on every rank.
+        totals = getattr(ops, "unit_totals", None)
+        if totals is None:
+            squares = ops.stack([ops.sum(u * u) for u in grad_units])
+            norm = ops.sqrt(ops.sum(squares))
+        else:
+            squares = totals([u * u for u in grad_units], list(grads), axes)
+            norm = ops.combine_norms(ops.sqrt(squares), 2.0)
+        if self.nonfinite == "raise":
+            _raise_if_nonfinite(ops, grads, norm, names, where)
+        finite = ops.isfinite(norm)
+        acc = "float64" if "float64" in str(norm.dtype) else "float32"
+        one = ops.scalar(1.0, acc)
+
+        chosen = [i for i, skip in enumerate(excluded) if not skip]
+        param_units = ops.unit_norms([params[i] for i in chosen], [axes[i] for i in chosen])
+        weight_floor = ops.scalar(self.eps, acc)
+        grad_floor = ops.scalar(_GRAD_FLOOR, acc)
+        coefs = []
+        after = []
+        for i, p_units in zip(chosen, param_units):
+            g_units = grad_units[i]
+            limit = ops.maximum(p_units, weight_floor) * self.clip_factor
+            above = g_units > limit
+            divisor = ops.where(above, ops.maximum(g_units, grad_floor), one)
+            coef = ops.where(above, limit / divisor, one)
+            # Under "skip" a non-finite step leaves everything alone; under "propagate" a unit
+            # with a non-finite norm is left as it is (finite units are still clipped).
+            keep = finite if self.nonfinite == "skip" else ops.isfinite(g_units)
+            coef = ops.where(keep, coef, one)
+            coefs.append(coef)
+            after.append(ops.sum((coef * g_units) * (coef * g_units)))
+        if chosen:
+            grads_chosen = ops.scale_units([grads[i] for i in chosen], coefs)
+            grads = list(grads)
+            for i, g in zip(chosen, grads_chosen):
+                grads[i] = g
+        # Effective scale of the global norm (excluded tensors count, unchanged).
+        squares_after = squares
+        if chosen:
+            untouched = [squares[i] for i, skip in enumerate(excluded) if skip]
+            squares_after = ops.stack(after + untouched)
+        norm_after = ops.sqrt(ops.sum(squares_after)) if len(grads) else norm
+        clipped = ops.any(ops.stack([ops.any(c < 1) for c in coefs])) if coefs else ops.scalar(False, "bool")
+        if totals is not None:  # on every rank, with or without gradients: it reduces
+            # In grads order: the clipped units' squares and a count of clipped units per tensor,
+            # both summed over every shard in one reduction.
+            by_tensor = dict(zip(chosen, coefs))
+            kept_squares, counts = [], []
+            for i, g_units in enumerate(grad_units):
+                coef = by_tensor.get(i)
+                if coef is None:
+                    kept_squares.append(g_units * g_units)
+                    counts.append(ops.cast(g_units < 0, acc))  # zeros (NaN-safe)
+                else:
+                    kept_squares.append((coef * g_units) * (coef * g_units))
+                    counts.append(ops.cast(coef < 1, acc))
+            n = len(grads)
+            sums = totals(kept_squares + counts, list(grads) * 2, axes * 2)
+            norm_after = ops.combine_norms(ops.sqrt(ops.take(sums, ops.arange(n))), 2.0)
+            clipped = ops.any(ops.take(sums, ops.arange(n) + n) > 0)
+        safe = ops.where(norm > 0, norm, one)
+        effective = ops.where(norm > 0, norm_after / safe, one)
+        effective = ops.where(ops.isfinite(effective), effective, one)
+        skip = (~finite) if self.nonfinite == "skip" else ops.scalar(False, "bool")
+        threshold = ops.scalar(self.clip_factor, acc)
+        return grads, state, make_info(ops, norm, threshold, effective, clipped, finite, skip)
+
+    def __repr__(self) -> str:
+        return (
+            f"AGC(clip_factor={self.clip_factor!r}, eps={self.eps!r}, exclude={self.exclude!r}, "
+            f"axis={self.axis!r}, nonfinite={self.nonfinite!r})"
+        )
+

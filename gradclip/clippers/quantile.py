@@ -1,0 +1,178 @@
+"""Quantile-tracking norm bound, updated geometrically (Andrew et al. 2021).
+
+Andrew, Thakkar, McMahan & Ramaswamy 2021, "Differentially Private Learning with Adaptive
+Clipping" (NeurIPS 2021); the same update is Opacus' ``AdaClipDPOptimizer`` and TF-Privacy's
+``QuantileEstimatorQuery`` with ``geometric_update=True``. Each step clips by global norm at the
+current bound ``C``, then moves ``C`` toward the ``target_quantile`` of the norms::
+
+    b = fraction of norms <= C          # the step's norm (0 or 1), or per-sample norms
+    C ← clamp(C · exp(-learning_rate · (b - target_quantile)), min_norm, max_norm)
+
+In expectation ``C`` settles where a ``target_quantile`` fraction of norms is unclipped. Without
+differential privacy no noise is added to ``b``: this is the estimator, not the private query.
+
+Differences from the references (named expectations in ``tests/test_adaptive_parity.py``):
+Opacus counts a sample as unclipped when ``C / (‖g‖ + 1e-6) >= 1``, so a norm within 1e-6 of
+``C`` counts as clipped there and unclipped here (TF-Privacy and the paper use ``‖g‖ <= C``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+from gradclip._core.clipper import Clipper, make_info
+from gradclip._core.errors import InvalidArgumentError
+from gradclip._core.ops import framework_of
+from gradclip._core.registry import register
+from gradclip._core.validation import check_number
+from gradclip.clippers._adaptive import as_f32, check_field
+from gradclip.clippers.nonfinite import check_policy, measure, settle
+from gradclip.clippers.norm import clip_coefficient
+
+__all__ = ["QuantileNorm", "QuantileNormState"]
+
+_EPS = 1e-6
+
+
+class QuantileNormState(NamedTuple):
+    """The current bound."""
+
+    norm: Any  # fp32 0-d: C, used by the next step
+
+
+@register("quantile_norm")
+class QuantileNorm(Clipper):
+    """Clip by global norm at a bound that tracks a quantile of the norms geometrically.
+
+    Args:
+        target_quantile: The fraction of norms to leave unclipped, in ``[0, 1]``.
+        learning_rate: η of the geometric update, ``>= 0`` (the paper: 0.2).
+        initial_norm: C before the first step, in ``[min_norm, max_norm]``.
+        min_norm: Lower bound of C, ``> 0`` (a bound of 0 could never grow again).
+        max_norm: Upper bound of C, ``> min_norm`` and finite.
+        nonfinite: Non-finite policy (:mod:`gradclip.clippers.nonfinite`); a non-finite step
+            leaves C unchanged.
+
+    Per-sample norms (DP-SGD style) are passed per call: ``clip(grads, sample_norms=v)``,
+    ``clip_(model, sample_norms=v)`` or ``update(grads, state, sample_norms=v)`` with ``v`` a 1-D
+    array of the gradients' framework; then ``b`` is the fraction of its finite entries ``<= C``.
+    ``info.threshold`` is the C used this step (before the update).
+
+    Raises:
+        InvalidArgumentError: An argument out of range (named in the message), unknown policy,
+            or at call time a ``sample_norms`` that is not a non-empty 1-D array of the
+            gradients' framework.
+    """
+
+    defaults: dict[str, Any] = {}
+    state_type = QuantileNormState
+    state_dtypes = {"norm": "float32"}
+
+    def __init__(
+        self,
+        target_quantile: float = 0.5,
+        learning_rate: float = 0.2,
+        initial_norm: float = 1.0,
+        min_norm: float = 1e-12,
+        max_norm: float = 1e12,
+        nonfinite: str = "propagate",
+    ):
+        super().__init__()
+        where = "QuantileNorm"
+        self.target_quantile = check_number(where, "target_quantile", target_quantile, low=0.0, high=1.0)
+        self.learning_rate = check_number(where, "learning_rate", learning_rate, high_inclusive=False)
+        self.min_norm = check_number(where, "min_norm", min_norm, low=0.0, low_inclusive=False, high_inclusive=False)
+        self.max_norm = check_number(where, "max_norm", max_norm, low=self.min_norm, low_inclusive=False, high_inclusive=False)
+        self.initial_norm = check_number(where, "initial_norm", initial_norm, low=self.min_norm, high=self.max_norm)
+        self.nonfinite = check_policy(where, nonfinite)
+        self._sample_norms: Any = None
+
+    def config(self):
+        return {
+            "target_quantile": self.target_quantile,
+            "learning_rate": self.learning_rate,
+            "initial_norm": self.initial_norm,
+            "min_norm": self.min_norm,
+            "max_norm": self.max_norm,
+            "nonfinite": self.nonfinite,
+        }
+
+    # -- per-sample norms ride along with one call ---------------------------------------------
+    def clip(self, grads: Any, params: Any = None, *, allow_repeat: bool = False, sample_norms: Any = None):
+        """As :meth:`Clipper.clip`, with optional per-sample norms (see the class docstring)."""
+        with self._with_samples(sample_norms):
+            return super().clip(grads, params, allow_repeat=allow_repeat)
+
+    def clip_(self, parameters: Any, *, allow_repeat: bool = False, sample_norms: Any = None):
+        """As :meth:`Clipper.clip_`, with optional per-sample norms (see the class docstring)."""
+        with self._with_samples(sample_norms):
+            return super().clip_(parameters, allow_repeat=allow_repeat)
+
+    def update(self, grads: Any, state: Any, params: Any = None, *, sample_norms: Any = None):
+        """As :meth:`Clipper.update`, with optional per-sample norms (see the class docstring)."""
+        with self._with_samples(sample_norms):
+            return super().update(grads, state, params)
+
+    def _with_samples(self, sample_norms: Any):
+        clipper = self
+
+        class _Scope:
+            def __enter__(self):
+                clipper._sample_norms = sample_norms
+                return self
+
+            def __exit__(self, *exc):
+                clipper._sample_norms = None
+                return False
+
+        return _Scope()
+
+    def _check_samples(self, ops, grads) -> Any:
+        samples = self._sample_norms
+        if samples is None:
+            return None
+        where = "QuantileNorm"
+        shape = getattr(samples, "shape", None)
+        if shape is None or len(shape) != 1 or shape[0] < 1:
+            raise InvalidArgumentError(
+                f"{where}: sample_norms must be a non-empty 1-D array of per-sample gradient norms, "
+                f"got {type(samples).__name__} with shape {shape!r}; nothing was changed"
+            )
+        if framework_of(samples) != ops.name:
+            raise InvalidArgumentError(
+                f"{where}: sample_norms is a {framework_of(samples)} array but the gradients are "
+                f"{ops.name} arrays; nothing was changed"
+            )
+        return samples
+
+    def _init(self, ops, grads):
+        return QuantileNormState(ops.scalar(self.initial_norm, "float32"))
+
+    def _update(self, ops, grads, state, params, names):
+        samples = self._check_samples(ops, grads)
+        grads, _norms, norm, finite = measure(ops, grads, 2.0, self.nonfinite, names, "QuantileNorm")
+        bound = state.norm
+        acc = "float64" if "float64" in str(norm.dtype) else "float32"
+        threshold = ops.cast(bound, acc)
+        coef, skip = settle(ops, clip_coefficient(ops, norm, threshold, _EPS), finite, self.nonfinite)
+        grads = ops.scale(grads, coef)
+
+        if samples is None:
+            unclipped = ops.cast(as_f32(ops, norm) <= bound, "float32")
+            informative = finite
+        else:
+            values = as_f32(ops, samples)
+            valid = ops.isfinite(values)
+            count = ops.sum(valid)
+            below = ops.sum(valid & (values <= bound))
+            safe_count = ops.where(count > 0, count, count * 0 + 1)
+            unclipped = ops.cast(below, "float32") / ops.cast(safe_count, "float32")
+            informative = finite & (count > 0)
+        moved = bound * ops.exp((unclipped - self.target_quantile) * -self.learning_rate)
+        moved = ops.where(moved < self.min_norm, ops.scalar(self.min_norm, "float32"), moved)
+        moved = ops.where(moved > self.max_norm, ops.scalar(self.max_norm, "float32"), moved)
+        new_bound = ops.where(informative, moved, bound)
+        return grads, QuantileNormState(new_bound), make_info(ops, norm, threshold, coef, coef < 1, finite, skip)
+
+    def _validate_state(self, where, state):
+        check_field(where, state, "norm", "float", low=self.min_norm * (1 - 1e-6), high=self.max_norm * (1 + 1e-6))

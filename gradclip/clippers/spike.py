@@ -1,0 +1,114 @@
+"""Skip the optimizer step on a gradient-norm spike (Megatron, OLMo, PaLM practice).
+
+PaLM (Chowdhery et al. 2022) restarted from a checkpoint and skipped batches around loss
+spikes; Megatron-LM and OLMo (Groeneveld et al. 2024; OLMo-core's ``SkipStepOptimizer``) skip the
+update itself when the gradient norm (or loss) is more than ``sigma`` standard deviations above
+its recent mean. Here::
+
+    spike = not finite(‖g‖)  or  (enough history and ‖g‖ > mean + sigma · std)
+
+over a window of the last ``window`` accepted norms — the current norm excluded, ``std`` the
+sample standard deviation (``ddof=1``, as ``torch.std_mean`` in OLMo-core). On a spike
+``info.skip`` is True and the norm does not enter the window, so one spike cannot widen the
+band for the next. Gradients are never modified: the optimizer wrapper
+(:class:`gradclip.torch.ClippedOptimizer`) or the caller skips the step.
+
+A lasting shift of the norm's level by more than ``sigma`` standard deviations is skipped step
+after step, because skipped norms never enter the window; pair this with a bound on consecutive
+skips in the training loop if the norm's level can move that fast.
+
+State: the window (``4·window`` bytes) and two int64 counters.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+from gradclip._core.clipper import Clipper, make_info
+from gradclip._core.errors import InvalidArgumentError
+from gradclip._core.registry import register
+from gradclip._core.validation import check_int, check_number
+from gradclip.clippers._adaptive import as_f32, check_field, ring_write
+
+__all__ = ["SkipOnSpike", "SkipOnSpikeState"]
+
+
+class SkipOnSpikeState(NamedTuple):
+    """The window of accepted norms and counters."""
+
+    window: Any  # (window,) fp32 ring buffer of accepted norms
+    count: Any  # int64 0-d: norms ever accepted (the next write goes to count % window)
+    skipped: Any  # int64 0-d: steps flagged so far
+
+
+@register("skip_on_spike")
+class SkipOnSpike(Clipper):
+    """Flag the optimizer step for skipping when the gradient norm spikes or is not finite.
+
+    Args:
+        window: How many recent accepted norms the statistics cover, ``>= 2``.
+        sigma: The spike threshold in standard deviations above the mean, ``> 0``.
+        min_history: Accepted norms needed before spikes are detected, in
+            ``[2, window]`` (non-finite norms are flagged from the first step).
+
+    ``info.threshold`` is ``mean + sigma·std`` (``inf`` before ``min_history``); ``info.coef`` is
+    always 1 and ``info.clipped`` False: the gradients are left exactly as they are.
+
+    Raises:
+        InvalidArgumentError: An argument out of range (named in the message).
+    """
+
+    defaults: dict[str, Any] = {}
+    state_type = SkipOnSpikeState
+    state_dtypes = {"window": "float32", "count": "int64", "skipped": "int64"}
+
+    def __init__(self, window: int = 128, sigma: float = 6.0, min_history: int = 20):
+        super().__init__()
+        where = "SkipOnSpike"
+        self.window = check_int(where, "window", window, low=2)
+        self.sigma = check_number(where, "sigma", sigma, low=0.0, low_inclusive=False, high_inclusive=False)
+        self.min_history = check_int(where, "min_history", min_history, low=2)
+        if self.min_history > self.window:
+            raise InvalidArgumentError(
+                f"{where}: min_history must be in [2, window={self.window}], got {min_history!r}"
+            )
+
+    def config(self):
+        return {"window": self.window, "sigma": self.sigma, "min_history": self.min_history}
+
+    def _init(self, ops, grads):
+        zero = ops.scalar(0, "int64")
+        return SkipOnSpikeState(ops.cast(ops.arange(self.window), "float32") * 0.0, zero, zero)
+
+    def _update(self, ops, grads, state, params, names):
+        f32 = "float32"
+        norm = ops.global_norm(grads, 2.0)
+        finite = ops.isfinite(norm)
+        x = ops.where(finite, as_f32(ops, norm), ops.scalar(0.0, f32))
+        # Statistics of the window, the current norm excluded.
+        k = ops.where(state.count < self.window, state.count, state.count * 0 + self.window)
+        valid = ops.arange(self.window) < k
+        zero = ops.scalar(0.0, f32)
+        kf = ops.cast(k, f32)
+        mean = ops.sum(ops.where(valid, state.window, zero)) / ops.where(k > 0, kf, kf * 0.0 + 1.0)
+        centred = ops.where(valid, state.window - mean, zero)
+        var = ops.sum(centred * centred) / ops.where(k > 1, kf - 1.0, kf * 0.0 + 1.0)
+        limit = mean + self.sigma * ops.sqrt(var)
+        ready = k >= self.min_history
+        spike = (~finite) | (ready & (x > limit))
+        accept = ~spike
+        window = ring_write(ops, state.window, state.count % self.window, x, accept)
+        count = state.count + ops.cast(accept, "int64")
+        skipped = state.skipped + ops.cast(spike, "int64")
+        acc = "float64" if "float64" in str(norm.dtype) else f32
+        threshold = ops.cast(ops.where(ready, limit, ops.scalar(math.inf, f32)), acc)
+        one = ops.scalar(1.0, acc)
+        info = make_info(ops, norm, threshold, one, ops.scalar(False, "bool"), finite, spike)
+        return grads, SkipOnSpikeState(window, count, skipped), info
+
+    def _validate_state(self, where, state):
+        check_field(where, state, "window", "float", (self.window,), low=0.0)
+        check_field(where, state, "count", "int", low=0)
+        check_field(where, state, "skipped", "int", low=0)
+

@@ -1,0 +1,142 @@
+"""AdaGC (Wang et al. 2025): per-tensor clipping against an EMA of each tensor's clipped norm."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+import gradclip
+from adaptive_helpers import to_np
+
+torch = pytest.importorskip("torch")
+
+
+def paper_adagc(steps, clip_ratio=1.04, beta=0.99, start=100, warm_max=1.0, eps=1e-6):
+    """Algorithm 1 of arXiv:2502.11034 in float64, as published: γ starts at +inf, the running
+    minimum and the EMA take every norm (zeros included)."""
+    gamma = None
+    out = []
+    for t, grads in enumerate(steps):
+        norms = np.asarray([np.linalg.norm(np.asarray(g, np.float64)) for g in grads])
+        if gamma is None:
+            gamma = np.full(len(grads), np.inf)
+        if t < start:
+            total = math.sqrt(float(np.sum(norms**2)))
+            h = warm_max / (total + eps) if total > warm_max else 1.0
+            clipped = [np.asarray(g, np.float64) * h for g in grads]
+            gamma = np.minimum(gamma, norms * h)
+        else:
+            h = np.where(norms > clip_ratio * gamma, clip_ratio * gamma / (norms + eps), 1.0)
+            clipped = [np.asarray(g, np.float64) * hi for g, hi in zip(grads, h)]
+            gamma = beta * gamma + (1 - beta) * norms * h
+        out.append((clipped, gamma.copy()))
+    return out
+
+
+def _sequence(n=40, seed=0, spike=30):
+    rng = np.random.default_rng(seed)
+    steps = []
+    for t in range(n):
+        scale = 0.5 + 0.2 * math.sin(t)
+        grads = [(rng.normal(size=s) * scale).astype(np.float32) for s in [(4, 3), (3,), (5,)]]
+        if t == spike:
+            grads[0] *= 40.0
+        steps.append(grads)
+    return steps
+
+
+@pytest.mark.parametrize("framework", ["numpy", "torch"])
+def test_matches_the_papers_algorithm(framework):
+    steps = _sequence()
+    reference = paper_adagc(steps, start=10)
+    clipper = gradclip.AdaGC(start_clip_steps=10)
+    for t, (grads, (expected, gamma)) in enumerate(zip(steps, reference)):
+        if framework == "torch":
+            grads = [torch.from_numpy(g) for g in grads]
+        out, info = clipper.clip(grads)
+        for o, e in zip(out, expected):
+            np.testing.assert_allclose(to_np(o), e, rtol=2e-5, atol=1e-7, err_msg=f"step {t}")
+        np.testing.assert_allclose(clipper.state_dict()["state"]["gamma"], gamma, rtol=2e-5)
+    assert bool(info.clipped) or True
+
+
+def test_warm_up_is_global_clipping_and_gamma_the_running_minimum():
+    clipper = gradclip.AdaGC(start_clip_steps=5, warmup_max_norm=1.0)
+    grads = [np.full(4, 3.0, np.float32), np.full(4, 4.0, np.float32)]  # global norm 10
+    out, info = clipper.clip(grads)
+    assert math.sqrt(sum(float(np.sum(o.astype(np.float64) ** 2)) for o in out)) == pytest.approx(1.0, rel=1e-5)
+    assert float(info.threshold) == 1.0
+    np.testing.assert_allclose(clipper.state_dict()["state"]["gamma"], [0.6, 0.8], rtol=1e-5)
+    clipper.clip([g * np.float32(0.01) for g in grads])  # smaller: the minimum moves down
+    np.testing.assert_allclose(clipper.state_dict()["state"]["gamma"], [0.06, 0.08], rtol=1e-5)
+
+
+def test_after_warm_up_each_tensor_is_bounded_by_its_own_history():
+    clipper = gradclip.AdaGC(start_clip_steps=2)
+    small = [np.full(4, 0.1, np.float32), np.full(4, 0.1, np.float32)]
+    clipper.clip(small)
+    clipper.clip([s.copy() for s in small])
+    gamma = np.asarray(clipper.state_dict()["state"]["gamma"])
+    spike = [np.full(4, 50.0, np.float32), np.full(4, 0.1, np.float32)]
+    out, info = clipper.clip(spike)
+    assert np.linalg.norm(out[0]) == pytest.approx(1.04 * gamma[0], rel=1e-4)
+    assert np.array_equal(out[1], spike[1])  # the quiet tensor is untouched
+    assert bool(info.clipped)
+    # The threshold reported bounds the clipped global norm.
+    assert float(info.threshold) == pytest.approx(1.04 * math.sqrt(float(np.sum(gamma**2))), rel=1e-5)
+
+
+def test_deviation_a_zero_gradient_during_warm_up_does_not_freeze_the_tensor():
+    """The paper's running minimum makes γ = 0 for a tensor whose gradient is zero during
+    warm-up (zero-initialised branch): afterwards it is clipped to zero for ever. Here zero
+    norms do not update γ, and the tensor starts its γ from its first positive norm."""
+    steps = [[np.ones(3, np.float32), np.zeros(3, np.float32)] for _ in range(3)]
+    steps += [[np.ones(3, np.float32), np.full(3, 0.5, np.float32)] for _ in range(4)]
+    paper = paper_adagc(steps, start=3)
+    assert np.count_nonzero(paper[-1][0][1]) == 0  # frozen at zero in the paper's rule
+    clipper = gradclip.AdaGC(start_clip_steps=3)
+    for grads in steps:
+        out, _ = clipper.clip(grads)
+    np.testing.assert_allclose(out[1], 0.5)  # ours trains it
+    state = clipper.state_dict()["state"]
+    assert state["seen"] == [True, True] and state["gamma"][1] == pytest.approx(math.sqrt(0.75), rel=1e-5)
+
+
+def test_nonfinite_steps_leave_the_state_alone():
+    clipper = gradclip.AdaGC(start_clip_steps=2)
+    clipper.clip([np.ones(2, np.float32)])
+    before = clipper.state_dict()
+    out, info = clipper.clip([np.asarray([np.nan, 1.0], np.float32)])
+    assert not bool(info.finite) and clipper.state_dict() == before
+    out, info = gradclip.AdaGC(nonfinite="skip").clip([np.asarray([np.inf], np.float32)])
+    assert bool(info.skip)
+
+
+def test_dtype_preserved_and_registry_default():
+    out, _ = gradclip.AdaGC().clip([torch.ones(3, dtype=torch.bfloat16) * 100])
+    assert out[0].dtype == torch.bfloat16
+    clipper = gradclip.get("adagc")
+    assert (clipper.clip_ratio, clipper.beta, clipper.start_clip_steps) == (1.04, 0.99, 100)
+
+
+@pytest.mark.parametrize(
+    "kwargs,pattern",
+    [
+        ({"clip_ratio": 0.0}, r"clip_ratio must be in \(0, inf\), got 0\.0"),
+        ({"clip_ratio": float("inf")}, r"clip_ratio .* got inf"),
+        ({"beta": 1.0}, r"beta must be in \[0, 1\), got 1\.0"),
+        ({"beta": -0.5}, r"beta .* got -0\.5"),
+        ({"start_clip_steps": 0}, r"start_clip_steps must be an integer >= 1, got 0"),
+        ({"start_clip_steps": 10.0}, r"start_clip_steps .* got 10\.0"),
+        ({"warmup_max_norm": 0.0}, r"warmup_max_norm must be in \(0, inf\), got 0\.0"),
+        ({"warmup_max_norm": "1"}, r"warmup_max_norm must be a real number, got '1'"),
+        ({"eps": -1e-6}, r"eps must be in \[0, inf\), got -1e-06"),
+        ({"nonfinite": "x"}, r"nonfinite must be one of .*; got 'x'"),
+    ],
+)
+def test_bad_arguments_name_the_argument_and_value(kwargs, pattern):
+    with pytest.raises(gradclip.InvalidArgumentError, match=pattern) as excinfo:
+        gradclip.AdaGC(**kwargs)
+    assert str(excinfo.value).startswith("AdaGC: ")

@@ -1,0 +1,154 @@
+"""ZClip: EMA z-score spike clipping (the zclip 1.0.0 rule, with the documented differences)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+import gradclip
+
+torch = pytest.importorskip("torch")
+
+
+def _feed(clipper, norms, framework="numpy"):
+    out = []
+    for n in norms:
+        g = np.asarray([0.0, np.float32(n)], np.float32)
+        if framework == "torch":
+            g = torch.from_numpy(g)
+        (clipped,), info = clipper.clip([g])
+        out.append((float(np.linalg.norm(np.asarray(clipped, np.float64))), info))
+    return out
+
+
+WARM = [4.0, 5.0, 6.0, 5.0, 4.5]
+
+
+def test_warm_up_collects_without_clipping_then_uses_population_statistics():
+    clipper = gradclip.ZClip(warmup_steps=5)
+    results = _feed(clipper, WARM)
+    assert [n for n, _ in results] == pytest.approx(WARM)
+    assert all(not bool(i.clipped) and math.isinf(float(i.threshold)) for _, i in results)
+    state = clipper.state_dict()["state"]
+    assert state["mean"] == pytest.approx(np.mean(WARM), rel=1e-6)
+    assert state["var"] == pytest.approx(np.var(WARM), rel=1e-5)  # population variance
+
+
+def test_warm_up_with_max_grad_norm_clips_at_it():
+    results = _feed(gradclip.ZClip(warmup_steps=5, max_grad_norm=4.5), WARM)
+    assert [n for n, _ in results] == pytest.approx([min(x, 4.5) for x in WARM], rel=1e-6)
+
+
+def _expected_adaptive(norm, mean, var, z_thresh=2.5, clip_factor=1.0):
+    std = math.sqrt(var)
+    z = (norm - mean) / std
+    return (mean + (z_thresh * std) / (z / z_thresh)) * clip_factor
+
+
+@pytest.mark.parametrize("framework", ["numpy", "torch"])
+def test_spike_is_clipped_to_the_reciprocal_threshold(framework):
+    clipper = gradclip.ZClip(warmup_steps=5, clip_factor=0.9)
+    _feed(clipper, WARM, framework)
+    mean, var = np.mean(WARM), np.var(WARM)
+    (norm, info), = _feed(clipper, [50.0], framework)
+    expected = _expected_adaptive(50.0, mean, var, clip_factor=0.9)
+    assert norm == pytest.approx(expected, rel=1e-5)
+    assert float(info.threshold) == pytest.approx(expected, rel=1e-5) and bool(info.clipped)
+    # The EMA takes the clipped value, and the variance uses the updated mean.
+    new_mean = 0.97 * mean + 0.03 * expected
+    new_var = 0.97 * var + 0.03 * (expected - new_mean) ** 2
+    state = clipper.state_dict()["state"]
+    assert state["mean"] == pytest.approx(new_mean, rel=1e-5)
+    assert state["var"] == pytest.approx(new_var, rel=1e-4)
+
+
+def test_quiet_step_is_untouched_and_reports_the_detection_limit():
+    clipper = gradclip.ZClip(warmup_steps=5)
+    _feed(clipper, WARM)
+    (norm, info), = _feed(clipper, [5.5])
+    assert norm == pytest.approx(5.5) and float(info.coef) == 1.0
+    limit = np.mean(WARM) + 2.5 * np.std(WARM)
+    assert float(info.threshold) == pytest.approx(limit, rel=1e-5)
+
+
+def test_mean_option_and_percentile_mode():
+    mean, std = np.mean(WARM), np.std(WARM)
+    c = gradclip.ZClip(warmup_steps=5, clip_option="mean")
+    _feed(c, WARM)
+    assert _feed(c, [50.0])[0][0] == pytest.approx(mean, rel=1e-5)
+    c = gradclip.ZClip(warmup_steps=5, mode="percentile")
+    _feed(c, WARM)
+    assert _feed(c, [50.0])[0][0] == pytest.approx(mean + 2.5 * std, rel=1e-5)
+    assert _feed(c, [mean + 2.0 * std])[0][1].clipped.item() is False
+
+
+def test_skip_update_on_spike_keeps_the_statistics():
+    c = gradclip.ZClip(warmup_steps=5, skip_update_on_spike=True)
+    _feed(c, WARM)
+    before = c.state_dict()["state"]
+    _feed(c, [80.0])
+    after = c.state_dict()["state"]
+    assert (after["mean"], after["var"]) == (before["mean"], before["var"])
+    assert after["step"] == before["step"] + 1
+
+
+def test_std_floor_keeps_constant_warm_up_usable():
+    c = gradclip.ZClip(warmup_steps=5)
+    _feed(c, [3.0] * 5)
+    (norm, info), = _feed(c, [3.05])  # z = 0.05 / (0.01 * 3) < 2.5
+    assert norm == pytest.approx(3.05) and not bool(info.clipped)
+    (norm, info), = _feed(c, [30.0])
+    assert bool(info.clipped) and norm < 30.0
+
+
+def test_nonfinite_steps_leave_the_statistics_alone():
+    c = gradclip.ZClip(warmup_steps=3)
+    _feed(c, [1.0, 2.0])
+    before = c.state_dict()
+    (_, info), = _feed(c, [float("nan")])
+    assert not bool(info.finite)
+    assert c.state_dict() == before  # not even the step count moved
+    c2 = gradclip.ZClip(warmup_steps=3, nonfinite="skip")
+    _feed(c2, [1.0])
+    assert bool(_feed(c2, [float("inf")])[0][1].skip)
+
+
+def test_numpy_and_torch_agree():
+    norms = list(np.random.default_rng(0).lognormal(1.0, 0.2, 40)) + [40.0, 5.0, 60.0]
+    a = [n for n, _ in _feed(gradclip.ZClip(warmup_steps=10), norms, "numpy")]
+    b = [n for n, _ in _feed(gradclip.ZClip(warmup_steps=10), norms, "torch")]
+    assert a == pytest.approx(b, rel=1e-6)
+
+
+def test_registry_default_has_no_absolute_cap():
+    clipper = gradclip.get("zclip")
+    assert clipper.max_grad_norm is None and clipper.warmup_steps == 25
+
+
+@pytest.mark.parametrize(
+    "kwargs,pattern",
+    [
+        ({"alpha": 0.0}, r"alpha must be in \(0, 1\), got 0\.0"),
+        ({"alpha": 1.0}, r"alpha must be in \(0, 1\), got 1\.0"),
+        ({"alpha": "0.9"}, r"alpha must be a real number, got '0\.9'"),
+        ({"z_thresh": 0}, r"z_thresh must be in \(0, inf\), got 0"),
+        ({"z_thresh": -2.5}, r"z_thresh .* got -2\.5"),
+        ({"max_grad_norm": 0.0}, r"max_grad_norm must be in \(0, inf\], got 0\.0"),
+        ({"max_grad_norm": float("nan")}, r"max_grad_norm .* got nan"),
+        ({"warmup_steps": 0}, r"warmup_steps must be an integer >= 1, got 0"),
+        ({"warmup_steps": 2.0}, r"warmup_steps must be an integer >= 1, got 2\.0"),
+        ({"mode": "zcore"}, r"mode must be one of 'zscore', 'percentile'; got 'zcore'"),
+        ({"clip_option": "max"}, r"clip_option must be one of 'adaptive_scaling', 'mean'; got 'max'"),
+        ({"clip_factor": 0.0}, r"clip_factor must be in \(0, inf\), got 0\.0"),
+        ({"skip_update_on_spike": 1}, r"skip_update_on_spike must be True or False, got 1"),
+        ({"std_floor": -0.1}, r"std_floor must be in \[0, inf\), got -0\.1"),
+        ({"std_floor": float("inf")}, r"std_floor .* got inf"),
+        ({"nonfinite": "drop"}, r"nonfinite must be one of .*; got 'drop'"),
+    ],
+)
+def test_bad_arguments_name_the_argument_and_value(kwargs, pattern):
+    with pytest.raises(gradclip.InvalidArgumentError, match=pattern) as excinfo:
+        gradclip.ZClip(**kwargs)
+    assert str(excinfo.value).startswith("ZClip: ")
