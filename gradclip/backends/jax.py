@@ -1,0 +1,359 @@
+"""JAX backend: the Ops protocol on ``jax.Array`` (and tracers inside ``jax.jit``).
+
+Every primitive is a ``jax.numpy`` op, so the same code runs eagerly and under ``jax.jit``,
+``vmap`` and ``pjit``/sharding: scalars are 0-d arrays, conditions go through ``jnp.where``, and
+nothing reads a value on the host except :meth:`JaxOps.to_host` (only the ``"raise"`` non-finite
+policy calls it; inside ``jit`` it fails with a clear error). For arrays sharded across devices,
+the reductions are XLA reductions over the global array, so the global norm is the one of the
+whole, unsharded gradient.
+
+Reductions accumulate in fp32 whatever the gradient dtype (fp64 for fp64 gradients, which JAX
+only has with ``jax_enable_x64``); ``optax.clip_by_global_norm`` computes fp16 norms in fp16, where
+300² is already ``inf``.
+
+JAX arrays are immutable: ``inplace`` is always False here, and ``clipper.clip_`` is refused with
+an error that points to ``clipper.clip`` and ``clipper.as_optax()``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gradclip._core.errors import BackendError
+
+__all__ = ["JaxOps", "BACKEND"]
+
+
+def _dtype(name: str):
+    # Without jax_enable_x64, ask for what JAX will actually give (no truncation warnings).
+    if name == "bfloat16":
+        return jnp.bfloat16
+    return jax.dtypes.canonicalize_dtype(np.dtype(name))
+
+
+def _host_value(value: Any, dtype: str) -> np.ndarray:
+    """``value`` as a NumPy array of the dtype JAX will hold it in.
+
+    Without ``jax_enable_x64`` JAX's integers are 32-bit. An int64 value outside that range
+    (in practice only a random-stream key, e.g. :class:`~gradclip.Subset`'s, drawn below 2**62)
+    keeps its low 31 bits: still deterministic, but a stream seeded at or above 2**31 then
+    differs from the one NumPy, torch and TensorFlow draw (they agree bit for bit below 2**31).
+    """
+    target = _dtype(dtype)
+    if dtype == "int64" and target != np.int64:
+        wide = np.asarray(value, dtype=np.int64)
+        fits = (wide >= -(2**31)) & (wide < 2**31)
+        return np.where(fits, wide, wide & 0x7FFFFFFF).astype(target)
+    return np.asarray(value, dtype=target)
+
+
+def _accumulation_dtype(dtype) -> Any:
+    return jnp.float64 if dtype == jnp.float64 else jnp.float32
+
+
+def _is_tracer(x: Any) -> bool:
+    return isinstance(x, jax.core.Tracer)
+
+
+class JaxOps:
+    """Ops over lists of ``jax.Array``.
+
+    Args:
+        arrays: The gradients; they fix the accumulation dtype (fp64 if any gradient is fp64).
+        inplace: Must be False: JAX arrays cannot be written in place.
+        foreach: Ignored (XLA fuses the per-tensor loops under ``jit``).
+        where: The public entry point, for error messages.
+
+    Raises:
+        BackendError: ``inplace=True`` (``clip_`` on JAX arrays).
+    """
+
+    name = "jax"
+    inplace = False
+    #: JAX/Flax weights are input-major (``(in, out)`` dense kernels, ``HWIO`` convolutions):
+    #: output units index the last axis, as optax's AGC assumes (see ``Ops.unit_axis``).
+    unit_axis = -1
+
+    def __init__(
+        self,
+        arrays: Sequence[Any] = (),
+        *,
+        inplace: bool = False,
+        foreach: bool | None = None,
+        where: str = "gradclip",
+    ):
+        del foreach
+        self.caller = where
+        if inplace:
+            raise BackendError(
+                f"{where}: JAX arrays are immutable and cannot be clipped in place; use "
+                "`grads, info = clipper.clip(grads)`, or `clipper.as_optax()` inside an optax chain"
+            )
+        self.acc = jnp.float64 if any(a.dtype == jnp.float64 for a in arrays) else jnp.float32
+
+    def context(self):
+        """Nothing to guard: JAX has no autograd tape to keep clipping out of."""
+        return contextlib.nullcontext()
+
+    # -- scalars ------------------------------------------------------------------------------
+    def scalar(self, value, dtype: str = "float32"):
+        if dtype == "int64":
+            return jnp.asarray(_host_value(value, dtype))
+        return jnp.asarray(value, dtype=_dtype(dtype))
+
+    def where(self, cond, a, b):
+        return jnp.where(cond, a, b)
+
+    def minimum(self, a, b):
+        return jnp.minimum(a, b)
+
+    def maximum(self, a, b):
+        return jnp.maximum(a, b)
+
+    def sqrt(self, x):
+        return jnp.sqrt(x)
+
+    def exp(self, x):
+        return jnp.exp(x)
+
+    def log(self, x):
+        return jnp.log(x)
+
+    def isfinite(self, x):
+        return jnp.isfinite(x)
+
+    def stack(self, xs):
+        if len(xs) == 0:
+            return jnp.zeros((0,), self.acc)
+        return jnp.stack([jnp.asarray(x) for x in xs])
+
+    def any(self, x):
+        return jnp.any(x)
+
+    def to_host(self, x):
+        if _is_tracer(x):
+            raise BackendError(
+                f"{self.caller}: this step needs to read a value on the host (nonfinite='raise'), "
+                "which cannot happen inside jax.jit; use nonfinite='skip' or 'zero' there, or "
+                "call it outside jit"
+            )
+        return np.asarray(x).item()
+
+    def array(self, value, dtype: str = "float32"):
+        return jnp.asarray(_host_value(value, dtype))
+
+    def to_list(self, x):
+        if _is_tracer(x):
+            raise BackendError(f"{self.caller}: state can be read as plain data only outside jax.jit")
+        return np.asarray(x).tolist()
+
+    # -- multi-tensor -------------------------------------------------------------------------
+    def _norm(self, grad, norm_type: float):
+        acc = _accumulation_dtype(grad.dtype)
+        if grad.size == 0:
+            return jnp.zeros((), acc)
+        values = jnp.abs(grad.astype(acc).reshape(-1))
+        if norm_type == math.inf:
+            return jnp.max(values)
+        if norm_type == 2.0:
+            return jnp.sqrt(jnp.sum(jnp.square(values)))
+        if norm_type == 1.0:
+            return jnp.sum(values)
+        return jnp.sum(values**norm_type) ** (1.0 / norm_type)
+
+    def norms(self, grads, norm_type):
+        return self.stack([self._norm(g, norm_type).astype(self.acc) for g in grads])
+
+    def combine_norms(self, norms, norm_type):
+        norms = jnp.asarray(norms, self.acc)
+        if norms.size == 0:
+            return jnp.zeros((), self.acc)
+        if norm_type == math.inf:
+            return jnp.max(norms)
+        if norm_type == 2.0:
+            return jnp.sqrt(jnp.sum(jnp.square(norms)))
+        return jnp.sum(norms**norm_type) ** (1.0 / norm_type)
+
+    def global_norm(self, grads, norm_type):
+        return self.combine_norms(self.norms(grads, norm_type), norm_type)
+
+    @staticmethod
+    def _mul(grad, coef):
+        # Multiply in fp32 (fp64 when the gradient or the coefficient is fp64) and round once
+        # into the gradient's dtype, as NumPy's reference does.
+        coef = jnp.asarray(coef)
+        wide = jnp.float64 if jnp.float64 in (coef.dtype, grad.dtype) else jnp.float32
+        return (grad.astype(wide) * coef.astype(wide)).astype(grad.dtype)
+
+    def scale(self, grads, coef):
+        return [self._mul(g, coef) for g in grads]
+
+    def scale_each(self, grads, coefs):
+        return [self._mul(g, coefs[i]) for i, g in enumerate(grads)]
+
+    def clamp(self, grads, low, high):
+        out = []
+        for g in grads:
+            value = g
+            # An infinite bound is a no-op: leave it out (NaN elements stay NaN either way).
+            if math.isfinite(low):
+                value = jnp.maximum(value, jnp.asarray(low, g.dtype))
+            if math.isfinite(high):
+                value = jnp.minimum(value, jnp.asarray(high, g.dtype))
+            out.append(value)
+        return out
+
+    def zero_above(self, grads, threshold):
+        return [jnp.where(jnp.abs(g) > threshold, jnp.zeros_like(g), g) for g in grads]
+
+    def sign_where(self, grads, magnitude, cond):
+        return [jnp.where(cond, jnp.sign(g) * jnp.asarray(magnitude, g.dtype), g) for g in grads]
+
+    def zero_nonfinite(self, grads):
+        return [jnp.where(jnp.isfinite(g), g, jnp.zeros_like(g)) for g in grads]
+
+    def finite_each(self, grads):
+        if len(grads) == 0:
+            return jnp.zeros((0,), dtype=bool)
+        return jnp.stack([jnp.all(jnp.isfinite(g)) for g in grads])
+
+    def extrema(self, grads):
+        if not grads:
+            empty = jnp.zeros((0,), jnp.float32)
+            return empty, empty
+        highs, lows = [], []
+        for g in grads:
+            if g.size == 0:
+                highs.append(jnp.asarray(-math.inf, jnp.float32))
+                lows.append(jnp.asarray(math.inf, jnp.float32))
+            else:
+                values = g.astype(jnp.float32)
+                highs.append(jnp.max(values))
+                lows.append(jnp.min(values))
+        return jnp.stack(highs), jnp.stack(lows)
+
+    def numel(self, grad):
+        return int(grad.size)
+
+    # -- small-vector math for adaptive state -------------------------------------------------
+    def sum(self, x):
+        x = jnp.asarray(x)
+        if x.dtype == jnp.bool_ or jnp.issubdtype(x.dtype, jnp.integer):
+            return jnp.sum(x, dtype=_dtype("int64"))
+        return jnp.sum(x, dtype=x.dtype)
+
+    def arange(self, n, dtype="int64"):
+        return jnp.arange(n, dtype=_dtype(dtype))
+
+    def cast(self, x, dtype):
+        return jnp.asarray(x).astype(_dtype(dtype))
+
+    def floor(self, x):
+        return jnp.floor(x)
+
+    def sort(self, x):
+        return jnp.sort(x, stable=True)
+
+    def take(self, x, index):
+        return jnp.asarray(x)[index]
+
+    def cumsum(self, x):
+        x = jnp.asarray(x)
+        return jnp.cumsum(x, dtype=x.dtype)
+
+    def version_token(self, grads):
+        del grads  # JAX arrays are immutable: a second clip of the same arrays is harmless
+        return None
+
+    def unit_norms(self, arrays, axes):
+        out = []
+        for array, kept in zip(arrays, axes):
+            acc = _accumulation_dtype(array.dtype)
+            values = array.astype(acc)
+            if kept is None:
+                if array.size == 0:
+                    out.append(jnp.zeros((1,) * array.ndim, acc))
+                else:
+                    out.append(jnp.sqrt(jnp.sum(jnp.square(values))).reshape((1,) * array.ndim))
+                continue
+            reduce = tuple(d for d in range(array.ndim) if d not in kept)
+            if not reduce:
+                out.append(jnp.abs(values))
+                continue
+            out.append(jnp.sqrt(jnp.sum(jnp.square(values), axis=reduce, keepdims=True)))
+        return out
+
+    def scale_units(self, grads, coefs):
+        return [self._mul(g, c) for g, c in zip(grads, coefs)]
+
+    def uniform(self, key, counter, shapes):
+        return [
+            (h >> jnp.uint32(8)).astype(jnp.float32) * jnp.float32(2.0**-24)
+            for h in _hash_streams_u32(key, counter, shapes)
+        ]
+
+    def select(self, grads, replacements, masks):
+        return [
+            jnp.where(m, jnp.asarray(r).astype(g.dtype), g) for g, r, m in zip(grads, replacements, masks)
+        ]
+
+    # -- optional hook used by Clipper.clip ---------------------------------------------------
+    def check_state(self, state, where: str) -> None:
+        """Refuse to keep traced state on the Python object (it would leak out of ``jit``)."""
+        if any(_is_tracer(leaf) for leaf in jax.tree_util.tree_leaves(state)):
+            raise BackendError(
+                f"{where}: a stateful clipper cannot keep its state on the Python object inside "
+                "jax.jit (the state would be a leaked tracer); use the pure "
+                "`grads, state, info = clipper.update(grads, state)` or `clipper.as_optax()`"
+            )
+
+
+def _lowbias32(x):
+    """Chris Wellons' lowbias32 on uint32 arrays (multiplication wraps modulo 2**32)."""
+    x = x ^ (x >> jnp.uint32(16))
+    x = x * jnp.uint32(0x7FEB352D)
+    x = x ^ (x >> jnp.uint32(15))
+    x = x * jnp.uint32(0x846CA68B)
+    return x ^ (x >> jnp.uint32(16))
+
+
+def _split64(x):
+    """A non-negative integer array as its (low, high) 32-bit halves, uint32.
+
+    Without ``jax_enable_x64`` integers are 32-bit, so the high half is 0.
+    """
+    x = jnp.asarray(x)
+    if x.dtype.itemsize == 8:
+        return (x & 0xFFFFFFFF).astype(jnp.uint32), (x >> 32).astype(jnp.uint32)
+    return x.astype(jnp.uint32), jnp.zeros((), jnp.uint32)
+
+
+def _hash_streams_u32(key, counter, shapes):
+    """The hashes of ``Ops.uniform`` (same formula as ``gradclip.backends._hashing``), uint32.
+
+    ``_hashing.hash_streams`` needs int64 arithmetic, which JAX has only with x64 enabled;
+    uint32 arithmetic wraps modulo 2**32 and gives the same numbers either way.
+    """
+    m = _lowbias32
+    key_lo, key_hi = _split64(key)
+    counter_lo, counter_hi = _split64(counter)
+    s = m(m(key_lo ^ m(key_hi)) ^ m(counter_lo ^ m(counter_hi)))
+    out = []
+    for position, shape in enumerate(shapes):
+        count = 1
+        for size in shape:
+            count *= int(size)
+        t = m(s ^ m(jnp.uint32((position + 0x9E3779B9) & 0xFFFFFFFF)))
+        h = m(t ^ jnp.arange(count, dtype=jnp.uint32))
+        out.append(h.reshape(tuple(int(d) for d in shape)))
+    return out
+
+
+BACKEND = JaxOps

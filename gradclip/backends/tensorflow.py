@@ -1,0 +1,516 @@
+"""TensorFlow backend: the Ops protocol on ``tf.Tensor`` and ``tf.Variable``.
+
+Every primitive is a TensorFlow op, so the same code runs eagerly and inside ``tf.function``
+(with or without XLA): scalars are 0-d tensors, conditions are applied with ``tf.where``, and
+nothing reads a tensor value on the host except :meth:`TensorFlowOps.to_host`, which only the
+``"raise"`` non-finite policy calls (and which refuses inside a graph with a clear error).
+
+Reductions accumulate in fp32 whatever the gradient dtype (fp64 for fp64 gradients): an fp16
+gradient of 300 has norm 300, not ``inf`` as ``tf.clip_by_norm`` and ``tf.clip_by_global_norm``
+compute it in fp16.
+
+``tf.Tensor`` is immutable, so ``inplace=True`` (``clipper.clip_``) needs ``tf.Variable``\\ s (or
+Keras variables) and writes with ``assign``. Stateful clippers keep their state in
+``tf.Variable``\\ s through :class:`StateStore`, so that ``clipper.clip`` inside a ``tf.function``
+advances the state on every call instead of freezing it into the trace.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+
+from gradclip._core.errors import BackendError, SparseGradientError
+
+try:  # Keep autograph out of gradclip's code: it has no Python control flow on tensor values.
+    from tensorflow.python.autograph.core import config as _autograph_config
+
+    if not any(getattr(r, "_prefix", None) == "gradclip" for r in _autograph_config.CONVERSION_RULES):
+        _autograph_config.CONVERSION_RULES = (
+            _autograph_config.DoNotConvert("gradclip"),
+            *_autograph_config.CONVERSION_RULES,
+        )
+except Exception:  # noqa: BLE001 - an internal module; without it autograph merely converts us
+    pass
+
+__all__ = ["TensorFlowOps", "StateStore", "BACKEND"]
+
+_DTYPES = {
+    "float16": tf.float16,
+    "bfloat16": tf.bfloat16,
+    "float32": tf.float32,
+    "float64": tf.float64,
+    "bool": tf.bool,
+    "int32": tf.int32,
+    "int64": tf.int64,
+}
+
+
+def _accumulation_dtype(dtype: tf.dtypes.DType) -> tf.dtypes.DType:
+    return tf.float64 if dtype == tf.float64 else tf.float32
+
+
+def _num_elements(array: Any) -> int | None:
+    return tf.TensorShape(array.shape).num_elements()
+
+
+def _value(array: Any) -> Any:
+    """The tensor behind a Keras variable (a ``tf.Variable`` or ``tf.Tensor`` passes through)."""
+    if hasattr(array, "value") and not isinstance(array, (tf.Tensor, tf.Variable)):
+        return array.value  # keras.Variable
+    return array
+
+
+class TensorFlowOps:
+    """Ops over lists of ``tf.Tensor`` / ``tf.Variable``.
+
+    Args:
+        arrays: The gradients the operations will see; they fix the accumulation dtype (fp64 if
+            any gradient is fp64, else fp32).
+        inplace: Write results into the inputs with ``assign``; every input must then be a
+            ``tf.Variable`` (or a Keras variable).
+        foreach: Ignored (TensorFlow has no multi-tensor kernels to choose); kept for the
+            common constructor signature.
+        where: The public entry point, for error messages.
+
+    Raises:
+        SparseGradientError: A gradient is a ``tf.IndexedSlices`` or ``tf.SparseTensor``.
+        BackendError: ``inplace=True`` with an immutable ``tf.Tensor``.
+    """
+
+    name = "tensorflow"
+    #: Keras/TF weights are input-major (``(in, out)`` dense kernels, ``HWIO`` convolutions):
+    #: output units index the last axis (see ``Ops.unit_axis``).
+    unit_axis = -1
+
+    def __init__(
+        self,
+        arrays: Sequence[Any] = (),
+        *,
+        inplace: bool = False,
+        foreach: bool | None = None,
+        where: str = "gradclip",
+    ):
+        del foreach
+        self.inplace = inplace
+        self.caller = where
+        for index, array in enumerate(arrays):
+            if isinstance(array, (tf.IndexedSlices, tf.SparseTensor)):
+                raise SparseGradientError(
+                    f"{where}: gradient #{index} is a {type(array).__name__}; sparse gradients are "
+                    "not supported (densify it first with tf.convert_to_tensor, as "
+                    "tf.clip_by_global_norm does)"
+                )
+            if inplace and not hasattr(array, "assign"):
+                raise BackendError(
+                    f"{where}: gradient #{index} is an immutable {type(array).__name__}, which cannot "
+                    "be clipped in place; use `grads, info = clipper.clip(grads)` for tf.Tensor "
+                    "gradients, or pass tf.Variables"
+                )
+        self.acc = tf.float64 if any(a.dtype == tf.float64 for a in arrays) else tf.float32
+
+    def context(self):
+        """Nothing to guard: gradients here are values, not ``.grad`` attributes."""
+        return contextlib.nullcontext()
+
+    # -- scalars ------------------------------------------------------------------------------
+    def scalar(self, value, dtype: str = "float32"):
+        return tf.constant(value, dtype=_DTYPES[dtype])
+
+    @staticmethod
+    def _pair(a, b):
+        """Give two operands one dtype, as NumPy's promotion would (TensorFlow does not promote).
+
+        Python numbers take the other operand's dtype; of two tensors, a float wins over an
+        integer or bool, and the wider of two floats (or two integers) wins.
+        """
+        a_is, b_is = tf.is_tensor(a), tf.is_tensor(b)
+        if a_is and not b_is:
+            return a, tf.constant(b, dtype=a.dtype)
+        if b_is and not a_is:
+            return tf.constant(a, dtype=b.dtype), b
+        if not a_is and not b_is:
+            return tf.constant(a, tf.float32), tf.constant(b, tf.float32)
+        if a.dtype == b.dtype:
+            return a, b
+
+        def rank(dtype):
+            return (dtype.is_floating, dtype.size)
+
+        target = a.dtype if rank(a.dtype) >= rank(b.dtype) else b.dtype
+        return tf.cast(a, target), tf.cast(b, target)
+
+    def where(self, cond, a, b):
+        a, b = self._pair(a, b)
+        return tf.where(cond, a, b)
+
+    def minimum(self, a, b):
+        return tf.minimum(*self._pair(a, b))
+
+    def maximum(self, a, b):
+        return tf.maximum(*self._pair(a, b))
+
+    def sqrt(self, x):
+        return tf.sqrt(x)
+
+    def exp(self, x):
+        return tf.exp(x)
+
+    def log(self, x):
+        return tf.math.log(x)
+
+    def isfinite(self, x):
+        return tf.math.is_finite(x)
+
+    def stack(self, xs):
+        if len(xs) == 0:
+            return tf.zeros((0,), dtype=self.acc)
+        return tf.stack([tf.convert_to_tensor(x) for x in xs])
+
+    def any(self, x):
+        return tf.reduce_any(x)
+
+    def to_host(self, x):
+        if not tf.executing_eagerly() or not hasattr(x, "numpy"):
+            raise BackendError(
+                f"{self.caller}: this step needs to read a value on the host (nonfinite='raise'), "
+                "which cannot happen inside tf.function; use nonfinite='skip' or 'zero' there, or "
+                "call it eagerly"
+            )
+        return x.numpy().item()
+
+    def array(self, value, dtype: str = "float32"):
+        return tf.constant(value, dtype=_DTYPES[dtype])
+
+    def to_list(self, x):
+        if not tf.executing_eagerly():
+            raise BackendError(f"{self.caller}: state can be read as plain data only eagerly")
+        return np.asarray(x.numpy() if hasattr(x, "numpy") else x).tolist()
+
+    # -- multi-tensor -------------------------------------------------------------------------
+    def _norm(self, grad, norm_type: float):
+        grad = _value(grad)
+        acc = _accumulation_dtype(grad.dtype)
+        if _num_elements(grad) == 0:
+            return tf.zeros((), acc)
+        values = tf.cast(tf.reshape(grad, [-1]), acc)
+        if norm_type == math.inf:
+            return tf.reduce_max(tf.abs(values))
+        if norm_type == 2.0:
+            return tf.sqrt(tf.reduce_sum(tf.square(values)))
+        if norm_type == 1.0:
+            return tf.reduce_sum(tf.abs(values))
+        return tf.pow(tf.reduce_sum(tf.pow(tf.abs(values), norm_type)), 1.0 / norm_type)
+
+    def norms(self, grads, norm_type):
+        return self.stack([tf.cast(self._norm(g, norm_type), self.acc) for g in grads])
+
+    def combine_norms(self, norms, norm_type):
+        norms = tf.cast(norms, self.acc)
+        if _num_elements(norms) == 0:
+            return tf.zeros((), self.acc)
+        if norm_type == math.inf:
+            return tf.reduce_max(norms)
+        if norm_type == 2.0:
+            return tf.sqrt(tf.reduce_sum(tf.square(norms)))
+        return tf.pow(tf.reduce_sum(tf.pow(norms, norm_type)), 1.0 / norm_type)
+
+    def global_norm(self, grads, norm_type):
+        return self.combine_norms(self.norms(grads, norm_type), norm_type)
+
+    def _out(self, grad, result):
+        result = tf.cast(result, grad.dtype)
+        if self.inplace:
+            grad.assign(result)
+            return grad
+        return result
+
+    def _mul(self, grad, coef):
+        # Multiply in fp32 (fp64 when the gradient or the coefficient is fp64) and round once
+        # into the gradient's dtype, as NumPy's reference does.
+        value = _value(grad)
+        coef = tf.convert_to_tensor(coef)
+        wide = tf.float64 if tf.float64 in (coef.dtype, tf.as_dtype(value.dtype)) else tf.float32
+        return self._out(grad, tf.cast(value, wide) * tf.cast(coef, wide))
+
+    def scale(self, grads, coef):
+        return [self._mul(g, coef) for g in grads]
+
+    def scale_each(self, grads, coefs):
+        return [self._mul(g, coefs[i]) for i, g in enumerate(grads)]
+
+    def clamp(self, grads, low, high):
+        out = []
+        for g in grads:
+            value = _value(g)
+            # An infinite bound is a no-op: leave it out (NaN elements stay NaN either way).
+            if math.isfinite(low):
+                value = tf.maximum(value, tf.constant(low, value.dtype))
+            if math.isfinite(high):
+                value = tf.minimum(value, tf.constant(high, value.dtype))
+            out.append(self._out(g, value) if self.inplace else tf.identity(value))
+        return out
+
+    def zero_above(self, grads, threshold):
+        out = []
+        for g in grads:
+            value = _value(g)
+            out.append(self._out(g, tf.where(tf.abs(value) > threshold, tf.zeros_like(value), value)))
+        return out
+
+    def sign_where(self, grads, magnitude, cond):
+        out = []
+        for g in grads:
+            value = _value(g)
+            signed = tf.sign(value) * tf.constant(magnitude, value.dtype)
+            out.append(self._out(g, tf.where(cond, signed, value)))
+        return out
+
+    def zero_nonfinite(self, grads):
+        out = []
+        for g in grads:
+            value = _value(g)
+            out.append(self._out(g, tf.where(tf.math.is_finite(value), value, tf.zeros_like(value))))
+        return out
+
+    def finite_each(self, grads):
+        if len(grads) == 0:
+            return tf.zeros((0,), dtype=tf.bool)
+        return tf.stack([tf.reduce_all(tf.math.is_finite(_value(g))) for g in grads])
+
+    def extrema(self, grads):
+        highs, lows = [], []
+        for g in grads:
+            if _num_elements(g) == 0:
+                highs.append(tf.constant(-math.inf, tf.float32))
+                lows.append(tf.constant(math.inf, tf.float32))
+            else:
+                values = tf.cast(_value(g), tf.float32)
+                highs.append(tf.reduce_max(values))
+                lows.append(tf.reduce_min(values))
+        if not grads:
+            empty = tf.zeros((0,), tf.float32)
+            return empty, empty
+        return tf.stack(highs), tf.stack(lows)
+
+    def numel(self, grad):
+        count = _num_elements(grad)
+        if count is None:
+            raise BackendError(
+                f"{self.caller}: a gradient has shape {grad.shape} with unknown dimensions; give "
+                "tf.function an input_signature with static shapes"
+            )
+        return count
+
+    # -- small-vector math for adaptive state -------------------------------------------------
+    def sum(self, x):
+        x = tf.convert_to_tensor(x)
+        if x.dtype == tf.bool or x.dtype.is_integer:
+            return tf.reduce_sum(tf.cast(x, tf.int64))
+        return tf.reduce_sum(x)
+
+    def arange(self, n, dtype="int64"):
+        return tf.range(n, dtype=_DTYPES[dtype])
+
+    def cast(self, x, dtype):
+        return tf.cast(x, _DTYPES[dtype])
+
+    def floor(self, x):
+        return tf.floor(x)
+
+    def sort(self, x):
+        return tf.sort(x)
+
+    def take(self, x, index):
+        return tf.gather(x, index)
+
+    def cumsum(self, x):
+        return tf.cumsum(x)
+
+    def version_token(self, grads):
+        del grads  # tf.Tensor is immutable and tf.Variable has no write counter
+        return None
+
+    def unit_norms(self, arrays, axes):
+        out = []
+        for array, kept in zip(arrays, axes):
+            value = _value(array)
+            acc = _accumulation_dtype(value.dtype)
+            ndim = len(value.shape)
+            values = tf.cast(value, acc)
+            if kept is None:
+                if _num_elements(value) == 0:
+                    out.append(tf.zeros((1,) * ndim, acc))
+                else:
+                    squares = tf.reduce_sum(tf.square(values))
+                    out.append(tf.reshape(tf.sqrt(squares), (1,) * ndim))
+                continue
+            reduce = [d for d in range(ndim) if d not in kept]
+            if not reduce:
+                out.append(tf.abs(values))
+                continue
+            out.append(tf.sqrt(tf.reduce_sum(tf.square(values), axis=reduce, keepdims=True)))
+        return out
+
+    def scale_units(self, grads, coefs):
+        return [self._mul(g, c) for g, c in zip(grads, coefs)]
+
+    def uniform(self, key, counter, shapes):
+        return [
+            tf.cast(tf.bitwise.right_shift(h, tf.constant(8, tf.uint32)), tf.float32) * (2.0**-24)
+            for h in _hash_streams_u32(key, counter, shapes)
+        ]
+
+    def select(self, grads, replacements, masks):
+        out = []
+        for g, r, m in zip(grads, replacements, masks):
+            value = _value(g)
+            out.append(self._out(g, tf.where(m, tf.cast(r, value.dtype), value)))
+        return out
+
+    # -- persistent state (optional hook used by Clipper.clip / clip_) ------------------------
+    def state_store(self, template):
+        """Variables holding a clipper's state across calls; see :class:`StateStore`."""
+        return StateStore(template)
+
+
+def _u32(value: int):
+    return tf.constant(value & 0xFFFFFFFF, tf.uint32)
+
+
+def _lowbias32(x):
+    """Chris Wellons' lowbias32 on uint32 tensors (multiplication wraps modulo 2**32)."""
+    xor, shift = tf.bitwise.bitwise_xor, tf.bitwise.right_shift
+    x = xor(x, shift(x, _u32(16)))
+    x = x * _u32(0x7FEB352D)
+    x = xor(x, shift(x, _u32(15)))
+    x = x * _u32(0x846CA68B)
+    return xor(x, shift(x, _u32(16)))
+
+
+def _split64(x):
+    """A non-negative integer tensor as its (low, high) 32-bit halves, uint32."""
+    x = tf.cast(x, tf.int64)
+    low = tf.cast(tf.bitwise.bitwise_and(x, tf.constant(0xFFFFFFFF, tf.int64)), tf.uint32)
+    high = tf.cast(tf.bitwise.right_shift(x, tf.constant(32, tf.int64)), tf.uint32)
+    return low, high
+
+
+def _hash_streams_u32(key, counter, shapes):
+    """The hashes of ``Ops.uniform`` (same formula as ``gradclip.backends._hashing``), uint32."""
+    m, xor = _lowbias32, tf.bitwise.bitwise_xor
+    key_lo, key_hi = _split64(key)
+    counter_lo, counter_hi = _split64(counter)
+    s = m(xor(m(xor(key_lo, m(key_hi))), m(xor(counter_lo, m(counter_hi)))))
+    out = []
+    for position, shape in enumerate(shapes):
+        count = 1
+        for size in shape:
+            count *= int(size)
+        t = m(xor(s, m(_u32(position + 0x9E3779B9))))
+        h = m(xor(t, tf.cast(tf.range(count, dtype=tf.int64), tf.uint32)))
+        out.append(tf.reshape(h, tuple(int(d) for d in shape)))
+    return out
+
+
+class StateStore:
+    """A clipper's state kept in ``tf.Variable``\\ s, one per array of the state.
+
+    Created on the clipper's first TensorFlow step (in ``tf.init_scope``, so also on the first
+    trace of a ``tf.function``). Each step reads the state with :meth:`read` and writes the next
+    one with :meth:`write`, both as graph ops: a traced function keeps advancing the same
+    variables on every call. ``ready`` is False until the first write (and again after
+    ``reset()``), and :meth:`read` then returns the freshly initialised state instead.
+
+    Args:
+        template: The clipper's initial state (a NamedTuple, possibly nested); its tensor leaves
+            fix the shapes and dtypes of the variables.
+    """
+
+    #: The backend whose Ops rebuild checkpoints for this store.
+    framework = "tensorflow"
+
+    def __init__(self, template):
+        leaves = tf.nest.flatten(template)
+        self._slots = [i for i, leaf in enumerate(leaves) if tf.is_tensor(leaf)]
+        # The structure alone (tensor leaves dropped: they may belong to a graph being traced).
+        self._like = tf.nest.map_structure(lambda x: None if tf.is_tensor(x) else x, template)
+        self._variables: list[tf.Variable] = []
+        self._ready = None
+        if not self._slots:
+            return  # a stateless clipper: nothing to keep
+        with tf.init_scope():
+            self._ready = tf.Variable(False, trainable=False, name="gradclip_state_ready")
+            for i in self._slots:
+                leaf = leaves[i]
+                self._variables.append(
+                    tf.Variable(
+                        tf.zeros(leaf.shape, leaf.dtype),
+                        trainable=False,
+                        shape=leaf.shape,
+                        name="gradclip_state",
+                    )
+                )
+
+    @property
+    def variables(self) -> list[tf.Variable]:
+        """The variables, in the order of the state's tensor leaves."""
+        return list(self._variables)
+
+    def _pack(self, like, values):
+        leaves = list(tf.nest.flatten(like))
+        for slot, value in zip(self._slots, values):
+            leaves[slot] = value
+        return tf.nest.pack_sequence_as(like, leaves)
+
+    def read(self, fresh):
+        """The current state: the variables' values once written, else ``fresh``."""
+        if not self._slots:
+            return fresh
+        leaves = tf.nest.flatten(fresh)
+        values = [tf.where(self._ready, v, leaves[i]) for v, i in zip(self._variables, self._slots)]
+        return self._pack(fresh, values)
+
+    def current(self):
+        """The state structure with the variables in place of its arrays."""
+        return self._pack(self._like, self._variables)
+
+    @staticmethod
+    def eager_scope():
+        """Where checkpoints are rebuilt and loaded: outside any graph being traced."""
+        return tf.init_scope()
+
+    def write(self, new_state) -> None:
+        """Store the next state (graph ops inside ``tf.function``, immediate eagerly)."""
+        if not self._slots:
+            return
+        leaves = tf.nest.flatten(new_state)
+        for variable, i in zip(self._variables, self._slots):
+            variable.assign(tf.cast(leaves[i], variable.dtype))
+        self._ready.assign(True)
+
+    def load(self, state) -> None:
+        """Overwrite the variables with ``state`` now (eagerly), and mark them ready."""
+        with tf.init_scope():
+            self.write(state)
+
+    def reset(self) -> None:
+        """Forget the stored state: the next step starts from a fresh initial state."""
+        if self._ready is not None:
+            with tf.init_scope():
+                self._ready.assign(False)
+
+    def is_ready(self) -> bool:
+        """Whether a state has been written since creation or the last reset (reads a flag)."""
+        if self._ready is None:
+            return True
+        with tf.init_scope():
+            return bool(self._ready.numpy())
+
+
+BACKEND = TensorFlowOps

@@ -1,0 +1,218 @@
+"""optax adapter: any gradclip clipper as an ``optax.GradientTransformation``.
+
+    import optax, gradclip
+    tx = optax.chain(gradclip.ZClip().as_optax(), optax.adam(1e-3))
+    opt_state = tx.init(params)
+    updates, opt_state = jax.jit(tx.update)(grads, opt_state, params)
+    info = gradclip.optax.clip_info(opt_state)       # ClipInfo of the last step, for logging
+
+The transformation runs the clipper's one implementation (``gradclip/clippers``) on the JAX
+backend; nothing here re-implements an algorithm. Its state, :class:`ClipperState`, is a pytree of
+arrays (the clipper's own state and the last :class:`~gradclip.ClipInfo`), so it lives inside
+``jax.jit``, ``lax.scan`` and checkpointing libraries like any optax state.
+
+When a clipper asks for the step to be skipped (``info.skip``: non-finite gradients under
+``nonfinite="skip"``, a spike for :class:`~gradclip.SkipOnSpike`), the transformation outputs
+zero updates. A stateful optimizer later in the chain (Adam) still advances its moments on a zero
+update; :func:`clip_then` wraps the optimizer so that a skipped step leaves its state untouched,
+as ``optax.apply_if_finite`` does.
+
+optax and jax are imported when a transformation is built, not when gradclip is imported.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+from gradclip._core.clipper import Clipper
+from gradclip._core.errors import BackendError, InvalidArgumentError
+from gradclip._core.ops import get_ops
+from gradclip._core.types import ClipInfo
+
+__all__ = ["ClipperState", "as_optax", "clip_info", "clip_then"]
+
+
+class ClipperState(NamedTuple):
+    """The optax state of a clipper: a pytree of arrays.
+
+    Attributes:
+        clipper: The clipper's own state (a NamedTuple of arrays; empty for stateless methods).
+        info: The :class:`~gradclip.ClipInfo` of the last update (before the first one: norm 0,
+            threshold 0, coef 1, not clipped, finite, not skipped).
+    """
+
+    clipper: Any
+    info: ClipInfo
+
+
+class ClipThenState(NamedTuple):
+    """The state of :func:`clip_then`: the clipper's and the wrapped optimizer's."""
+
+    clip: ClipperState
+    inner: Any
+
+
+def _leaves(tree: Any, where: str):
+    """Flatten a pytree into JAX arrays with names; refuse arrays of other frameworks."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    with_path, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    leaves, names = [], []
+    for path, leaf in with_path:
+        name = jax.tree_util.keystr(path) or "#0"
+        if isinstance(leaf, (jax.Array, jax.core.Tracer)):
+            leaves.append(leaf)
+        elif isinstance(leaf, (np.ndarray, np.generic, int, float)):
+            leaves.append(jnp.asarray(leaf))
+        else:
+            kind = f"{type(leaf).__module__}.{type(leaf).__qualname__}"
+            hint = (
+                "for PyTorch use clipper.clip_(model) or gradclip.torch.ClippedOptimizer"
+                if kind.startswith("torch")
+                else "for TensorFlow/Keras use clipper.clip(grads) or gradclip.keras.ClippingOptimizer"
+                if kind.startswith(("tensorflow", "keras"))
+                else "pass jax.Array leaves"
+            )
+            raise BackendError(
+                f"{where}: clipper.as_optax() transforms JAX arrays, but leaf {name} is a {kind}; {hint}"
+            )
+        names.append(name)
+    return leaves, names, treedef
+
+
+def as_optax(clipper: Clipper):
+    """Wrap ``clipper`` as an ``optax.GradientTransformation``.
+
+    ``init(params)`` builds the clipper's state for gradients shaped like ``params``;
+    ``update(updates, state, params=None)`` clips ``updates`` (any pytree; ``None`` leaves pass
+    through) and returns ``(clipped_updates, new_state)``. Methods that need the parameters (AGC)
+    take them from ``params``, which must then be given. Everything runs under ``jax.jit``.
+
+    Args:
+        clipper: Any gradclip clipper (stateless or adaptive, or a chain).
+
+    Returns:
+        An ``optax.GradientTransformation`` whose state is a :class:`ClipperState`.
+
+    Raises:
+        InvalidArgumentError: ``clipper`` is not a gradclip clipper.
+        BackendError: (when called) leaves that are torch or TensorFlow arrays.
+    """
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    if not isinstance(clipper, Clipper):
+        raise InvalidArgumentError(
+            f"as_optax: expected a gradclip clipper, got {type(clipper).__name__}"
+        )
+    name = type(clipper).__name__
+    needs_params = clipper._uses_params()
+
+    def step(leaves, names, state, param_leaves):
+        ops = get_ops(leaves, framework="jax", where=f"{name}.as_optax().update")
+        return clipper._update(ops, leaves, state, param_leaves, names)
+
+    def init_fn(params):
+        leaves, names, _ = _leaves(params, f"{name}.as_optax().init")
+        ops = get_ops(leaves, framework="jax", where=f"{name}.as_optax().init")
+        state = clipper._init(ops, leaves)
+        # The info's dtypes must be those update() produces, so the state has one fixed type
+        # (lax.scan and while loops carry it): take them from an abstract evaluation.
+        shapes = jax.eval_shape(
+            lambda g, p, s: step(g, names, s, p if needs_params else None)[2], leaves, leaves, state
+        )
+        info = ClipInfo(
+            norm=jnp.zeros(shapes.norm.shape, shapes.norm.dtype),
+            threshold=jnp.zeros(shapes.threshold.shape, shapes.threshold.dtype),
+            coef=jnp.ones(shapes.coef.shape, shapes.coef.dtype),
+            clipped=jnp.zeros(shapes.clipped.shape, shapes.clipped.dtype),
+            finite=jnp.ones(shapes.finite.shape, shapes.finite.dtype),
+            skip=jnp.zeros(shapes.skip.shape, shapes.skip.dtype),
+        )
+        return ClipperState(clipper=state, info=info)
+
+    def update_fn(updates, state, params=None):
+        where = f"{name}.as_optax().update"
+        if not isinstance(state, ClipperState):
+            raise InvalidArgumentError(
+                f"{where}: state must be the ClipperState from init(), got {type(state).__name__}"
+            )
+        leaves, names, treedef = _leaves(updates, where)
+        param_leaves = None
+        if needs_params:
+            if params is None:
+                raise InvalidArgumentError(
+                    f"{where}: {name} needs the parameters; call update(updates, state, params)"
+                )
+            param_leaves, _, _ = _leaves(treedef.flatten_up_to(params), where)
+        new, inner, info = step(leaves, names, state.clipper, param_leaves)
+        # A skipped step changes nothing: zero updates (where, not a Python branch).
+        new = [jnp.where(info.skip, jnp.zeros_like(n), n) for n in new]
+        return jax.tree_util.tree_unflatten(treedef, new), ClipperState(clipper=inner, info=info)
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def clip_then(clipper: Clipper, inner):
+    """Clip with ``clipper``, then apply the optax transformation ``inner``, skipping whole steps.
+
+    Like ``optax.chain(clipper.as_optax(), inner)``, except that a step the clipper asks to skip
+    (``info.skip``) outputs zero updates *and* leaves ``inner``'s state (Adam's moments, its step
+    count) as it was, in the manner of ``optax.apply_if_finite``. Selection uses ``jnp.where``,
+    so it works under ``jax.jit``.
+
+    Args:
+        clipper: Any gradclip clipper.
+        inner: An ``optax.GradientTransformation`` (e.g. ``optax.adam(1e-3)``).
+
+    Returns:
+        An ``optax.GradientTransformation`` whose state is a ``ClipThenState``.
+    """
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    clip_tx = as_optax(clipper)
+
+    def init_fn(params):
+        return ClipThenState(clip=clip_tx.init(params), inner=inner.init(params))
+
+    def update_fn(updates, state, params=None):
+        clipped, clip_state = clip_tx.update(updates, state.clip, params)
+        new_updates, new_inner = inner.update(clipped, state.inner, params)
+        skip = clip_state.info.skip
+        keep = lambda old, new: jnp.where(skip, old, new)  # noqa: E731
+        inner_state = jax.tree_util.tree_map(keep, state.inner, new_inner)
+        new_updates = jax.tree_util.tree_map(lambda u: jnp.where(skip, jnp.zeros_like(u), u), new_updates)
+        return new_updates, ClipThenState(clip=clip_state, inner=inner_state)
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def clip_info(opt_state: Any, *, all: bool = False):  # noqa: A002 - mirrors optax naming
+    """The :class:`~gradclip.ClipInfo` of the last step, found in an optax state.
+
+    Args:
+        opt_state: A state containing one or more :class:`ClipperState` (any nesting:
+            ``optax.chain``, ``inject_hyperparams``, :func:`clip_then`).
+        all: Return a list with the info of every clipper found, in order.
+
+    Returns:
+        The first clipper's ClipInfo (arrays; ``info.to_dict()`` reads them), or a list.
+
+    Raises:
+        InvalidArgumentError: No gradclip clipper state in ``opt_state``.
+    """
+    import jax
+
+    found = [
+        leaf.info
+        for leaf in jax.tree_util.tree_leaves(opt_state, is_leaf=lambda x: isinstance(x, ClipperState))
+        if isinstance(leaf, ClipperState)
+    ]
+    if not found:
+        raise InvalidArgumentError("clip_info: opt_state holds no gradclip clipper state (from as_optax())")
+    return found if all else found[0]
