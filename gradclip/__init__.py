@@ -24,13 +24,21 @@ from gradclip._core.clipper import Clipper
 from gradclip._core.registry import available, get, register
 from gradclip._core.types import ClipInfo
 from gradclip.clippers import (
+    AGC,
+    AdaGC,
+    AutoClip,
     AverageNorm,
     BlockRMS,
     Chain,
     GlobalNorm,
+    NonFinite,
     Norm,
     NormSign,
+    QuantileNorm,
+    SkipOnSpike,
+    Subset,
     Value,
+    ZClip,
     ZeroOutliers,
     chain,
 )
@@ -42,10 +50,14 @@ from gradclip.functional import (
     global_norm,
     zero_outliers,
 )
+from gradclip.monitor import Monitor, suggest_threshold
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AGC",
+    "AdaGC",
+    "AutoClip",
     "AverageNorm",
     "BackendError",
     "BlockRMS",
@@ -55,13 +67,19 @@ __all__ = [
     "GlobalNorm",
     "GradClipError",
     "InvalidArgumentError",
+    "Monitor",
+    "NonFinite",
     "NonFiniteError",
     "Norm",
     "NormSign",
+    "QuantileNorm",
+    "SkipOnSpike",
     "SparseGradientError",
     "StateError",
+    "Subset",
     "UnknownNameError",
     "Value",
+    "ZClip",
     "ZeroOutliers",
     "available",
     "chain",
@@ -72,5 +90,6 @@ __all__ = [
     "get",
     "global_norm",
     "register",
+    "suggest_threshold",
     "zero_outliers",
 ]

@@ -6,5 +6,12 @@ expected). The drop-ins give the same results as ``torch.nn.utils.clip_grad_norm
 """
 
 from gradclip.torch.clip import clip_grad_norm_, clip_grad_value_, get_total_norm
+from gradclip.torch.optim import ClippedOptimizer, fold_unsupported_reason
 
-__all__ = ["clip_grad_norm_", "clip_grad_value_", "get_total_norm"]
+__all__ = [
+    "ClippedOptimizer",
+    "clip_grad_norm_",
+    "clip_grad_value_",
+    "fold_unsupported_reason",
+    "get_total_norm",
+]

@@ -1,0 +1,189 @@
+"""Hugging Face transformers integration: clip with any gradclip clipper inside ``Trainer.train``.
+
+::
+
+    import gradclip
+    from gradclip.transformers import GradClipCallback
+
+    args = TrainingArguments(..., max_grad_norm=0)      # turn the Trainer's own clipping off
+    trainer = Trainer(model=model, args=args, train_dataset=data,
+                      callbacks=[GradClipCallback(gradclip.get("zclip"))])
+    trainer.train()
+
+Requires ``transformers >= 4.45``: the callback clips in ``on_pre_optimizer_step``, the event the
+Trainer fires after gradient accumulation and its own (disabled) clipping, right before
+``optimizer.step()``. Older versions have no such event; constructing the callback there raises.
+
+Set ``max_grad_norm=0`` (the Trainer's default is 1.0, which would clip first and hide the norms
+the clipper should see; a warning says so). Under fp16 mixed precision the gradients are
+unscaled once, through the accelerate optimizer's ``GradScaler``, before clipping.
+
+Logging: every time the Trainer logs, the callback adds ``grad_norm`` (pre-clip global norm of the
+last step, measured by gradclip), ``grad_norm_clipped``, ``clip_coef``, ``clip_threshold`` and
+``clip_rate`` (fraction of the steps since the previous log that were clipped) to the logs and to
+``trainer.state.log_history``. The values stay on the device between logs and are fetched in one
+batch then. The Trainer runs reporting callbacks (TensorBoard, W&B...) before callbacks passed in
+``callbacks=``; to have them receive these keys too, add the callback with
+:meth:`GradClipCallback.attach` instead.
+
+When the clipper asks to skip a step (``info.skip``), the gradients are cleared so the optimizer
+leaves the parameters alone (one host read per step, only for clippers able to skip).
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+from gradclip._core.clipper import Clipper
+from gradclip._core.errors import InvalidArgumentError
+
+try:
+    import transformers as _transformers
+    from transformers import TrainerCallback as _TrainerCallback
+except ImportError as error:  # pragma: no cover - depends on the environment
+    raise ImportError("gradclip.transformers needs transformers >= 4.45: pip install 'transformers>=4.45'") from error
+
+__all__ = ["GradClipCallback", "MIN_TRANSFORMERS_VERSION"]
+
+#: The first transformers release whose Trainer fires ``on_pre_optimizer_step``.
+MIN_TRANSFORMERS_VERSION = (4, 45)
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+    parts = []
+    for piece in version.split(".")[:2]:
+        digits = "".join(ch for ch in piece if ch.isdigit())
+        parts.append(int(digits) if digits else 0)
+    return tuple(parts)
+
+
+class GradClipCallback(_TrainerCallback):
+    """Clip gradients with a gradclip clipper before every optimizer step of ``Trainer.train``.
+
+    Args:
+        clipper: Any gradclip clipper.
+        monitor: A :class:`gradclip.Monitor`, observed after each clip with the Trainer's global
+            step; flushed when training ends (closing it stays yours).
+
+    Raises:
+        InvalidArgumentError: ``clipper`` is not a gradclip clipper or ``monitor`` has no ``observe``.
+        RuntimeError: transformers is older than 4.45.
+    """
+
+    def __init__(self, clipper: Clipper, monitor: Any = None):
+        version = getattr(_transformers, "__version__", "0")
+        if _version_tuple(version) < MIN_TRANSFORMERS_VERSION:
+            raise RuntimeError(
+                f"gradclip.transformers.GradClipCallback needs transformers >= 4.45 (the Trainer event "
+                f"on_pre_optimizer_step); found {version}"
+            )
+        if not isinstance(clipper, Clipper):
+            raise InvalidArgumentError(
+                f"GradClipCallback: clipper must be a gradclip clipper, got {type(clipper).__qualname__}"
+            )
+        if monitor is not None and not callable(getattr(monitor, "observe", None)):
+            raise InvalidArgumentError(
+                f"GradClipCallback: monitor must have an observe(info) method, got {type(monitor).__qualname__}"
+            )
+        from gradclip.torch.optim import _may_skip
+
+        self.clipper = clipper
+        self.monitor = monitor
+        self.last_info = None
+        self._may_skip = _may_skip(clipper)
+        self._pending: list[Any] = []
+
+    def attach(self, trainer: Any) -> GradClipCallback:
+        """Add this callback to ``trainer`` ahead of the others, so reporting callbacks see its logs.
+
+        Returns:
+            This callback.
+        """
+        callbacks = trainer.callback_handler.callbacks
+        if self in callbacks:
+            callbacks.remove(self)
+        callbacks.insert(0, self)
+        return self
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        max_grad_norm = getattr(args, "max_grad_norm", None)
+        if max_grad_norm is not None and max_grad_norm > 0:
+            warnings.warn(
+                f"GradClipCallback: TrainingArguments(max_grad_norm={max_grad_norm}) makes the Trainer "
+                "clip before this callback; gradients are clipped twice. Pass max_grad_norm=0.",
+                UserWarning,
+                stacklevel=2,
+            )
+
+    def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, model: Any = None, optimizer: Any = None, **kwargs: Any) -> None:
+        if model is None:
+            raise InvalidArgumentError("GradClipCallback.on_pre_optimizer_step: the Trainer passed no model")
+        self._unscale_once(optimizer)
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        info = self.clipper.clip_(named)
+        self.last_info = info
+        if self.monitor is not None:
+            self.monitor.observe(info, step=int(state.global_step))
+        import torch
+
+        norm = info.norm.detach().to(torch.float32)
+        coef = info.coef.detach().to(norm.device, torch.float32)
+        self._pending.append(
+            torch.stack(
+                [
+                    norm,
+                    norm * coef,
+                    coef,
+                    info.threshold.detach().to(norm.device, torch.float32),
+                    info.clipped.detach().to(norm.device, torch.float32),
+                ]
+            )
+        )
+        if self._may_skip and bool(info.skip):
+            for _, param in named:
+                param.grad = None
+
+    @staticmethod
+    def _unscale_once(optimizer: Any) -> None:
+        """Unscale fp16 gradients through accelerate's GradScaler unless that was done already."""
+        scaler = getattr(optimizer, "scaler", None)
+        inner = getattr(optimizer, "optimizer", None)
+        if scaler is None or inner is None:
+            return
+        is_enabled = getattr(scaler, "is_enabled", None)
+        if callable(is_enabled) and not is_enabled():
+            return
+        from gradclip.torch.optim import _scaler_stage
+
+        if _scaler_stage(scaler, inner) not in ("ready", None):
+            return
+        try:
+            scaler.unscale_(inner)
+        except RuntimeError as error:
+            if "already been called" not in str(error):
+                raise
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        if not self._pending or logs is None or "loss" not in logs:
+            return  # only training logs carry the clipping values
+        import torch
+
+        pending, self._pending = self._pending, []
+        rows = torch.stack([r.to(pending[0].device) for r in pending]).cpu().tolist()  # one sync
+        norm, norm_after, coef, threshold, _ = rows[-1]
+        added = {
+            "grad_norm": norm,
+            "grad_norm_clipped": norm_after,
+            "clip_coef": coef,
+            "clip_threshold": threshold,
+            "clip_rate": sum(r[4] for r in rows) / len(rows),
+        }
+        logs.update(added)
+        history = getattr(state, "log_history", None)
+        if history and history[-1].get("step") == state.global_step and "loss" in history[-1]:
+            history[-1].update(added)
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.monitor is not None and callable(getattr(self.monitor, "flush", None)):
+            self.monitor.flush()

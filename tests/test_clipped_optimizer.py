@@ -1,0 +1,455 @@
+"""``gradclip.torch.ClippedOptimizer``: unscale once, clip once per optimizer step, skip, step.
+
+Compared step for step with the loop a user would write by hand (GradScaler.unscale_,
+clip in place, GradScaler.step / optimizer.step), for every torch optimizer; accumulation,
+skipping, checkpoints, closures, LR schedulers, the monitor hook and bad arguments.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import math
+import warnings
+from typing import NamedTuple
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import gradclip  # noqa: E402
+import gradclip.torch as gct  # noqa: E402
+from gradclip._core.clipper import Clipper, make_info  # noqa: E402
+
+RTOL, ATOL = 1e-5, 1e-6
+
+
+class EmaState(NamedTuple):
+    ema: object
+    count: object
+
+
+class EmaGlobalClip(Clipper):
+    """An adaptive clipper with device state: threshold = 1.5 x the EMA of past norms."""
+
+    name = "test_ema_global_clip"
+    state_type = EmaState
+    state_dtypes = {"ema": "float32", "count": "float32"}
+
+    def config(self):
+        return {}
+
+    def _init(self, ops, grads):
+        return EmaState(ops.scalar(0.0), ops.scalar(0.0))
+
+    def _update(self, ops, grads, state, params, names):
+        norm = ops.global_norm(grads, 2.0)
+        threshold = ops.where(state.count > 0, 1.5 * state.ema, norm)
+        coef = ops.where(norm > threshold, threshold / (norm + 1e-6), ops.scalar(1.0))
+        grads = ops.scale(grads, coef)
+        ema = ops.where(state.count > 0, 0.9 * state.ema + 0.1 * norm, norm)
+        return grads, EmaState(ema, state.count + 1.0), make_info(ops, norm, threshold, coef, coef < 1, ops.isfinite(norm))
+
+
+def _model(seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 2))
+
+
+def _batches(n, seed=1):
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randn(8, 5, generator=generator) * (1.0 + 3.0 * (i % 2)) for i in range(n)]
+
+
+def _loss(model, x):
+    return model(x).pow(2).mean() * 20
+
+
+def _params(model):
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def _assert_same(a, b):
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y, rtol=RTOL, atol=ATOL)
+
+
+OPTIMIZERS = {
+    "sgd": lambda p: torch.optim.SGD(p, lr=0.1),
+    "sgd_momentum_nesterov": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, nesterov=True),
+    "adam": lambda p: torch.optim.Adam(p, lr=0.01),
+    "adamw_foreach": lambda p: torch.optim.AdamW(p, lr=0.01, foreach=True),
+    "adamax": lambda p: torch.optim.Adamax(p, lr=0.01),
+    "nadam": lambda p: torch.optim.NAdam(p, lr=0.01),
+    "radam": lambda p: torch.optim.RAdam(p, lr=0.01),
+    "rmsprop": lambda p: torch.optim.RMSprop(p, lr=0.01),
+    "adagrad": lambda p: torch.optim.Adagrad(p, lr=0.1),
+    "adadelta": lambda p: torch.optim.Adadelta(p),
+    "asgd": lambda p: torch.optim.ASGD(p, lr=0.01),
+    "rprop": lambda p: torch.optim.Rprop(p, lr=0.01),
+}
+
+
+def _by_hand(optimizer_name, max_norm, steps, scaler=False):
+    model = _model()
+    optimizer = OPTIMIZERS[optimizer_name](model.parameters())
+    grad_scaler = torch.amp.GradScaler("cpu", init_scale=256.0) if scaler else None
+    for x in _batches(steps):
+        loss = _loss(model, x)
+        if grad_scaler:
+            grad_scaler.scale(loss).backward()
+            grad_scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+            grad_scaler.step(optimizer)
+            grad_scaler.update()
+        else:
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+            optimizer.step()
+        optimizer.zero_grad()
+    return _params(model)
+
+
+def _with_clipped_optimizer(optimizer_name, clipper, steps, scaler=False, **kwargs):
+    model = _model()
+    grad_scaler = torch.amp.GradScaler("cpu", init_scale=256.0) if scaler else None
+    opt = gct.ClippedOptimizer(OPTIMIZERS[optimizer_name](model.parameters()), clipper, scaler=grad_scaler, **kwargs)
+    for x in _batches(steps):
+        loss = _loss(model, x)
+        (grad_scaler.scale(loss) if grad_scaler else loss).backward()
+        opt.step()
+        if grad_scaler:
+            grad_scaler.update()
+        opt.zero_grad()
+    return _params(model), opt
+
+
+@pytest.mark.parametrize("optimizer", sorted(OPTIMIZERS))
+def test_matches_the_hand_written_loop_for_every_torch_optimizer(optimizer):
+    ours, opt = _with_clipped_optimizer(optimizer, gradclip.GlobalNorm(0.5), steps=4)
+    _assert_same(ours, _by_hand(optimizer, 0.5, steps=4))
+    assert opt.stepped and not opt.folded
+    assert opt.last_info.to_dict()["clipped"]
+
+
+@pytest.mark.parametrize("optimizer", ["sgd_momentum_nesterov", "adam", "rmsprop"])
+def test_matches_the_hand_written_loop_with_a_grad_scaler(optimizer):
+    ours, _ = _with_clipped_optimizer(optimizer, gradclip.GlobalNorm(0.5), steps=4, scaler=True)
+    _assert_same(ours, _by_hand(optimizer, 0.5, steps=4, scaler=True))
+
+
+def test_unscales_exactly_once_even_when_the_user_already_did():
+    model = _model()
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    scaler = torch.amp.GradScaler("cpu", init_scale=256.0)
+    opt = gct.ClippedOptimizer(optimizer, gradclip.GlobalNorm(0.5), scaler=scaler)
+    for x in _batches(4):
+        scaler.scale(_loss(model, x)).backward()
+        scaler.unscale_(optimizer)  # to look at the gradients: step() must not unscale again
+        opt.step()
+        scaler.update()
+        opt.zero_grad()
+    _assert_same(_params(model), _by_hand("adam", 0.5, steps=4, scaler=True))
+
+
+def test_scaler_overflow_skips_the_step_and_the_scale_backs_off():
+    model = _model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=256.0)
+    opt = gct.ClippedOptimizer(optimizer, gradclip.GlobalNorm(0.5), scaler=scaler)
+    scaler.scale(_loss(model, _batches(1)[0])).backward()
+    model[0].weight.grad[0, 0] = math.inf
+    before = _params(model)
+    opt.step()
+    scaler.update()
+    _assert_same(_params(model), before)
+    assert scaler.get_scale() == 128.0
+    assert not opt.last_info.to_dict()["finite"]
+
+
+@pytest.mark.parametrize("optimizer", ["sgd_momentum_nesterov", "adam"])
+def test_info_skip_skips_the_step(optimizer):
+    model = _model()
+    inner = OPTIMIZERS[optimizer](model.parameters())
+    opt = gct.ClippedOptimizer(inner, gradclip.GlobalNorm(0.5, nonfinite="skip"))
+    x1, x2 = _batches(2)
+    _loss(model, x1).backward()
+    opt.step()
+    opt.zero_grad()
+    state_before = {k: {n: (v.clone() if torch.is_tensor(v) else v) for n, v in s.items()} for k, s in inner.state.items()}
+    params_before = _params(model)
+    _loss(model, x2).backward()
+    model[2].bias.grad[0] = math.nan
+    opt.step()
+    assert opt.stepped and opt.last_info.to_dict()["skip"]
+    _assert_same(_params(model), params_before)
+    for key, state in inner.state.items():
+        for name, value in state.items():
+            if torch.is_tensor(value):
+                assert torch.equal(value, state_before[key][name])
+
+
+def test_accumulation_clips_once_per_optimizer_step():
+    """k micro-batches accumulate, then one clip (of the accumulated gradient) and one step."""
+    calls = []
+
+    class Counting(gradclip.GlobalNorm):
+        def _update(self, ops, grads, state, params, names):
+            calls.append(1)
+            return super()._update(ops, grads, state, params, names)
+
+    k = 3
+    model = _model()
+    opt = gct.ClippedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), Counting(0.5), accumulation_steps=k)
+    micro = _batches(2 * k)
+    stepped = []
+    for i, x in enumerate(micro):
+        assert opt.will_step == ((i + 1) % k == 0)
+        (_loss(model, x) / k).backward()
+        opt.step()
+        stepped.append(opt.stepped)
+        opt.zero_grad()
+    assert len(calls) == 2
+    assert stepped == [False, False, True, False, False, True]
+
+    # The same by hand: accumulate, clip the sum once, step.
+    reference = _model()
+    optimizer = torch.optim.SGD(reference.parameters(), lr=0.1)
+    for i, x in enumerate(micro):
+        (_loss(reference, x) / k).backward()
+        if (i + 1) % k == 0:
+            torch.nn.utils.clip_grad_norm_(reference.parameters(), 0.5)
+            optimizer.step()
+            optimizer.zero_grad()
+    _assert_same(_params(model), _params(reference))
+
+
+def test_state_dict_holds_optimizer_and_clipper_state_and_resumes_exactly():
+    batches = _batches(8)
+
+    def train(opt, model, xs):
+        for x in xs:
+            _loss(model, x).backward()
+            opt.step()
+            opt.zero_grad()
+
+    model = _model()
+    opt = gct.ClippedOptimizer(torch.optim.Adam(model.parameters(), lr=0.01), EmaGlobalClip())
+    train(opt, model, batches)
+    uninterrupted = _params(model)
+
+    model = _model()
+    opt = gct.ClippedOptimizer(torch.optim.Adam(model.parameters(), lr=0.01), EmaGlobalClip())
+    train(opt, model, batches[:4])
+    state = opt.state_dict()
+    assert set(state) >= {"optimizer", "clipper"}
+    assert state["clipper"]["state"] is not None and state["optimizer"]["state"]
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": state}, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=True)
+
+    resumed = _model(seed=123)
+    resumed.load_state_dict(loaded["model"])
+    opt2 = gct.ClippedOptimizer(torch.optim.Adam(resumed.parameters(), lr=0.01), EmaGlobalClip())
+    opt2.load_state_dict(loaded["opt"])
+    train(opt2, resumed, batches[4:])
+    _assert_same(_params(resumed), uninterrupted)
+
+
+def test_load_state_dict_rejects_bad_input_and_changes_nothing():
+    model = _model()
+    opt = gct.ClippedOptimizer(torch.optim.Adam(model.parameters(), lr=0.01), gradclip.GlobalNorm(1.0))
+    _loss(model, _batches(1)[0]).backward()
+    opt.step()
+    good = copy.deepcopy(opt.state_dict())  # torch's state_dict shares the state tensors
+    with pytest.raises(gradclip.StateError, match="ClippedOptimizer.state_dict"):
+        opt.load_state_dict(opt.optimizer.state_dict())
+    wrong_clipper = dict(good, clipper=gradclip.Norm(1.0).state_dict())
+    before = opt.optimizer.state_dict()["state"][0]["exp_avg"].clone()
+    opt.optimizer.state[next(iter(model.parameters()))]["exp_avg"].zero_()
+    with pytest.raises(gradclip.StateError):
+        opt.load_state_dict(wrong_clipper)
+    # The optimizer was not touched by the failed load.
+    assert torch.count_nonzero(opt.optimizer.state_dict()["state"][0]["exp_avg"]) == 0
+    opt.load_state_dict(good)
+    torch.testing.assert_close(opt.optimizer.state_dict()["state"][0]["exp_avg"], before)
+
+
+def test_lr_schedulers_accept_it_and_it_forwards_the_optimizer_view():
+    model = _model()
+    opt = gct.ClippedOptimizer(torch.optim.SGD(model.parameters(), lr=1.0), gradclip.GlobalNorm(1.0))
+    assert isinstance(opt, torch.optim.Optimizer)
+    scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "scheduler.step() before optimizer.step()" warning
+        for x in _batches(2):
+            _loss(model, x).backward()
+            opt.step()
+            opt.zero_grad()
+            scheduler.step()
+    assert opt.param_groups[0]["lr"] == 0.25
+    assert opt.param_groups is opt.optimizer.param_groups
+    assert opt.state is opt.optimizer.state
+    assert "ClippedOptimizer(" in repr(opt)
+
+
+def test_closure_clips_every_evaluation_and_matches_the_plain_step():
+    batches = _batches(3)
+    model = _model()
+    opt = gct.ClippedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), gradclip.GlobalNorm(0.5))
+    for x in batches:
+        def closure(x=x):
+            opt.zero_grad()
+            loss = _loss(model, x)
+            loss.backward()
+            return loss
+
+        loss = opt.step(closure)
+        assert torch.is_tensor(loss)
+    plain = _model()
+    optimizer = torch.optim.SGD(plain.parameters(), lr=0.1, momentum=0.9)
+    for x in batches:
+        _loss(plain, x).backward()
+        torch.nn.utils.clip_grad_norm_(plain.parameters(), 0.5)
+        optimizer.step()
+        optimizer.zero_grad()
+    _assert_same(_params(model), _params(plain))
+
+
+def test_lbfgs_runs_with_a_closure_and_sees_clipped_gradients():
+    model = _model()
+    seen = []
+    inner = torch.optim.LBFGS(model.parameters(), lr=0.1, max_iter=3)
+    opt = gct.ClippedOptimizer(inner, gradclip.GlobalNorm(0.1))
+    x = _batches(1)[0]
+
+    def closure():
+        opt.zero_grad()
+        loss = _loss(model, x)
+        loss.backward()
+        return loss
+
+    original = opt._clipping_closure
+
+    def spying(user_closure):
+        clipped = original(user_closure)
+
+        def run():
+            loss = clipped()
+            seen.append(float(gradclip.global_norm([p.grad for p in model.parameters()])))
+            return loss
+
+        return run
+
+    opt._clipping_closure = spying
+    for _ in range(2):
+        opt.step(closure)
+    assert len(seen) >= 2
+    assert max(seen) <= 0.1 + 1e-6
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_closure_with_a_grad_scaler_is_refused():
+    model = _model()
+    opt = gct.ClippedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), gradclip.GlobalNorm(1.0),
+                               scaler=torch.amp.GradScaler("cpu"))
+    with pytest.raises(gradclip.InvalidArgumentError, match="closures"):
+        opt.step(lambda: _loss(model, _batches(1)[0]))
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_monitor_is_observed_once_per_optimizer_step(fused):
+    model = _model()
+    monitor = gradclip.Monitor(model, every=2)
+    opt = gct.ClippedOptimizer(torch.optim.Adam(model.parameters(), lr=0.01, fused=fused), gradclip.GlobalNorm(0.5),
+                               monitor=monitor, accumulation_steps=2)
+    for x in _batches(6):
+        _loss(model, x).backward()
+        opt.step()
+        opt.zero_grad()
+    summary = monitor.summary()
+    assert summary["steps"] == 3
+    assert set(summary["layers"]) == {n for n, _ in model.named_parameters()}
+    assert opt.folded == fused
+
+
+@pytest.mark.parametrize("fold", [False, True])
+def test_warns_when_there_are_no_gradients(fold):
+    model = _model()
+    opt = gct.ClippedOptimizer(torch.optim.Adam(model.parameters(), fused=True), gradclip.GlobalNorm(1.0), fold=fold)
+    with pytest.warns(RuntimeWarning, match="before backward"):
+        opt.step()
+
+
+def test_bad_arguments_are_rejected_with_clear_errors():
+    model = _model()
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1)
+    clipper = gradclip.GlobalNorm(1.0)
+    with pytest.raises(gradclip.InvalidArgumentError, match="optimizer must be a torch.optim.Optimizer"):
+        gct.ClippedOptimizer(object(), clipper)
+    with pytest.raises(gradclip.InvalidArgumentError, match="clipper must be a gradclip clipper"):
+        gct.ClippedOptimizer(sgd, torch.nn.utils.clip_grad_norm_)
+    with pytest.raises(gradclip.InvalidArgumentError, match="accumulation_steps must be an integer >= 1, got 0"):
+        gct.ClippedOptimizer(sgd, clipper, accumulation_steps=0)
+    with pytest.raises(gradclip.InvalidArgumentError, match="fold must be None, True or False"):
+        gct.ClippedOptimizer(sgd, clipper, fold="yes")
+    with pytest.raises(gradclip.InvalidArgumentError, match="scaler must be"):
+        gct.ClippedOptimizer(sgd, clipper, scaler=1.0)
+    with pytest.raises(gradclip.InvalidArgumentError, match="monitor must have an observe"):
+        gct.ClippedOptimizer(sgd, clipper, monitor=object())
+    with pytest.raises(gradclip.InvalidArgumentError, match="already a ClippedOptimizer"):
+        gct.ClippedOptimizer(gct.ClippedOptimizer(sgd, clipper), clipper)
+
+
+def test_calling_step_twice_without_scaler_update_is_a_clear_error():
+    model = _model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu")
+    opt = gct.ClippedOptimizer(optimizer, gradclip.GlobalNorm(1.0), scaler=scaler)
+    scaler.scale(_loss(model, _batches(1)[0])).backward()
+    opt.step()
+    with pytest.raises(gradclip.StateError, match="scaler.update"):
+        opt.step()
+
+
+READS = ["item", "__bool__", "__float__", "__int__", "tolist", "__index__", "numpy", "cpu"]
+
+
+def _count_host_reads(monkeypatch, fn):
+    calls: list[str] = []
+    for name in READS:
+        original = getattr(torch.Tensor, name)
+
+        def wrapper(self, *args, __name=name, __original=original, **kwargs):
+            calls.append(__name)
+            return __original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, wrapper)
+    try:
+        fn()
+    finally:
+        monkeypatch.undo()
+    return calls
+
+
+@pytest.mark.parametrize("optimizer", ["sgd_momentum_nesterov", "adam", "rmsprop"])
+def test_clipping_adds_no_host_read_to_the_optimizer_step(monkeypatch, optimizer):
+    """Clippers that never skip add nothing to whatever the torch optimizer reads itself."""
+    reads = {}
+    for wrapped in (False, True):
+        model = _model()
+        inner = OPTIMIZERS[optimizer](model.parameters())
+        opt = gct.ClippedOptimizer(inner, gradclip.GlobalNorm(0.5)) if wrapped else inner
+        for x in _batches(2):
+            _loss(model, x).backward()
+            reads[wrapped] = _count_host_reads(monkeypatch, opt.step)
+            opt.zero_grad()
+    assert reads[True] == reads[False]
+
+
+def test_a_clipper_that_can_skip_reads_one_bool_with_a_non_fused_optimizer(monkeypatch):
+    model = _model()
+    opt = gct.ClippedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), gradclip.GlobalNorm(0.5, nonfinite="skip"))
+    _loss(model, _batches(1)[0]).backward()
+    assert _count_host_reads(monkeypatch, opt.step) == ["__bool__"]
