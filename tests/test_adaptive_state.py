@@ -332,11 +332,10 @@ def test_pure_update_never_checks():
 
 
 # -- the pure API ---------------------------------------------------------------------------
-@pytest.mark.parametrize("name", STATEFUL)
+# An unseeded Subset draws a fresh random key per instance by design: two instances differ.
+@pytest.mark.parametrize("name", [name for name in STATEFUL if name != "subset_random_key"])
 @pytest.mark.parametrize("framework", ["numpy", "torch"])
 def test_pure_init_update_equals_the_stateful_object(name, framework):
-    if name == "subset_random_key":
-        pytest.skip("a random key differs between two instances by design")
     stateful, pure = checkpoint_cases()[name], checkpoint_cases()[name]
     state = None
     for step in range(16):
