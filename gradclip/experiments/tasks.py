@@ -17,14 +17,15 @@ so results are reproducible.
 
 from __future__ import annotations
 
+import inspect
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any
 
-from gradclip._core.errors import UnknownNameError
+from gradclip._core.errors import InvalidArgumentError, UnknownNameError
 
-__all__ = ["Task", "TASKS", "make_task", "task_names", "TaskDefaults"]
+__all__ = ["Task", "TASKS", "check_options", "make_task", "task_names", "TaskDefaults"]
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,8 @@ class Task(ABC):
     metric_name: str = "accuracy"
     defaults = TaskDefaults(steps=500, lr=0.1, optimizer="sgd", quick_steps=30)
     description: str = ""
+    #: The shortest ``seq_len`` the task accepts (sequence tasks only).
+    min_seq_len: int = 2
 
     def __init__(self, seed: int):
         import torch
@@ -117,7 +120,7 @@ class AddingTask(Task):
 
     name = "adding"
     metric_name = "success"
-    defaults = TaskDefaults(steps=3000, lr=0.2, optimizer="sgd", quick_steps=40)
+    defaults = TaskDefaults(steps=4000, lr=0.2, optimizer="sgd", quick_steps=40)
     description = "tanh RNN, sum of two marked numbers (Pascanu et al. 2013)"
     batch_size = 64
     criterion = 0.01
@@ -178,10 +181,11 @@ class TemporalOrderTask(Task):
     description = "tanh RNN, order of two symbols among noise (Pascanu et al. 2013)"
     batch_size = 64
     symbols = 6  # a, b, c, d (noise), X, Y
+    min_seq_len = 10
 
     def __init__(self, seed: int, seq_len: int = 20, hidden: int = 32):
         super().__init__(seed)
-        self.seq_len, self.hidden = max(seq_len, 10), hidden
+        self.seq_len, self.hidden = seq_len, hidden
 
     def _sample(self, n: int, generator):
         import torch
@@ -438,10 +442,36 @@ def make_task(name: str, seed: int, **options: Any) -> Task:
     if name not in TASKS:
         raise UnknownNameError(f"unknown task {name!r}; valid tasks: {', '.join(TASKS)}")
     cls = TASKS[name]
-    import inspect
+    options = {k: v for k, v in options.items() if v is not None}
+    check_options(name, options)
+    return cls(seed, **options)
 
-    accepted = set(inspect.signature(cls.__init__).parameters) - {"self", "seed"}
-    return cls(seed, **{k: v for k, v in options.items() if k in accepted and v is not None})
+
+def check_options(name: str, options: dict[str, Any]) -> None:
+    """Validate a task's options before any run starts (``gradclip compare`` calls it up front).
+
+    Args:
+        name: A task name.
+        options: Task keyword options, e.g. ``{"seq_len": 50}``.
+
+    Raises:
+        UnknownNameError: Unknown task.
+        InvalidArgumentError: An option the task does not take (``seq_len`` for ``digits``), or a
+            sequence length below the task's minimum (temporal order needs 10 positions to place
+            its two symbols in the 10-20 % and 50-60 % windows).
+    """
+    if name not in TASKS:
+        raise UnknownNameError(f"unknown task {name!r}; valid tasks: {', '.join(TASKS)}")
+    cls = TASKS[name]
+    accepted = sorted(set(inspect.signature(cls.__init__).parameters) - {"self", "seed"})
+    for key, value in options.items():
+        if key not in accepted:
+            takes = ", ".join(accepted) if accepted else "no options"
+            raise InvalidArgumentError(f"task {name!r} has no option {key!r} (it takes: {takes})")
+        if key == "seq_len" and (isinstance(value, bool) or not isinstance(value, int) or value < cls.min_seq_len):
+            raise InvalidArgumentError(
+                f"seq_len must be an integer >= {cls.min_seq_len} for task {name!r}, got {value!r}"
+            )
 
 
 def is_diverged(loss: float, cap: float = 1e6) -> bool:
