@@ -44,6 +44,11 @@ def test_compare_writes_every_output_file(quick_compare):
         assert (out / name).stat().st_size > 0, name
     for png in ("loss.png", "grad_norm.png", "clip_rate.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    def no_bare_constants(token):
+        raise AssertionError(f"results.jsonl holds {token}, which strict JSON parsers reject")
+
+    for line in (out / "results.jsonl").read_text().splitlines():
+        json.loads(line, parse_constant=no_bare_constants)
     html = (out / "report.html").read_text()
     assert html.count("data:image/png;base64,") == 3  # self-contained
     assert "global_norm:max_norm=0.5" in (out / "report.md").read_text()

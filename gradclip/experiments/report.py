@@ -17,6 +17,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from gradclip.monitor.writers import json_safe
+
 __all__ = ["summarise", "write_outputs", "SUMMARY_FIELDS", "plot_loss", "plot_norms", "plot_clip_rate"]
 
 SUMMARY_FIELDS = (
@@ -213,7 +215,8 @@ def write_outputs(records: Sequence[dict[str, Any]], out: Path, meta: dict[str, 
     files["results"] = out / "results.jsonl"
     with files["results"].open("w") as handle:
         for record in records:
-            handle.write(json.dumps(record, allow_nan=True) + "\n")
+            # Strict JSON: a diverged run's NaN losses and the infinite threshold of "none" are null.
+            handle.write(json.dumps(json_safe(record), allow_nan=False) + "\n")
     rows = summarise(records)
     files["summary"] = out / "summary.csv"
     with files["summary"].open("w", newline="") as handle:

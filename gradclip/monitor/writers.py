@@ -30,12 +30,18 @@ def _check_path(where: str, name: str, path: Any) -> str:
     return os.fspath(path)
 
 
-def _json_safe(value: Any) -> Any:
-    """Non-finite floats become None: strict JSON has no NaN or Infinity."""
+def json_safe(value: Any) -> Any:
+    """``value`` with every non-finite float, at any depth, replaced by None.
+
+    Strict JSON has no NaN or Infinity (``json.dumps`` writes them as bare tokens that ``jq``,
+    JavaScript and most parsers reject), so gradclip's logs write ``null`` there.
+    """
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
     return value
 
 
@@ -58,7 +64,7 @@ class JsonlWriter:
             os.makedirs(parent, exist_ok=True)
             self._file = open(self.path, "a" if self.append else "w", encoding="utf-8")  # noqa: SIM115
         for record in records:
-            self._file.write(json.dumps(_json_safe(record), allow_nan=False) + "\n")
+            self._file.write(json.dumps(json_safe(record), allow_nan=False) + "\n")
         self._file.flush()
 
     def close(self) -> None:
