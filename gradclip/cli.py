@@ -170,19 +170,24 @@ def _print_summary(rows, meta) -> None:
 
     metric = rows[0]["metric_name"] if rows else "metric"
     table = Table(title=f"gradclip compare — {meta['task']} ({meta['optimizer']}, lr={meta['lr']}, {meta['steps']} steps)")
-    for column in ("clipper", metric, "solved", "diverged", "eval loss (median)", "clip rate", "wall time (s)"):
+    # Skipped steps (SkipOnSpike, nonfinite="skip") get a column only when some run skipped.
+    skips = any(row["skip_rate_mean"] > 0 for row in rows)
+    columns = ["clipper", metric, "solved", "diverged", "eval loss (median)", "clip rate"]
+    columns += ["skip rate"] * skips + ["wall time (s)"]
+    for column in columns:
         table.add_column(column, justify="left" if column == "clipper" else "right")
     for row in rows:
         loss = row["eval_loss_median"]
-        table.add_row(
+        cells = [
             row["clipper"],
             f"{row['metric_mean']:.3f}",
             f"{row['solved']}/{row['runs']}",
             f"{row['diverged']}/{row['runs']}",
             "—" if math.isnan(loss) else f"{loss:.4g}",
             f"{row['clip_rate_mean']:.1%}",
-            f"{row['wall_time_mean']:.1f}",
-        )
+        ]
+        cells += [f"{row['skip_rate_mean']:.1%}"] * skips + [f"{row['wall_time_mean']:.1f}"]
+        table.add_row(*cells)
     # Outside a terminal rich assumes 80 columns and would truncate the clipper specs.
     Console(width=None if sys.stdout.isatty() else 140).print(table)
 

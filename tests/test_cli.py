@@ -207,3 +207,13 @@ def test_bench_quick_runs():
     assert "| P1 |" in result.stdout and "| P3 |" in result.stdout
     ratios = [line.split("|")[5].strip() for line in result.stdout.splitlines() if line.startswith("| P1 |")]
     assert ratios and math.isfinite(float(ratios[0]))
+
+
+def test_compare_shows_skip_rate_when_steps_were_skipped(tmp_path):
+    result = run_cli("compare", "--task", "spikes", "--steps", "120", "--seeds", "1", "--jobs", "1", "--no-progress",
+                     "--clipper", "skip_on_spike", "--out", str(tmp_path / "s"))
+    assert result.returncode == 0, result.stderr
+    record = json.loads((tmp_path / "s" / "results.jsonl").read_text())
+    assert record["skip_rate"] > 0
+    row = next(line for line in result.stdout.splitlines() if "skip_on_spike" in line)
+    assert "skip rate" in result.stdout and f"{record['skip_rate']:.1%}" in row
