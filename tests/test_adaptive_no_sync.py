@@ -10,6 +10,7 @@ kind of read.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 
 import pytest
@@ -17,6 +18,7 @@ import pytest
 import gradclip
 
 torch = pytest.importorskip("torch")
+from _host_reads import record_host_reads  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 _READS = ("item", "__bool__", "__float__", "__int__", "__index__", "tolist")
@@ -52,24 +54,12 @@ class _SyncingOps(TorchDispatchMode):
 def count_host_reads():
     """Counts Python-level value reads into the yielded dict; C++-level ones under "aten:..."."""
     counts: dict[str, int] = {}
-    originals = {name: getattr(torch.Tensor, name) for name in _READS}
-
-    def counting(name, original):
-        def wrapper(self, *args, **kwargs):
-            counts[name] = counts.get(name, 0) + 1
-            return original(self, *args, **kwargs)
-
-        return wrapper
-
-    for name, original in originals.items():
-        setattr(torch.Tensor, name, counting(name, original))
     mode = _SyncingOps()
     try:
-        with mode:
+        with record_host_reads(_READS) as calls, mode:
             yield counts
     finally:
-        for name, original in originals.items():
-            setattr(torch.Tensor, name, original)
+        counts.update(collections.Counter(calls))
         # Python-level reads also reach the dispatcher (.item() -> _local_scalar_dense): only
         # report the dispatcher's count when Python saw nothing, so each read counts once.
         if not counts:

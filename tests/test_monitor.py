@@ -6,7 +6,6 @@ batching is checked by counting host reads of tensor values, as tests/test_no_sy
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import math
 import subprocess
@@ -20,6 +19,7 @@ torch = pytest.importorskip("torch")
 
 import gradclip  # noqa: E402
 import gradclip.torch as gct  # noqa: E402
+from _host_reads import record_host_reads  # noqa: E402
 from gradclip.monitor import (  # noqa: E402
     ClipRateWarning,
     CsvWriter,
@@ -135,27 +135,7 @@ def test_clipped_optimizer_feeds_the_monitor_the_same_records(tmp_path, fused):
                 assert a["layer_norms"][name] == pytest.approx(b["layer_norms"][name], rel=1e-5)
 
 
-READS = ["item", "__bool__", "__float__", "__int__", "tolist", "__index__", "numpy", "cpu"]
-
-
-@contextlib.contextmanager
-def _count_host_reads(monkeypatch):
-    calls: list[str] = []
-    for name in READS:
-        original = getattr(torch.Tensor, name)
-
-        def wrapper(self, *args, __name=name, __original=original, **kwargs):
-            calls.append(__name)
-            return __original(self, *args, **kwargs)
-
-        monkeypatch.setattr(torch.Tensor, name, wrapper)
-    try:
-        yield calls
-    finally:
-        monkeypatch.undo()
-
-
-def test_values_stay_on_the_device_until_every_steps(monkeypatch):
+def test_values_stay_on_the_device_until_every_steps():
     model = _model()
     monitor = Monitor(model, every=4, warn=False)
     clipper = gradclip.GlobalNorm(0.5)
@@ -163,7 +143,7 @@ def test_values_stay_on_the_device_until_every_steps(monkeypatch):
     for step in range(8):
         _backward(model, seed=step)
         info = clipper.clip_(model)
-        with _count_host_reads(monkeypatch) as calls:
+        with record_host_reads() as calls:
             monitor.observe(info)
         reads_per_step.append(len(calls))
     # Steps 1-3 and 5-7 read nothing; steps 4 and 8 fetch the batch with one transfer.

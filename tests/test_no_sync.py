@@ -1,5 +1,7 @@
 """No host-device synchronisation on the default clipping path (DESIGN.md rule 1).
 
+On a GPU, tests/test_cuda.py checks the same with CUDA's sync debug mode.
+
 Every way Python code reads a tensor's value on the host (``.item()``, ``bool(t)``, ``float(t)``,
 ``int(t)``, ``.tolist()``, ``operator.index(t)``, ``.numpy()``, ``.cpu()``) is replaced by a
 counting wrapper on ``torch.Tensor`` while a clipper runs; the count must stay at zero. Control
@@ -8,7 +10,6 @@ tests prove the counter catches deliberate reads, including one made inside a cl
 
 from __future__ import annotations
 
-import contextlib
 import math
 import operator
 
@@ -18,27 +19,7 @@ torch = pytest.importorskip("torch", reason="host-device syncs are a torch conce
 
 import gradclip  # noqa: E402
 import gradclip.torch as gct  # noqa: E402
-
-READS = ["item", "__bool__", "__float__", "__int__", "tolist", "__index__", "numpy", "cpu"]
-
-
-@contextlib.contextmanager
-def count_host_reads(monkeypatch):
-    """Yield a list that records the name of every host read of a tensor value."""
-    calls: list[str] = []
-    for name in READS:
-        original = getattr(torch.Tensor, name)
-
-        def wrapper(self, *args, __name=name, __original=original, **kwargs):
-            calls.append(__name)
-            return __original(self, *args, **kwargs)
-
-        monkeypatch.setattr(torch.Tensor, name, wrapper)
-    try:
-        yield calls
-    finally:
-        monkeypatch.undo()
-
+from _host_reads import record_host_reads  # noqa: E402
 
 def _model(dtype=torch.float32):
     torch.manual_seed(0)
@@ -47,9 +28,9 @@ def _model(dtype=torch.float32):
     return model
 
 
-def test_control_counter_catches_every_deliberate_read(monkeypatch):
+def test_control_counter_catches_every_deliberate_read():
     t = torch.tensor(2.0)
-    with count_host_reads(monkeypatch) as calls:
+    with record_host_reads() as calls:
         t.item()
         bool(t)
         float(t)
@@ -76,19 +57,19 @@ class _SyncingGlobalNorm(gradclip.GlobalNorm):
         return super()._update(ops, grads, state, params, names)
 
 
-def test_control_counter_catches_a_read_inside_clip_(monkeypatch):
+def test_control_counter_catches_a_read_inside_clip_():
     model = _model()
     clipper = _SyncingGlobalNorm(1.0)
-    with count_host_reads(monkeypatch) as calls:
+    with record_host_reads() as calls:
         clipper.clip_(model)
     assert calls == ["item"]
 
 
-def test_control_raise_policy_does_read(monkeypatch):
+def test_control_raise_policy_does_read():
     # "raise" is documented to synchronise once: the counter must see it.
     model = _model()
     clipper = gradclip.GlobalNorm(1.0, nonfinite="raise")
-    with count_host_reads(monkeypatch) as calls:
+    with record_host_reads() as calls:
         clipper.clip_(model)
     assert len(calls) >= 1
 
@@ -112,11 +93,11 @@ CLIPPERS = {
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 @pytest.mark.parametrize("name", list(CLIPPERS))
-def test_clip_in_place_reads_nothing(name, dtype, monkeypatch):
+def test_clip_in_place_reads_nothing(name, dtype):
     model = _model(dtype)
     before = [p.grad.clone() for p in model.parameters()]
     clipper = CLIPPERS[name]()  # constructed outside: construction may validate on the host
-    with count_host_reads(monkeypatch) as calls:
+    with record_host_reads() as calls:
         info = clipper.clip_(model)
         info = clipper.clip_(model)  # a second step too (stateless: allowed)
     assert calls == [], f"{name} read tensor values on the host: {calls}"
@@ -126,11 +107,11 @@ def test_clip_in_place_reads_nothing(name, dtype, monkeypatch):
 
 
 @pytest.mark.parametrize("name", ["GlobalNorm", "Norm", "Value"])
-def test_functional_clip_and_update_read_nothing(name, monkeypatch):
+def test_functional_clip_and_update_read_nothing(name):
     model = _model()
     grads = [p.grad.clone() for p in model.parameters()]
     clipper = CLIPPERS[name]()
-    with count_host_reads(monkeypatch) as calls:
+    with record_host_reads() as calls:
         clipper.clip(grads)
         state = clipper.init(grads)
         clipper.update(grads, state)
@@ -139,9 +120,9 @@ def test_functional_clip_and_update_read_nothing(name, monkeypatch):
 
 
 @pytest.mark.parametrize("foreach", [None, True, False])
-def test_torch_drop_ins_read_nothing(foreach, monkeypatch):
+def test_torch_drop_ins_read_nothing(foreach):
     model = _model()
-    with count_host_reads(monkeypatch) as calls:
+    with record_host_reads() as calls:
         gct.clip_grad_norm_(model.parameters(), 1.0, foreach=foreach)
         gct.clip_grad_norm_(model.parameters(), 1.0, norm_type=math.inf, foreach=foreach)
         gct.clip_grad_value_(model.parameters(), 0.1, foreach=foreach)
@@ -151,31 +132,12 @@ def test_torch_drop_ins_read_nothing(foreach, monkeypatch):
     assert calls == []
 
 
-def test_nonfinite_steps_read_nothing(monkeypatch):
+def test_nonfinite_steps_read_nothing():
     model = _model()
     next(model.parameters()).grad[0, 0] = float("nan")
     clippers = [gradclip.GlobalNorm(1.0, nonfinite=p) for p in ("propagate", "skip", "zero")]
     clippers += [gradclip.Norm(1.0, nonfinite="skip"), gradclip.NormSign(1.0, nonfinite="skip")]
-    with count_host_reads(monkeypatch) as calls:
+    with record_host_reads() as calls:
         infos = [c.clip_(model) for c in clippers]
     assert calls == []
     assert infos[1].skip.item() is True
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA sync debug mode needs a GPU")
-def test_cuda_sync_debug_mode():
-    model = _model().cuda()
-    for p in model.parameters():
-        p.grad = p.grad.cuda()
-    clippers = [CLIPPERS[name]() for name in ("GlobalNorm", "Norm", "Value", "ZeroOutliers", "NormSign")]
-    torch.cuda.synchronize()
-    previous = torch.cuda.get_sync_debug_mode()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        for clipper in clippers:
-            clipper.clip_(model)
-        gct.clip_grad_norm_(model.parameters(), 1.0)
-        gct.clip_grad_value_(model.parameters(), 1.0)
-    finally:
-        torch.cuda.set_sync_debug_mode(previous)
-    assert all(p.grad.is_cuda for p in model.parameters())
