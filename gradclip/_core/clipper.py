@@ -9,6 +9,7 @@ algorithm.
 
 from __future__ import annotations
 
+import math
 import warnings
 import weakref
 from collections.abc import Mapping
@@ -19,7 +20,7 @@ from gradclip._core.ops import Ops, framework_of, get_ops
 from gradclip._core.tree import collect_gradients, flatten, flatten_like
 from gradclip._core.types import ClipInfo, EmptyState
 
-__all__ = ["Clipper", "STATE_FORMAT_VERSION", "make_info"]
+__all__ = ["Clipper", "STATE_FORMAT_VERSION", "make_info", "plain_config", "check_header"]
 
 #: Version of the ``state_dict`` schema; bumped whenever its layout changes.
 STATE_FORMAT_VERSION = 1
@@ -410,7 +411,10 @@ class Clipper:
 
         Returns:
             ``{"format": "gradclip", "version": 1, "clipper": name, "config": {...},
-            "state": {...} or None}``; ``state`` is None before the first step.
+            "state": {...} or None}``; ``state`` is None before the first step. The config is
+            :func:`plain_config` of :meth:`config` (infinite arguments such as
+            ``norm_type=inf`` appear as the strings ``"inf"``/``"-inf"``), so the whole result
+            passes strict JSON (``json.dumps(..., allow_nan=False)``).
         """
         self._refresh_from_held()
         if self._pending_state is not None:
@@ -430,7 +434,7 @@ class Clipper:
             "format": "gradclip",
             "version": STATE_FORMAT_VERSION,
             "clipper": self.name,
-            "config": self.config(),
+            "config": plain_config(self.config()),
             "state": state,
         }
 
@@ -444,26 +448,13 @@ class Clipper:
             state_dict: A mapping as returned by :meth:`state_dict`.
 
         Raises:
-            StateError: Wrong format or version, another clipper's state, a different
-                configuration, missing or extra fields, or values of the wrong type.
+            StateError: Wrong format or version (an ``int``; ``True`` or ``1.0`` are refused),
+                unexpected top-level keys, another clipper's state, a different
+                configuration, missing or extra fields, or values of the wrong type or out of
+                their dtype's range.
         """
         where = f"{type(self).__name__}.load_state_dict"
-        if not isinstance(state_dict, Mapping):
-            raise StateError(f"{where}: expected a mapping from state_dict(), got {type(state_dict).__name__}")
-        if state_dict.get("format") != "gradclip" or state_dict.get("version") != STATE_FORMAT_VERSION:
-            raise StateError(
-                f"{where}: not a gradclip state (format={state_dict.get('format')!r}, "
-                f"version={state_dict.get('version')!r}; expected 'gradclip', {STATE_FORMAT_VERSION})"
-            )
-        if state_dict.get("clipper") != self.name:
-            raise StateError(
-                f"{where}: state belongs to clipper {state_dict.get('clipper')!r}, not {self.name!r}"
-            )
-        if state_dict.get("config") != self.config():
-            raise StateError(
-                f"{where}: state was saved with config {state_dict.get('config')!r}, but this "
-                f"clipper has {self.config()!r}"
-            )
+        check_header(where, state_dict, self.name, self.config())
         state = state_dict.get("state")
         if state is None:
             self._state, self._pending_state, self._last_seen = None, None, None
@@ -475,7 +466,7 @@ class Clipper:
                 f"{sorted(state) if isinstance(state, Mapping) else type(state).__name__}"
             )
         for name in self.state_type._fields:
-            _check_plain(where, name, state[name])
+            _check_plain(where, name, state[name], self.state_dtypes.get(name))
         self._validate_state(where, state)
         self._last_seen = None
         if not self.state_type._fields:
@@ -526,14 +517,108 @@ class _SharedGroup:
         return f"_SharedGroup({self.group!r})"
 
 
-def _check_plain(where: str, name: str, value: Any) -> None:
-    """Accept only numbers, bools and (nested) lists of them: nothing that could run code."""
-    if isinstance(value, bool) or isinstance(value, (int, float)):
-        return
+#: The top-level keys of every checkpoint, no more and no fewer.
+HEADER_KEYS = frozenset({"format", "version", "clipper", "config", "state"})
+
+
+def plain_config(value: Any) -> Any:
+    """A clipper's :meth:`~Clipper.config` as strict-JSON data.
+
+    ``float("inf")`` is a valid argument value (``norm_type=inf``, a one-sided ``Value``
+    range) but not valid JSON: ``json.dumps(..., allow_nan=False)`` refuses it and other JSON
+    readers choke on the ``Infinity`` token Python writes by default. ±inf become the strings
+    ``"inf"``/``"-inf"`` and tuples become lists (what a JSON round trip gives back anyway).
+    Checkpoints written before this encoding (with float inf) normalise to the same data, so
+    they still load.
+    """
+    if isinstance(value, float) and math.isinf(value):
+        return "inf" if value > 0 else "-inf"
+    if isinstance(value, Mapping):
+        return {key: plain_config(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain_config(item) for item in value]
+    return value
+
+
+def check_header(where: str, state_dict: Any, name: str, config: Mapping[str, Any]) -> None:
+    """Validate everything of a checkpoint but its ``state``; raise before anything changes.
+
+    Args:
+        where: ``"Class.load_state_dict"``, for the message.
+        state_dict: What the caller passed.
+        name: The loading clipper's registry name.
+        config: The loading clipper's :meth:`~Clipper.config`.
+
+    Raises:
+        StateError: Not a mapping, unexpected or missing top-level keys, a format other than
+            ``"gradclip"``, a version that is not the int :data:`STATE_FORMAT_VERSION` (``True``
+            and ``1.0`` compare equal to 1 in Python, and are refused), another clipper's name,
+            or another configuration.
+    """
+    if not isinstance(state_dict, Mapping):
+        raise StateError(f"{where}: expected a mapping from state_dict(), got {type(state_dict).__name__}")
+    keys = set(state_dict)
+    if keys != HEADER_KEYS:
+        unexpected = sorted(map(repr, keys - HEADER_KEYS))
+        missing = sorted(HEADER_KEYS - keys)
+        raise StateError(
+            f"{where}: a checkpoint has exactly the keys {sorted(HEADER_KEYS)}; "
+            f"unexpected: {', '.join(unexpected) or 'none'}; missing: {', '.join(missing) or 'none'}"
+        )
+    version = state_dict["version"]
+    if state_dict["format"] != "gradclip" or type(version) is not int or version != STATE_FORMAT_VERSION:
+        raise StateError(
+            f"{where}: not a gradclip state (format={state_dict['format']!r}, version={version!r} of "
+            f"type {type(version).__name__}; expected format 'gradclip' and the int {STATE_FORMAT_VERSION})"
+        )
+    if state_dict["clipper"] != name:
+        raise StateError(f"{where}: state belongs to clipper {state_dict['clipper']!r}, not {name!r}")
+    if plain_config(state_dict["config"]) != plain_config(config):
+        raise StateError(
+            f"{where}: state was saved with config {state_dict['config']!r}, but this "
+            f"clipper has {plain_config(config)!r}"
+        )
+
+
+#: The largest finite value of each float dtype a state field may be stored in.
+_FLOAT_MAX = {"float16": 65504.0, "bfloat16": 3.3895313892515355e38, "float32": 3.4028234663852886e38}
+_INT_RANGE = {"int64": (-(2**63), 2**63 - 1), "int32": (-(2**31), 2**31 - 1)}
+
+
+def _check_plain(where: str, name: str, value: Any, dtype: str | None = None) -> None:
+    """Accept only numbers, bools and (nested) lists of them, of the field's declared dtype:
+    nothing that could run code, and nothing its array would silently change.
+
+    ``dtype`` is the field's entry in ``state_dtypes``: ``"bool"`` fields take bools only,
+    integer fields ints (not bools) within the dtype's range, float fields ints or floats (not
+    bools) whose magnitude the dtype holds (1e300 would become inf in fp32). NaN and inf pass
+    here; methods that need finite values refuse them in ``_validate_state``.
+    """
     if isinstance(value, list):
         for item in value:
-            _check_plain(where, name, item)
+            _check_plain(where, name, item, dtype)
         return
-    raise StateError(
-        f"{where}: state field {name!r} must hold numbers or lists of numbers, got {type(value).__name__}"
-    )
+    if not isinstance(value, (bool, int, float)):
+        raise StateError(
+            f"{where}: state field {name!r} must hold numbers or lists of numbers, got {type(value).__name__}"
+        )
+    if dtype is None:
+        return
+    if dtype == "bool":
+        ok = isinstance(value, bool)
+    elif dtype in _INT_RANGE:
+        low, high = _INT_RANGE[dtype]
+        ok = isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+    else:
+        limit = _FLOAT_MAX.get(dtype, 1.7976931348623157e308)
+        if isinstance(value, bool):
+            ok = False
+        elif isinstance(value, int):  # exact: math.isfinite(10**400) would overflow
+            ok = abs(value) <= limit
+        else:
+            ok = not math.isfinite(value) or abs(value) <= limit
+    if not ok:
+        raise StateError(
+            f"{where}: state field {name!r} is stored as {dtype}, which cannot hold {value!r} "
+            f"of type {type(value).__name__}"
+        )

@@ -24,7 +24,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from gradclip._core.errors import BackendError
 
-__all__ = ["Ops", "backend_name_of", "get_ops", "framework_of"]
+__all__ = ["Ops", "backend_name_of", "check_floating", "get_ops", "framework_of", "out_of_place"]
 
 Array = Any
 
@@ -166,6 +166,44 @@ _FRAMEWORK_OF_MODULE = {
 }
 _framework_cache: dict[type, str] = {}
 _backend_cache: dict[str, type] = {}
+#: Whether each dtype seen is floating point (dtypes of every framework are hashable).
+_floating_cache: dict[Any, bool] = {}
+
+
+def _is_floating(dtype: Any) -> bool:
+    # One spelling test covers every framework: str() of a float dtype names it ("float32",
+    # "torch.bfloat16", "<dtype: 'float16'>", Keras' plain "float32"); integer, bool and complex
+    # dtypes never contain "float".
+    known = _floating_cache.get(dtype)
+    if known is None:
+        known = "float" in str(dtype).lower()
+        _floating_cache[dtype] = known
+    return known
+
+
+def check_floating(arrays: Sequence[Any], where: str = "gradclip") -> None:
+    """Refuse arrays whose dtype is not floating point, before anything reads or writes them.
+
+    Integer gradients used to be accepted and silently truncated (a clip coefficient of 0.4
+    turned every element into 0), and complex ones lost their imaginary part; torch raised its
+    own unrelated error. Every backend now refuses them up front, with the same message.
+
+    Args:
+        arrays: The arrays about to be clipped.
+        where: The public entry point, for the message.
+
+    Raises:
+        BackendError: An array of an integer, bool or complex dtype (the message names its
+            position, its dtype and the valid dtypes). A ``TypeError``, as NumPy would raise.
+    """
+    for index, array in enumerate(arrays):
+        dtype = getattr(array, "dtype", None)
+        if dtype is not None and not _is_floating(dtype):
+            raise BackendError(
+                f"{where}: gradient #{index} has dtype {dtype}, which is not floating point; "
+                "gradients must be float16, bfloat16, float32 or float64 (cast integer or bool "
+                "arrays first, e.g. .float() or .astype(numpy.float32)). Nothing was changed."
+            )
 
 
 def framework_of(array: Any) -> str:
@@ -234,12 +272,13 @@ def get_ops(
         An object implementing :class:`Ops`, bound to the device of the first array.
 
     Raises:
-        BackendError: Unknown array type or mixed frameworks; ``process_group`` with arrays
-            of another framework than torch.
+        BackendError: Unknown array type or mixed frameworks; an array that is not floating
+            point; ``process_group`` with arrays of another framework than torch.
     """
     if process_group is not None and not arrays and framework is None:
         framework = "torch"  # a rank without gradients still joins the reduction
     name = backend_name_of(arrays, where) if arrays else (framework or "numpy")
+    check_floating(arrays, where)
     if framework is not None and arrays and name != framework:
         raise BackendError(f"{where}: expected {framework} arrays, got {name} arrays")
     cls = _backend_cache.get(name)
@@ -259,3 +298,29 @@ def get_ops(
             )
         return cls(arrays, inplace=inplace, foreach=foreach, where=where, process_group=process_group)
     return cls(arrays, inplace=inplace, foreach=foreach, where=where)
+
+
+def out_of_place(ops: Ops, arrays: Sequence[Any]) -> Ops:
+    """An Ops like ``ops`` (same framework, device, fast-path flag, process group) that returns
+    new arrays instead of writing into its inputs.
+
+    For clippers that compute a result before deciding where it goes: :class:`~gradclip.Subset`
+    merges the wrapped clipper's result into a random subset, and a :class:`~gradclip.Chain`
+    running in place writes back only once its last link has succeeded.
+
+    Args:
+        ops: The Ops of the current call.
+        arrays: The gradients of the call.
+
+    Returns:
+        An Ops with ``inplace=False``.
+    """
+    return get_ops(
+        arrays,
+        inplace=False,
+        foreach=getattr(ops, "foreach", None),
+        framework=getattr(ops, "name", None),
+        where=getattr(ops, "caller", "gradclip"),
+        # torch.distributed: norms are still reduced over the same group.
+        process_group=getattr(ops, "process_group", None),
+    )

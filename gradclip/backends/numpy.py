@@ -163,7 +163,9 @@ class NumpyOps:
                 np.clip(g, low, high, out=g)
                 out.append(g)
             else:
-                out.append(np.clip(g, low, high).astype(g.dtype, copy=False))
+                # Through _out: np.clip of a 0-d array returns a NumPy scalar, which the next
+                # clipper of a chain (an out-of-place Ops) refuses as "not an ndarray".
+                out.append(self._out(g, np.clip(g, low, high)))
         return out
 
     def zero_above(self, grads, threshold):

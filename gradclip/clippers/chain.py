@@ -6,8 +6,9 @@ import copy
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
-from gradclip._core.clipper import Clipper, make_info
+from gradclip._core.clipper import Clipper, check_header, make_info
 from gradclip._core.errors import InvalidArgumentError, StateError
+from gradclip._core.ops import out_of_place
 
 __all__ = ["Chain", "chain"]
 
@@ -53,12 +54,24 @@ class Chain(Clipper):
         return ChainState(tuple(c._init(ops, grads) for c in self.clippers))
 
     def _update(self, ops, grads, state, params, names):
+        # In place, a later link may still raise (a "raise" policy on non-finite values, AGC
+        # without parameters, AdaGC state for other tensors) after an earlier link has already
+        # written into the gradients: the call would fail with the gradients half clipped. So
+        # with two or more links the links work out of place and the result is written back once,
+        # after the last link has succeeded (one extra pass over the gradients).
+        targets = None
+        link_ops = ops
+        if getattr(ops, "inplace", False) and len(self.clippers) > 1 and grads:
+            targets, link_ops = grads, out_of_place(ops, grads)
         infos = []
         new_states = []
         for clipper, link_state in zip(self.clippers, state.states):
-            grads, link_state, info = clipper._update(ops, grads, link_state, params, names)
+            grads, link_state, info = clipper._update(link_ops, grads, link_state, params, names)
             new_states.append(link_state)
             infos.append(info)
+        if targets is not None:
+            keep = ops.scalar(True, "bool")
+            grads = ops.select(targets, grads, [keep] * len(targets))
         coef = infos[0].coef
         clipped, skip = infos[0].clipped, infos[0].skip
         for info in infos[1:]:
@@ -79,9 +92,11 @@ class Chain(Clipper):
 
     def load_state_dict(self, state_dict) -> None:
         where = "Chain.load_state_dict"
+        # Header checks (keys, format, version, name, config) first; they change nothing.
+        check_header(where, state_dict, self.name, self.config())
         # A non-mapping "state" (e.g. a list) used to fail with AttributeError, not StateError.
-        state = state_dict.get("state") if isinstance(state_dict, Mapping) else None
-        links = state.get("links") if isinstance(state, Mapping) else None
+        state = state_dict["state"]
+        links = state.get("links") if isinstance(state, Mapping) and set(state) == {"links"} else None
         if not isinstance(links, list) or len(links) != len(self.clippers):
             raise StateError(f"{where}: expected {len(self.clippers)} link states under state['links']")
         header = {k: v for k, v in state_dict.items() if k != "state"}

@@ -22,9 +22,9 @@ import secrets
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
-from gradclip._core.clipper import STATE_FORMAT_VERSION, Clipper, make_info
+from gradclip._core.clipper import STATE_FORMAT_VERSION, Clipper, check_header, make_info, plain_config
 from gradclip._core.errors import InvalidArgumentError, StateError
-from gradclip._core.ops import framework_of, get_ops
+from gradclip._core.ops import framework_of, get_ops, out_of_place
 from gradclip._core.registry import get, register, registered_class
 from gradclip._core.validation import check_choice, check_int, check_number
 
@@ -122,16 +122,8 @@ class Subset(Clipper):
         return SubsetState(ops.scalar(key, "int64"), ops.scalar(0, "int64"), self.clipper._init(ops, grads))
 
     def _update(self, ops, grads, state, params, names):
-        framework = getattr(ops, "name", None)
-        inner_ops = get_ops(
-            grads,
-            inplace=False,
-            foreach=getattr(ops, "foreach", None),
-            framework=framework,
-            where=getattr(ops, "caller", "Subset"),
-            # torch.distributed: the wrapped clipper reduces its norms over the same group.
-            process_group=getattr(ops, "process_group", None),
-        )
+        # The wrapped clipper computes out of place: its result is merged into a subset below.
+        inner_ops = out_of_place(ops, grads)
         new, inner_state, info = self.clipper._update(inner_ops, list(grads), state.inner, params, names)
         if self.by == "tensor":
             chosen = ops.uniform(state.key, state.step, [(len(grads),)])[0] < self.fraction
@@ -175,7 +167,7 @@ class Subset(Clipper):
             "format": "gradclip",
             "version": STATE_FORMAT_VERSION,
             "clipper": self.name,
-            "config": self.config(),
+            "config": plain_config(self.config()),
             "state": state,
         }
 
@@ -183,13 +175,9 @@ class Subset(Clipper):
         """As :meth:`Clipper.load_state_dict`: everything is validated (the wrapped clipper's
         part by the wrapped clipper, on a copy) before anything changes."""
         where = "Subset.load_state_dict"
-        if not isinstance(state_dict, Mapping):
-            raise StateError(f"{where}: expected a mapping from state_dict(), got {type(state_dict).__name__}")
-        # Header checks (format, version, name, config) on a scratch copy: self is untouched.
-        scratch = copy.copy(self)
-        scratch._held = None  # TensorFlow's variables are not the scratch copy's to reset
-        Clipper.load_state_dict(scratch, {**state_dict, "state": None})
-        state = state_dict.get("state")
+        # Header checks (keys, format, version, name, config) first; they change nothing.
+        check_header(where, state_dict, self.name, self.config())
+        state = state_dict["state"]
         if state is None:
             self.reset()
             return
@@ -198,10 +186,10 @@ class Subset(Clipper):
                 f"{where}: state fields must be ['inner', 'key', 'step'], got "
                 f"{sorted(state) if isinstance(state, Mapping) else type(state).__name__}"
             )
-        for name, limit in (("key", _KEY_LIMIT), ("step", None)):
+        for name, limit in (("key", _KEY_LIMIT), ("step", 2**63)):  # both are stored in int64
             value = state[name]
             if isinstance(value, bool) or not isinstance(value, int) or value < 0 or (limit and value >= limit):
-                raise StateError(f"{where}: state field {name!r} must be an int >= 0, got {value!r}")
+                raise StateError(f"{where}: state field {name!r} must be an int in [0, {limit}), got {value!r}")
         copy.deepcopy(self.clipper).load_state_dict(state["inner"])  # validates, or raises
         self.clipper.load_state_dict(state["inner"])
         self._state, self._last_seen = None, None
