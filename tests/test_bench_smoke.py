@@ -1,0 +1,74 @@
+"""Smoke test of the performance harness (gradclip/bench.py) in its ``--quick`` mode.
+
+Nothing here checks a time or a target (DESIGN.md: benchmarks are not timed tests): the harness
+must run, write a RESULTS.md that parses, with every row and a ratio in each, and keep the
+sections of other runs. ``gradclip bench --quick`` itself runs in tests/test_cli.py, and
+benchmarks/bench_adaptive.py in tests/test_adaptive_bench_smoke.py.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+pytest.importorskip("torch", reason="the benchmarks are torch's")
+
+from gradclip import bench  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def quick_results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "RESULTS.md"
+    assert bench.main(["--quick", "--device", "cpu", "--out", str(out)]) == 0
+    return out
+
+
+def test_quick_run_writes_every_row_with_a_ratio(quick_results):
+    text = quick_results.read_text()
+    rows = bench.parse_results(text)
+    ids = [row["id"] for row in rows]
+    assert sorted(set(ids)) == sorted(bench.ROW_IDS["cpu"])
+    assert ids.count("P4") == len(bench.ADAPTIVE)
+    assert ids.count("MEM") == 2  # fp32 and bf16
+    for row in rows:
+        assert not row["note"].startswith("failed"), row
+        if row["note"].startswith("skipped"):  # zclip or timm not installed
+            assert row["id"] in ("P4z", "P4a"), row
+            continue
+        assert math.isfinite(float(row["ratio"])), row
+        assert row["met"] in ("yes", "NO"), row
+        assert row["target"], row
+    assert "torch" in text and "CPU:" in text  # machine and versions
+
+
+def test_sections_of_other_runs_are_kept_and_the_same_run_replaced(quick_results, tmp_path):
+    out = tmp_path / "RESULTS.md"
+    out.write_text(quick_results.read_text())
+    assert bench.main(["--quick", "--device", "cpu", "--only", "p3", "--label", "second", "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "## cpu (" in text and "## cpu, second (" in text
+    assert len(bench.parse_results(text)) == len(bench.parse_results(quick_results.read_text())) + 1
+    # The unlabelled CPU section is replaced, not appended to.
+    assert bench.main(["--quick", "--device", "cpu", "--only", "p3", "--out", str(out)]) == 0
+    text = out.read_text()
+    assert [row["id"] for row in bench.parse_results(text)] == ["P3", "P3"]
+    assert text.count("# gradclip benchmark results") == 1
+
+
+def test_interleave_pairs_rounds_and_alternates_the_order():
+    calls = []
+    times = bench.interleave({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, warmup=1, rounds=3)
+    assert calls == ["a", "b", "b", "a", "a", "b", "b", "a"]
+    assert [len(v) for v in times.values()] == [3, 3]
+
+
+def test_a_broken_benchmark_is_reported_and_sets_the_exit_status(tmp_path, monkeypatch):
+    def broken(self):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(bench._Bench, "p3", broken)
+    out = tmp_path / "RESULTS.md"
+    assert bench.main(["--quick", "--device", "cpu", "--only", "p3", "--out", str(out)]) == 1
+    (row,) = bench.parse_results(out.read_text())
+    assert row["id"] == "P3" and "failed: RuntimeError: boom" in row["note"]
