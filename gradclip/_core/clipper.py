@@ -203,7 +203,7 @@ class Clipper:
             StateError: A stateful clipper called again on the same, unchanged gradients.
         """
         where = f"{type(self).__name__}.clip_"
-        collected = collect_gradients(parameters)
+        collected = collect_gradients(parameters, where)
         group = self._distributed_group()
         # With a process group, ranks without gradients are expected (pipeline stages, uneven
         # partitions): they still join the reduction, silently.

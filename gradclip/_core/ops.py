@@ -196,6 +196,10 @@ def check_floating(arrays: Sequence[Any], where: str = "gradclip") -> None:
         BackendError: An array of an integer, bool or complex dtype (the message names its
             position, its dtype and the valid dtypes). A ``TypeError``, as NumPy would raise.
     """
+    # One test per distinct dtype (a model has a handful), not per array.
+    dtypes = {getattr(array, "dtype", None) for array in arrays}
+    if all(dtype is None or _is_floating(dtype) for dtype in dtypes):
+        return
     for index, array in enumerate(arrays):
         dtype = getattr(array, "dtype", None)
         if dtype is not None and not _is_floating(dtype):
@@ -214,8 +218,10 @@ def framework_of(array: Any) -> str:
     """
     kind = type(array)
     cached = _framework_cache.get(kind)
-    if cached is not None:
-        return cached
+    return cached if cached is not None else _framework_of_type(kind)
+
+
+def _framework_of_type(kind: type) -> str:
     root = kind.__module__.split(".", 1)[0]
     framework = _FRAMEWORK_OF_MODULE.get(root)
     if framework is None:
@@ -233,10 +239,13 @@ def backend_name_of(arrays: Sequence[Any], where: str = "gradclip") -> str:
     Raises:
         BackendError: The arrays mix frameworks (the message names each type found).
     """
+    # One lookup per distinct type: a step over thousands of gradients sees one or two types.
     names: dict[str, str] = {}
-    for array in arrays:
-        framework = framework_of(array)
-        names.setdefault(framework, f"{type(array).__module__}.{type(array).__qualname__}")
+    for kind in dict.fromkeys(map(type, arrays)):  # first-seen order, for the message
+        framework = _framework_cache.get(kind)
+        if framework is None:
+            framework = _framework_of_type(kind)
+        names.setdefault(framework, f"{kind.__module__}.{kind.__qualname__}")
     if len(names) > 1:
         found = ", ".join(f"{fw} ({tp})" for fw, tp in names.items())
         raise BackendError(

@@ -12,11 +12,37 @@ from typing import Any, NamedTuple
 
 from gradclip._core.errors import BackendError
 
-__all__ = ["flatten", "flatten_like", "Collected", "collect_gradients"]
+__all__ = ["flatten", "flatten_like", "Collected", "collect_gradients", "position_names"]
+
+
+#: Types whose class defines ``shape`` and ``dtype`` (every framework's array and parameter
+#: types): then every instance is an array, and the per-element test is one dict lookup. Clipping
+#: calls this for each parameter and gradient, thousands of times per step.
+_ARRAY_TYPES: dict[type, bool] = {}
 
 
 def _is_array(value: Any) -> bool:
+    kind = type(value)
+    known = _ARRAY_TYPES.get(kind)
+    if known is not None:
+        return known
+    if hasattr(kind, "shape") and hasattr(kind, "dtype"):
+        _ARRAY_TYPES[kind] = True
+        return True
+    # Attributes set on instances only (a user's wrapper object): decide per object, uncached.
     return hasattr(value, "shape") and hasattr(value, "dtype")
+
+
+#: "#0", "#1", ...: the names of unnamed gradients, built once and sliced (a list of 2,000
+#: f-strings per step was a measurable part of clipping many small tensors).
+_POSITION_NAMES: list[str] = []
+
+
+def position_names(count: int) -> list[str]:
+    """``["#0", ..., f"#{count - 1}"]``, from a cache that grows as needed."""
+    if len(_POSITION_NAMES) < count:
+        _POSITION_NAMES.extend(f"#{i}" for i in range(len(_POSITION_NAMES), count))
+    return _POSITION_NAMES[:count]
 
 
 def flatten(tree: Any) -> tuple[list[Any], Callable[[list[Any]], Any], list[str]]:
@@ -163,71 +189,95 @@ class Collected(NamedTuple):
     framework: str | None = None
 
 
-def _named_items(target: Any) -> list[tuple[str, Any]]:
+def _all_arrays(values: list[Any]) -> bool:
+    """Whether every value is an array whose type says so (one check per distinct type)."""
+    for kind in set(map(type, values)):
+        if not _ARRAY_TYPES.get(kind) and not (hasattr(kind, "shape") and hasattr(kind, "dtype")):
+            return False
+        _ARRAY_TYPES[kind] = True
+    return True
+
+
+def _named_items(target: Any) -> tuple[list[str], list[Any]]:
+    """The names and the objects of everything ``target`` holds, in order (duplicates kept)."""
     if hasattr(target, "named_parameters") and callable(target.named_parameters):
         # remove_duplicate (the default) drops tied weights, which must be counted once.
-        return list(target.named_parameters())
+        items = list(target.named_parameters())
+        return [name for name, _ in items], [param for _, param in items]
     if _is_array(target):
-        return [("#0", target)]
+        return ["#0"], [target]
     if isinstance(target, Mapping):
         if "params" in target:  # one optimizer parameter group
             return _named_items(target["params"])
-        return [(str(k), v) for k, v in target.items()]
+        return [str(k) for k in target], list(target.values())
     if isinstance(target, Iterable) and not isinstance(target, (str, bytes)):
-        items: list[tuple[str, Any]] = []
-        for position, item in enumerate(target):
+        values = list(target)
+        if _all_arrays(values):  # the common case, a list of parameters: no per-item tests
+            return position_names(len(values)), values
+        names: list[str] = []
+        objects: list[Any] = []
+        for position, item in enumerate(values):
             if isinstance(item, Mapping) and "params" in item:  # optimizer.param_groups
-                items.extend(_named_items(item["params"]))
+                inner_names, inner = _named_items(item["params"])
+                names.extend(inner_names)
+                objects.extend(inner)
             elif isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str):
-                items.append(item)  # model.named_parameters()
+                names.append(item[0])  # model.named_parameters()
+                objects.append(item[1])
             else:
-                items.append((f"#{position}", item))
-        return items
+                names.append(f"#{position}")
+                objects.append(item)
+        return names, objects
     raise BackendError(
         f"gradclip: expected a module, parameters or arrays to clip, got {type(target).__qualname__}"
     )
 
 
-def collect_gradients(target: Any) -> Collected:
+def collect_gradients(target: Any, where: str = "gradclip") -> Collected:
     """Gather the gradients to clip in place from a module, parameters or arrays.
 
     Objects with a ``grad`` attribute (torch parameters, tf-like wrappers) contribute their
     gradient when it is not None; plain arrays without one (NumPy) are clipped themselves. The
     same parameter listed twice (tied weights) is counted once.
 
+    Args:
+        target: A module, parameters, optimizer parameter groups, or arrays.
+        where: The public entry point, for error messages.
+
     Returns:
         A :class:`Collected`.
 
     Raises:
-        BackendError: ``target`` is not something holding gradients.
+        BackendError: ``target`` is not something holding gradients, or mixes frameworks.
     """
     # Imported here: ops imports nothing from this module, but keep the import graph obvious.
     from gradclip._core.ops import backend_name_of
 
-    grads: list[Any] = []
-    params: list[Any] = []
-    names: list[str] = []
-    seen_ids: set[int] = set()
-    arrays_seen: list[Any] = []
-    items = _named_items(target)
-    for name, param in items:
-        if id(param) in seen_ids:
-            continue
-        seen_ids.add(id(param))
-        if _is_array(param):
-            arrays_seen.append(param)
-        grad = getattr(param, "grad", param) if not isinstance(param, type(None)) else None
-        if grad is None:
-            continue
-        if not _is_array(grad):
-            raise BackendError(
-                f"gradclip: {name} is a {type(param).__qualname__}, not a parameter or array"
-            )
-        grads.append(grad)
-        params.append(param)
-        names.append(name)
+    names, objects = _named_items(target)
+    if len(set(map(id, objects))) != len(objects):
+        # The same parameter twice (tied weights listed by hand): keep its first occurrence.
+        first: dict[int, int] = {}
+        for position, item in enumerate(objects):
+            first.setdefault(id(item), position)
+        kept = sorted(first.values())
+        names, objects = [names[i] for i in kept], [objects[i] for i in kept]
+    # A parameter's gradient, or a plain array itself (NumPy arrays have no .grad).
+    candidates = [None if item is None else getattr(item, "grad", item) for item in objects]
+    present = [i for i, grad in enumerate(candidates) if grad is not None]
+    if len(present) == len(candidates):
+        grads, params = candidates, objects
+    else:
+        grads = [candidates[i] for i in present]
+        params = [objects[i] for i in present]
+        names = [names[i] for i in present]
+    if not _all_arrays(grads):
+        position = next(i for i, grad in enumerate(grads) if not _is_array(grad))
+        raise BackendError(
+            f"{where}: {names[position]} is a {type(params[position]).__qualname__}, not a parameter or array"
+        )
     # Check the frameworks of every array seen, not only of the gradients found: in
     # [numpy_array, torch_tensor] the tensor's .grad is None, and it used to be dropped silently
     # while the NumPy array was clipped. Mixed frameworks raise BackendError, naming both.
-    framework = backend_name_of(arrays_seen + grads) if arrays_seen or grads else None
-    return Collected(grads, params, names, len(seen_ids), framework)
+    arrays_seen = objects if _all_arrays(objects) else [item for item in objects if _is_array(item)]
+    framework = backend_name_of(arrays_seen + grads, where) if arrays_seen or grads else None
+    return Collected(grads, params, names, len(objects), framework)

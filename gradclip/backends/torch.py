@@ -15,9 +15,10 @@ Fast paths (``foreach=None``, the default; ``benchmarks/`` measures them against
   ``linalg.vector_norm``, whose whole-tensor reduction accumulates in a handful of SIMD lanes:
   it does not gain from a second core, and its error grows with the length (2.7e-3 relative on
   GPT-2's 38.6M-element embedding in fp32). Tensors of at least :data:`BLOCKED_MIN_NUMEL`
-  (fp16/bf16) or :data:`BLOCKED_MIN_NUMEL_WIDE` (fp32/fp64) elements laid out densely (contiguous in some dimension order) are instead viewed as rows of
-  :data:`ROW` elements, reduced per row (rows are shared among the cores; each row's sum is
-  accurate) and the row norms combined. fp16/bf16 tensors are widened to fp32 :data:`CHUNK`
+  (fp16/bf16) or :data:`BLOCKED_MIN_NUMEL_WIDE` (fp32/fp64) elements laid out densely
+  (contiguous in some dimension order) are instead viewed as rows of :data:`ROW` elements,
+  reduced per row (rows are shared among the cores; each row's sum is accurate) and the row
+  norms combined. fp16/bf16 tensors are widened to fp32 :data:`CHUNK`
   elements at a time into one scratch buffer and reduced there in rows of
   :data:`LOW_PRECISION_ROW`: torch's upcasting reduction allocates a full fp32 copy of the
   tensor on every call, and its page faults made bf16 slower per element than fp32. Smaller
@@ -27,21 +28,32 @@ Fast paths (``foreach=None``, the default; ``benchmarks/`` measures them against
   equal to ``torch.nn.utils.clip_grad_norm_``. A deviation from torch, by design: for fp32/fp64
   tensors of :data:`BLOCKED_MIN_NUMEL_WIDE` elements and more, the default path's norms are not
   bit-for-bit torch's but closer to the exact value (within 1e-6 relative of it, where torch's
-  own kernel drifts by up to 1e-3); smaller fp32/fp64 tensors are bit-for-bit torch's.
+  own kernel drifts by up to 1e-3); smaller fp32/fp64 tensors are bit-for-bit torch's. The
+  drop-ins of :mod:`gradclip.torch.clip` keep torch's kernels throughout (their promise is
+  torch's results).
 * **Grouping once.** The (device, dtype) grouping of a gradient list is computed once per Ops
   and list (``norms`` then ``scale`` on the same list reuse it), and norms are stacked once per
   group instead of moved one tensor at a time.
+* **Stacked CPU norms of small tensors.** ``torch._foreach_norm`` on CPU dispatches one kernel
+  per tensor (about 1.5 us each), which for thousands of biases and norm weights costs more
+  than reading them. Small tensors (up to :data:`STACK_MAX_NUMEL` elements) that share a shape
+  are stacked, at most :data:`CHUNK` elements at a time, and reduced row by row in one call;
+  each row's norm is bit-for-bit what ``torch._foreach_norm`` gives for that tensor.
+* **Fewer scalar kernels.** The clip coefficient (:meth:`TorchOps.clip_coefficient`) and
+  ``isfinite`` take fewer kernels than their generic forms, with the same bits: on a GPU every
+  scalar operation is a launch on the clipping step's critical path.
 
 Extra memory stays O(number of tensors) in all but a sliver: the row norms of the one fp32
 tensor being reduced (``numel / ROW`` values, 0.025% of its bytes, freed before the next
 tensor), one value per :data:`CHUNK` elements for fp16/bf16, and a scratch buffer of at most
 :data:`CHUNK` fp32 elements per call (4 MiB; allocated per call, so concurrent calls from
-several threads never share it).
+several threads never share it), or a stack of at most :data:`CHUNK` small-tensor elements.
 """
 
 from __future__ import annotations
 
 import math
+import operator
 import sys
 from collections.abc import Sequence
 from typing import Any, NamedTuple
@@ -49,14 +61,23 @@ from typing import Any, NamedTuple
 import torch
 from torch.utils._foreach_utils import (
     _device_has_foreach_support,
+    _foreach_supported_types,
     _group_tensors_by_device_and_dtype,
-    _has_foreach_support,
 )
 
 from gradclip._core.errors import BackendError, SparseGradientError
 from gradclip.backends._hashing import hash_streams
 
-__all__ = ["TorchOps", "BACKEND", "BLOCKED_MIN_NUMEL", "BLOCKED_MIN_NUMEL_WIDE", "ROW", "LOW_PRECISION_ROW", "CHUNK"]
+__all__ = [
+    "TorchOps",
+    "BACKEND",
+    "BLOCKED_MIN_NUMEL",
+    "BLOCKED_MIN_NUMEL_WIDE",
+    "STACK_MAX_NUMEL",
+    "ROW",
+    "LOW_PRECISION_ROW",
+    "CHUNK",
+]
 
 #: fp16/bf16 CPU tensors with at least this many elements take the blocked norm; below it,
 #: reading the tensor costs less than dispatching a kernel, and one foreach call over all of
@@ -67,6 +88,12 @@ BLOCKED_MIN_NUMEL = 1 << 16
 #: still accurate there (about 1e-6 relative); the tensors that dominate the time of large
 #: models (GPT-2 small: 589,824 elements and up) are above it.
 BLOCKED_MIN_NUMEL_WIDE = 1 << 19
+#: CPU tensors with at most this many elements, when several share a shape, are stacked and
+#: reduced row by row: one copy and one reduction instead of one kernel dispatch per tensor in
+#: ``torch._foreach_norm`` (about 1.5 us each on CPU, more than reading 4,096 fp32 values).
+#: Each row's norm is bit-for-bit what ``torch._foreach_norm`` gives for that tensor (torch
+#: 2.13 reduces both the same way up to 32,768 elements; tests/test_fast_paths.py checks it).
+STACK_MAX_NUMEL = 1 << 12
 #: Row length of the blocked norm for fp32/fp64 tensors: short enough for an accurate fp32 sum
 #: per row (1e-7 relative or better for p = 1 and 2 on random data, against 2.7e-3 for torch's
 #: whole-tensor reduction of 38.6M elements), long enough that the row norms stay few
@@ -83,6 +110,10 @@ LOW_PRECISION_ROW = 1 << 10
 CHUNK = 1 << 20
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
+_layout_of = operator.attrgetter("layout")
+_STRIDED = frozenset({torch.strided})
+#: The tensor types torch's foreach kernels take (torch.utils._foreach_utils keeps the list).
+_FOREACH_TYPES = frozenset(_foreach_supported_types)
 
 _DTYPES = {
     "float32": torch.float32,
@@ -213,9 +244,12 @@ class TorchOps:
         self.inplace = inplace
         self.foreach = foreach
         self.caller = where
-        strided = torch.strided
-        if any(tensor.layout is not strided for tensor in arrays):
-            index, tensor = next((i, t) for i, t in enumerate(arrays) if t.layout is not strided)
+        #: Keep torch's own norm kernels on every device (no blocked or stacked CPU norms): the
+        #: drop-ins of gradclip.torch.clip promise torch's results bit for bit.
+        self.torch_kernels = False
+        # map with attrgetter: the layout test runs in C, not one Python frame per tensor.
+        if set(map(_layout_of, arrays)) - _STRIDED:
+            index, tensor = next((i, t) for i, t in enumerate(arrays) if t.layout is not torch.strided)
             raise SparseGradientError(
                 f"{where}: gradient #{index} has layout {tensor.layout}; sparse gradients are not "
                 "supported (use a dense embedding, or densify the gradient before clipping)"
@@ -260,14 +294,15 @@ class TorchOps:
             cached is not None
             and cached[0] is grads
             and len(cached[1]) == len(grads)
-            and all(a is b for a, b in zip(cached[1], grads))
+            and all(map(operator.is_, cached[1], grads))
         ):
             return cached[2]
         grouped = _group_tensors_by_device_and_dtype([list(grads)], with_indices=True)
         groups = []
         for (device, dtype), ([tensors], indices) in grouped.items():
             if self.foreach is None:
-                use_foreach = _has_foreach_support(tensors, device)
+                # torch's _has_foreach_support, with the type test done once per distinct type.
+                use_foreach = _device_has_foreach_support(device) and set(map(type, tensors)) <= _FOREACH_TYPES
             elif self.foreach:
                 if not _device_has_foreach_support(device):
                     raise BackendError(
@@ -323,7 +358,23 @@ class TorchOps:
         return torch.log(x)
 
     def isfinite(self, x):
+        # torch.isfinite is (x == x) & (x.abs() != inf): four kernels. |x| < inf is False for
+        # NaN and ±inf alike, in two (each a launch on a GPU, on the clipping step's path).
+        if x.is_floating_point():
+            return torch.abs(x) < math.inf
         return torch.isfinite(x)
+
+    def clip_coefficient(self, norm, threshold, eps):
+        """:func:`gradclip.clippers.norm.clip_coefficient` in five kernels instead of eight,
+        bit for bit (an optional hook, looked up with ``getattr``).
+
+        The generic form guards the divisor with a ``where`` (NumPy warns on 1 / 0) and builds
+        its 1 with a fill; torch computes the discarded branch harmlessly and takes the 1 as a
+        Python number. ``threshold * (1 / d)`` is what the generic form computes too:
+        ``1.0 / d`` is ``d.reciprocal() * 1.0`` in torch, exact.
+        """
+        above = norm > threshold
+        return torch.where(above, torch.reciprocal(norm + eps).mul_(threshold), 1.0)
 
     def stack(self, xs):
         if len(xs) == 0:
@@ -364,46 +415,83 @@ class TorchOps:
         return torch.stack(result)
 
     def _group_norms(self, group: _Group, norm_type: float) -> torch.Tensor:
-        """Norms of one group's tensors, in the group's order, as one 1-D tensor on its device."""
+        """Norms of one group's tensors, in the group's order, as one 1-D tensor on its device.
+
+        On CPU with ``foreach=None``, large dense tensors take the blocked norm and small
+        tensors sharing a shape are stacked and reduced row by row (see the module docstring);
+        the rest, and every tensor elsewhere, take torch's own kernels.
+        """
         acc = _accumulation_dtype(group.dtype)
         tensors = group.tensors
-        values: list[torch.Tensor | None] = [None] * len(tensors)
-        rest = range(len(tensors))
-        if self.foreach is None and group.device.type == "cpu":
-            low = BLOCKED_MIN_NUMEL if group.dtype in _LOW_PRECISION else BLOCKED_MIN_NUMEL_WIDE
-            flats = {i: _flat_view(t) for i, t in enumerate(tensors) if t.numel() >= low}
-            large = {i: flat for i, flat in flats.items() if flat is not None}
-            if large:
-                scratch = None
-                if group.dtype in _LOW_PRECISION:
-                    size = min(CHUNK, max(flat.numel() for flat in large.values()))
-                    scratch = torch.empty(size, dtype=torch.float32, device=group.device)
-                for i, flat in large.items():
-                    values[i] = _blocked_norm(flat, norm_type, scratch)
-                chosen = set(large)
-                rest = [i for i in range(len(tensors)) if i not in chosen]
-        if norm_type == math.inf:
-            # torch raises for the inf-norm of an empty tensor (a max has no identity); define
-            # it as 0, as for every finite p and in the NumPy backend. numel() is metadata: no
-            # device read.
-            empty = [i for i in rest if tensors[i].numel() == 0]
-            for i in empty:
-                values[i] = torch.zeros((), dtype=acc, device=group.device)
-            if empty:
-                rest = [i for i in rest if tensors[i].numel() > 0]
-        if len(rest) == len(tensors):  # nothing taken above: the group's tensors in one call
-            return torch.stack(self._plain_norms(tensors, norm_type, acc, group.use_foreach))
+        if not (self.foreach is None and group.device.type == "cpu") or self.torch_kernels:
+            return self._plain_norms(tensors, norm_type, acc, group.use_foreach, group.device)
+        low = BLOCKED_MIN_NUMEL if group.dtype in _LOW_PRECISION else BLOCKED_MIN_NUMEL_WIDE
+        large: list[tuple[int, torch.Tensor]] = []
+        same_shape: dict[torch.Size, list[int]] = {}
+        rest: list[int] = []
+        for i, tensor in enumerate(tensors):
+            numel = tensor.numel()  # metadata: no device read
+            if numel >= low:
+                flat = _flat_view(tensor)
+                if flat is not None:
+                    large.append((i, flat))
+                    continue
+            elif 0 < numel <= STACK_MAX_NUMEL and tensor.is_contiguous():
+                # Contiguous only: torch reduces a strided tensor in memory order, and a stacked
+                # copy in logical order would not give the same bits.
+                same_shape.setdefault(tensor.shape, []).append(i)
+                continue
+            rest.append(i)
+        for positions in [p for p in same_shape.values() if len(p) == 1]:
+            rest.extend(positions)  # a shape of its own gains nothing from stacking
+        stacks = [p for p in same_shape.values() if len(p) > 1]
+        if not large and not stacks:
+            return self._plain_norms(tensors, norm_type, acc, group.use_foreach, group.device)
+        # (positions in the group, their norms as a 1-D tensor), assembled in order below.
+        pieces: list[tuple[list[int], torch.Tensor]] = []
+        if large:
+            scratch = None
+            if group.dtype in _LOW_PRECISION:
+                size = min(CHUNK, max(flat.numel() for _, flat in large))
+                scratch = torch.empty(size, dtype=torch.float32, device=group.device)
+            norms = [_blocked_norm(flat, norm_type, scratch) for _, flat in large]
+            pieces.append(([i for i, _ in large], torch.stack(norms)))
+        for positions in stacks:
+            per_tensor = tensors[positions[0]].numel()
+            step = max(1, CHUNK // per_tensor)  # at most CHUNK elements copied at a time
+            for start in range(0, len(positions), step):
+                chunk = positions[start : start + step]
+                # One expression: the stack is freed before the next one is made (one chunk of
+                # extra memory at a time, not two).
+                pieces.append((chunk, torch.linalg.vector_norm(
+                    torch.stack([tensors[i] for i in chunk]).view(len(chunk), per_tensor),
+                    norm_type, dim=1, dtype=acc)))
         if rest:
-            for i, norm in zip(rest, self._plain_norms([tensors[i] for i in rest], norm_type, acc, group.use_foreach)):
-                values[i] = norm
-        return torch.stack(values)
+            rest.sort()
+            norms = self._plain_norms([tensors[i] for i in rest], norm_type, acc, group.use_foreach, group.device)
+            pieces.append((rest, norms))
+        order = [i for positions, _ in pieces for i in positions]
+        values = torch.cat([norms for _, norms in pieces])
+        out = torch.empty(len(tensors), dtype=acc, device=group.device)
+        return out.index_copy_(0, torch.tensor(order, dtype=torch.int64), values)
 
     @staticmethod
-    def _plain_norms(tensors, norm_type, acc, use_foreach):
-        """torch's own kernels: one foreach call, or ``vector_norm`` per tensor."""
+    def _plain_norms(tensors, norm_type, acc, use_foreach, device) -> torch.Tensor:
+        """torch's own kernels (one foreach call, or ``vector_norm`` per tensor), as a 1-D tensor.
+
+        torch raises for the inf-norm of an empty tensor (a max has no identity); it is defined
+        as 0 here, as for every finite p and in the NumPy backend. ``numel()`` is metadata: no
+        device read.
+        """
+        if norm_type == math.inf and any(t.numel() == 0 for t in tensors):
+            # Rare: assembled from 0-d values, without an index tensor (a host-to-device copy).
+            kept = [t for t in tensors if t.numel() > 0]
+            found = iter(TorchOps._plain_norms(kept, norm_type, acc, use_foreach, device).unbind() if kept else ())
+            zero = torch.zeros((), dtype=acc, device=device)
+            return torch.stack([next(found) if t.numel() > 0 else zero for t in tensors])
         if use_foreach:
-            return torch._foreach_norm(tensors, norm_type, dtype=acc)
-        return [torch.linalg.vector_norm(t, norm_type, dtype=acc) for t in tensors]
+            return torch.stack(torch._foreach_norm(tensors, norm_type, dtype=acc))
+        return torch.stack([torch.linalg.vector_norm(t, norm_type, dtype=acc) for t in tensors])
 
     def combine_norms(self, norms, norm_type):
         if norms.numel() == 0:
