@@ -23,6 +23,8 @@ P5     bf16 gradients: time per element / fp32's, with an fp32-accurate norm    
 MEM    peak extra memory of ``GlobalNorm().clip_`` at 1x and 8x the parameters, same    growth
        tensor count: O(tensors), not O(parameters) (CPU: profiler allocation records;  < 1e-3
        CUDA: the caching allocator's peak)
+OPS    ATen operations per step (kernel launches on a GPU) / ``clip_grad_norm_``'s     <= 2, 4
+       (GlobalNorm; adaptive clippers), 148 tensors on the foreach path; AGC / timm's   <= 1
 BW     CUDA only: bytes ``GlobalNorm().clip_`` must move (one read, one read+write of     report
        every gradient) / its time, as a fraction of the device's peak bandwidth
 =====  ============================================================================  ========
@@ -65,11 +67,11 @@ __all__ = [
 ]
 
 #: Benchmark groups in the order they run; ``--only`` picks among them.
-GROUPS = ("p1", "p2", "p3", "p4", "p5", "memory", "bandwidth")
+GROUPS = ("p1", "p2", "p3", "p4", "p5", "memory", "ops", "bandwidth")
 #: The ids of the rows a run on each kind of device writes, for the smoke test.
 ROW_IDS = {
-    "cpu": ["P1", "P1b", "P2", "P3", "P4", "P4z", "P4a", "P5", "MEM"],
-    "cuda": ["P1", "P1b", "P2", "P3", "P4", "P4z", "P4a", "P5", "MEM", "BW"],
+    "cpu": ["P1", "P1b", "P2", "P3", "P4", "P4z", "P4a", "P5", "MEM", "OPS"],
+    "cuda": ["P1", "P1b", "P2", "P3", "P4", "P4z", "P4a", "P5", "MEM", "OPS", "BW"],
 }
 #: Adaptive clippers judged against GlobalNorm in P4 (AGC reads the weights too: P4a).
 ADAPTIVE = ("autoclip", "zclip", "adagc", "quantile_norm", "skip_on_spike", "non_finite")
@@ -366,10 +368,7 @@ class _Bench:
         agc_path = _timm_agc_path()
         if agc_path is None:
             return Result("P4a", "AGC vs timm adaptive_clip_grad", note="skipped: timm is not installed")
-        # timm's file alone: importing timm itself pulls in torchvision and much more.
-        spec = importlib.util.spec_from_file_location("_timm_agc", agc_path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
+        module = _load_timm_agc(agc_path)
         shapes = _scaled(resnet50_shapes(), 0.05) if self.quick else resnet50_shapes()
         params = self.params(shapes, data=True)
         ours = gradclip.AGC(clip_factor=0.01)
@@ -431,6 +430,40 @@ class _Bench:
                      f"torch clip_grad_norm_: {torch_peaks[0]:,} B vs {torch_peaks[1]:,} B"))
         return results
 
+    # -- operations dispatched (the host-side cost on a GPU) -----------------------------------
+    def ops(self) -> list[Result]:
+        """ATen operations one clipping step dispatches, against torch's ``clip_grad_norm_``.
+
+        On a GPU each operation is a kernel launch issued by the host, and the scalar ones sit
+        on the step's critical path between the norm and the scale; the count is exact and
+        machine-independent, where host timings on a shared CPU are not. The gradients are
+        148 tensors of 8,192 elements: above the CPU stacking size and below the blocked size,
+        so the CPU takes the foreach kernels a GPU takes.
+        """
+        import gradclip
+
+        params = self.params([(8192,)] * 148)
+        results = []
+        reference = _count_ops(lambda: self.torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True))
+        for name in ("global_norm", *ADAPTIVE):
+            clipper = gradclip.get(name)
+            count = _count_ops(lambda c=clipper: c.clip_(params, allow_repeat=True))
+            limit = 2.0 if name == "global_norm" else 4.0
+            results.append(Result(
+                "OPS", f"{name}: ATen operations per step vs clip_grad_norm_'s, 148 tensors", target=f"<= {limit}",
+                ratio=count / reference, passed=count / reference <= limit,
+                note=f"{count} vs {reference} operations"))
+        # AGC works per unit of every tensor: its reference is timm's, which does the same.
+        agc_path = _timm_agc_path()
+        if agc_path is not None:
+            timm_agc = _load_timm_agc(agc_path)
+            count = _count_ops(lambda c=gradclip.AGC(): c.clip_(params))
+            reference = _count_ops(lambda: timm_agc.adaptive_clip_grad(params))
+            results.append(Result(
+                "OPS", "agc: ATen operations per step vs timm adaptive_clip_grad's, 148 tensors", target="<= 1.0",
+                ratio=count / reference, passed=count <= reference, note=f"{count} vs {reference} operations"))
+        return results
+
     # -- bandwidth (CUDA) ----------------------------------------------------------------------
     def bandwidth(self) -> list[Result]:
         if self.device.type != "cuda":
@@ -467,6 +500,23 @@ class _Bench:
         return results
 
 
+def _count_ops(fn: Callable[[], Any]) -> int:
+    """ATen operations ``fn`` dispatches (after one warm-up call), counted by a dispatch mode."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Counter(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Counter.count += 1
+            return func(*args, **(kwargs or {}))
+
+    fn()
+    with Counter():
+        fn()
+    return Counter.count
+
+
 def _peak_extra_bytes(fn: Callable[[], Any], device) -> int:
     """Peak of the bytes allocated and not yet freed while ``fn`` runs.
 
@@ -494,6 +544,14 @@ def _peak_extra_bytes(fn: Callable[[], Any], device) -> int:
         if event.name() == "[memory]"
     )
     return max([0, *itertools.accumulate(nbytes for _, nbytes in records)])
+
+
+def _load_timm_agc(path: str):
+    """timm's ``utils/agc.py`` alone: importing timm itself pulls in torchvision and much more."""
+    spec = importlib.util.spec_from_file_location("_timm_agc", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _timm_agc_path() -> str | None:

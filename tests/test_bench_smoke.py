@@ -31,6 +31,7 @@ def test_quick_run_writes_every_row_with_a_ratio(quick_results):
     assert sorted(set(ids)) == sorted(bench.ROW_IDS["cpu"])
     assert ids.count("P4") == len(bench.ADAPTIVE)
     assert ids.count("MEM") == 2  # fp32 and bf16
+    assert ids.count("OPS") == len(bench.ADAPTIVE) + 2  # GlobalNorm, each adaptive one, AGC
     for row in rows:
         assert not row["note"].startswith("failed"), row
         if row["note"].startswith("skipped"):  # zclip or timm not installed
@@ -72,3 +73,11 @@ def test_a_broken_benchmark_is_reported_and_sets_the_exit_status(tmp_path, monke
     assert bench.main(["--quick", "--device", "cpu", "--only", "p3", "--out", str(out)]) == 1
     (row,) = bench.parse_results(out.read_text())
     assert row["id"] == "P3" and "failed: RuntimeError: boom" in row["note"]
+
+
+def test_count_ops_counts_each_dispatched_operation_once():
+    import torch
+
+    x = torch.ones(3)
+    assert bench._count_ops(lambda: (x + 1).mul_(2).sum()) == 3
+    assert bench._count_ops(lambda: None) == 0

@@ -1,8 +1,9 @@
 """The torch backend's fast paths against its reference path (gradclip/backends/torch.py).
 
 The fast paths (``foreach=None``): blocked CPU norms for large contiguous tensors (fp16/bf16
-widened through a scratch buffer), one foreach call for the rest, grouping reused between
-``norms`` and ``scale``, norms stacked per group. The reference path is ``foreach=False``:
+widened through a scratch buffer), small CPU tensors of one shape stacked and reduced row by row,
+one foreach call for the rest, grouping reused between ``norms`` and ``scale``, norms stacked per
+group, and the torch forms of the clip coefficient and ``isfinite``. The reference path is ``foreach=False``:
 ``torch.linalg.vector_norm`` per tensor, which is what ``torch.nn.utils.clip_grad_norm_``
 computes. Every comparison is also made against the exact norm in fp64, because torch's own
 whole-tensor reduction loses accuracy with length (the fast path is closer to the truth there).
@@ -19,7 +20,15 @@ torch = pytest.importorskip("torch", reason="the fast paths are the torch backen
 import gradclip  # noqa: E402
 import gradclip.torch as gct  # noqa: E402
 from gradclip._core.ops import get_ops  # noqa: E402
-from gradclip.backends.torch import BLOCKED_MIN_NUMEL, BLOCKED_MIN_NUMEL_WIDE, CHUNK, ROW, TorchOps  # noqa: E402
+from gradclip.backends.torch import (  # noqa: E402
+    BLOCKED_MIN_NUMEL,
+    BLOCKED_MIN_NUMEL_WIDE,
+    CHUNK,
+    ROW,
+    STACK_MAX_NUMEL,
+    TorchOps,
+)
+from gradclip.clippers.norm import clip_coefficient  # noqa: E402
 from _host_reads import record_host_reads  # noqa: E402
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
@@ -291,6 +300,108 @@ def test_peak_extra_memory_does_not_grow_with_the_parameters(make_torch_params):
     assert peaks[1] - peaks[0] <= 7 * CHUNK // ROW * 4 + 7 * 4 + 256, peaks
     assert (peaks[1] - peaks[0]) / (sizes[1] - sizes[0]) < 1e-3
     assert peaks[1] <= CHUNK * 4 + 8 * CHUNK // ROW * 4 + 64 * 1024, peaks
+
+
+def _small_tensors(dtype, seed=12):
+    """Small tensors, most sharing a shape with others, in an interleaved order: stacked rows."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=generator, dtype=torch.float64).to(dtype)
+
+    tensors = []
+    for i in range(60):
+        tensors.append(randn(768) * (i + 1))              # one shape, many tensors
+        tensors.append(randn(3, 5))                       # another shape
+        if i % 3 == 0:
+            tensors.append(randn(()))                     # 0-d: rows of one element
+        if i % 7 == 0:
+            tensors.append(randn(5, 7).t())               # not contiguous: stacked as a copy
+    tensors += [randn(STACK_MAX_NUMEL), randn(STACK_MAX_NUMEL), randn(STACK_MAX_NUMEL + 1)]
+    tensors += [randn(11), randn(0), randn(0)]            # a shape of its own, empties
+    return tensors
+
+
+@pytest.mark.parametrize("norm_type", NORM_TYPES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_stacked_small_norms_equal_torch_foreach_bit_for_bit(dtype, norm_type):
+    tensors = _small_tensors(dtype)
+    fast = get_ops(tensors, framework="torch").norms(tensors, norm_type)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    nonempty = [t for t in tensors if t.numel()]
+    expected = iter(torch._foreach_norm(nonempty, norm_type, dtype=acc))
+    for index, tensor in enumerate(tensors):
+        want = next(expected) if tensor.numel() else torch.zeros((), dtype=acc)
+        assert torch.equal(fast[index], want), (index, tuple(tensor.shape))
+
+
+def test_stacking_goes_chunk_by_chunk_beyond_the_chunk_size():
+    """More same-shape elements than CHUNK: several stacks, each bounded, the order kept."""
+    count = CHUNK // STACK_MAX_NUMEL * 2 + 3
+    generator = torch.Generator().manual_seed(13)
+    tensors = [torch.randn(STACK_MAX_NUMEL, generator=generator) * (1 + i % 5) for i in range(count)]
+    fast = get_ops(tensors, framework="torch").norms(tensors, 2.0)
+    assert torch.equal(fast, torch.stack(torch._foreach_norm(tensors, 2.0)))
+
+
+def test_many_small_tensors_take_memory_for_one_chunk_only(make_torch_params):
+    """Stacking copies at most CHUNK elements at a time: 8x the tensors, no 8x the bytes."""
+    from gradclip.bench import _peak_extra_bytes
+
+    peaks = []
+    for count in (CHUNK // 1000, 8 * CHUNK // 1000):
+        params = make_torch_params([torch.randn(1000) for _ in range(count)])
+        clipper = gradclip.GlobalNorm(1.0)
+        peaks.append(_peak_extra_bytes(lambda: clipper.clip_(params), torch.device("cpu")))
+        del params
+    # A stack of at most CHUNK fp32 elements, and the norms themselves (a few bytes per tensor).
+    assert peaks[1] <= CHUNK * 4 + 8 * CHUNK // 1000 * 64 + 64 * 1024, peaks
+
+
+def test_torch_kernels_flag_keeps_torch_norms_everywhere():
+    """The drop-ins' setting: torch's kernels for small and large CPU tensors alike."""
+    tensors = _small_tensors(torch.float32)[:50] + [torch.randn(BLOCKED_MIN_NUMEL_WIDE + 5)]
+    ops = get_ops(tensors, framework="torch")
+    ops.torch_kernels = True
+    assert torch.equal(ops.norms(tensors, 2.0), torch.stack(torch._foreach_norm(tensors, 2.0)))
+
+
+class _GenericOps:
+    """The torch Ops without its clip_coefficient hook: the generic formula of norm.py."""
+
+    def __init__(self, ops):
+        self._ops = ops
+
+    def __getattr__(self, name):
+        if name == "clip_coefficient":
+            raise AttributeError(name)
+        return getattr(self._ops, name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_torch_clip_coefficient_equals_the_generic_formula_bit_for_bit(dtype):
+    ops = get_ops([torch.zeros(1, dtype=dtype)], framework="torch")
+    generic = _GenericOps(ops)
+    values = [0.0, 1e-45, 1e-30, 1e-7, 0.5, 0.9999999, 1.0, 1.0000001, 2.0, 3e38, math.inf, math.nan]
+    for norm in values:
+        for threshold in [0.0, 1e-7, 0.5, 1.0, 1e30, math.inf]:
+            for eps in (0.0, 1e-6):
+                n, t = torch.tensor(norm, dtype=dtype), torch.tensor(threshold, dtype=dtype)
+                fast, reference = ops.clip_coefficient(n, t, eps), clip_coefficient(generic, n, t, eps)
+                assert fast.dtype == reference.dtype == dtype
+                assert torch.equal(fast, reference) or (fast.isnan() and reference.isnan()), (norm, threshold, eps)
+                # Rule 4: at or under the threshold, exactly 1.
+                if not norm > threshold:
+                    assert float(fast) == 1.0
+
+
+def test_torch_isfinite_agrees_with_torch():
+    ops = get_ops([torch.zeros(1)], framework="torch")
+    for dtype in DTYPES:
+        x = torch.tensor([0.0, -0.0, 1e-40, -3.0, 65504.0, math.inf, -math.inf, math.nan]).to(dtype)
+        assert torch.equal(ops.isfinite(x), torch.isfinite(x)), dtype
+    assert torch.equal(ops.isfinite(torch.tensor([True, False])), torch.tensor([True, True]))
+    assert torch.equal(ops.isfinite(torch.tensor([3, -7])), torch.tensor([True, True]))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
