@@ -2,7 +2,8 @@
 
 Each dispatches on the arrays' framework and returns new arrays (``clip_weights_`` excepted,
 which works in place as its name says). They are thin wrappers over the clipper classes, so the
-algorithms stay written once.
+algorithms stay written once; their errors name the function called, not the class underneath
+(``"clip_by_norm: max_norm must be in [0, inf], got -1.0"``).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from typing import Any
 
 from gradclip._core.ops import get_ops
 from gradclip._core.tree import flatten
-from gradclip._core.validation import check_norm_type, check_range_pair
+from gradclip._core.validation import check_norm_type, check_range_pair, reported_as
 from gradclip.clippers.norm import GlobalNorm, Norm
 from gradclip.clippers.outliers import ZeroOutliers
 from gradclip.clippers.value import Value
@@ -57,7 +58,8 @@ def clip_by_value(grads: Any, min_value: float, max_value: float):
     Raises:
         InvalidArgumentError: NaN bounds or ``min_value > max_value``.
     """
-    return Value(min_value, max_value).update(grads, None)[0]
+    with reported_as("clip_by_value", "Value"):
+        return Value(min_value, max_value).update(grads, None)[0]
 
 
 def clip_by_norm(grads: Any, max_norm: float, norm_type: float = 2.0):
@@ -69,7 +71,8 @@ def clip_by_norm(grads: Any, max_norm: float, norm_type: float = 2.0):
     Raises:
         InvalidArgumentError: Negative/NaN ``max_norm`` or ``norm_type <= 0``.
     """
-    return Norm(max_norm, norm_type=norm_type).update(grads, None)[0]
+    with reported_as("clip_by_norm", "Norm"):
+        return Norm(max_norm, norm_type=norm_type).update(grads, None)[0]
 
 
 def clip_by_global_norm(grads: Any, max_norm: float, norm_type: float = 2.0):
@@ -82,7 +85,8 @@ def clip_by_global_norm(grads: Any, max_norm: float, norm_type: float = 2.0):
     Raises:
         InvalidArgumentError: Negative/NaN ``max_norm`` or ``norm_type <= 0``.
     """
-    clipped, _, info = GlobalNorm(max_norm, norm_type=norm_type).update(grads, None)
+    with reported_as("clip_by_global_norm", "GlobalNorm"):
+        clipped, _, info = GlobalNorm(max_norm, norm_type=norm_type).update(grads, None)
     return clipped, info.norm
 
 
@@ -95,7 +99,8 @@ def zero_outliers(grads: Any, threshold: float):
     Raises:
         InvalidArgumentError: Negative or NaN threshold.
     """
-    return ZeroOutliers(threshold).update(grads, None)[0]
+    with reported_as("zero_outliers", "ZeroOutliers"):
+        return ZeroOutliers(threshold).update(grads, None)[0]
 
 
 def clip_weights_(params: Any, min_value: float, max_value: float) -> None:
@@ -113,6 +118,8 @@ def clip_weights_(params: Any, min_value: float, max_value: float) -> None:
     Raises:
         InvalidArgumentError: NaN bounds or ``min_value > max_value``.
         BackendError: Something that is not a parameter or array.
+        ReadOnlyArrayError: A read-only NumPy array (a ``BackendError`` and a ``ValueError``);
+            raised before any array is clamped.
     """
     low, high = check_range_pair("clip_weights_", min_value, max_value)
     if hasattr(params, "parameters") and callable(params.parameters):

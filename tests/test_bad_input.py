@@ -1,16 +1,17 @@
-"""Bad input gets a clear error naming the argument and the bad value, and loses nothing
-(DESIGN.md rule 7); some odd but valid inputs (empty lists, all-None) are not errors."""
+"""Bad input gets a clear error naming the function called, the argument, the bad value and the
+valid range, and loses nothing (DESIGN.md rule 7); some odd but valid inputs (empty lists,
+all-None) are not errors."""
 
 from __future__ import annotations
 
 import math
-import re
 import warnings
 
 import numpy as np
 import pytest
 
 import gradclip
+from gradclip._core import errors
 
 BAD_NUMBERS = [-1.0, -1e-9, math.nan, -math.inf]
 
@@ -24,36 +25,56 @@ def _same(a, b):
         np.testing.assert_array_equal(x, y)
 
 
-def _message_names(excinfo, argument, value):
+def _message_names(excinfo, where, argument, value, valid):
+    """The message starts with the function (or class) called and names the argument, the bad
+    value and the valid range."""
     message = str(excinfo.value)
+    assert message.startswith(f"{where}: "), message
     assert argument in message, message
     assert repr(value) in message, message
+    assert valid in message, message
 
 
 # -- thresholds -----------------------------------------------------------------------------
 
-# (constructor taking the threshold, the argument's name)
+# (constructor taking the threshold, the class named in the message, the argument, its range)
 THRESHOLD_CONSTRUCTORS = [
-    (lambda v: gradclip.GlobalNorm(v), "max_norm"),
-    (lambda v: gradclip.GlobalNorm(1.0, eps=v), "eps"),
-    (lambda v: gradclip.Norm(v), "max_norm"),
-    (lambda v: gradclip.AverageNorm(v), "max_norm"),
-    (lambda v: gradclip.BlockRMS(v), "threshold"),
-    (lambda v: gradclip.NormSign(v), "threshold"),
-    (lambda v: gradclip.ZeroOutliers(v), "threshold"),
-    (lambda v: gradclip.Value(clip_value=v), "clip_value"),
-    (lambda v: gradclip.get("global_norm", max_norm=v), "max_norm"),
-    (lambda v: gradclip.get("block_rms", threshold=v), "threshold"),
+    (lambda v: gradclip.GlobalNorm(v), "GlobalNorm", "max_norm", "[0, inf]"),
+    (lambda v: gradclip.GlobalNorm(1.0, eps=v), "GlobalNorm", "eps", "[0, inf)"),
+    (lambda v: gradclip.Norm(v), "Norm", "max_norm", "[0, inf]"),
+    (lambda v: gradclip.AverageNorm(v), "AverageNorm", "max_norm", "[0, inf]"),
+    (lambda v: gradclip.BlockRMS(v), "BlockRMS", "threshold", "[0, inf]"),
+    (lambda v: gradclip.NormSign(v), "NormSign", "threshold", "[0, inf]"),
+    (lambda v: gradclip.ZeroOutliers(v), "ZeroOutliers", "threshold", "[0, inf]"),
+    (lambda v: gradclip.Value(clip_value=v), "Value", "clip_value", "[0, inf]"),
+    (lambda v: gradclip.get("global_norm", max_norm=v), "GlobalNorm", "max_norm", "[0, inf]"),
+    (lambda v: gradclip.get("block_rms", threshold=v), "BlockRMS", "threshold", "[0, inf]"),
 ]
 
 
 @pytest.mark.parametrize("value", BAD_NUMBERS, ids=str)
-@pytest.mark.parametrize("construct,argument", THRESHOLD_CONSTRUCTORS, ids=[a for _, a in THRESHOLD_CONSTRUCTORS])
-def test_negative_or_nan_threshold_in_constructor(construct, argument, value):
+@pytest.mark.parametrize(
+    "construct,where,argument,valid", THRESHOLD_CONSTRUCTORS, ids=[f"{w}-{a}" for _, w, a, _ in THRESHOLD_CONSTRUCTORS]
+)
+def test_negative_or_nan_threshold_in_constructor(construct, where, argument, valid, value):
     with pytest.raises(gradclip.InvalidArgumentError) as caught:
         construct(value)
-    _message_names(caught, argument, value)
+    _message_names(caught, where, argument, value, valid)
     assert isinstance(caught.value, ValueError)  # except ValueError keeps working
+
+
+def test_nan_is_reported_as_not_allowed():
+    # "must be in [-inf, inf], got nan" read as if NaN were outside the range.
+    for construct, argument in (
+        (lambda: gradclip.Value(math.nan, 1.0), "min_value"),
+        (lambda: gradclip.Value(-1.0, math.nan), "max_value"),
+        (lambda: gradclip.GlobalNorm(math.nan), "max_norm"),
+    ):
+        with pytest.raises(gradclip.InvalidArgumentError) as caught:
+            construct()
+        message = str(caught.value)
+        assert f"{argument} must not be NaN" in message and message.endswith("got nan"), message
+        assert "must be in" not in message, message
 
 
 @pytest.mark.parametrize("value", [True, "1.0", None, [1.0]], ids=repr)
@@ -62,46 +83,109 @@ def test_non_number_threshold(value):
         gradclip.GlobalNorm(value)
 
 
-# (function(grads, bad value), argument)
-FUNCTIONS = [
-    (lambda g, v: gradclip.clip_by_norm(g, v), "max_norm"),
-    (lambda g, v: gradclip.clip_by_global_norm(g, v), "max_norm"),
-    (lambda g, v: gradclip.zero_outliers(g, v), "threshold"),
-    # clip_by_value: a NaN bound, or a max_value below min_value = 1.0
-    (lambda g, v: gradclip.clip_by_value(g, v, 1.0) if math.isnan(v) else gradclip.clip_by_value(g, 1.0, v), None),
+BAD_NORM_TYPES = [0.0, -1.0, math.nan, -math.inf]
+
+# The one-shot functions are wrappers over the classes; their errors name the function the user
+# called ("clip_grad_norm_: max_norm ..."), never the class underneath ("GlobalNorm: ...").
+# (function, call(grads, bad value), argument, valid range, bad values)
+ONE_SHOT_FUNCTIONS = [
+    ("clip_by_norm", lambda g, v: gradclip.clip_by_norm(g, v), "max_norm", "[0, inf]", BAD_NUMBERS),
+    ("clip_by_norm", lambda g, v: gradclip.clip_by_norm(g, 1.0, v), "norm_type", "(0, inf]", BAD_NORM_TYPES),
+    ("clip_by_global_norm", lambda g, v: gradclip.clip_by_global_norm(g, v), "max_norm", "[0, inf]", BAD_NUMBERS),
+    (
+        "clip_by_global_norm",
+        lambda g, v: gradclip.clip_by_global_norm(g, 1.0, v),
+        "norm_type",
+        "(0, inf]",
+        BAD_NORM_TYPES,
+    ),
+    ("zero_outliers", lambda g, v: gradclip.zero_outliers(g, v), "threshold", "[0, inf]", BAD_NUMBERS),
+    # Negative bounds are valid for clip_by_value; NaN is not (min > max is tested below).
+    ("clip_by_value", lambda g, v: gradclip.clip_by_value(g, v, 1.0), "min_value", "[-inf, inf]", [math.nan]),
+    ("clip_by_value", lambda g, v: gradclip.clip_by_value(g, -1.0, v), "max_value", "[-inf, inf]", [math.nan]),
+    ("global_norm", lambda g, v: gradclip.global_norm(g, v), "norm_type", "(0, inf]", BAD_NORM_TYPES),
+    ("clip_weights_", lambda g, v: gradclip.clip_weights_(g, v, 1.0), "min_value", "[-inf, inf]", [math.nan]),
 ]
 
 
-@pytest.mark.parametrize("value", BAD_NUMBERS, ids=str)
-@pytest.mark.parametrize("function,argument", FUNCTIONS, ids=["clip_by_norm", "clip_by_global_norm", "zero_outliers", "clip_by_value"])
-def test_one_shot_functions_reject_bad_thresholds(function, argument, value):
+@pytest.mark.parametrize(
+    "function,call,argument,valid,value",
+    [(f, c, a, r, v) for f, c, a, r, values in ONE_SHOT_FUNCTIONS for v in values],
+    ids=[f"{f}-{a}-{v}" for f, _, a, _, values in ONE_SHOT_FUNCTIONS for v in values],
+)
+def test_one_shot_functions_name_themselves_in_errors(function, call, argument, valid, value):
     grads, before = _grads(), _grads()
     with pytest.raises(gradclip.InvalidArgumentError) as caught:
-        function(grads, value)
-    if argument is not None:
-        _message_names(caught, argument, value)
-    else:  # clip_by_value: a NaN bound, or max_value below min_value
-        assert re.search("min_value|max_value", str(caught.value))
+        call(grads, value)
+    _message_names(caught, function, argument, value, valid)
     _same(grads, before)
 
 
-@pytest.mark.parametrize("value", BAD_NUMBERS, ids=str)
-def test_torch_drop_ins_reject_bad_thresholds_and_keep_gradients(value):
+# (function, call(parameters, bad value), argument, valid range, bad values)
+TORCH_FUNCTIONS = [
+    ("clip_grad_norm_", lambda gct, ps, v: gct.clip_grad_norm_(ps, v), "max_norm", "[0, inf]", BAD_NUMBERS),
+    ("clip_grad_norm_", lambda gct, ps, v: gct.clip_grad_norm_(ps, 1.0, v), "norm_type", "(0, inf]", BAD_NORM_TYPES),
+    ("clip_grad_value_", lambda gct, ps, v: gct.clip_grad_value_(ps, v), "clip_value", "[0, inf]", BAD_NUMBERS),
+    (
+        "get_total_norm",
+        lambda gct, ps, v: gct.get_total_norm([p.grad for p in ps], v),
+        "norm_type",
+        "(0, inf]",
+        BAD_NORM_TYPES,
+    ),
+    ("GlobalNorm", lambda gct, ps, v: gradclip.GlobalNorm(v).clip_(ps), "max_norm", "[0, inf]", BAD_NUMBERS),
+]
+
+
+@pytest.mark.parametrize(
+    "function,call,argument,valid,value",
+    [(f, c, a, r, v) for f, c, a, r, values in TORCH_FUNCTIONS for v in values],
+    ids=[f"{f}-{a}-{v}" for f, _, a, _, values in TORCH_FUNCTIONS for v in values],
+)
+def test_torch_drop_ins_name_themselves_and_keep_gradients(function, call, argument, valid, value):
     torch = pytest.importorskip("torch", reason="torch drop-ins")
     import gradclip.torch as gct
 
     p = torch.nn.Parameter(torch.zeros(3))
     p.grad = torch.tensor([3.0, -4.0, 12.0])
     before = p.grad.clone()
-    for call, argument in (
-        (lambda: gct.clip_grad_norm_([p], value), "max_norm"),
-        (lambda: gct.clip_grad_value_([p], value), "clip_value"),
-        (lambda: gradclip.GlobalNorm(value).clip_([p]), "max_norm"),
+    with pytest.raises(gradclip.InvalidArgumentError) as caught:
+        call(gct, [p], value)
+    _message_names(caught, function, argument, value, valid)
+    assert torch.equal(p.grad, before)
+
+
+def test_errors_raised_while_clipping_name_the_function():
+    # Not only argument checks: errors found in the gradients name the function called too.
+    torch = pytest.importorskip("torch", reason="torch drop-ins")
+    import gradclip.torch as gct
+
+    p = torch.nn.Parameter(torch.zeros(2))
+    p.grad = torch.tensor([1.0, math.inf])
+    before = p.grad.clone()
+    for function, call in (
+        ("clip_grad_norm_", lambda: gct.clip_grad_norm_([p], 1.0, error_if_nonfinite=True)),
+        ("get_total_norm", lambda: gct.get_total_norm([p.grad], error_if_nonfinite=True)),
     ):
-        with pytest.raises(gradclip.InvalidArgumentError) as caught:
+        with pytest.raises(gradclip.NonFiniteError) as caught:
             call()
-        _message_names(caught, argument, value)
+        assert str(caught.value).startswith(f"{function}: non-finite"), str(caught.value)
+        assert caught.value.offenders == ["#0"]  # the exception keeps its attributes
         assert torch.equal(p.grad, before)
+    mixed = [np.ones(2, np.float32), torch.ones(2)]
+    for function, call in (
+        ("clip_by_global_norm", lambda: gradclip.clip_by_global_norm(mixed, 1.0)),
+        ("clip_by_value", lambda: gradclip.clip_by_value(mixed, -1.0, 1.0)),
+        ("clip_by_norm", lambda: gradclip.clip_by_norm(mixed, 1.0)),
+        ("zero_outliers", lambda: gradclip.zero_outliers(mixed, 1.0)),
+        ("global_norm", lambda: gradclip.global_norm(mixed)),
+    ):
+        with pytest.raises(gradclip.BackendError) as caught:
+            call()
+        assert str(caught.value).startswith(f"{function}: "), str(caught.value)
+    with pytest.raises(gradclip.BackendError) as caught:
+        gct.clip_grad_norm_(["not a parameter"], 1.0)
+    assert str(caught.value).startswith("clip_grad_norm_: ")
 
 
 def test_zero_max_norm_with_zero_gradients_is_not_nan():
@@ -121,21 +205,22 @@ def test_zero_max_norm_with_zero_gradients_is_not_nan():
 
 
 @pytest.mark.parametrize(
-    "call",
+    "call,where",
     [
-        lambda g: gradclip.Value(2.0, 1.0),
-        lambda g: gradclip.clip_by_value(g, 2.0, 1.0),
-        lambda g: gradclip.clip_weights_(g, 2.0, 1.0),
-        lambda g: gradclip.get("value", min_value=2.0, max_value=1.0),
+        (lambda g: gradclip.Value(2.0, 1.0), "Value"),
+        (lambda g: gradclip.clip_by_value(g, 2.0, 1.0), "clip_by_value"),
+        (lambda g: gradclip.clip_weights_(g, 2.0, 1.0), "clip_weights_"),
+        (lambda g: gradclip.get("value", min_value=2.0, max_value=1.0), "Value"),
     ],
     ids=["Value", "clip_by_value", "clip_weights_", "get"],
 )
-def test_min_value_above_max_value(call):
+def test_min_value_above_max_value(call, where):
     grads, before = _grads(), _grads()
     with pytest.raises(gradclip.InvalidArgumentError) as caught:
         call(grads)
     message = str(caught.value)
-    assert "min_value" in message and "max_value" in message and "2.0" in message and "1.0" in message
+    assert message.startswith(f"{where}: "), message
+    assert "min_value must be <= max_value" in message and "2.0" in message and "1.0" in message
     _same(grads, before)
 
 
@@ -355,6 +440,53 @@ def test_numpy_scalar_is_rejected_with_a_hint():
         gradclip.GlobalNorm(1.0).clip([np.float32(3.0)])
 
 
+# In-place calls on NumPy arrays, one of them read-only: each would change the first array.
+READ_ONLY_CALLS = [
+    ("GlobalNorm", lambda a: gradclip.GlobalNorm(1.0).clip_(a)),
+    ("Norm", lambda a: gradclip.Norm(1.0).clip_(a)),
+    ("Value", lambda a: gradclip.Value(-1.0, 1.0).clip_(a)),
+    ("ZeroOutliers", lambda a: gradclip.ZeroOutliers(1.0).clip_(a)),
+    ("NormSign", lambda a: gradclip.NormSign(1.0).clip_(a)),
+    ("chain", lambda a: gradclip.chain(gradclip.Value(clip_value=5.0), gradclip.GlobalNorm(1.0)).clip_(a)),
+    ("clip_weights_", lambda a: gradclip.clip_weights_(a, -1.0, 1.0)),
+]
+
+
+@pytest.mark.parametrize("call", [c for _, c in READ_ONLY_CALLS], ids=[n for n, _ in READ_ONLY_CALLS])
+def test_read_only_numpy_array_fails_before_any_write(call):
+    # Before the check, GlobalNorm scaled the first array, then NumPy's bare ValueError
+    # ("assignment destination is read-only") left the gradients half clipped.
+    arrays = [np.array([30.0, -40.0], np.float32), np.array([[0.5, 20.0]], np.float32)]
+    arrays[1].flags.writeable = False
+    before = [a.copy() for a in arrays]
+    with pytest.raises(errors.ReadOnlyArrayError) as caught:
+        call(arrays)
+    message = str(caught.value)
+    assert "#1 (shape (1, 2), float32)" in message and "read-only" in message, message
+    assert "#0" not in message and "nothing was changed" in message
+    assert isinstance(caught.value, gradclip.BackendError) and isinstance(caught.value, ValueError)
+    _same(arrays, before)
+
+
+def test_read_only_numpy_array_keeps_adaptive_state():
+    clipper = gradclip.ZClip(warmup_steps=1)
+    clipper.clip_([np.array([3.0, 4.0], np.float32)])
+    saved = clipper.state_dict()
+    frozen = np.array([300.0, 400.0], np.float32)
+    frozen.flags.writeable = False
+    with pytest.raises(errors.ReadOnlyArrayError):
+        clipper.clip_([np.array([1.0], np.float32), frozen])
+    assert clipper.state_dict() == saved  # the failed step did not advance the state
+
+
+def test_read_only_numpy_arrays_are_fine_functionally():
+    frozen = np.array([30.0, -40.0], np.float32)
+    frozen.flags.writeable = False
+    out, info = gradclip.GlobalNorm(1.0).clip([frozen])
+    assert float(info.norm) == 50.0 and out[0] is not frozen
+    np.testing.assert_array_equal(frozen, [30.0, -40.0])
+
+
 def test_chain_arguments():
     with pytest.raises(gradclip.InvalidArgumentError, match="at least one"):
         gradclip.chain()
@@ -366,6 +498,39 @@ def test_update_params_structure_mismatch():
     grads = _grads()
     with pytest.raises(gradclip.InvalidArgumentError, match="params"):
         gradclip.GlobalNorm(1.0).update(grads, None, params=grads[:1])
+
+
+# -- the error classes ---------------------------------------------------------------------------
+
+# Each error class and the built-in exceptions it is documented to be (gradclip/_core/errors.py).
+DOCUMENTED_BASES = {
+    "GradClipError": (Exception,),
+    "InvalidArgumentError": (ValueError,),
+    "UnknownNameError": (errors.InvalidArgumentError, ValueError),
+    "BackendError": (TypeError,),
+    "SparseGradientError": (errors.BackendError, TypeError),
+    "ReadOnlyArrayError": (errors.BackendError, TypeError, ValueError),
+    "NonFiniteError": (ValueError, RuntimeError),
+    "StateError": (ValueError,),
+}
+
+
+def test_error_classes_subclass_gradclip_error_and_the_documented_builtins():
+    assert set(errors.__all__) == set(DOCUMENTED_BASES)
+    for name, bases in DOCUMENTED_BASES.items():
+        cls = getattr(errors, name)
+        assert issubclass(cls, errors.GradClipError), name
+        for base in bases:
+            assert issubclass(cls, base), f"{name} should be a {base.__name__}"
+    # A bad value is not a bad type and vice versa (except where documented).
+    assert not issubclass(errors.InvalidArgumentError, TypeError)
+    assert not issubclass(errors.BackendError, ValueError)
+
+
+def test_error_classes_are_exported():
+    for name in errors.__all__:
+        assert getattr(gradclip, name) is getattr(errors, name)
+        assert name in gradclip.__all__
 
 
 def test_errors_do_not_use_assert():

@@ -149,3 +149,48 @@ def test_fp16_per_tensor_norm_above_fp16_range():
         out, info = clipper.clip([g])
         assert torch.isfinite(out[0]).all() and torch.isfinite(info.norm)
         assert ref_global_norm(out) == pytest.approx(bound, rel=2e-3), clipper
+
+
+@pytest.mark.parametrize("foreach", [None, True, False])
+@pytest.mark.parametrize("dtype", LOW, ids=str)
+def test_clip_grad_norm_single_low_precision_tensor(dtype, foreach):
+    # torch.nn.utils.clip_grad_norm_ takes one tensor as well as a list; so does the drop-in.
+    tol = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
+    values = (torch.randn(257, generator=torch.Generator().manual_seed(3)) * 40).to(dtype)
+    single = _param(values.tolist(), dtype)
+    listed = _param(values.tolist(), dtype)
+    reference = _param(values.tolist(), dtype)
+    expected, exact, _ = ref_global_clip([values], 1.0)
+    norm = gct.clip_grad_norm_(single, 1.0, foreach=foreach)
+    assert norm.dtype == torch.float32 and norm.ndim == 0
+    assert norm.item() == pytest.approx(exact, rel=1e-5)  # fp32 accumulation: close to exact
+    assert single.grad.dtype == dtype
+    np.testing.assert_allclose(to_numpy(single.grad), expected[0], rtol=tol, atol=tol * np.abs(expected[0]).max())
+    # A single tensor and [tensor] are the same call, bit for bit.
+    assert torch.equal(gct.clip_grad_norm_([listed], 1.0, foreach=foreach), norm)
+    assert torch.equal(listed.grad, single.grad)
+    # torch's own drop-in agrees within the dtype's rounding (its norm is the low-precision one).
+    torch_norm = torch.nn.utils.clip_grad_norm_(reference, 1.0, foreach=foreach)
+    assert torch_norm.item() == pytest.approx(exact, rel=tol)
+    np.testing.assert_allclose(to_numpy(reference.grad), to_numpy(single.grad), rtol=tol, atol=tol * np.abs(expected[0]).max())
+
+
+@pytest.mark.parametrize("threshold, dtype", [(1e5, torch.float16), (1e39, torch.bfloat16)], ids=["fp16", "bf16"])
+def test_norm_sign_refuses_a_threshold_the_dtype_cannot_hold(threshold, dtype):
+    """ε·sign(g) with ε beyond the dtype's range would write inf into every element of a clipped
+    step: refused up front, from the dtype alone (whatever this step's norm)."""
+    p = _param([3e4, -3e4, 0.0], dtype)
+    before = p.grad.clone()
+    clipper = gradclip.NormSign(threshold)
+    with pytest.raises(gradclip.InvalidArgumentError) as caught:
+        clipper.clip_([p])
+    message = str(caught.value)
+    assert message.startswith("NormSign:") and f"threshold={threshold!r}" in message
+    assert str(dtype).replace("torch.", "") in message and "largest finite value" in message
+    assert torch.equal(p.grad, before)
+    # NumPy fp16 too; and a representable threshold, or inf (never clips), works.
+    with pytest.raises(gradclip.InvalidArgumentError):
+        gradclip.NormSign(1e5).clip([np.full(3, 4e4, dtype=np.float16)])
+    assert gradclip.NormSign(math.inf).clip_([p]).clipped.item() is False
+    info = gradclip.NormSign(6e4).clip_([_param([6e4, -6e4], torch.float16)])
+    assert bool(info.clipped)

@@ -52,9 +52,14 @@ CASES = [
     ("norm-l1", lambda: gradclip.Norm(2.0, norm_type=1.0), lambda g: ref_norm(g, 2.0, 1.0), 1.0),
     ("norm-l3", lambda: gradclip.Norm(1.0, norm_type=3.0), lambda g: ref_norm(g, 1.0, 3.0), 3.0),
     ("norm-inf", lambda: gradclip.Norm(0.8, norm_type=math.inf), lambda g: ref_norm(g, 0.8, math.inf), math.inf),
+    ("norm-l0.5", lambda: gradclip.Norm(1.0, norm_type=0.5), lambda g: ref_norm(g, 1.0, 0.5), 0.5),
     ("global-l2", lambda: gradclip.GlobalNorm(1.0), lambda g: ref_global_clip(g, 1.0)[0], 2.0),
     ("global-l1", lambda: gradclip.GlobalNorm(2.0, norm_type=1), lambda g: ref_global_clip(g, 2.0, 1.0)[0], 1.0),
     ("global-l3", lambda: gradclip.GlobalNorm(1.0, norm_type=3), lambda g: ref_global_clip(g, 1.0, 3.0)[0], 3.0),
+    # "Any p > 0": non-integer p, and p < 1 (a quasi-norm: sum |g|^p, then the 1/p power).
+    ("global-l1.5", lambda: gradclip.GlobalNorm(1.0, norm_type=1.5), lambda g: ref_global_clip(g, 1.0, 1.5)[0], 1.5),
+    ("global-l0.5", lambda: gradclip.GlobalNorm(1.0, norm_type=0.5), lambda g: ref_global_clip(g, 1.0, 0.5)[0], 0.5),
+    ("global-l0.25", lambda: gradclip.GlobalNorm(2.0, norm_type=0.25), lambda g: ref_global_clip(g, 2.0, 0.25)[0], 0.25),
     (
         "global-inf",
         lambda: gradclip.GlobalNorm(0.5, norm_type=math.inf),
@@ -218,7 +223,7 @@ def test_one_shot_functions(backend, dtype):
         for g, b in zip(grads, before):
             _assert_same_bits(g, b)
 
-    for norm_type in (1.0, 2.0, 3.0, math.inf):
+    for norm_type in (0.5, 1.0, 1.5, 2.0, 3.0, math.inf):
         grads = _to_backend(data, backend)
         before = _copies(grads)
         out, norm = gradclip.clip_by_global_norm(grads, 1.0, norm_type)

@@ -1,5 +1,6 @@
-"""The registry (``available``, ``get``), ``import gradclip`` staying framework-free, and
-checkpoints: ``state_dict``/``load_state_dict`` round trips and rejections that change nothing."""
+"""The registry (``available``, ``get``), ``import gradclip`` staying framework-free, backend
+selection (cached; the torch backend on its foreach kernels), and checkpoints:
+``state_dict``/``load_state_dict`` round trips and rejections that change nothing."""
 
 from __future__ import annotations
 
@@ -61,6 +62,122 @@ def test_numpy_clipping_and_registry_import_no_framework():
 def test_control_subprocess_sees_a_framework_import():
     pytest.importorskip("torch", reason="the control imports torch")
     assert "torch" in _frameworks_in(_modules_after("import gradclip.torch"))
+
+
+# -- backend selection: cached per framework and per array type --------------------------------
+
+
+def test_backend_class_is_cached_not_imported_again(monkeypatch):
+    import gradclip.backends
+    from gradclip._core import ops
+
+    first = ops.get_ops([np.ones(2, np.float32)])
+    module = sys.modules["gradclip.backends.numpy"]
+    assert type(first) is module.BACKEND
+    # With the module gone from sys.modules, a lookup that imported it again would bring it back
+    # with a new class object; the cache hands out the class it already has.
+    monkeypatch.delitem(sys.modules, "gradclip.backends.numpy")
+    monkeypatch.setattr(gradclip.backends, "numpy", module)  # restored if re-imported below
+    assert type(ops.get_ops([np.zeros(3, np.float64)])) is type(first)
+    assert "gradclip.backends.numpy" not in sys.modules
+    # Control: without the cache entry the backend module is imported again.
+    monkeypatch.delitem(ops._backend_cache, "numpy")
+    reimported = ops.get_ops([np.ones(2, np.float32)])
+    assert sys.modules["gradclip.backends.numpy"] is not module
+    assert type(reimported) is not type(first)
+
+
+def test_framework_of_an_array_type_is_cached(monkeypatch):
+    from gradclip._core import ops
+
+    ops.get_ops([np.ones(2, np.float32)])
+    assert ops._framework_cache[np.ndarray] == "numpy"
+    # Once cached, the type is not looked up again: with the module table emptied, the cached
+    # type still resolves ...
+    monkeypatch.setattr(ops, "_FRAMEWORK_OF_MODULE", {})
+    assert ops.get_ops([np.ones(2, np.float32)]).name == "numpy"
+    # ... and an uncached type (the control) does not.
+    monkeypatch.delitem(ops._framework_cache, np.ndarray)
+    with pytest.raises(gradclip.BackendError, match="numpy.ndarray"):
+        ops.get_ops([np.ones(2, np.float32)])
+
+
+def test_torch_backend_class_is_cached():
+    torch = pytest.importorskip("torch", reason="torch backend")
+    from gradclip._core import ops
+
+    first = ops.get_ops([torch.ones(2)])
+    assert type(ops.get_ops([torch.ones(3, dtype=torch.float64)])) is type(first)
+    assert ops._backend_cache["torch"] is type(first)
+
+
+def _count_calls(monkeypatch, module, names):
+    """Wrap ``module.<name>`` for each name with a call counter; returns the live counts."""
+    calls = dict.fromkeys(names, 0)
+    for name in names:
+        original = getattr(module, name)
+
+        def counted(*args, _original=original, _name=name, **kwargs):
+            calls[_name] += 1
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, counted)
+    return calls
+
+
+def _two_dtype_params(torch):
+    # Two (device, dtype) groups: three fp32 tensors and two fp64 tensors, small, norm >> 1.
+    generator = torch.Generator().manual_seed(0)
+    params = []
+    f32, f64 = torch.float32, torch.float64
+    for shape, dtype in [((4, 3), f32), ((5,), f32), ((2, 2), f32), ((3,), f64), ((6,), f64)]:
+        p = torch.nn.Parameter(torch.zeros(shape, dtype=dtype))
+        p.grad = torch.randn(shape, generator=generator, dtype=dtype) * 10
+        params.append(p)
+    return params
+
+
+# (entry point, foreach flag); Clipper.clip_ has no flag and always runs with foreach=None.
+FOREACH_CALLS = [("GlobalNorm.clip_", None), ("clip_grad_norm_", None), ("clip_grad_norm_", True), ("clip_grad_norm_", False)]
+
+
+@pytest.mark.parametrize("call,foreach", FOREACH_CALLS, ids=[f"{c}-foreach={f}" for c, f in FOREACH_CALLS])
+def test_torch_backend_runs_one_foreach_kernel_per_group(monkeypatch, call, foreach):
+    # Small tensors give the same numbers through a Python loop; only counting the kernel calls
+    # shows the foreach path is taken: one _foreach_norm and one _foreach_mul_ per (device, dtype).
+    torch = pytest.importorskip("torch", reason="torch backend")
+    import gradclip.torch as gct
+
+    params = _two_dtype_params(torch)
+    expected = [p.grad.clone() for p in _two_dtype_params(torch)]
+    reference = [torch.nn.Parameter(torch.zeros_like(g)) for g in expected]
+    for p, g in zip(reference, expected):
+        p.grad = g
+    torch.nn.utils.clip_grad_norm_(reference, 1.0, foreach=False)
+    calls = _count_calls(monkeypatch, torch, ["_foreach_norm", "_foreach_mul_", "_foreach_mul"])
+    if call == "GlobalNorm.clip_":
+        gradclip.GlobalNorm(1.0).clip_(params)
+    else:
+        gct.clip_grad_norm_(params, 1.0, foreach=foreach)
+    groups = 0 if foreach is False else 2
+    assert calls == {"_foreach_norm": groups, "_foreach_mul_": groups, "_foreach_mul": 0}
+    for p, want in zip(params, reference):
+        torch.testing.assert_close(p.grad, want.grad, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("foreach", [None, True, False], ids=["foreach-auto", "foreach-on", "foreach-off"])
+def test_torch_clamp_runs_foreach_kernels(monkeypatch, foreach):
+    torch = pytest.importorskip("torch", reason="torch backend")
+    import gradclip.torch as gct
+
+    params = _two_dtype_params(torch)
+    expected = [p.grad.clamp(-0.5, 0.5) for p in params]
+    calls = _count_calls(monkeypatch, torch, ["_foreach_clamp_min_", "_foreach_clamp_max_"])
+    gct.clip_grad_value_(params, 0.5, foreach=foreach)
+    groups = 0 if foreach is False else 2
+    assert calls == {"_foreach_clamp_min_": groups, "_foreach_clamp_max_": groups}
+    for p, want in zip(params, expected):
+        assert torch.equal(p.grad, want)
 
 
 # -- registry -----------------------------------------------------------------------------------

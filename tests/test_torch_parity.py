@@ -233,3 +233,26 @@ def test_get_total_norm_matches_torch():
             assert torch.equal(
                 gct.get_total_norm(tensors, norm_type), torch.nn.utils.get_total_norm(tensors, norm_type)
             )
+
+
+@pytest.mark.parametrize("norm_type", [1.0, 2.0, math.inf], ids=str)
+def test_drop_ins_keep_torch_kernels_on_large_and_many_small_tensors(norm_type):
+    """The drop-ins promise torch's results: no blocked or stacked CPU norms there. GlobalNorm's
+    own default path takes them (a named deviation: closer to the exact norm, not torch's bits)."""
+    from gradclip.backends.torch import BLOCKED_MIN_NUMEL_WIDE
+
+    generator = torch.Generator().manual_seed(21)
+    grads = [torch.randn(BLOCKED_MIN_NUMEL_WIDE * 2 + 7, generator=generator)]
+    grads += [torch.randn(64, generator=generator) * (i + 1) for i in range(40)]
+    ref, ours, get_total = _params(grads), _params(grads), [g.clone() for g in grads]
+    n_ref = torch.nn.utils.clip_grad_norm_(ref, 1.0, norm_type)
+    n_ours = gct.clip_grad_norm_(ours, 1.0, norm_type)
+    assert torch.equal(n_ours, n_ref)
+    assert torch.equal(gct.get_total_norm(get_total, norm_type), torch.nn.utils.get_total_norm(get_total, norm_type))
+    for a, b in zip(ref, ours):
+        assert torch.equal(a.grad, b.grad)
+    # The deviation, by design: GlobalNorm's norm is within 1e-6 of the exact value.
+    exact = torch.linalg.vector_norm(torch.cat([g.double().flatten() for g in grads]), norm_type)
+    ours_clipper = _params(grads)
+    norm = gradclip.GlobalNorm(1.0, norm_type=norm_type).clip_(ours_clipper).norm
+    assert abs(float(norm) - float(exact)) <= 1e-6 * float(exact)

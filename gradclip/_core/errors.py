@@ -14,6 +14,7 @@ __all__ = [
     "UnknownNameError",
     "BackendError",
     "SparseGradientError",
+    "ReadOnlyArrayError",
     "NonFiniteError",
     "StateError",
 ]
@@ -37,6 +38,15 @@ class BackendError(GradClipError, TypeError):
 
 class SparseGradientError(BackendError):
     """A sparse gradient reached a clipper that cannot clip it without densifying it."""
+
+
+class ReadOnlyArrayError(BackendError, ValueError):
+    """An array that must be written in place (``clip_``, ``clip_weights_``) is read-only.
+
+    Raised before anything is written, so the other arrays of the call are untouched. It is also
+    a ``ValueError`` because that is what NumPy raises on a write to a read-only array; code
+    written against NumPy keeps catching it.
+    """
 
 
 class NonFiniteError(GradClipError, ValueError, RuntimeError):

@@ -8,11 +8,13 @@ disappears under ``python -O``.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
-from collections.abc import Iterable
+import re
+from collections.abc import Iterable, Iterator
 
-from gradclip._core.errors import InvalidArgumentError, UnknownNameError
+from gradclip._core.errors import GradClipError, InvalidArgumentError, UnknownNameError
 
 __all__ = [
     "check_number",
@@ -20,6 +22,7 @@ __all__ = [
     "check_choice",
     "check_range_pair",
     "check_int",
+    "reported_as",
 ]
 
 
@@ -64,14 +67,14 @@ def check_number(
         InvalidArgumentError: Not a real number, NaN, or outside the interval.
     """
     number = _as_float(where, name, value)
+    valid = f"{'[' if low_inclusive else '('}{low:g}, {high:g}{']' if high_inclusive else ')'}"
+    if math.isnan(number):
+        # "must be in [-inf, inf], got nan" reads as if nan were out of range; say what is wrong.
+        raise InvalidArgumentError(f"{where}: {name} must not be NaN (valid: {valid}), got {value!r}")
     below = number < low or (number == low and not low_inclusive)
     above = number > high or (number == high and not high_inclusive)
-    if math.isnan(number) or below or above:
-        left = "[" if low_inclusive else "("
-        right = "]" if high_inclusive else ")"
-        raise InvalidArgumentError(
-            f"{where}: {name} must be in {left}{low:g}, {high:g}{right}, got {value!r}"
-        )
+    if below or above:
+        raise InvalidArgumentError(f"{where}: {name} must be in {valid}, got {value!r}")
     return number
 
 
@@ -131,3 +134,26 @@ def check_range_pair(where: str, min_value: object, max_value: object) -> tuple[
             f"max_value={max_value!r}"
         )
     return low, high
+
+
+@contextlib.contextmanager
+def reported_as(function: str, *internal: str) -> Iterator[None]:
+    """Make gradclip errors raised in the block name ``function``, the function the user called.
+
+    The one-shot functions (``clip_by_norm``, ``clip_grad_norm_``...) are thin wrappers over the
+    clipper classes, whose messages start with the class (``"GlobalNorm: max_norm ..."``) or a
+    method of it (``"GlobalNorm.update: ..."``). A user who called ``clip_grad_norm_`` never
+    wrote ``GlobalNorm``, so such a prefix is replaced by ``function`` (DESIGN.md rule 7). The
+    exception keeps its type, attributes and traceback; other messages pass through unchanged.
+
+    Args:
+        function: The public function, e.g. ``"clip_grad_norm_"``.
+        *internal: The class names whose prefixes are replaced, e.g. ``"GlobalNorm"``.
+    """
+    prefix = re.compile(rf"^(?:{'|'.join(map(re.escape, internal))})(?:\.\w+)?: ")
+    try:
+        yield
+    except GradClipError as error:
+        if error.args and isinstance(error.args[0], str):
+            error.args = (prefix.sub(f"{function}: ", error.args[0], count=1), *error.args[1:])
+        raise

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from gradclip._core.errors import BackendError
+from gradclip._core.errors import BackendError, ReadOnlyArrayError
 from gradclip.backends._hashing import hash_streams
 
 __all__ = ["NumpyOps", "BACKEND"]
@@ -23,6 +23,28 @@ __all__ = ["NumpyOps", "BACKEND"]
 def _accumulation_dtype(array: np.ndarray) -> np.dtype:
     # fp64 gradients keep fp64; everything narrower accumulates in fp32 (DESIGN.md rule 2).
     return np.dtype(np.float64) if array.dtype == np.float64 else np.dtype(np.float32)
+
+
+def _check_writeable(arrays: Sequence[np.ndarray], where: str) -> None:
+    """Refuse read-only arrays before an in-place call writes anything.
+
+    The primitives write array by array, so without this check a read-only array in second
+    place would leave the first one clipped and the call failing half-way through with NumPy's
+    bare ``ValueError: assignment destination is read-only``.
+
+    Raises:
+        ReadOnlyArrayError: Some arrays are read-only; the message gives their positions.
+    """
+    frozen = [index for index, array in enumerate(arrays) if not array.flags.writeable]
+    if frozen:
+        # Positions count the arrays written (None entries left out); shape and dtype help to
+        # find the array in a dict or a long list.
+        shown = ", ".join(f"#{i} (shape {arrays[i].shape}, {arrays[i].dtype})" for i in frozen)
+        raise ReadOnlyArrayError(
+            f"{where}: cannot write in place into read-only array(s) {shown} of the "
+            f"{len(arrays)} array(s) to write; nothing was changed. Pass writeable arrays "
+            "(e.g. array.copy())"
+        )
 
 
 class NumpyOps:
@@ -50,6 +72,8 @@ class NumpyOps:
                     f"{where}: gradient #{index} is a {type(array).__name__}, not a numpy.ndarray"
                     " (wrap scalars with numpy.asarray)"
                 )
+        if inplace:
+            _check_writeable(arrays, where)
         self._acc = np.dtype(np.float64) if any(
             getattr(a, "dtype", None) == np.float64 for a in arrays
         ) else np.dtype(np.float32)

@@ -20,6 +20,7 @@ import math
 from typing import Any
 
 from gradclip._core.clipper import Clipper, make_info
+from gradclip._core.errors import InvalidArgumentError
 from gradclip._core.ops import Ops
 from gradclip._core.registry import register
 from gradclip._core.validation import check_norm_type, check_number
@@ -52,6 +53,27 @@ def clip_coefficient(ops: Ops, norm: Any, threshold: Any, eps: float = 0.0) -> A
 
 def _dtype(x: Any) -> str:
     return "float64" if "float64" in str(getattr(x, "dtype", "")) else "float32"
+
+
+#: The largest finite value of each floating dtype, by name (every framework spells its dtypes
+#: with these names: "torch.bfloat16", "<dtype: 'float16'>", numpy's "float32").
+_LARGEST_FINITE = (
+    ("bfloat16", 3.3895313892515355e38),  # before "float16", which it contains
+    ("float16", 65504.0),
+    ("float32", 3.4028234663852886e38),
+    ("float64", 1.7976931348623157e308),
+)
+
+
+def _dtype_label(dtype: Any) -> str:
+    text = str(dtype)
+    return next((name for name, _ in _LARGEST_FINITE if name in text), text)
+
+
+def largest_finite(dtype: Any) -> float:
+    """The largest finite value of a floating ``dtype`` of any framework (fp64's if unknown)."""
+    text = str(dtype)
+    return next((value for name, value in _LARGEST_FINITE if name in text), _LARGEST_FINITE[-1][1])
 
 
 @register("global_norm")
@@ -266,7 +288,9 @@ class NormSign(Clipper):
             one process, DDP and DTensor gradients (FSDP2, tensor parallel).
 
     Raises:
-        InvalidArgumentError: Negative or NaN ``threshold``, unknown policy.
+        InvalidArgumentError: Negative or NaN ``threshold``, unknown policy; at call time, a
+            threshold the gradients' dtype cannot represent (above 65504 for fp16), before
+            anything is changed.
     """
 
     defaults = {"threshold": 1.0}
@@ -281,6 +305,16 @@ class NormSign(Clipper):
         return {"threshold": self.threshold, "nonfinite": self.nonfinite}
 
     def _update(self, ops, grads, state, params, names):
+        # ε·sign(g) must be representable: NormSign(1e5) on fp16 gradients would write inf into
+        # every element of a clipped step. The dtypes are metadata: checked before anything.
+        for name, grad in zip(names, grads):
+            largest = largest_finite(grad.dtype)
+            if largest < self.threshold < math.inf:  # inf never clips: nothing is written
+                raise InvalidArgumentError(
+                    f"NormSign: threshold={self.threshold!r} is not representable in the {_dtype_label(grad.dtype)} "
+                    f"gradient {name} (largest finite value {largest:g}); a clipped step would write inf. "
+                    f"Use a threshold in [0, {largest:g}] or clip in a wider dtype. Nothing was changed."
+                )
         grads, _norms, norm, finite = measure(ops, grads, 2.0, self.nonfinite, names, "NormSign")
         dtype = _dtype(norm)
         threshold = ops.scalar(self.threshold, dtype)
