@@ -52,14 +52,20 @@ def test_matches_the_papers_algorithm(framework):
     steps = _sequence()
     reference = paper_adagc(steps, start=10)
     clipper = gradclip.AdaGC(start_clip_steps=10)
+    clipped = []
     for t, (grads, (expected, gamma)) in enumerate(zip(steps, reference)):
+        inputs = grads
         if framework == "torch":
             grads = [torch.from_numpy(g) for g in grads]
         out, info = clipper.clip(grads)
         for o, e in zip(out, expected):
             np.testing.assert_allclose(to_np(o), e, rtol=2e-5, atol=1e-7, err_msg=f"step {t}")
         np.testing.assert_allclose(clipper.state_dict()["state"]["gamma"], gamma, rtol=2e-5)
-    assert bool(info.clipped) or True
+        # info.clipped says whether the paper's rule changed a tensor at this step.
+        changed = any(not np.allclose(e, np.asarray(g, np.float64), rtol=1e-6, atol=0) for e, g in zip(expected, inputs))
+        assert bool(info.clipped) == changed, f"step {t}"
+        clipped.append(bool(info.clipped))
+    assert clipped[30]  # the spike after warm-up
 
 
 def test_warm_up_is_global_clipping_and_gamma_the_running_minimum():
@@ -112,6 +118,44 @@ def test_nonfinite_steps_leave_the_state_alone():
     assert not bool(info.finite) and clipper.state_dict() == before
     out, info = gradclip.AdaGC(nonfinite="skip").clip([np.asarray([np.inf], np.float32)])
     assert bool(info.skip)
+
+
+def _advanced(start=2, steps=3):
+    clipper = gradclip.AdaGC(start_clip_steps=start)
+    for t in range(steps):
+        clipper.clip([np.full(3, 0.5 + 0.1 * t, np.float32), np.zeros(2, np.float32), np.ones(4, np.float32)])
+    return clipper
+
+
+@pytest.mark.parametrize(
+    "change,pattern",
+    [
+        ({"gamma": [0.0, 0.0, 1.0], "seen": [True, False, True]}, r"tensor #0 has seen=True with gamma=0\.0"),
+        ({"gamma": [0.5, 2.0, 1.0], "seen": [True, False, True]}, r"tensor #1 has seen=False with gamma=2\.0"),
+        ({"step": 0}, r"step is 0 but 2 tensor\(s\) are marked seen"),
+    ],
+    ids=["seen-with-zero-gamma", "unseen-with-gamma", "seen-before-any-step"],
+)
+def test_load_state_dict_refuses_states_that_cannot_arise(change, pattern):
+    """Seen with γ = 0 would clip that tensor to zero for ever; none of these can come from a run."""
+    clipper = _advanced()
+    sd = clipper.state_dict()
+    state = sd["state"]
+    assert state["seen"] == [True, False, True] and state["gamma"][1] == 0.0
+    with pytest.raises(gradclip.StateError, match=pattern):
+        clipper.load_state_dict({**sd, "state": {**state, **change}})
+    assert clipper.state_dict() == sd
+
+
+def test_gamma_never_underflows_to_zero():
+    """A positive norm whose clipped value underflows fp32 does not set γ (nor mark it seen)."""
+    clipper = gradclip.AdaGC(start_clip_steps=1, warmup_max_norm=1e-38)
+    tiny = np.asarray([1e-18], np.float32)  # its clipped norm, ~1e-56, underflows fp32
+    big = np.asarray([1.0], np.float32)  # makes the warm-up coefficient ~1e-38
+    clipper.clip([tiny, big])
+    state = clipper.state_dict()["state"]
+    assert state["seen"] == [False, True] and state["gamma"][0] == 0.0
+    gradclip.AdaGC(start_clip_steps=1, warmup_max_norm=1e-38).load_state_dict(clipper.state_dict())  # consistent
 
 
 def test_dtype_preserved_and_registry_default():

@@ -160,7 +160,11 @@ def test_nonfinite_policies():
     out, info = gradclip.AGC(clip_factor=0.02, nonfinite="skip").clip(grads, params=params)
     assert bool(info.skip) and all(np.array_equal(o, g, equal_nan=True) for o, g in zip(out, grads))
     out, info = gradclip.AGC(clip_factor=0.02, nonfinite="zero").clip(grads, params=params)
-    assert bool(info.finite) and out[0][1, 0, 0, 0] == 0
+    # info.finite describes the gradients as given; the zeroed ones are clipped.
+    assert not bool(info.finite) and out[0][1, 0, 0, 0] == 0 and bool(info.clipped)
+    zeroed = [np.where(np.isfinite(g), g, 0.0).astype(np.float32) for g in grads]
+    want, _ = gradclip.AGC(clip_factor=0.02).clip(zeroed, params=params)
+    assert all(np.array_equal(o, w) for o, w in zip(out, want))
     with pytest.raises(gradclip.NonFiniteError, match="#0"):
         gradclip.AGC(nonfinite="raise").clip(grads, params=params)
 

@@ -3,10 +3,12 @@
 Fixed gradient-norm sequences are replayed through each reference and through gradclip; every
 intended difference is a test of its own (``test_difference_*``) asserting that it exists.
 
-References: ``zclip`` 1.0.0, ``autoclip`` 0.2.1 (installed), the AutoClip paper's rule, timm's
-``adaptive_clip_grad`` (loaded by file path), optax's ``adaptive_grad_clip`` (optax is not
-installed beside this torch: its documented rule is transcribed in NumPy below and named as
-such), and the Opacus AdaClip / TF-Privacy quantile-estimator update (transcribed below).
+References: ``zclip`` 1.0.0, ``autoclip`` 0.2.1, the AutoClip paper's rule, timm's
+``adaptive_clip_grad`` (loaded by file path), optax's ``adaptive_grad_clip`` (input-major
+layout: replayed on the transposed kernels), Opacus' ``AdaClipDPOptimizer`` (driven with zero
+noise) and TF-Privacy's quantile-estimator update (TF-Privacy cannot be installed beside this
+TensorFlow; its update is transcribed below and agrees with Opacus'). Each real package is
+pinned in requirements/ and its tests are skipped only where it is missing.
 """
 
 from __future__ import annotations
@@ -134,6 +136,19 @@ def test_difference_zclip_variance_floor():
     # With std_floor=0 ours reproduces the package's collapse.
     collapsed = _replay_ours(gradclip.ZClip(std_floor=0.0), norms)
     assert collapsed[25][0] == pytest.approx(2.0, rel=1e-5)
+
+
+@needs_zclip
+def test_difference_zclip_zero_warm_up_zeroes_the_package_for_ever():
+    """After a warm-up of zero norms the package's mean and variance are 0: every positive norm
+    is clipped to 0, and the EMA of those zeros stays 0. Zero norms do not count here."""
+    norms = [0.0] * 25 + _norm_sequence(n=40, spikes=())
+    reference = _replay_zclip_package({}, norms)
+    assert all(n == 0.0 for n, _, _ in reference[25:])  # every gradient zeroed
+    assert reference[-1][1] == 0.0
+    ours = _replay_ours(gradclip.ZClip(), norms)
+    assert [x for x, _ in ours[25:50]] == pytest.approx(norms[25:50], rel=1e-6)  # warm-up
+    assert all(x > 0 for x, _ in ours[25:])
 
 
 @needs_zclip
@@ -299,35 +314,24 @@ def test_difference_agc_fp16_norms_accumulate_in_fp32():
     torch.testing.assert_close(unit, torch.full((2,), limit), rtol=2e-3, atol=0)
 
 
-def optax_adaptive_grad_clip_reference(grads, params, clipping, eps=1e-3):
-    """optax.adaptive_grad_clip's documented rule, transcribed in NumPy (optax is not installed
-    beside this torch; the TF/JAX backends test against the real one). Input-major layout."""
+try:
+    import optax
+except ImportError:  # pinned in requirements/dev.txt; skipped only where it is missing
+    optax = None
+needs_optax = pytest.mark.skipif(optax is None, reason="optax is not installed")
 
-    def unitwise_norm(x):
-        x = np.asarray(x, np.float64)
-        if np.squeeze(x).ndim <= 1:  # scalars and vectors (after squeezing)
-            squared = np.sum(x * x, keepdims=True)
-        elif x.ndim in (2, 3):  # linear layers (in, out) and multi-head (in, heads, out)
-            squared = np.sum(x * x, axis=0, keepdims=True)
-        elif x.ndim == 4:  # convolutions, HWIO
-            squared = np.sum(x * x, axis=(0, 1, 2), keepdims=True)
-        else:
-            raise ValueError(f"unsupported shape {x.shape}")
-        return np.broadcast_to(np.sqrt(squared), x.shape)
 
-    def unitwise_clip(g_norm, max_norm, grad, div_eps=1e-6):
-        clipped = grad * (max_norm / np.maximum(g_norm, div_eps))
-        return np.where(g_norm < max_norm, grad, clipped)
+def optax_agc(grads, params, clipping, eps=1e-3):
+    """The real ``optax.adaptive_grad_clip`` on fp32 JAX arrays (input-major layout)."""
+    import jax.numpy as jnp
 
-    out = []
-    for g, p in zip(grads, params):
-        g_norm, p_norm = unitwise_norm(g), unitwise_norm(p)
-        max_norm = clipping * np.maximum(p_norm, eps)
-        out.append(unitwise_clip(g_norm, max_norm, np.asarray(g, np.float64)))
-    return out
+    transform = optax.adaptive_grad_clip(clipping, eps=eps)
+    out, _ = transform.update([jnp.asarray(g) for g in grads], transform.init(None), [jnp.asarray(p) for p in params])
+    return [np.asarray(o) for o in out]
 
 
 def _input_major_case(seed=0):
+    """optax's layout: conv kernels HWIO, linear (in, out), multi-head (in, heads, out)."""
     rng = np.random.default_rng(seed)
     shapes = [(3, 3, 4, 8), (8,), (8, 5), (5,), (6, 2, 4)]
     params = [rng.normal(size=s).astype(np.float32) for s in shapes]
@@ -337,9 +341,39 @@ def _input_major_case(seed=0):
     return shapes, params, grads
 
 
-def test_agc_matches_optax_rule_with_input_major_axis():
-    shapes, params, grads = _input_major_case()
-    reference = optax_adaptive_grad_clip_reference(grads, params, clipping=0.05)
+#: optax's input-major layout -> torch's output-major one (conv HWIO -> OIHW, linear transposed).
+_TO_TORCH = {4: (3, 2, 0, 1), 2: (1, 0), 1: (0,)}
+
+
+def _to_torch_layout(x):
+    return torch.from_numpy(np.ascontiguousarray(np.transpose(x, _TO_TORCH[x.ndim])))
+
+
+def _from_torch_layout(t):
+    return np.transpose(t.numpy(), np.argsort(_TO_TORCH[t.dim()]))
+
+
+@needs_optax
+@pytest.mark.parametrize("clipping,eps", [(0.05, 1e-3), (0.01, 1e-3), (0.2, 0.5)])
+def test_agc_matches_optax_with_the_layout_transposed(clipping, eps):
+    """The same kernels in torch's layout through gradclip's torch backend (units from the
+    layout, no axis given) equal optax's result in its own layout, transposed back."""
+    _, params, grads = _input_major_case()
+    reference = optax_agc(grads, params, clipping, eps)
+    four = range(4)  # the conv kernel, the linear layer and their biases
+    torch_grads = [_to_torch_layout(grads[i]) for i in four]
+    out, info = gradclip.AGC(clip_factor=clipping, eps=eps).clip(torch_grads, params=[_to_torch_layout(params[i]) for i in four])
+    assert bool(info.clipped)
+    for i, o in zip(four, out):
+        np.testing.assert_allclose(_from_torch_layout(o), reference[i], rtol=2e-6, atol=1e-9, err_msg=f"#{i}")
+    # The clipped units really moved: a no-op would not match.
+    assert not np.allclose(reference[0], grads[0]) and not np.allclose(reference[2], grads[2])
+
+
+@needs_optax
+def test_agc_matches_optax_in_its_own_layout_with_an_explicit_axis():
+    _, params, grads = _input_major_case()
+    reference = optax_agc(grads, params, clipping=0.05)
     # optax's units are the last axis of 2-D and 4-D kernels; of 3-D ones, axes (1, 2).
     two_four = [0, 1, 2, 3]
     ours, _ = gradclip.AGC(clip_factor=0.05, axis=-1).clip([grads[i] for i in two_four], params=[params[i] for i in two_four])
@@ -349,13 +383,14 @@ def test_agc_matches_optax_rule_with_input_major_axis():
     np.testing.assert_allclose(three, reference[4], rtol=2e-6, atol=1e-9)
 
 
+@needs_optax
 def test_difference_agc_optax_squeezes_single_row_kernels_into_vectors():
     """optax treats a (1, n) kernel as a vector (one unit); here ndim decides: with axis=-1 it
     is n units of one element each."""
     rng = np.random.default_rng(1)
     p = rng.normal(size=(1, 6)).astype(np.float32)
     g = (rng.normal(size=(1, 6)) * 5).astype(np.float32)
-    reference = optax_adaptive_grad_clip_reference([g], [p], clipping=0.05)[0]
+    reference = optax_agc([g], [p], clipping=0.05)[0]
     (ours,), _ = gradclip.AGC(clip_factor=0.05, axis=-1).clip([g], params=[p])
     assert not np.allclose(ours, reference)
     as_vector, _ = gradclip.AGC(clip_factor=0.05).clip([g.reshape(6)], params=[p.reshape(6)])
@@ -363,6 +398,13 @@ def test_difference_agc_optax_squeezes_single_row_kernels_into_vectors():
 
 
 # -- QuantileNorm: the Opacus AdaClip / TF-Privacy quantile-estimator update --------------------
+try:
+    from opacus.optimizers.adaclipoptimizer import AdaClipDPOptimizer
+except ImportError:  # pinned in requirements/nodeps.txt; skipped only where it is missing
+    AdaClipDPOptimizer = None
+needs_opacus = pytest.mark.skipif(AdaClipDPOptimizer is None, reason="opacus is not installed")
+
+
 def tf_privacy_quantile_update(bound, norms, target_quantile, learning_rate):
     """TF-Privacy QuantileEstimatorQuery, geometric_update=True, without noise:
     below = mean(record <= estimate); estimate *= exp(-lr * (below - target))."""
@@ -370,29 +412,84 @@ def tf_privacy_quantile_update(bound, norms, target_quantile, learning_rate):
     return bound * math.exp(-learning_rate * (below - target_quantile))
 
 
-def opacus_adaclip_update(bound, norms, target_quantile, learning_rate, min_bound, max_bound):
-    """Opacus AdaClipDPOptimizer.clip_and_accumulate + scale_grad, without noise."""
-    norms = np.asarray(norms, np.float64)
-    clip_factor = np.minimum(bound / (norms + 1e-6), 1.0)
-    unclipped = len(norms) - int(np.sum(clip_factor < 1))
-    bound = bound * math.exp(-learning_rate * (unclipped / len(norms) - target_quantile))
-    return min(max(bound, min_bound), max_bound)
+def opacus_bounds(sample_norms, target_quantile, learning_rate, initial, min_bound=1e-12, max_bound=1e12):
+    """The bound C before each step, and after the last, of Opacus' ``AdaClipDPOptimizer``.
+
+    Each step's per-sample gradients are a fixed direction times the given norms
+    (``p.grad_sample``, as ``GradSampleModule`` would leave them); the real ``step`` clips,
+    counts the unclipped samples and updates ``max_grad_norm``. Without noise: the gradient
+    noise multiplier is 0, and the count's noise (``unclipped_num_std``, which Opacus requires
+    to be positive) is 1e-30, which cannot move an fp32 count.
+    """
+    dim = 8
+    param = torch.nn.Parameter(torch.zeros(dim))
+    optimizer = AdaClipDPOptimizer(
+        torch.optim.SGD([param], lr=0.0),
+        noise_multiplier=0.0,
+        target_unclipped_quantile=target_quantile,
+        clipbound_learning_rate=learning_rate,
+        max_clipbound=max_bound,
+        min_clipbound=min_bound,
+        unclipped_num_std=1e-30,
+        max_grad_norm=initial,
+        expected_batch_size=len(sample_norms[0]),
+    )
+    direction = torch.ones(dim) / math.sqrt(dim)
+    bounds = []
+    for norms in sample_norms:
+        bounds.append(float(optimizer.max_grad_norm))
+        param.grad_sample = torch.from_numpy(np.asarray(norms, np.float32))[:, None] * direction
+        param.grad = torch.zeros(dim)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    bounds.append(float(optimizer.max_grad_norm))
+    return bounds
+
+
+def _replay_quantile_norm(clipper, sample_norms):
+    """gradclip's C before each step, and after the last (QuantileNorm keeps it in fp32)."""
+    bounds = []
+    for step, samples in enumerate(sample_norms):
+        _, info = clipper.clip([torch.ones(4) * (step + 1)], sample_norms=torch.from_numpy(samples))
+        bounds.append(info.threshold.item())
+    bounds.append(clipper.state_dict()["state"]["norm"])
+    return bounds
+
+
+@needs_opacus
+@pytest.mark.parametrize("target,lr,initial", [(0.5, 0.2, 0.3), (0.9, 0.5, 0.3), (0.1, 0.05, 2.0)])
+def test_quantile_norm_matches_opacus_adaclip(target, lr, initial):
+    rng = np.random.default_rng(5)
+    samples = [rng.lognormal(0.0, 0.5, size=32).astype(np.float32) for _ in range(50)]
+    reference = opacus_bounds(samples, target, lr, initial)
+    ours = _replay_quantile_norm(gradclip.QuantileNorm(target_quantile=target, learning_rate=lr, initial_norm=initial), samples)
+    # Both keep C in fp32 once it has moved (Opacus: a torch.float32 tensor): the same numbers.
+    assert ours[1:] == reference[1:]
+    assert ours[0] == pytest.approx(reference[0], rel=1e-7)  # the Python float given, in fp32
+    assert len(set(reference)) > 20  # the bound moved (it oscillates around the quantile)
+
+
+@needs_opacus
+def test_quantile_norm_matches_opacus_at_its_clamps():
+    samples = [np.full(16, 100.0, np.float32)] * 6 + [np.full(16, 1e-3, np.float32)] * 12
+    reference = opacus_bounds(samples, 0.5, 1.0, 1.0, min_bound=0.5, max_bound=4.0)
+    ours = _replay_quantile_norm(
+        gradclip.QuantileNorm(learning_rate=1.0, initial_norm=1.0, min_norm=0.5, max_norm=4.0), samples
+    )
+    assert ours == pytest.approx(reference, rel=1e-6)
+    assert max(reference) == 4.0 and min(reference) == 0.5
 
 
 @pytest.mark.parametrize("target,lr", [(0.5, 0.2), (0.9, 0.5), (0.1, 0.05)])
-def test_quantile_norm_matches_tf_privacy_and_opacus_updates(target, lr):
+def test_quantile_norm_matches_tf_privacy_update(target, lr):
     rng = np.random.default_rng(5)
-    clipper = gradclip.QuantileNorm(target_quantile=target, learning_rate=lr, initial_norm=0.3)
-    tf_bound = opacus_bound = 0.3
-    grads = [torch.ones(4)]
-    for step in range(50):
-        samples = rng.lognormal(0.0, 0.5, size=32).astype(np.float32)
-        _, info = clipper.clip([g * (step + 1) for g in grads], sample_norms=torch.from_numpy(samples))
-        assert info.threshold.item() == pytest.approx(tf_bound, rel=2e-5), step
-        tf_bound = tf_privacy_quantile_update(tf_bound, samples, target, lr)
-        opacus_bound = opacus_adaclip_update(opacus_bound, samples, target, lr, 1e-12, 1e12)
-        assert tf_bound == pytest.approx(opacus_bound, rel=1e-9)
-    assert clipper.state_dict()["state"]["norm"] == pytest.approx(tf_bound, rel=2e-5)
+    samples = [rng.lognormal(0.0, 0.5, size=32).astype(np.float32) for _ in range(50)]
+    ours = _replay_quantile_norm(gradclip.QuantileNorm(target_quantile=target, learning_rate=lr, initial_norm=0.3), samples)
+    bound = 0.3
+    for step, norms in enumerate(samples):
+        assert ours[step] == pytest.approx(bound, rel=2e-5), step
+        bound = tf_privacy_quantile_update(bound, norms, target, lr)
+    assert ours[-1] == pytest.approx(bound, rel=2e-5)
 
 
 def test_quantile_norm_single_norm_update_matches_formula():
@@ -404,16 +501,16 @@ def test_quantile_norm_single_norm_update_matches_formula():
         bound = tf_privacy_quantile_update(bound, [n], 0.5, 0.2)
 
 
+@needs_opacus
 def test_difference_quantile_norm_boundary_counts_as_unclipped():
-    """A sample norm exactly at C: Opacus' 1e-6 makes it clipped (C/(C+1e-6) < 1); ours and
-    TF-Privacy count it unclipped (norm <= C)."""
-    samples = np.asarray([1.0, 1.0, 1.0, 1.0], np.float32)
+    """A sample norm exactly at C: Opacus' 1e-6 makes it clipped (C/(C+1e-6) < 1), so its C
+    grows; ours and TF-Privacy count it unclipped (norm <= C), so C shrinks."""
+    samples = [np.asarray([1.0, 1.0, 1.0, 1.0], np.float32)]
     clipper = gradclip.QuantileNorm(initial_norm=1.0)
-    clipper.clip([torch.ones(3)], sample_norms=torch.from_numpy(samples))
-    ours = clipper.state_dict()["state"]["norm"]
-    assert ours == pytest.approx(tf_privacy_quantile_update(1.0, samples, 0.5, 0.2), rel=1e-6)
+    ours = _replay_quantile_norm(clipper, samples)[-1]
+    assert ours == pytest.approx(tf_privacy_quantile_update(1.0, samples[0], 0.5, 0.2), rel=1e-6)
     assert ours < 1.0  # everything unclipped: the bound shrinks
-    assert opacus_adaclip_update(1.0, samples, 0.5, 0.2, 1e-12, 1e12) > 1.0  # all "clipped": grows
+    assert opacus_bounds(samples, 0.5, 0.2, 1.0)[-1] == pytest.approx(math.exp(0.2 * 0.5), rel=1e-6)  # all "clipped"
 
 
 def test_replay_helper_reports_what_it_applied():

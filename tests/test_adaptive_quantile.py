@@ -55,6 +55,21 @@ def test_nonfinite_steps_and_samples():
     assert snapshot(clipper)["state"]["norm"] < before["state"]["norm"]
 
 
+@pytest.mark.parametrize("framework", ["numpy", "torch"])
+def test_fp64_norm_just_above_the_bound_is_clipped_and_counted_clipped(framework):
+    """The step's own norm decides b in its dtype, as the clip does: an fp64 norm of 1 + 1e-12
+    (1.0 in fp32) over C = 1 is clipped, so it counts as clipped and C grows."""
+    g = np.asarray([1.0 + 1e-12])
+    clipper = gradclip.QuantileNorm(initial_norm=1.0)
+    (out,), info = clipper.clip([torch.from_numpy(g) if framework == "torch" else g])
+    assert bool(info.clipped) and float(np.asarray(out)[0]) < g[0]
+    assert clipper.state_dict()["state"]["norm"] == pytest.approx(math.exp(0.2 * 0.5), rel=1e-6)
+    at_bound = gradclip.QuantileNorm(initial_norm=1.0)
+    (out,), info = at_bound.clip([np.asarray([1.0])])
+    assert not bool(info.clipped) and out[0] == 1.0
+    assert at_bound.state_dict()["state"]["norm"] == pytest.approx(math.exp(-0.2 * 0.5), rel=1e-6)
+
+
 def test_numpy_and_torch_agree_with_sample_norms():
     rng = np.random.default_rng(2)
     a, b = gradclip.QuantileNorm(), gradclip.QuantileNorm()

@@ -163,13 +163,28 @@ def _bad_variants(state_dict):
             yield f"{key}: other inner clipper", {**sd, "state": {**fields, key: inner}}
 
 
+def _inconsistent_variants(name, state_dict):
+    """Well-typed states that no run can reach (each would clip to zero or stall for ever)."""
+    sd = copy.deepcopy(state_dict)
+    fields = sd["state"]
+    if name.startswith("zclip"):
+        yield "zclip: zero mean after warm-up", {**sd, "state": {**fields, "mean": 0.0, "var": 0.0}}
+        yield "zclip: a zero warm-up norm", {**sd, "state": {**fields, "warmup": [0.0] + fields["warmup"][1:]}}
+    elif name == "skip_on_spike":
+        yield "skip_on_spike: a zero in the window", {**sd, "state": {**fields, "window": [0.0] + fields["window"][1:]}}
+    elif name == "adagc":
+        yield "adagc: seen with gamma 0", {**sd, "state": {**fields, "gamma": [0.0] + fields["gamma"][1:]}}
+        unseen = [False] + fields["seen"][1:]
+        yield "adagc: unseen with gamma > 0", {**sd, "state": {**fields, "seen": unseen}}
+
+
 @pytest.mark.parametrize("name", STATEFUL)
 def test_load_state_dict_rejects_bad_input_and_changes_nothing(name):
     clipper = _advanced(name)
     twin = _advanced(name)
     before = snapshot(clipper)
     count = 0
-    for label, bad in _bad_variants(before):
+    for label, bad in [*_bad_variants(before), *_inconsistent_variants(name, before)]:
         with pytest.raises(gradclip.StateError):
             clipper.load_state_dict(bad)
         assert clipper.state_dict() == before, label

@@ -103,6 +103,48 @@ def test_std_floor_keeps_constant_warm_up_usable():
     assert bool(info.clipped) and norm < 30.0
 
 
+def test_deviation_zero_norms_do_not_enter_the_statistics():
+    """zclip 1.0.0 after a warm-up of zero norms (frozen or masked start): mean = var = 0, every
+    positive norm has z = inf and is clipped to mean + 0 = 0, and the EMA of those zeros stays 0
+    — every gradient is zeroed for ever. Here zero norms pass through and are not counted."""
+    c = gradclip.ZClip(warmup_steps=5)
+    zeros = _feed(c, [0.0] * 8)
+    assert all(n == 0.0 and not bool(i.clipped) for n, i in zeros)
+    assert c.state_dict()["state"] == {"step": 0, "warmup": [0.0] * 5, "mean": 0.0, "var": 0.0}
+    results = _feed(c, WARM)  # the warm-up starts with the first positive norm
+    assert [n for n, _ in results] == pytest.approx(WARM)
+    state = c.state_dict()["state"]
+    assert state["step"] == 5 and state["mean"] == pytest.approx(np.mean(WARM), rel=1e-6)
+    assert state["var"] == pytest.approx(np.var(WARM), rel=1e-5)
+    # After warm-up: a zero norm passes, leaves the statistics alone, and training goes on.
+    (norm, info), = _feed(c, [0.0])
+    assert norm == 0.0 and not bool(info.clipped) and c.state_dict()["state"] == state
+    (norm, info), = _feed(c, [5.2])
+    assert norm == pytest.approx(5.2) and not bool(info.clipped)
+    (norm, info), = _feed(c, [60.0])
+    assert bool(info.clipped) and 0.0 < norm < 60.0
+
+
+def test_zero_mean_after_warm_up_is_refused_by_load_state_dict():
+    c = gradclip.ZClip(warmup_steps=3)
+    _feed(c, [1.0, 2.0, 3.0])
+    good = c.state_dict()
+    broken = {**good, "state": {**good["state"], "mean": 0.0, "var": 0.0}}
+    with pytest.raises(gradclip.StateError, match="mean must be positive once warm-up is over"):
+        c.load_state_dict(broken)
+    zeros = {**good, "state": {**good["state"], "warmup": [0.0, 0.0, 0.0]}}
+    with pytest.raises(gradclip.StateError, match="3 positive norm"):
+        c.load_state_dict(zeros)
+    assert c.state_dict() == good
+    partial = gradclip.ZClip(warmup_steps=3)
+    _feed(partial, [1.0])
+    sd = partial.state_dict()
+    for warmup in ([1.0, 2.0, 0.0], [0.0, 0.0, 0.0], [1.0, 0.0, 2.0]):
+        with pytest.raises(gradclip.StateError, match="1 positive norm"):
+            partial.load_state_dict({**sd, "state": {**sd["state"], "warmup": warmup}})
+    assert partial.state_dict() == sd
+
+
 def test_nonfinite_steps_leave_the_statistics_alone():
     c = gradclip.ZClip(warmup_steps=3)
     _feed(c, [1.0, 2.0])

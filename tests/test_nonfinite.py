@@ -3,7 +3,8 @@
 ``propagate``: tensors holding NaN/inf pass through as they are (per-tensor methods still clip the
 finite tensors); ``raise``: NonFiniteError naming the tensors, nothing modified; ``zero``: the bad
 elements become 0, then the rest is clipped; ``skip``: nothing modified, ``info.skip`` set.
-Finite elements never become NaN under any policy.
+Finite elements never become NaN under any policy, and ``info.finite`` describes the gradients
+as given: False under every policy, ``"zero"`` included.
 """
 
 from __future__ import annotations
@@ -121,11 +122,67 @@ def test_policy_functional_and_in_place(method, policy, bad, backend):
         # Finite elements never become NaN or inf.
         for o, d in zip(out, data):
             assert np.isfinite(to_numpy(o)[np.isfinite(d)]).all()
-        assert bool(info.finite) == (policy == "zero")
+        if policy != "zero":  # "zero": test_zero_reports_the_gradients_as_given_and_clips_the_rest
+            assert not bool(info.finite)
         assert bool(info.skip) == (policy == "skip")
         assert not math.isnan(float(info.coef))
         if policy == "zero":
             assert math.isfinite(float(info.norm))
+
+
+#: Every clipper with a "zero" policy: name -> factory(policy) (params for AGC come separately).
+ZERO_CLIPPERS = {
+    **{name: factory for name, (factory, _, _) in METHODS.items()},
+    "ZClip": lambda policy: gradclip.ZClip(warmup_steps=2, nonfinite=policy),
+    "AutoClip": lambda policy: gradclip.AutoClip(percentile=50.0, nonfinite=policy),
+    "AdaGC": lambda policy: gradclip.AdaGC(start_clip_steps=1, nonfinite=policy),
+    "QuantileNorm": lambda policy: gradclip.QuantileNorm(initial_norm=2.0, nonfinite=policy),
+    "AGC": lambda policy: gradclip.AGC(clip_factor=0.1, nonfinite=policy),
+    "NonFinite": lambda policy: gradclip.NonFinite(policy),
+}
+@pytest.mark.filterwarnings("error")
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", ZERO_CLIPPERS)
+def test_zero_reports_the_gradients_as_given_and_clips_the_rest(name, backend):
+    """Under "zero", info.finite is False (a Monitor counts the step) while everything else —
+    gradients, norm, threshold, coefficient, state — is what the same clipper gives for the
+    gradients with their non-finite elements replaced by 0 beforehand."""
+    warm = [(np.ones(s, np.float32) * 0.7) for s in [(4,), (3, 3), (5,)]]
+    params = [np.full(w.shape, 2.0, np.float32) for w in warm]
+    data = _data(np.nan)
+    zeroed = [np.where(np.isfinite(d), d, 0.0).astype(np.float32) for d in data]
+    kwargs = {"params": _backend(params, backend)} if name == "AGC" else {}
+    zero, reference = ZERO_CLIPPERS[name]("zero"), ZERO_CLIPPERS[name]("propagate" if name != "NonFinite" else "zero")
+    for clipper in (zero, reference):
+        clipper.clip(_backend(warm, backend), **kwargs)
+        clipper.clip(_backend([w * 1.1 for w in warm], backend), **kwargs)
+    out, info = zero.clip(_backend(data, backend), **kwargs)
+    want, expected = reference.clip(_backend(zeroed, backend), **kwargs)
+    assert not bool(info.finite)
+    for o, w in zip(out, want):
+        np.testing.assert_array_equal(to_numpy(o), to_numpy(w))
+    got, exp = info.to_dict(), expected.to_dict()
+    assert exp["finite"] is True and got.pop("finite") is False and exp.pop("finite") is True
+    if name == "NonFinite":  # it reports the norm as given and whether zeroing changed anything
+        assert math.isnan(got["norm"]) and got["clipped"] and not exp["clipped"]
+    else:
+        assert got == exp
+        assert zero.state_dict()["state"] == reference.state_dict()["state"]
+
+
+def test_zero_policy_steps_are_counted_by_the_monitor():
+    torch = pytest.importorskip("torch", reason="the Monitor observes torch models")
+    model = torch.nn.Linear(3, 2)
+    monitor = gradclip.Monitor(model, warn=False)
+    clipper = gradclip.ZClip(warmup_steps=2, nonfinite="zero")
+    for step in range(5):
+        model.zero_grad()
+        model(torch.randn(4, 3)).pow(2).sum().backward()
+        if step in (1, 3):
+            model.weight.grad[0, 0] = float("nan")
+        monitor.observe(clipper.clip_(model))
+        assert torch.isfinite(model.weight.grad).all()
+    assert monitor.summary()["nonfinite_steps"] == 2
 
 
 @pytest.mark.parametrize("method", list(METHODS))
@@ -146,6 +203,44 @@ def test_raise_names_module_parameters_and_leaves_gradients(method):
     assert isinstance(caught.value, RuntimeError) and isinstance(caught.value, ValueError)
     for name, p in model.named_parameters():
         torch.testing.assert_close(p.grad, before[name], rtol=0, atol=0, equal_nan=True)
+
+
+class _ReducedNorm:
+    """numpy Ops whose reduced norm comes back non-finite although every local element is
+    finite: under a process group (``distributed``) another rank's NaN, in one process an
+    overflow."""
+
+    def __init__(self, inner, reduced, distributed):
+        self._inner, self._reduced, self.distributed = inner, reduced, distributed
+
+    def combine_norms(self, norms, norm_type):
+        return self._inner.scalar(self._reduced)
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+
+@pytest.mark.parametrize(
+    "reduced,distributed,pattern",
+    [
+        (math.nan, True, r"every gradient element on this rank is finite: the non-finite values .* on another rank"),
+        (math.inf, False, "overflowed the accumulator although every element is finite"),
+    ],
+    ids=["process-group", "one-process"],
+)
+def test_raise_with_every_local_element_finite_names_the_cause(reduced, distributed, pattern):
+    """audit of issue 8: ranks without the NaN used to blame an overflow."""
+    from gradclip._core.ops import get_ops
+    from gradclip.clippers.nonfinite import measurement
+
+    grads = [np.ones(3, np.float32), np.full(2, 2.0, np.float32)]
+    ops = _ReducedNorm(get_ops(grads), reduced, distributed)
+    with pytest.raises(gradclip.NonFiniteError, match=pattern) as caught:
+        measurement(ops, grads, 2.0, "raise", ["a", "b"], "GlobalNorm")
+    assert caught.value.offenders == [] and str(caught.value).startswith("GlobalNorm: ")
+    if distributed:
+        assert "although every element is finite" not in str(caught.value)
+    assert np.array_equal(grads[0], np.ones(3, np.float32))
 
 
 def test_raise_names_dict_keys():

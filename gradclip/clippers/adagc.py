@@ -21,6 +21,13 @@ Deviations from the paper, chosen (each tested in ``tests/test_adaptive_adagc.py
   embeddings), and its EMA of zeros would then clip that tensor to zero for ever.
 * A tensor with no positive norm before the end of warm-up starts its ``γ_i`` from its first
   positive norm afterwards (that step is not clipped).
+* ``γ_i`` stays positive: an update that would underflow fp32 to 0 is not taken (the paper's
+  reals cannot reach 0; fp32 can, for norms near 1e-38). ``load_state_dict`` accordingly
+  requires ``seen_i`` exactly where ``γ_i > 0``.
+
+Precision: the coefficients are computed in the norms' dtype (fp32, or fp64 for fp64
+gradients), so an fp64 tensor under its bound is left bit for bit as it is (DESIGN rule 4) and
+one beyond fp32's range (~3.4e38) is scaled, not zeroed; only ``γ`` is fp32.
 """
 
 from __future__ import annotations
@@ -33,7 +40,7 @@ from gradclip._core.errors import StateError
 from gradclip._core.registry import register
 from gradclip._core.validation import check_int, check_number
 from gradclip.clippers._adaptive import as_f32, check_field
-from gradclip.clippers.nonfinite import check_policy, measure, settle
+from gradclip.clippers.nonfinite import check_policy, measurement, settle
 from gradclip.clippers.norm import clip_coefficient
 
 __all__ = ["AdaGC", "AdaGCState"]
@@ -118,63 +125,65 @@ class AdaGC(Clipper):
                 "gradient(s) were given; AdaGC keeps one threshold per tensor, so pass the same "
                 "tensors every step (or reset() the clipper). Nothing was changed."
             )
-        grads, norms, norm, finite = measure(ops, grads, 2.0, self.nonfinite, names, where)
+        found = measurement(ops, grads, 2.0, self.nonfinite, names, where)
+        grads, norms, norm, finite = found.grads, found.norms, found.norm, found.finite
         f32 = "float32"
-        one = ops.scalar(1.0, f32)
-        zero = ops.scalar(0.0, f32)
+        # Coefficients are computed in the norms' dtype (fp64 for fp64 gradients): an fp64 norm
+        # compared with its own fp32 rounding would clip by an ulp, and one beyond fp32's range
+        # would become inf (and inf·0 NaN). Only γ, the state, is fp32.
+        acc = "float64" if "float64" in str(norm.dtype) else f32
+        one = ops.scalar(1.0, acc)
+        zero = ops.scalar(0.0, acc)
         # Non-finite norms are replaced by 0 before any arithmetic (the flags below decide what
         # they may change), so no inf * 0 or inf / inf is ever formed.
-        zero_acc = ops.scalar(0.0, "float64" if "float64" in str(norm.dtype) else f32)
         tensor_finite = ops.isfinite(norms)
-        norms = ops.where(tensor_finite, norms, zero_acc)
-        total = ops.where(finite, norm, zero_acc)
-        per_tensor = as_f32(ops, norms)
+        norms = ops.where(tensor_finite, norms, zero)
+        total = ops.where(finite, norm, zero)
         gamma, seen = state.gamma, state.seen
+        gamma_acc = ops.cast(gamma, acc)
         warming = state.step < self.start_clip_steps
-        # Which tensors inform γ this step: finite steps, positive norms.
-        informative = finite & tensor_finite & (per_tensor > 0)
 
         # Warm-up: one global coefficient; γ is the running minimum of the clipped norms.
-        warm_limit = ops.scalar(self.warmup_max_norm, f32)
-        h = clip_coefficient(ops, as_f32(ops, total), warm_limit, self.eps)
-        clipped_warm = h * per_tensor
-        lower = informative & (~seen | (clipped_warm < gamma))
+        warm_limit = ops.scalar(self.warmup_max_norm, acc)
+        h = clip_coefficient(ops, total, warm_limit, self.eps)
+        clipped_warm = as_f32(ops, h * norms)
+        lower = ~seen | (clipped_warm < gamma)
         gamma_warm = ops.where(lower, clipped_warm, gamma)
 
         # Afterwards: per-tensor coefficients against clip_ratio·γ.
-        limit = gamma * self.clip_ratio
-        above = seen & (per_tensor > limit)
-        divisor = ops.where(above, per_tensor + self.eps, one)
+        limit = gamma_acc * self.clip_ratio
+        above = seen & (norms > limit)
+        divisor = ops.where(above, norms + self.eps, one)
         h_each = ops.where(above, limit / divisor, one)
-        clipped_each = h_each * per_tensor
+        clipped_each = as_f32(ops, h_each * norms)
         ema = self.beta * gamma + (1.0 - self.beta) * clipped_each
-        gamma_adaptive = ops.where(informative, ops.where(seen, ema, clipped_each), gamma)
+        gamma_adaptive = ops.where(seen, ema, clipped_each)
 
-        coefs = ops.where(warming, h * (per_tensor * 0.0 + 1.0), h_each)
-        gamma = ops.where(warming, gamma_warm, gamma_adaptive)
+        candidate = ops.where(warming, gamma_warm, gamma_adaptive)
+        # Which tensors inform γ this step: finite steps, positive norms, and a positive new γ
+        # (one that underflowed fp32 would clip the tensor to zero for ever). So ``seen`` holds
+        # exactly where γ > 0, which load_state_dict checks.
+        informative = finite & tensor_finite & (norms > 0) & (candidate > 0)
+        gamma = ops.where(informative, candidate, gamma)
         seen = seen | informative
-        coefs = ops.cast(coefs, "float64" if "float64" in str(norm.dtype) else f32)
+        coefs = ops.where(warming, h * (norms * 0.0 + 1.0), h_each)
         coefs, skip = settle(ops, coefs, finite, self.nonfinite)
-        # Under "propagate" a non-finite step is left alone (settle), state included.
-        gamma = ops.where(finite, gamma, state.gamma)
-        seen = ops.where(finite, seen, state.seen)
         grads = ops.scale_each(grads, coefs)
         step = state.step + ops.cast(finite, "int64")
 
-        acc_one = ops.scalar(1.0, "float64" if "float64" in str(norm.dtype) else f32)
         after = ops.combine_norms(coefs * norms, 2.0)
-        safe = ops.where(total > 0, total, acc_one)
-        effective = ops.where(total > 0, after / safe, acc_one)
-        effective = ops.where(finite & ops.isfinite(effective), effective, acc_one)
-        bounds = ops.where(state.seen, limit, ops.scalar(math.inf, f32))
+        safe = ops.where(total > 0, total, one)
+        effective = ops.where(total > 0, after / safe, one)
+        effective = ops.where(finite & ops.isfinite(effective), effective, one)
+        bounds = ops.where(state.seen, limit, ops.scalar(math.inf, acc))
         # torch.distributed: combine_norms reduces over the process group, so a rank without
         # gradients must call it too.
         reduce = len(grads) or getattr(ops, "distributed", False)
         adaptive_threshold = ops.combine_norms(bounds, 2.0) if reduce else zero
         threshold = ops.where(warming, warm_limit, adaptive_threshold)
-        threshold = ops.cast(threshold, "float64" if "float64" in str(norm.dtype) else f32)
         clipped = ops.any(coefs < 1) if len(grads) else ops.scalar(False, "bool")
-        return grads, AdaGCState(step, gamma, seen), make_info(ops, norm, threshold, effective, clipped, finite, skip)
+        info = make_info(ops, norm, threshold, effective, clipped, found.given_finite, skip)
+        return grads, AdaGCState(step, gamma, seen), info
 
     def _validate_state(self, where, state):
         check_field(where, state, "step", "int", low=0)
@@ -183,3 +192,15 @@ class AdaGC(Clipper):
             raise StateError(f"{where}: state fields 'gamma' and 'seen' must be lists of one length")
         check_field(where, state, "gamma", "float", (len(gamma),), low=0.0)
         check_field(where, state, "seen", "bool", (len(seen),))
+        # γ_i is set only from a positive value, at the step that marks the tensor seen, and an
+        # EMA of positive values stays positive (an update that would underflow is refused):
+        # seen_i holds exactly where γ_i > 0. Seen with γ_i = 0 would clip the tensor to zero for
+        # ever; unseen with γ_i > 0 cannot arise.
+        for index, (g, flag) in enumerate(zip(gamma, seen)):
+            if flag != (g > 0):
+                raise StateError(
+                    f"{where}: tensor #{index} has seen={flag!r} with gamma={g!r}; seen must be "
+                    "True exactly where gamma > 0 (the state is inconsistent)"
+                )
+        if state["step"] == 0 and any(seen):
+            raise StateError(f"{where}: step is 0 but {sum(seen)} tensor(s) are marked seen; the state is inconsistent")

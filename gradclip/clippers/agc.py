@@ -35,7 +35,7 @@ from gradclip._core.clipper import Clipper, make_info
 from gradclip._core.errors import InvalidArgumentError
 from gradclip._core.registry import register
 from gradclip._core.validation import check_number
-from gradclip.clippers.nonfinite import _raise_if_nonfinite, check_policy
+from gradclip.clippers.nonfinite import _raise_if_nonfinite, check_policy, gradients_finite
 
 __all__ = ["AGC"]
 
@@ -195,7 +195,10 @@ class AGC(Clipper):
         axes = [self._kept_axes(where, ops, tuple(g.shape), n) for g, n in zip(grads, names)]
         excluded = self._excluded(names) if self.exclude else [False] * len(grads)
 
+        given_finite = None
         if self.nonfinite == "zero":
+            # info.finite describes the gradients as given (see gradclip.clippers.nonfinite).
+            given_finite = gradients_finite(ops, grads)
             grads = ops.zero_nonfinite(grads)
         grad_units = ops.unit_norms(grads, axes)
         # torch.distributed (gradclip.torch.distributed): a DTensor's units may lie on several
@@ -267,7 +270,8 @@ class AGC(Clipper):
         effective = ops.where(ops.isfinite(effective), effective, one)
         skip = (~finite) if self.nonfinite == "skip" else ops.scalar(False, "bool")
         threshold = ops.scalar(self.clip_factor, acc)
-        return grads, state, make_info(ops, norm, threshold, effective, clipped, finite, skip)
+        given_finite = finite if given_finite is None else given_finite
+        return grads, state, make_info(ops, norm, threshold, effective, clipped, given_finite, skip)
 
     def __repr__(self) -> str:
         return (

@@ -25,11 +25,19 @@ Differences from the ``autoclip`` 0.2.1 package's ``QuantileClip(global_threshol
 named expectation in ``tests/test_adaptive_parity.py``): the package takes the quantile of the
 history *before* appending the current norm (its first step is never clipped, and each threshold
 lags one step), its ``quantile`` is a fraction where ``percentile`` here is in ``[0, 100]``, and
-its history defaults to the last 1000 steps. Non-finite norms never enter the history here.
+its history defaults to the last 1000 steps. Non-finite norms never enter the history here,
+nor do fp64 norms beyond fp32's range (~3.4e38; the history is fp32): such a step is clipped to
+the threshold of the history without it.
+
+Precision: the history and the threshold are fp32. A step is clipped when its fp32-rounded norm
+exceeds the threshold, so fp64 gradients whose norm is the threshold itself (the first step,
+percentile 100) are left bit for bit as they are (DESIGN rule 4); the clip coefficient is then
+computed in fp64.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple
 
 from gradclip._core.clipper import Clipper, make_info
@@ -46,7 +54,7 @@ from gradclip.clippers._adaptive import (
     sketch_insert,
     sketch_percentile,
 )
-from gradclip.clippers.nonfinite import check_policy, measure, settle
+from gradclip.clippers.nonfinite import check_policy, measurement, settle
 from gradclip.clippers.norm import clip_coefficient
 
 __all__ = ["AutoClip", "AutoClipWindowState", "AutoClipSketchState"]
@@ -123,28 +131,37 @@ class AutoClip(Clipper):
         return AutoClipWindowState(ops.cast(ops.arange(self.history), "float32") * 0.0, count)
 
     def _update(self, ops, grads, state, params, names):
-        grads, _norms, norm, finite = measure(ops, grads, 2.0, self.nonfinite, names, "AutoClip")
-        # A non-finite norm is replaced by 0 before it meets the state, and not counted.
-        x = ops.where(finite, as_f32(ops, norm), ops.scalar(0.0, "float32"))
-        added = ops.cast(finite, "int64")
-        count = state.count + added
+        found = measurement(ops, grads, 2.0, self.nonfinite, names, "AutoClip")
+        grads, norm, finite = found.grads, found.norm, found.finite
+        zero = ops.scalar(0.0, "float32")
+        measured = ops.where(finite, as_f32(ops, norm), zero)
+        # Only norms finite in fp32 enter the history: a non-finite one, or an fp64 norm beyond
+        # fp32's range (it would be inf in the fp32 state), is replaced by 0 and not counted.
+        accept = finite & ops.isfinite(measured)
+        x = ops.where(accept, measured, zero)
+        count = state.count + ops.cast(accept, "int64")
         if self.history is None:
-            anchor = sketch_anchor(ops, state.anchor, x, finite)
-            bins = sketch_insert(ops, state.bins, x, finite, anchor)
+            anchor = sketch_anchor(ops, state.anchor, x, accept)
+            bins = sketch_insert(ops, state.bins, x, accept, anchor)
             first = state.count == 0
-            low = ops.where(finite & (first | (x < state.low)), x, state.low)
-            high = ops.where(finite & (first | (x > state.high)), x, state.high)
+            low = ops.where(accept & (first | (x < state.low)), x, state.low)
+            high = ops.where(accept & (first | (x > state.high)), x, state.high)
             threshold = sketch_percentile(ops, bins, count, low, high, anchor, self._q)
             new_state = AutoClipSketchState(bins, count, low, high, anchor)
         else:
-            history = ring_write(ops, state.history, state.count % self.history, x, finite)
+            history = ring_write(ops, state.history, state.count % self.history, x, accept)
             k = ops.where(count < self.history, count, count * 0 + self.history)
             threshold = prefix_percentile(ops, history, k, self._q)
             new_state = AutoClipWindowState(history, count)
-        threshold = ops.cast(threshold, "float64" if "float64" in str(norm.dtype) else "float32")
-        coef, skip = settle(ops, clip_coefficient(ops, norm, threshold, _EPS), finite, self.nonfinite)
+        acc = "float64" if "float64" in str(norm.dtype) else "float32"
+        # Clip where the fp32 norm, the value the history holds, exceeds the fp32 threshold.
+        # Comparing the fp64 norm itself would clip fp64 gradients by an ulp whenever the
+        # threshold is their own norm rounded down (the first step, percentile 100).
+        bound = ops.where(measured > threshold, ops.cast(threshold, acc), ops.scalar(math.inf, acc))
+        coef, skip = settle(ops, clip_coefficient(ops, norm, bound, _EPS), finite, self.nonfinite)
         grads = ops.scale(grads, coef)
-        return grads, new_state, make_info(ops, norm, threshold, coef, coef < 1, finite, skip)
+        info = make_info(ops, norm, ops.cast(threshold, acc), coef, coef < 1, found.given_finite, skip)
+        return grads, new_state, info
 
     def _validate_state(self, where, state):
         check_field(where, state, "count", "int", low=0)

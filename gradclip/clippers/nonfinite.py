@@ -4,21 +4,30 @@ DESIGN.md rule 3: non-finite values are a policy, not an accident. Every norm-ba
 ``nonfinite=`` with one of:
 
 ``"propagate"`` (default)
-    Gradients with non-finite values pass through unclipped, as they are; ``info.finite`` is
-    False. Unlike ``torch.nn.utils.clip_grad_norm_``, finite elements are never turned into NaN
-    (torch scales everything by ``max_norm / inf = 0``, and ``inf * 0`` is NaN).
+    Gradients with non-finite values pass through unclipped, as they are. Unlike
+    ``torch.nn.utils.clip_grad_norm_``, finite elements are never turned into NaN (torch scales
+    everything by ``max_norm / inf = 0``, and ``inf * 0`` is NaN).
 ``"raise"``
     Raise :class:`~gradclip.NonFiniteError` naming the offending tensors, before anything is
-    modified. This reads one value on the host, so it synchronises.
+    modified. This reads one value on the host, so it synchronises. Under ``torch.distributed``
+    with a process group, a rank whose own gradients are finite says that the non-finite values
+    are on another rank (every rank raises, so none waits in a collective).
 ``"zero"``
     Replace each non-finite element with 0 (optax's ``zero_nans``, extended to ±inf), then
-    measure and clip what is left. Costs one extra read-write pass.
+    measure and clip what is left. Costs one extra read-write pass for the zeroing and one read
+    pass that measures the gradients as given (for ``info.finite``, below).
 ``"skip"``
     Leave the gradients untouched and set ``info.skip``: the optimizer step should not happen.
     :class:`gradclip.torch.ClippedOptimizer` honours it.
 
+``info.finite`` describes the gradients as given, under every policy: it is False when any
+element was NaN or ±inf, also under ``"zero"`` after those elements were zeroed (so a
+:class:`~gradclip.Monitor` counts every non-finite step), while the clipping itself and the
+adaptive statistics use the norm measured after zeroing.
+
 A norm that overflows the accumulator (fp32 beyond ~3.4e38) counts as non-finite under every
-policy except ``"raise"``, which reports the overflow as such.
+policy except ``"raise"``, which reports the overflow as such; the gradients are then left
+unclipped (``"zero"`` still zeroes the non-finite elements).
 """
 
 from __future__ import annotations
@@ -33,7 +42,7 @@ from gradclip._core.registry import register
 from gradclip._core.validation import check_choice, check_int
 from gradclip.clippers._adaptive import check_field
 
-__all__ = ["POLICIES", "check_policy", "measure", "settle", "NonFinite", "NonFiniteState"]
+__all__ = ["POLICIES", "check_policy", "gradients_finite", "Measurement", "measurement", "settle", "NonFinite", "NonFiniteState"]
 
 POLICIES = ("propagate", "raise", "zero", "skip")
 
@@ -48,6 +57,13 @@ def check_policy(where: str, policy: object) -> str:
 
 
 def _raise_if_nonfinite(ops: Ops, grads: list[Any], norm: Any, names: list[str], where: str) -> None:
+    """Raise :class:`NonFiniteError` when ``norm`` (the reduced global norm) is not finite.
+
+    Reads the norm's flag on the host (the ``"raise"`` policy synchronises; no other does), and
+    only on a bad step the per-tensor flags. Every rank of a process group sees the same reduced
+    norm, so every rank raises; one whose own gradients are all finite says the non-finite values
+    are on another rank rather than blaming an overflow.
+    """
     if ops.to_host(ops.isfinite(norm)):
         return
     finite_each = ops.to_list(ops.finite_each(grads))
@@ -59,6 +75,16 @@ def _raise_if_nonfinite(ops: Ops, grads: list[Any], norm: Any, names: list[str],
             "Use nonfinite='skip' or 'zero' to handle them instead of raising.",
             offenders,
         )
+    if getattr(ops, "distributed", False):
+        # The norm was reduced over the process group (or a DTensor mesh): with every local
+        # element finite, the NaN/inf came from another rank, or the reduced sum overflowed.
+        raise NonFiniteError(
+            f"{where}: the global gradient norm reduced over the process group is not finite, but "
+            "every gradient element on this rank is finite: the non-finite values (NaN or inf) are "
+            "on another rank (or the global norm overflowed the fp32 accumulator). Nothing was "
+            "clipped. Use nonfinite='skip' or 'zero' to handle them instead of raising.",
+            [],
+        )
     raise NonFiniteError(
         f"{where}: the gradient norm overflowed the accumulator although every element is finite; "
         "the gradients are beyond ~1e19 in magnitude. Nothing was clipped.",
@@ -66,14 +92,34 @@ def _raise_if_nonfinite(ops: Ops, grads: list[Any], norm: Any, names: list[str],
     )
 
 
-def measure(
+def gradients_finite(ops: Ops, grads: list[Any], norm_type: float = 2.0) -> Any:
+    """Device bool: every element of ``grads`` is finite and their global norm does not overflow.
+
+    One read pass. It goes through the same norm and reduction as the measurement itself, so
+    the flag agrees on every rank of a process group and counts an overflow as every policy
+    does; used under ``"zero"``, before zeroing, for ``info.finite``.
+    """
+    return ops.isfinite(ops.combine_norms(ops.norms(grads, norm_type), norm_type))
+
+
+class Measurement(NamedTuple):
+    """What :func:`measurement` found (device values; nothing is read back)."""
+
+    grads: list[Any]  # the gradients to clip: under "zero", with non-finite elements zeroed
+    norms: Any  # per-tensor norms of ``grads``
+    norm: Any  # their global norm (reduced over a process group when there is one)
+    finite: Any  # ``norm`` is finite: what the algorithm clips and learns from
+    given_finite: Any  # every element as given was finite (and its norm did not overflow): info.finite
+
+
+def measurement(
     ops: Ops,
     grads: list[Any],
     norm_type: float,
     policy: str,
     names: list[str],
     where: str,
-) -> tuple[list[Any], Any, Any, Any]:
+) -> Measurement:
     """Apply the pre-measurement part of the policy and measure the gradients.
 
     Args:
@@ -85,19 +131,24 @@ def measure(
         where: The public entry point, for messages.
 
     Returns:
-        ``(grads, per_tensor_norms, global_norm, finite)``; under ``"zero"`` the returned
-        gradients have their non-finite elements replaced by zero and the norms describe them.
+        A :class:`Measurement`. Under ``"zero"`` its gradients have their non-finite elements
+        replaced by zero, its norms describe them, and ``given_finite`` comes from one more
+        read pass over the gradients as given; under the other policies ``given_finite`` is
+        ``finite``.
 
     Raises:
         NonFiniteError: Under ``"raise"``, when a value is not finite.
     """
+    given_finite = None
     if policy == "zero":
+        given_finite = gradients_finite(ops, grads, norm_type)
         grads = ops.zero_nonfinite(grads)
     norms = ops.norms(grads, norm_type)
     norm = ops.combine_norms(norms, norm_type)
     if policy == "raise":
         _raise_if_nonfinite(ops, grads, norm, names, where)
-    return grads, norms, norm, ops.isfinite(norm)
+    finite = ops.isfinite(norm)
+    return Measurement(grads, norms, norm, finite, finite if given_finite is None else given_finite)
 
 
 def settle(ops: Ops, coef: Any, finite: Any, policy: str) -> tuple[Any, Any]:

@@ -24,7 +24,7 @@ from gradclip._core.errors import InvalidArgumentError
 from gradclip._core.ops import Ops
 from gradclip._core.registry import register
 from gradclip._core.validation import check_norm_type, check_number
-from gradclip.clippers.nonfinite import check_policy, measure, settle
+from gradclip.clippers.nonfinite import check_policy, measurement, settle
 
 __all__ = ["GlobalNorm", "Norm", "AverageNorm", "BlockRMS", "NormSign", "clip_coefficient"]
 
@@ -122,11 +122,12 @@ class GlobalNorm(Clipper):
         return {"max_norm": self.max_norm, "norm_type": self.norm_type, "eps": self.eps, "nonfinite": self.nonfinite}
 
     def _update(self, ops, grads, state, params, names):
-        grads, _norms, norm, finite = measure(ops, grads, self.norm_type, self.nonfinite, names, "GlobalNorm")
+        found = measurement(ops, grads, self.norm_type, self.nonfinite, names, "GlobalNorm")
+        grads, norm, finite = found.grads, found.norm, found.finite
         threshold = ops.scalar(self.max_norm, _dtype(norm))
         coef, skip = settle(ops, clip_coefficient(ops, norm, threshold, self.eps), finite, self.nonfinite)
         grads = ops.scale(grads, coef)
-        return grads, state, make_info(ops, norm, threshold, coef, coef < 1, finite, skip)
+        return grads, state, make_info(ops, norm, threshold, coef, coef < 1, found.given_finite, skip)
 
 
 class _PerTensorNorm(Clipper):
@@ -153,7 +154,8 @@ class _PerTensorNorm(Clipper):
         return [1.0] * len(grads)
 
     def _update(self, ops, grads, state, params, names):
-        grads, norms, norm, finite = measure(ops, grads, self.norm_type, self.nonfinite, names, self.where)
+        found = measurement(ops, grads, self.norm_type, self.nonfinite, names, self.where)
+        grads, norms, norm, finite = found.grads, found.norms, found.norm, found.finite
         dtype = _dtype(norm)
         threshold = ops.scalar(self.threshold, dtype)
         # Empty tensors have divisor 0; their statistic is defined as 0 (nothing to clip).
@@ -171,7 +173,7 @@ class _PerTensorNorm(Clipper):
         effective = ops.where(usable, after / ops.where(usable, norm, one), one)
         effective = ops.where(ops.isfinite(effective), effective, one)
         clipped = ops.any(coefs < 1)
-        return grads, state, make_info(ops, norm, threshold, effective, clipped, finite, skip)
+        return grads, state, make_info(ops, norm, threshold, effective, clipped, found.given_finite, skip)
 
 
 @register("norm")
@@ -315,7 +317,8 @@ class NormSign(Clipper):
                     f"gradient {name} (largest finite value {largest:g}); a clipped step would write inf. "
                     f"Use a threshold in [0, {largest:g}] or clip in a wider dtype. Nothing was changed."
                 )
-        grads, _norms, norm, finite = measure(ops, grads, 2.0, self.nonfinite, names, "NormSign")
+        found = measurement(ops, grads, 2.0, self.nonfinite, names, "NormSign")
+        grads, norm, finite = found.grads, found.norm, found.finite
         dtype = _dtype(norm)
         threshold = ops.scalar(self.threshold, dtype)
         # settle() applies the policy the same way as for the other methods (the skip flag).
@@ -330,4 +333,4 @@ class NormSign(Clipper):
         # clipped implies a finite norm > threshold >= 0; the inner where keeps inf / inf (a
         # NumPy "invalid value" warning) out of the steps whose result is discarded.
         effective = ops.where(clipped, after / ops.where(clipped, norm, one), one)
-        return grads, state, make_info(ops, norm, threshold, effective, clipped, finite, skip)
+        return grads, state, make_info(ops, norm, threshold, effective, clipped, found.given_finite, skip)

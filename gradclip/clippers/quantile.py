@@ -26,7 +26,7 @@ from gradclip._core.ops import framework_of
 from gradclip._core.registry import register
 from gradclip._core.validation import check_number
 from gradclip.clippers._adaptive import as_f32, check_field
-from gradclip.clippers.nonfinite import check_policy, measure, settle
+from gradclip.clippers.nonfinite import check_policy, measurement, settle
 from gradclip.clippers.norm import clip_coefficient
 
 __all__ = ["QuantileNorm", "QuantileNormState"]
@@ -150,7 +150,8 @@ class QuantileNorm(Clipper):
 
     def _update(self, ops, grads, state, params, names):
         samples = self._check_samples(ops, grads)
-        grads, _norms, norm, finite = measure(ops, grads, 2.0, self.nonfinite, names, "QuantileNorm")
+        found = measurement(ops, grads, 2.0, self.nonfinite, names, "QuantileNorm")
+        grads, norm, finite = found.grads, found.norm, found.finite
         bound = state.norm
         acc = "float64" if "float64" in str(norm.dtype) else "float32"
         threshold = ops.cast(bound, acc)
@@ -158,7 +159,9 @@ class QuantileNorm(Clipper):
         grads = ops.scale(grads, coef)
 
         if samples is None:
-            unclipped = ops.cast(as_f32(ops, norm) <= bound, "float32")
+            # Compared in the norm's dtype, as the clip decision above is: an fp64 norm just
+            # above C is clipped and counted as clipped.
+            unclipped = ops.cast(norm <= threshold, "float32")
             informative = finite
         else:
             values = as_f32(ops, samples)
@@ -172,7 +175,8 @@ class QuantileNorm(Clipper):
         moved = ops.where(moved < self.min_norm, ops.scalar(self.min_norm, "float32"), moved)
         moved = ops.where(moved > self.max_norm, ops.scalar(self.max_norm, "float32"), moved)
         new_bound = ops.where(informative, moved, bound)
-        return grads, QuantileNormState(new_bound), make_info(ops, norm, threshold, coef, coef < 1, finite, skip)
+        info = make_info(ops, norm, threshold, coef, coef < 1, found.given_finite, skip)
+        return grads, QuantileNormState(new_bound), info
 
     def _validate_state(self, where, state):
         check_field(where, state, "norm", "float", low=self.min_norm * (1 - 1e-6), high=self.max_norm * (1 + 1e-6))

@@ -5,17 +5,30 @@ spikes; Megatron-LM and OLMo (Groeneveld et al. 2024; OLMo-core's ``SkipStepOpti
 update itself when the gradient norm (or loss) is more than ``sigma`` standard deviations above
 its recent mean. Here::
 
-    spike = not finite(‖g‖)  or  (enough history and ‖g‖ > mean + sigma · std)
+    spike = not finite(‖g‖)  or  (enough history and ‖g‖ > mean + sigma · max(std, std_floor · mean))
 
-over a window of the last ``window`` accepted norms — the current norm excluded, ``std`` the
-sample standard deviation (``ddof=1``, as ``torch.std_mean`` in OLMo-core). On a spike
-``info.skip`` is True and the norm does not enter the window, so one spike cannot widen the
-band for the next. Gradients are never modified: the optimizer wrapper
+over a window of the last ``window`` accepted positive norms — the current norm excluded,
+``std`` the sample standard deviation (``ddof=1``, as ``torch.std_mean`` in OLMo-core). On a
+spike ``info.skip`` is True and the norm does not enter the window, so one spike cannot widen
+the band for the next. Gradients are never modified: the optimizer wrapper
 (:class:`gradclip.torch.ClippedOptimizer`) or the caller skips the step.
 
-A lasting shift of the norm's level by more than ``sigma`` standard deviations is skipped step
-after step, because skipped norms never enter the window; pair this with a bound on consecutive
-skips in the training loop if the norm's level can move that fast.
+Deviations from a bare ``mean + sigma·std`` rule, both against a stall for ever:
+
+* **Spread floor** (as ZClip's variance floor): the spread used is at least ``std_floor`` times
+  the window's mean. A window of identical norms has ``std = 0``; without the floor every
+  slightly larger norm would be a spike, never enter the window, and every later step would be
+  skipped. With the default 0.01 and ``sigma = 6`` a norm up to 6% above a constant level is
+  accepted (and then widens the window's spread); the floor scales with the norms, so decisions
+  do not depend on the loss scale.
+* **Zero norms** are accepted (nothing to skip) but do not enter the window: a window of zeros
+  has mean and spread 0, and every positive norm after it would be skipped for ever.
+
+An fp64 norm beyond fp32's range (~3.4e38, the window is fp32) is skipped like a non-finite one,
+as the same gradients in fp32 would overflow the norm. A lasting shift of the norm's level by
+more than ``sigma`` floored standard deviations is still skipped step after step, because
+skipped norms never enter the window; pair this with a bound on consecutive skips in the
+training loop if the norm's level can move that fast.
 
 State: the window (``4·window`` bytes) and two int64 counters.
 """
@@ -26,7 +39,7 @@ import math
 from typing import Any, NamedTuple
 
 from gradclip._core.clipper import Clipper, make_info
-from gradclip._core.errors import InvalidArgumentError
+from gradclip._core.errors import InvalidArgumentError, StateError
 from gradclip._core.registry import register
 from gradclip._core.validation import check_int, check_number
 from gradclip.clippers._adaptive import as_f32, check_field, ring_write
@@ -37,8 +50,8 @@ __all__ = ["SkipOnSpike", "SkipOnSpikeState"]
 class SkipOnSpikeState(NamedTuple):
     """The window of accepted norms and counters."""
 
-    window: Any  # (window,) fp32 ring buffer of accepted norms
-    count: Any  # int64 0-d: norms ever accepted (the next write goes to count % window)
+    window: Any  # (window,) fp32 ring buffer of accepted positive norms (slots not reached yet: 0)
+    count: Any  # int64 0-d: norms ever recorded (the next write goes to count % window)
     skipped: Any  # int64 0-d: steps flagged so far
 
 
@@ -49,10 +62,14 @@ class SkipOnSpike(Clipper):
     Args:
         window: How many recent accepted norms the statistics cover, ``>= 2``.
         sigma: The spike threshold in standard deviations above the mean, ``> 0``.
-        min_history: Accepted norms needed before spikes are detected, in
+        min_history: Recorded norms needed before spikes are detected, in
             ``[2, window]`` (non-finite norms are flagged from the first step).
+        std_floor: The spread used is at least ``std_floor`` times the window's mean, ``>= 0``
+            (0 lets a window of identical norms skip every later step; see the module
+            docstring).
 
-    ``info.threshold`` is ``mean + sigma·std`` (``inf`` before ``min_history``); ``info.coef`` is
+    ``info.threshold`` is ``mean + sigma·max(std, std_floor·mean)`` (``inf`` before
+    ``min_history``); ``info.coef`` is
     always 1 and ``info.clipped`` False: the gradients are left exactly as they are.
 
     Raises:
@@ -63,7 +80,7 @@ class SkipOnSpike(Clipper):
     state_type = SkipOnSpikeState
     state_dtypes = {"window": "float32", "count": "int64", "skipped": "int64"}
 
-    def __init__(self, window: int = 128, sigma: float = 6.0, min_history: int = 20):
+    def __init__(self, window: int = 128, sigma: float = 6.0, min_history: int = 20, std_floor: float = 0.01):
         super().__init__()
         where = "SkipOnSpike"
         self.window = check_int(where, "window", window, low=2)
@@ -73,9 +90,10 @@ class SkipOnSpike(Clipper):
             raise InvalidArgumentError(
                 f"{where}: min_history must be in [2, window={self.window}], got {min_history!r}"
             )
+        self.std_floor = check_number(where, "std_floor", std_floor, high_inclusive=False)
 
     def config(self):
-        return {"window": self.window, "sigma": self.sigma, "min_history": self.min_history}
+        return {"window": self.window, "sigma": self.sigma, "min_history": self.min_history, "std_floor": self.std_floor}
 
     def _init(self, ops, grads):
         zero = ops.scalar(0, "int64")
@@ -85,7 +103,9 @@ class SkipOnSpike(Clipper):
         f32 = "float32"
         norm = ops.global_norm(grads, 2.0)
         finite = ops.isfinite(norm)
-        x = ops.where(finite, as_f32(ops, norm), ops.scalar(0.0, f32))
+        # Non-finite, and beyond fp32's range (an fp64 norm), are both flagged; x is then 0.
+        measurable = finite & ops.isfinite(as_f32(ops, norm))
+        x = ops.where(measurable, as_f32(ops, norm), ops.scalar(0.0, f32))
         # Statistics of the window, the current norm excluded.
         k = ops.where(state.count < self.window, state.count, state.count * 0 + self.window)
         valid = ops.arange(self.window) < k
@@ -94,12 +114,14 @@ class SkipOnSpike(Clipper):
         mean = ops.sum(ops.where(valid, state.window, zero)) / ops.where(k > 0, kf, kf * 0.0 + 1.0)
         centred = ops.where(valid, state.window - mean, zero)
         var = ops.sum(centred * centred) / ops.where(k > 1, kf - 1.0, kf * 0.0 + 1.0)
-        limit = mean + self.sigma * ops.sqrt(var)
+        std = ops.sqrt(var)
+        std = ops.where(std < mean * self.std_floor, mean * self.std_floor, std)
+        limit = mean + self.sigma * std
         ready = k >= self.min_history
-        spike = (~finite) | (ready & (x > limit))
-        accept = ~spike
-        window = ring_write(ops, state.window, state.count % self.window, x, accept)
-        count = state.count + ops.cast(accept, "int64")
+        spike = (~measurable) | (ready & (x > limit))
+        record = ~spike & (x > 0)
+        window = ring_write(ops, state.window, state.count % self.window, x, record)
+        count = state.count + ops.cast(record, "int64")
         skipped = state.skipped + ops.cast(spike, "int64")
         acc = "float64" if "float64" in str(norm.dtype) else f32
         threshold = ops.cast(ops.where(ready, limit, ops.scalar(math.inf, f32)), acc)
@@ -111,4 +133,13 @@ class SkipOnSpike(Clipper):
         check_field(where, state, "window", "float", (self.window,), low=0.0)
         check_field(where, state, "count", "int", low=0)
         check_field(where, state, "skipped", "int", low=0)
+        # Only positive norms are recorded, in order: the slots written so far are positive,
+        # those not reached yet (count < window) still 0.
+        filled = min(state["count"], self.window)
+        recorded = state["window"]
+        if any(v <= 0 for v in recorded[:filled]) or any(v != 0 for v in recorded[filled:]):
+            raise StateError(
+                f"{where}: state field 'window' must hold {filled} positive norm(s) followed by "
+                f"zeros (count {state['count']}), got {recorded!r}; the state is inconsistent"
+            )
 

@@ -3,7 +3,7 @@
 Kumar, Owen, Ashkboos et al. 2025, "ZClip: Adaptive Spike Mitigation for LLM Pre-Training", and
 the rule of its ``zclip`` 1.0.0 package, step by step:
 
-1. **Warm-up** (the first ``warmup_steps`` finite norms): record the norm; clip only at
+1. **Warm-up** (the first ``warmup_steps`` positive finite norms): record the norm; clip only at
    ``max_grad_norm`` when one is given. After the last warm-up norm, ``mean`` and ``var`` are the
    population mean and variance of the warm-up norms.
 2. **Threshold**, with ``std = sqrt(var)`` and ``z = (‖g‖ - mean) / std``:
@@ -32,6 +32,19 @@ Deliberate differences from ``zclip`` 1.0.0 (each a named expectation in
 * Statistics live on the device (fp32) and nothing is read back; the package calls ``.item()``
   every step and keeps Python floats.
 * Non-finite norms do not enter the statistics (the package's become NaN for good).
+* Zero norms do not enter the statistics either (warm-up or EMA), and the warm-up waits for
+  ``warmup_steps`` positive norms. In the package a warm-up of zero norms (a frozen or masked
+  start) gives ``mean = var = 0``; every later positive norm is then an infinite z-score,
+  clipped to ``mean + 0 = 0``, and the EMA of those zeros stays 0: every gradient is zeroed for
+  ever. A zero norm has nothing to clip and says nothing about the norm's scale, so it is
+  passed through and ignored. (For the same reason ``load_state_dict`` refuses a finished
+  warm-up with ``mean == 0``.)
+* An fp64 norm beyond fp32's range (~3.4e38, finite in fp64) is not recorded during warm-up
+  (the fp32 state would hold inf); afterwards it is a spike like any other, clipped to its
+  finite target, which is what the EMA takes.
+* On a quiet step the gradients are left bit for bit as they are (DESIGN rule 4), fp64 ones
+  included: the package clips to the norm itself, which is a no-op only when the norm and the
+  bound have the same precision.
 """
 
 from __future__ import annotations
@@ -44,7 +57,7 @@ from gradclip._core.errors import InvalidArgumentError, StateError
 from gradclip._core.registry import register
 from gradclip._core.validation import check_choice, check_int, check_number
 from gradclip.clippers._adaptive import as_f32, check_field, ring_write
-from gradclip.clippers.nonfinite import check_policy, measure, settle
+from gradclip.clippers.nonfinite import check_policy, measurement, settle
 from gradclip.clippers.norm import clip_coefficient
 
 __all__ = ["ZClip", "ZClipState"]
@@ -56,8 +69,8 @@ _EPS = 1e-6
 class ZClipState(NamedTuple):
     """Warm-up buffer and EMA statistics."""
 
-    step: Any  # int64 0-d: finite norms seen (warm-up is over once step >= warmup_steps)
-    warmup: Any  # (warmup_steps,) fp32: the warm-up norms
+    step: Any  # int64 0-d: positive finite norms seen (warm-up is over once step >= warmup_steps)
+    warmup: Any  # (warmup_steps,) fp32: the warm-up norms, all positive (slots not reached yet: 0)
     mean: Any  # fp32 0-d
     var: Any  # fp32 0-d
 
@@ -71,7 +84,7 @@ class ZClip(Clipper):
         z_thresh: z-score above which a norm is a spike, ``> 0``.
         max_grad_norm: Optional absolute cap ``> 0`` applied on every step (also during
             warm-up); ``None`` for none.
-        warmup_steps: Finite norms collected before clipping starts, ``>= 1``.
+        warmup_steps: Positive finite norms collected before clipping starts, ``>= 1``.
         mode: ``"zscore"`` or ``"percentile"`` (see the module docstring).
         clip_option: ``"adaptive_scaling"`` or ``"mean"``; used in ``"zscore"`` mode.
         clip_factor: Multiplies the adaptive-scaling threshold, ``> 0`` (the package
@@ -150,21 +163,27 @@ class ZClip(Clipper):
         )
 
     def _update(self, ops, grads, state, params, names):
-        grads, _norms, norm, finite = measure(ops, grads, 2.0, self.nonfinite, names, "ZClip")
+        found = measurement(ops, grads, 2.0, self.nonfinite, names, "ZClip")
+        grads, norm, finite = found.grads, found.norm, found.finite
         f32 = "float32"
+        acc = "float64" if "float64" in str(norm.dtype) else f32
         zero = ops.scalar(0.0, f32)
         inf = ops.scalar(math.inf, f32)
         x = ops.where(finite, as_f32(ops, norm), zero)
+        # The norms that may enter the statistics: positive (a zero norm says nothing about the
+        # scale, and zeros alone would make a zero mean) and finite in fp32 (an fp64 norm beyond
+        # fp32's range would be inf in the fp32 state; after warm-up it is a spike anyway).
+        usable = finite & (x > 0) & ops.isfinite(x)
         warming = state.step < self.warmup_steps
         adaptive = ~warming
 
         # -- warm-up: collect, and initialise the statistics after the last warm-up norm.
-        warmup = ring_write(ops, state.warmup, state.step, x, finite & warming)
+        warmup = ring_write(ops, state.warmup, state.step, x, usable & warming)
         size = float(self.warmup_steps)
         first_mean = ops.sum(warmup) / size
         centred = warmup - first_mean
         first_var = ops.sum(centred * centred) / size
-        initialise = finite & (state.step == self.warmup_steps - 1)
+        initialise = usable & (state.step == self.warmup_steps - 1)
         mean = ops.where(initialise, first_mean, state.mean)
         var = ops.where(initialise, first_var, state.var)
 
@@ -190,41 +209,58 @@ class ZClip(Clipper):
         spike = spike & adaptive & finite
         clip_value = ops.where(spike, candidate, x)
 
-        # -- the bound used this step (the norm itself when it is not a spike: coef 1), and
-        # the threshold reported (on a quiet step: the largest norm that would have passed).
-        acc = "float64" if "float64" in str(norm.dtype) else f32
-        bound = ops.where(adaptive, clip_value, inf)
+        # -- the bound used this step: the spike's target on a spike, else none (coef exactly 1:
+        # comparing the norm with its own fp32 rounding would clip fp64 gradients by an ulp),
+        # then the absolute cap, compared in the norm's dtype. The threshold reported on a quiet
+        # step is the largest norm that would have passed.
+        bound = ops.cast(ops.where(spike, candidate, inf), acc)
         reported = ops.where(spike, candidate, old_mean + self.z_thresh * std)
-        reported = ops.where(adaptive, reported, inf)
+        reported = ops.cast(ops.where(adaptive, reported, inf), acc)
         if self.max_grad_norm is not None:
-            cap = ops.scalar(self.max_grad_norm, f32)
+            cap = ops.scalar(self.max_grad_norm, acc)
             bound = ops.where(bound > cap, cap, bound)
             reported = ops.where(reported > cap, cap, reported)
-        bound = ops.where(finite, bound, inf)
-        coef, skip = settle(ops, clip_coefficient(ops, norm, ops.cast(bound, acc), _EPS), finite, self.nonfinite)
+        bound = ops.where(finite, bound, ops.scalar(math.inf, acc))
+        coef, skip = settle(ops, clip_coefficient(ops, norm, bound, _EPS), finite, self.nonfinite)
         grads = ops.scale(grads, coef)
-        threshold = ops.cast(reported, acc)
 
-        # -- the EMA, with the clipped value and the updated mean.
-        update = adaptive & finite
+        # -- the EMA, with the clipped value and the updated mean. A spike's value is its
+        # (finite) target; a quiet norm must be usable.
+        update = adaptive & finite & (spike | usable)
         if self.skip_update_on_spike:
             update = update & ~spike
+        clip_value = ops.where(update, clip_value, old_mean)  # no inf - inf on discarded steps
         ema_mean = self.alpha * old_mean + (1.0 - self.alpha) * clip_value
         deviation = clip_value - ema_mean
         ema_var = self.alpha * old_var + (1.0 - self.alpha) * (deviation * deviation)
         mean = ops.where(update, ema_mean, mean)
         var = ops.where(update, ema_var, var)
-        step = state.step + ops.cast(finite, "int64")
+        step = state.step + ops.cast(usable, "int64")
         new_state = ZClipState(step, warmup, mean, var)
-        return grads, new_state, make_info(ops, norm, threshold, coef, coef < 1, finite, skip)
+        return grads, new_state, make_info(ops, norm, reported, coef, coef < 1, found.given_finite, skip)
 
     def _validate_state(self, where, state):
         check_field(where, state, "step", "int", low=0)
         check_field(where, state, "warmup", "float", (self.warmup_steps,), low=0.0)
         check_field(where, state, "mean", "float", low=0.0)
         check_field(where, state, "var", "float", low=0.0)
-        if state["step"] < self.warmup_steps and (state["mean"] != 0 or state["var"] != 0):
+        step, warmup = state["step"], state["warmup"]
+        if step < self.warmup_steps and (state["mean"] != 0 or state["var"] != 0):
             raise StateError(
-                f"{where}: mean and var must be 0 during warm-up (step {state['step']} < "
+                f"{where}: mean and var must be 0 during warm-up (step {step} < "
                 f"warmup_steps {self.warmup_steps}), got mean={state['mean']!r}, var={state['var']!r}"
+            )
+        # Only positive norms are recorded, one slot per step, so the first min(step, warmup)
+        # slots are positive and the others still 0; a finished warm-up has a positive mean.
+        filled = min(step, self.warmup_steps)
+        if any(v <= 0 for v in warmup[:filled]) or any(v != 0 for v in warmup[filled:]):
+            raise StateError(
+                f"{where}: state field 'warmup' must hold {filled} positive norm(s) followed by "
+                f"zeros (step {step}), got {warmup!r}; the state is inconsistent"
+            )
+        if step >= self.warmup_steps and state["mean"] <= 0:
+            raise StateError(
+                f"{where}: mean must be positive once warm-up is over (step {step} >= "
+                f"warmup_steps {self.warmup_steps}), got mean={state['mean']!r}; with a zero mean "
+                "every gradient would be clipped to zero"
             )

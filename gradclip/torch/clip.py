@@ -29,7 +29,7 @@ import torch
 from gradclip._core.ops import get_ops
 from gradclip._core.tree import collect_gradients
 from gradclip._core.validation import check_norm_type, check_number, reported_as
-from gradclip.clippers.nonfinite import measure
+from gradclip.clippers.nonfinite import measurement
 from gradclip.clippers.norm import GlobalNorm
 
 __all__ = ["clip_grad_norm_", "clip_grad_value_", "get_total_norm"]
@@ -120,8 +120,8 @@ def get_total_norm(
     ops = get_ops(tensors, foreach=foreach, framework="torch", where="get_total_norm", process_group=process_group)
     ops.torch_kernels = True
     names = [f"#{i}" for i in range(len(tensors))]
-    _, _, norm, _ = measure(ops, tensors, norm_type, "raise" if error_if_nonfinite else "propagate", names, "get_total_norm")
-    return norm
+    policy = "raise" if error_if_nonfinite else "propagate"
+    return measurement(ops, tensors, norm_type, policy, names, "get_total_norm").norm
 
 
 def clip_grad_value_(parameters: Parameters, clip_value: float, foreach: bool | None = None) -> None:
