@@ -25,10 +25,11 @@ Needs ``lightning`` (``pip install lightning``; ``pytorch_lightning`` works too)
 from __future__ import annotations
 
 import warnings
+from collections.abc import Mapping
 from typing import Any
 
 from gradclip._core.clipper import Clipper
-from gradclip._core.errors import InvalidArgumentError
+from gradclip._core.errors import InvalidArgumentError, StateError
 
 try:  # the unified package first, then the standalone one
     from lightning.pytorch import Callback as _Callback
@@ -54,7 +55,8 @@ class GradClipCallback(_Callback):
             the Lightning loggers through ``pl_module.log`` (values stay tensors: Lightning fetches
             them when it logs).
 
-    The clipper's state is saved in Lightning checkpoints and restored from them.
+    The clipper's state is saved in Lightning checkpoints and restored from them (a state that
+    is not this callback's raises :class:`~gradclip.StateError`, see :meth:`load_state_dict`).
 
     Raises:
         InvalidArgumentError: ``clipper`` is not a gradclip clipper or ``monitor`` has no
@@ -130,8 +132,34 @@ class GradClipCallback(_Callback):
             self.monitor.flush()
 
     def state_dict(self) -> dict[str, Any]:
+        """What Lightning saves in a checkpoint for this callback.
+
+        Returns:
+            ``{"clipper": clipper.state_dict()}``.
+        """
         return {"clipper": self.clipper.state_dict()}
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if "clipper" in state_dict:
-            self.clipper.load_state_dict(state_dict["clipper"])
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Restore the clipper from a checkpoint (Lightning calls it on ``fit(ckpt_path=...)``).
+
+        Lightning calls this only when the checkpoint holds a state for this callback; a state
+        without ``"clipper"`` is therefore not one this callback saved, and is refused rather than
+        ignored (ignoring it would silently restart an adaptive clipper from scratch).
+
+        Raises:
+            StateError: ``state_dict`` is not a mapping with exactly the key ``"clipper"``, or the
+                clipper refuses its part (another clipper, another configuration, bad values).
+                The clipper is unchanged then.
+        """
+        where = "GradClipCallback.load_state_dict"
+        if not isinstance(state_dict, Mapping):
+            raise StateError(
+                f"{where}: expected the mapping GradClipCallback.state_dict() returned ({{'clipper': ...}}), "
+                f"got {type(state_dict).__name__}"
+            )
+        if set(state_dict) != {"clipper"}:
+            raise StateError(
+                f"{where}: a GradClipCallback state has exactly the key 'clipper', got keys "
+                f"{sorted(map(str, state_dict))}; was the checkpoint saved by another callback?"
+            )
+        self.clipper.load_state_dict(state_dict["clipper"])

@@ -117,8 +117,11 @@ class GradClipCallback(_TrainerCallback):
             )
 
     def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, model: Any = None, optimizer: Any = None, **kwargs: Any) -> None:
-        if model is None:
-            raise InvalidArgumentError("GradClipCallback.on_pre_optimizer_step: the Trainer passed no model")
+        if model is None or not callable(getattr(model, "named_parameters", None)):
+            raise InvalidArgumentError(
+                "GradClipCallback.on_pre_optimizer_step: model must be the torch.nn.Module being trained "
+                f"(the Trainer passes it as model=), got {type(model).__qualname__}; nothing was clipped"
+            )
         self._unscale_once(optimizer)
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         info = self.clipper.clip_(named)

@@ -440,3 +440,161 @@ def test_a_clipper_that_can_skip_reads_one_bool_with_a_non_fused_optimizer():
     opt = gct.ClippedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), gradclip.GlobalNorm(0.5, nonfinite="skip"))
     _loss(model, _batches(1)[0]).backward()
     assert _host_reads_of(opt.step) == ["__bool__"]
+
+
+def _same(a, b):
+    """Deep equality of state dicts holding tensors (bit for bit)."""
+    if torch.is_tensor(a) or torch.is_tensor(b):
+        return torch.is_tensor(a) and torch.is_tensor(b) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def _everything(opt, model):
+    """What a failed call must leave alone: parameters, gradients, optimizer and clipper state, counters."""
+    return copy.deepcopy({
+        "params": _params(model),
+        "grads": [None if p.grad is None else p.grad.detach().clone() for p in model.parameters()],
+        "optimizer": opt.optimizer.state_dict(),
+        "clipper": opt.clipper.state_dict(),
+        "counters": (opt.state_dict()["micro_step"], opt.stepped, opt.folded, opt.will_step),
+    })
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["clip_in_place", "folded"])
+def test_a_step_refused_for_a_missing_scaler_update_changes_nothing(fused):
+    model = _model()
+    scaler = torch.amp.GradScaler("cpu", init_scale=256.0)
+    opt = gct.ClippedOptimizer(torch.optim.Adam(model.parameters(), lr=0.01, fused=fused), EmaGlobalClip(),
+                               scaler=scaler, accumulation_steps=2)
+    batches = _batches(4)
+    for x in batches[:2]:
+        scaler.scale(_loss(model, x) / 2).backward()
+        opt.step()
+        opt.zero_grad()
+    assert opt.stepped and opt.folded == fused  # ... and the user forgets scaler.update()
+    scaler.scale(_loss(model, batches[2]) / 2).backward()
+    opt.step()  # micro-batch 1 of 2: nothing to check yet
+    assert not opt.stepped and opt.will_step
+    scaler.scale(_loss(model, batches[3]) / 2).backward()
+    before, scale = _everything(opt, model), scaler.get_scale()
+    with pytest.raises(gradclip.StateError, match=r"scaler.update\(\).*nothing was changed"):
+        opt.step()
+    assert _same(_everything(opt, model), before)  # gradients still scaled, counters as they were
+    assert scaler.get_scale() == scale
+    scaler.update()
+    opt.step()  # the same call again, now that the scaler is ready: it steps
+    assert opt.stepped and not _same(_params(model), before["params"])
+    assert _same(opt.clipper.state_dict()["state"]["count"], before["clipper"]["state"]["count"] + 1.0)
+
+
+def test_a_step_the_clipper_refuses_leaves_the_counters_as_they_were():
+    model = _model()
+    opt = gct.ClippedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
+                               gradclip.GlobalNorm(0.5, nonfinite="raise"), accumulation_steps=2)
+    x1, x2 = _batches(2)
+    _loss(model, x1).backward()
+    opt.step()
+    _loss(model, x2).backward()
+    model[2].bias.grad[0] = math.nan
+    before = _everything(opt, model)
+    with pytest.raises(gradclip.NonFiniteError):
+        opt.step()
+    after = _everything(opt, model)
+    assert _same([g.nan_to_num() for g in after["grads"]], [g.nan_to_num() for g in before["grads"]])
+    after["grads"] = before["grads"] = None
+    assert _same(after, before)
+    model[2].bias.grad[0] = 0.0
+    opt.step()
+    assert opt.stepped and opt.will_step is False
+
+
+def _trained_with_accumulation(seed=0, steps=5):
+    model = _model(seed)
+    opt = gct.ClippedOptimizer(torch.optim.Adam(model.parameters(), lr=0.01), EmaGlobalClip(), accumulation_steps=2)
+    for x in _batches(steps, seed=seed + 1):
+        _loss(model, x).backward()
+        opt.step()
+        opt.zero_grad()
+    return model, opt
+
+
+def _with(state, **changes):
+    out = dict(state)
+    for key, value in changes.items():
+        if value is _DROP:
+            del out[key]
+        else:
+            out[key] = value
+    return out
+
+
+_DROP = object()
+BAD_CHECKPOINTS = {
+    "not_a_mapping": (lambda good: [good], "expected a dict from ClippedOptimizer.state_dict"),
+    "plain_optimizer_state": (lambda good: good["optimizer"], "expected a dict from ClippedOptimizer.state_dict"),
+    "format": (lambda good: _with(good, format="gradclip"), "format 'gradclip.ClippedOptimizer'"),
+    "extra_key": (lambda good: _with(good, scaler={}), r"unexpected: 'scaler'; missing: none"),
+    "missing_optimizer": (lambda good: _with(good, optimizer=_DROP), r"unexpected: none; missing: optimizer"),
+    "missing_clipper": (lambda good: _with(good, clipper=_DROP), r"missing: clipper"),
+    "missing_micro_step": (lambda good: _with(good, micro_step=_DROP), r"missing: micro_step"),
+    "missing_version": (lambda good: _with(good, version=_DROP), r"missing: version"),
+    "version_true": (lambda good: _with(good, version=True), r"version True of type bool; expected the int 1"),
+    "version_float": (lambda good: _with(good, version=1.0), r"version 1.0 of type float"),
+    "version_2": (lambda good: _with(good, version=2), r"version 2 of type int"),
+    "version_str": (lambda good: _with(good, version="1"), r"version '1' of type str"),
+    "micro_step_bool": (lambda good: _with(good, micro_step=True), r"micro_step must be an int in \[0, 2\).*got True"),
+    "micro_step_negative": (lambda good: _with(good, micro_step=-1), r"micro_step .* got -1"),
+    "micro_step_too_large": (lambda good: _with(good, micro_step=2), r"micro_step .* got 2"),
+    "micro_step_float": (lambda good: _with(good, micro_step=1.0), r"micro_step .* got 1.0 of type float"),
+    "optimizer_not_a_mapping": (lambda good: _with(good, optimizer=[1]), r"'optimizer' must be a torch optimizer state_dict"),
+    "optimizer_without_param_groups": (lambda good: _with(good, optimizer={"state": {}}),
+                                       r"'optimizer' must be .* got a mapping with keys \['state'\]"),
+    "optimizer_of_another_model": (
+        lambda good: _with(good, optimizer=torch.optim.Adam(torch.nn.Linear(2, 2).parameters()).state_dict()),
+        r"optimizer's part does not fit Adam: it has parameter groups of sizes \[2\], this optimizer \[4\]",
+    ),
+    "optimizer_groups_not_a_list": (lambda good: _with(good, optimizer={"state": {}, "param_groups": 3}),
+                                    r"parameter groups of sizes None"),
+    "clipper_of_another_kind": (lambda good: _with(good, clipper=gradclip.GlobalNorm(1.0).state_dict()),
+                                r"belongs to clipper 'global_norm'"),
+    "clipper_not_a_mapping": (lambda good: _with(good, clipper=None), r"expected a mapping"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CHECKPOINTS))
+def test_load_state_dict_refuses_a_bad_checkpoint_with_a_state_error_and_changes_nothing(case):
+    _, source = _trained_with_accumulation(seed=0, steps=3)
+    good = copy.deepcopy(source.state_dict())
+    assert good["micro_step"] == 1 and good["clipper"]["state"] is not None
+    model, opt = _trained_with_accumulation(seed=5, steps=4)  # a different state, micro_step 0
+    before = _everything(opt, model)
+    make, match = BAD_CHECKPOINTS[case]
+    with pytest.raises(gradclip.StateError, match=match):
+        opt.load_state_dict(make(good))
+    assert _same(_everything(opt, model), before)
+    opt.load_state_dict(good)  # the good one still loads, completely
+    assert _same(copy.deepcopy(opt.state_dict()), good)
+
+
+def test_load_state_dict_puts_the_clipper_back_when_the_optimizer_refuses_its_part():
+    """Everything of ours and the clipper's passes; a load hook on the optimizer refuses (after
+    the clipper loaded): the clipper's previous state goes back."""
+    _, source = _trained_with_accumulation(seed=0, steps=3)
+    good = copy.deepcopy(source.state_dict())
+    model, opt = _trained_with_accumulation(seed=5, steps=4)
+    before = _everything(opt, model)
+
+    def refuse(optimizer, state_dict):
+        raise RuntimeError("refused by a load hook")
+
+    handle = opt.optimizer.register_load_state_dict_pre_hook(refuse)
+    with pytest.raises(gradclip.StateError, match=r"does not fit Adam: refused by a load hook"):
+        opt.load_state_dict(good)
+    assert _same(_everything(opt, model), before)
+    handle.remove()
+    opt.load_state_dict(good)
+    assert _same(copy.deepcopy(opt.state_dict()), good)

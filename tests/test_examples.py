@@ -47,7 +47,12 @@ def test_clipped_optimizer_example(tmp_path, capsys):
     assert "folded into the fused step: True" in out
     assert "Suggested max_norm" in out
     assert len(read_log(tmp_path / "clip.jsonl")) == 12
-    assert (tmp_path / "clip.csv").read_text().count("\n") == 13
+    header, *rows = (tmp_path / "clip.csv").read_text().splitlines()
+    assert len(rows) == 12
+    # One column per parameter of the example's model, from the first row on.
+    layers = [c for c in header.split(",") if c.startswith("layer_norm/")]
+    assert layers == [f"layer_norm/{n}" for n in ("0.weight", "0.bias", "2.weight", "2.bias")]
+    assert "nonfinite_layers" in header.split(",")
     assert glob.glob(str(tmp_path / "tb" / "events.out.tfevents.*"))
     state = torch.load(tmp_path / "optimizer.pt", weights_only=True)
     assert {"optimizer", "clipper"} <= set(state)

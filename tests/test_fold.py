@@ -81,25 +81,27 @@ CLIPPERS = {
 }
 
 
-def _train(optimizer_name, clipper_factory, fold, scaler, steps=6, inject=None, pre_unscale=False):
-    """Train a tiny model; return (parameters, ClippedOptimizer, scales seen)."""
+def _train(optimizer_name, clipper_factory, fold, scaler, steps=6, inject=None, pre_unscale=False,
+           accumulation_steps=1):
+    """Train a tiny model for ``steps`` micro-batches; return (parameters, ClippedOptimizer, scales seen)."""
     model = _model()
     optimizer = OPTIMIZERS[optimizer_name](model.parameters())
     grad_scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=2) if scaler else None
-    opt = gct.ClippedOptimizer(optimizer, clipper_factory(), scaler=grad_scaler, fold=fold)
+    opt = gct.ClippedOptimizer(optimizer, clipper_factory(), scaler=grad_scaler, fold=fold,
+                               accumulation_steps=accumulation_steps)
     generator = torch.Generator().manual_seed(1)
     scales = []
     for step in range(steps):
         x = torch.randn(16, 6, generator=generator) * (1.0 + 4.0 * (step % 3 == 1))
-        loss = model(x).pow(2).mean() * 10
+        loss = model(x).pow(2).mean() * 10 / accumulation_steps
         (grad_scaler.scale(loss) if grad_scaler else loss).backward()
         if inject is not None and step == inject[0]:
             with torch.no_grad():
                 model[0].weight.grad[0, 0] = inject[1]
-        if pre_unscale and grad_scaler is not None:
+        if pre_unscale and grad_scaler is not None and opt.will_step:
             grad_scaler.unscale_(optimizer)
         opt.step()
-        if grad_scaler is not None:
+        if grad_scaler is not None and opt.stepped:
             scales.append(grad_scaler.get_scale())
             grad_scaler.update()
         opt.zero_grad()
@@ -124,6 +126,28 @@ def test_folded_equals_unfolded_after_n_steps(optimizer, clipper, scaler):
     a, b = opt_folded.last_info.to_dict(), opt_unfolded.last_info.to_dict()
     assert a["norm"] == pytest.approx(b["norm"], rel=1e-5)
     assert a["coef"] == pytest.approx(b["coef"], rel=1e-5)
+
+
+@pytest.mark.parametrize("scaler", [False, True], ids=["no_scaler", "grad_scaler"])
+@pytest.mark.parametrize("clipper", ["global_norm", "adaptive_ema", "global_norm_skip_policy"])
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd_momentum"])
+def test_folded_equals_unfolded_with_gradient_accumulation(optimizer, clipper, scaler):
+    """3 micro-batches per optimizer step: the folded step clips the accumulated (still scaled)
+    gradient once, as the unfolded path does; a NaN in a micro-batch skips that whole step."""
+    inject = (4, math.nan) if clipper == "global_norm_skip_policy" else None
+    runs = {fold: _train(optimizer, CLIPPERS[clipper], fold, scaler, steps=12, inject=inject, accumulation_steps=3)
+            for fold in (True, False)}
+    (folded, opt_folded, scales_folded), (unfolded, opt_unfolded, scales_unfolded) = runs[True], runs[False]
+    assert opt_folded.folded and not opt_unfolded.folded
+    _assert_same(folded, unfolded)
+    assert scales_folded == scales_unfolded and len(scales_folded) == (4 if scaler else 0)
+    assert opt_folded.last_info.to_dict()["clipped"] == opt_unfolded.last_info.to_dict()["clipped"]
+    steps = 3 if inject else 4  # optimizer steps taken, skipped ones not counted
+    if optimizer == "adamw":
+        for opt in (opt_folded, opt_unfolded):
+            assert {int(s["step"]) for s in opt.optimizer.state.values()} == {steps}
+    # The accumulated step moved the parameters (the comparison is not of two untouched models).
+    assert not torch.equal(folded[0], _model()[0].weight)
 
 
 @pytest.mark.parametrize("scaler", [False, True], ids=["no_scaler", "grad_scaler"])

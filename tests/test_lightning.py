@@ -67,34 +67,76 @@ def _snapshot(model):
     return [p.detach().clone() for p in model.parameters()]
 
 
+# Settings under which each clipper clips in the run below (norms there are in the tens to
+# hundreds): zclip gets a short warm-up and the spike of the last batch to react to.
 CLIPPERS = {
     "global_norm": lambda: gradclip.GlobalNorm(0.01),
     "norm": lambda: gradclip.Norm(0.005),
     "value": lambda: gradclip.Value(clip_value=0.002),
     "chain": lambda: gradclip.chain(gradclip.GlobalNorm(1.0), gradclip.GlobalNorm(0.01)),
 }
-for _name in ("autoclip", "zclip", "quantile_norm", "agc"):
+_ADAPTIVE = {
+    "autoclip": {},
+    "zclip": {"warmup_steps": 3},
+    "quantile_norm": {},
+    "agc": {},
+}
+for _name, _kwargs in _ADAPTIVE.items():
     if _name in gradclip.available():
-        CLIPPERS[_name] = lambda _n=_name: gradclip.get(_n)
+        CLIPPERS[_name] = lambda _n=_name, _k=_kwargs: gradclip.get(_n, **_k)
+
+
+class GradRecorder(L.Callback):
+    """Copies the gradients (and parameters) at ``on_before_optimizer_step``: placed before the
+    GradClipCallback it sees what the clipper got, placed after it what the optimizer gets."""
+
+    def __init__(self):
+        self.grads, self.params = [], []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.grads.append([p.grad.detach().clone() for p in pl_module.parameters()])
+        self.params.append(_snapshot(pl_module))
+
+
+def _spiky_loader(batches=6):
+    """Like _loader, with targets 30x larger in the last batch: a gradient spike."""
+    generator = torch.Generator().manual_seed(0)
+    x, y = torch.randn(8 * batches, 4, generator=generator), torch.randn(8 * batches, generator=generator)
+    y[-8:] *= 30
+    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8)
 
 
 @pytest.mark.parametrize("clipper", sorted(CLIPPERS))
 def test_fit_clips_with_any_clipper(clipper, tmp_path):
-    model = Tiny()
-    before = _snapshot(model)
+    """The optimizer gets exactly what the clipper makes of the gradients, and it clipped.
+
+    The gradients before and after the callback are recorded in the real run; a fresh clipper,
+    replayed on the recorded gradients (and parameters, for AGC), must give the gradients the
+    optimizer saw, and must have changed them in some step.
+    """
+    model = Tiny(lr=0.01)
     monitor = gradclip.Monitor(model, warn=False)
+    raw, clipped = GradRecorder(), GradRecorder()
     callback = GradClipCallback(CLIPPERS[clipper](), monitor=monitor)
-    trainer = _fit(model, callback, tmp_path)
+    trainer = L.Trainer(callbacks=[raw, callback, clipped], max_steps=6, accelerator="cpu", logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        default_root_dir=str(tmp_path))
+    trainer.fit(model, _spiky_loader())
     summary = monitor.summary()
-    assert summary["steps"] == 4 == trainer.global_step
-    assert callback.last_info is not None
+    assert summary["steps"] == 6 == trainer.global_step == len(raw.grads) == len(clipped.grads)
     for key in ("grad_norm", "grad_norm_clipped", "clip_coef", "clipped"):
         assert key in trainer.callback_metrics
+    assert summary["clip_rate"] > 0
+    reference = CLIPPERS[clipper]()
+    changed = 0
+    for grads, params, seen in zip(raw.grads, raw.params, clipped.grads):
+        expected, _ = reference.clip([g.clone() for g in grads], params=params)
+        for want, got in zip(expected, seen):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+        changed += any(not torch.equal(g, s) for g, s in zip(grads, seen))
+    assert changed >= 1
     if clipper in ("global_norm", "chain"):
-        # Unclipped, the gradient norms are in the hundreds; each step moved by at most 0.01.
-        assert summary["norm_percentiles"]["p10"] > 10
-        assert summary["clip_rate"] == 1.0
-        assert _distance(model, before) <= 4 * 0.01 + 1e-6
+        assert summary["clip_rate"] == 1.0 and summary["norm_percentiles"]["p10"] > 10
 
 
 class StepMeter(L.Callback):
@@ -173,18 +215,44 @@ def test_a_skip_request_leaves_parameters_alone(tmp_path):
 
 
 def test_clipper_state_goes_into_lightning_checkpoints(tmp_path):
-    clipper = gradclip.GlobalNorm(0.01)
+    """An adaptive clipper's state is saved and restored (a fresh one would differ)."""
+    clipper = gradclip.QuantileNorm()
     callback = GradClipCallback(clipper)
-    trainer = _fit(Tiny(), callback, tmp_path, steps=2)
+    trainer = _fit(Tiny(lr=0.01), callback, tmp_path, steps=2)
     path = tmp_path / "ckpt.ckpt"
     trainer.save_checkpoint(path)
-    checkpoint = torch.load(path, weights_only=False)
+    checkpoint = torch.load(path, weights_only=True)  # plain data only
     saved = [v for k, v in checkpoint["callbacks"].items() if "GradClipCallback" in k]
     assert saved and saved[0]["clipper"] == clipper.state_dict()
-    restored = GradClipCallback(gradclip.GlobalNorm(0.01))
+    assert saved[0]["clipper"] != gradclip.QuantileNorm().state_dict()  # it has state to restore
+    restored = GradClipCallback(gradclip.QuantileNorm())
     restored.load_state_dict(saved[0])
+    assert restored.clipper.state_dict() == clipper.state_dict()
     with pytest.raises(gradclip.StateError):
-        GradClipCallback(gradclip.GlobalNorm(0.5)).load_state_dict(saved[0])
+        GradClipCallback(gradclip.QuantileNorm(target_quantile=0.9)).load_state_dict(saved[0])
+
+
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        ([1, 2], r"expected the mapping GradClipCallback.state_dict\(\) returned .*got list"),
+        (None, r"got NoneType"),
+        ({}, r"exactly the key 'clipper', got keys \[\]"),
+        ({"clipper_state": {}}, r"exactly the key 'clipper', got keys \['clipper_state'\]"),
+        ({"extra": 1, "clipper": None}, r"got keys \['clipper', 'extra'\]"),
+        ({"clipper": [1]}, r"QuantileNorm.load_state_dict: expected a mapping"),
+        ({"clipper": "plain text"}, r"QuantileNorm.load_state_dict"),
+    ],
+    ids=["list", "none", "empty", "missing_clipper", "extra_key", "clipper_not_a_mapping", "clipper_a_string"],
+)
+def test_checkpoint_hook_refuses_a_state_that_is_not_its_own(bad, match):
+    callback = GradClipCallback(gradclip.QuantileNorm())
+    callback.clipper.clip([torch.full((3,), 50.0)])  # some state to lose
+    before = callback.clipper.state_dict()
+    assert before["state"] is not None
+    with pytest.raises(gradclip.StateError, match=match):
+        callback.load_state_dict(bad)
+    assert callback.clipper.state_dict() == before
 
 
 def test_gradient_clip_val_too_is_warned_about(tmp_path):

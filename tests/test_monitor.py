@@ -79,14 +79,15 @@ def test_jsonl_csv_and_tensorboard_writers_record_every_step(tmp_path):
     assert len(rows) == 7
     assert float(rows[4]["norm"]) == pytest.approx(records[4]["norm"])
     assert float(rows[4]["layer_norm/2.weight"]) == pytest.approx(records[4]["layer_norms"]["2.weight"])
-    assert rows[4]["clipped"] in ("0", "1")
+    assert rows[4]["clipped"] == str(int(records[4]["clipped"])) and rows[4]["nonfinite_layers"] == "0"
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     accumulator = EventAccumulator(str(tmp_path / "tb"))
     accumulator.Reload()
     tags = set(accumulator.Tags()["scalars"])
-    assert {"gradclip/norm", "gradclip/norm_after", "gradclip/clip_rate", "gradclip/layer_norm/0.weight"} <= tags
+    assert {"gradclip/norm", "gradclip/norm_after", "gradclip/clip_rate", "gradclip/nonfinite_layers",
+            "gradclip/layer_norm/0.weight"} <= tags
     events = accumulator.Scalars("gradclip/norm")
     assert [e.step for e in events] == list(range(7))
     assert [e.value for e in events] == pytest.approx([r["norm"] for r in records], rel=1e-6)
@@ -161,6 +162,29 @@ def test_warns_when_more_than_half_of_recent_steps_are_clipped():
     assert monitor.summary()["recent_clip_rate"] == 1.0
 
 
+def _observe_pattern(monitor, pattern):
+    """Observe NumPy steps, clipped where ``pattern`` has "C" (norm 20 > 1) and not where "U"."""
+    clipper = gradclip.GlobalNorm(1.0)
+    for letter in pattern:
+        _, info = clipper.clip([np.full(4, 10.0 if letter == "C" else 0.1, dtype=np.float32)])
+        monitor.observe(info)
+
+
+def test_clip_rate_warning_cut_off_is_more_than_half():
+    # Any 10 consecutive steps of "CCCUU..." hold exactly 6 clipped: 60% must warn.
+    monitor = Monitor(window=10)
+    with pytest.warns(ClipRateWarning, match="60% of the last 10 steps") as record:
+        _observe_pattern(monitor, "CCCUU" * 4)
+    assert len(record) == 1
+    assert monitor.summary()["recent_clip_rate"] == pytest.approx(0.6)
+    # Any 10 consecutive steps of "CU..." hold exactly 5: 50% is not "more than half".
+    monitor = Monitor(window=10)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _observe_pattern(monitor, "CU" * 10)
+    assert monitor.summary()["recent_clip_rate"] == 0.5
+
+
 def test_no_clip_rate_warning_when_clipping_is_rare():
     model = _model()
     monitor = Monitor(model, window=10)
@@ -182,7 +206,8 @@ def test_warns_when_observing_before_backward():
 
 def test_non_finite_steps_are_counted_and_written_as_null(tmp_path):
     model = _model()
-    monitor = Monitor(model, writers=[JsonlWriter(tmp_path / "n.jsonl"), CsvWriter(tmp_path / "n.csv")], warn=False)
+    writers = [JsonlWriter(tmp_path / "n.jsonl"), CsvWriter(tmp_path / "n.csv"), TensorBoardWriter(tmp_path / "tb")]
+    monitor = Monitor(model, writers=writers, warn=False)
     _backward(model, seed=0)
     model[0].weight.grad[0, 0] = math.nan
     monitor.observe(gradclip.GlobalNorm(1.0).clip_(model))
@@ -197,7 +222,37 @@ def test_non_finite_steps_are_counted_and_written_as_null(tmp_path):
     assert "NaN" not in text and "Infinity" not in text  # strict JSON
     summary = monitor.summary()
     assert summary["nonfinite_steps"] == 1 and summary["steps"] == 2
-    assert "nan" in (tmp_path / "n.csv").read_text()
+    with open(tmp_path / "n.csv", newline="") as file:
+        rows = list(csv.DictReader(file))
+    assert [r["nonfinite_layers"] for r in rows] == ["1", "0"] and [r["finite"] for r in rows] == ["0", "1"]
+    assert rows[0]["layer_norm/0.weight"] == "nan" and rows[0]["norm"] == "nan"
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(str(tmp_path / "tb"))
+    accumulator.Reload()
+    assert [e.value for e in accumulator.Scalars("gradclip/nonfinite_layers")] == [1.0, 0.0]
+    assert [e.value for e in accumulator.Scalars("gradclip/finite")] == [0.0, 1.0]
+
+
+def test_zero_policy_steps_with_nan_count_as_non_finite(tmp_path):
+    """nonfinite="zero" replaces NaN by 0, but the step's gradients were not finite: info.finite
+    is False (the clipper reports what it was given), so the monitor counts it. The per-layer
+    count is measured after zeroing and so is 0."""
+    model = _model()
+    monitor = Monitor(model, writers=[JsonlWriter(tmp_path / "z.jsonl")], warn=False)
+    clipper = gradclip.GlobalNorm(1.0, nonfinite="zero")
+    _backward(model, seed=0)
+    model[0].weight.grad[1, 2] = math.nan
+    monitor.observe(clipper.clip_(model))
+    assert torch.isfinite(model[0].weight.grad).all()  # the policy did zero it
+    _backward(model, seed=1)
+    monitor.observe(clipper.clip_(model))
+    monitor.close()
+    first, second = read_log(tmp_path / "z.jsonl")
+    assert first["finite"] is False and second["finite"] is True
+    assert first["nonfinite_layers"] == 0
+    summary = monitor.summary()
+    assert summary["nonfinite_steps"] == 1 and summary["steps"] == 2
 
 
 def test_summary_percentiles_and_per_layer_statistics():
@@ -315,3 +370,122 @@ def test_tensorboard_writer_does_not_import_tensorflow():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "ok" in result.stdout
+
+
+def _csv_rows(path):
+    with open(path, newline="") as file:
+        return list(csv.reader(file))
+
+
+def test_csv_has_a_column_from_the_start_for_a_layer_whose_gradient_appears_late(tmp_path):
+    """The columns are the monitor's layers, not those of the first batch (pandas.read_csv needs
+    one header for all rows)."""
+    model = _model()
+    monitor = Monitor(model, every=2, writers=[CsvWriter(tmp_path / "late.csv"), JsonlWriter(tmp_path / "late.jsonl")],
+                      warn=False)
+    clipper = gradclip.GlobalNorm(1.0)
+    for step in range(4):
+        model.zero_grad()
+        generator = torch.Generator().manual_seed(step)
+        if step < 2:  # only the last layer learns at first; the first layer joins at step 2
+            model[2](torch.randn(3, 6, generator=generator)).sum().backward()
+        else:
+            model(torch.randn(3, 4, generator=generator)).sum().backward()
+        monitor.observe(clipper.clip_(model))
+    monitor.close()
+    header, *rows = _csv_rows(tmp_path / "late.csv")
+    names = [n for n, _ in model.named_parameters()]
+    assert header == ["step", *gradclip.monitor.SCALAR_KEYS, "nonfinite_layers", *(f"layer_norm/{n}" for n in names)]
+    assert len(rows) == 4 and all(len(row) == len(header) for row in rows)
+    records = read_log(tmp_path / "late.jsonl")
+    for row, record in zip(rows, records):
+        cells = dict(zip(header, row))
+        for name in names:
+            value = record["layer_norms"].get(name)
+            if value is None:
+                assert cells[f"layer_norm/{name}"] == ""
+            else:
+                assert float(cells[f"layer_norm/{name}"]) == pytest.approx(value)
+    assert rows[0][header.index("layer_norm/0.weight")] == "" and rows[3][header.index("layer_norm/0.weight")] != ""
+
+
+def test_csv_writer_on_its_own_rewrites_the_header_for_a_new_layer(tmp_path):
+    writer = CsvWriter(tmp_path / "own.csv")
+    writer.write([{"step": 0, "norm": 1.0, "layer_norms": {"a": 0.5}}])
+    writer.write([{"step": 1, "norm": 2.0, "layer_norms": {"a": 0.25, "b": 3.0}},
+                  {"step": 2, "norm": 3.0, "layer_norms": {"c": 4.0}}])
+    writer.write([{"step": 3, "norm": 4.0, "finite": False, "nonfinite_layers": 1, "layer_norms": {"b": math.inf}}])
+    writer.close()
+    header, *rows = _csv_rows(tmp_path / "own.csv")
+    assert header[-3:] == ["layer_norm/a", "layer_norm/b", "layer_norm/c"]
+    assert all(len(row) == len(header) for row in rows)
+    table = [dict(zip(header, row)) for row in rows]
+    assert [r["step"] for r in table] == ["0", "1", "2", "3"]
+    assert [r["layer_norm/a"] for r in table] == ["0.5", "0.25", "", ""]
+    assert [r["layer_norm/b"] for r in table] == ["", "3.0", "", "inf"]
+    assert [r["layer_norm/c"] for r in table] == ["", "", "4.0", ""]
+    assert [r["nonfinite_layers"] for r in table] == ["", "", "", "1"] and table[3]["finite"] == "0"
+    assert not (tmp_path / "own.csv.tmp").exists()
+
+
+def test_bad_monitor_arguments_name_the_argument_value_and_range():
+    model = _model()
+    with pytest.raises(gradclip.InvalidArgumentError, match=r"Monitor: history must be an integer >= 1, got 0"):
+        Monitor(model, history=0)
+    with pytest.raises(gradclip.InvalidArgumentError, match=r"Monitor: window must be an integer >= 1, got 0"):
+        Monitor(model, window=0)
+    with pytest.raises(gradclip.InvalidArgumentError, match=r"window must be an integer >= 1, got 2.5"):
+        Monitor(model, window=2.5)
+
+
+def test_bad_observe_arguments_are_refused_and_record_nothing(tmp_path):
+    model = _model()
+    monitor = Monitor(model, writers=[JsonlWriter(tmp_path / "o.jsonl")], warn=False)
+    clipper = gradclip.GlobalNorm(1.0)
+    _backward(model, seed=0)
+    info = clipper.clip_(model)
+    with pytest.raises(gradclip.InvalidArgumentError, match=r"Monitor.observe: step must be an integer .* got 'x' of type str"):
+        monitor.observe(info, step="x")
+    with pytest.raises(gradclip.InvalidArgumentError, match=r"step must be an integer .* got True"):
+        monitor.observe(info, step=True)
+    with pytest.raises(gradclip.InvalidArgumentError, match=r"layer_norms must be \(names, 1-D tensor\)"):
+        monitor.observe(info, layer_norms=(["0.weight"], torch.ones(2)))
+    with pytest.raises(gradclip.InvalidArgumentError, match=r"layer_norms must be"):
+        monitor.observe(info, layer_norms=torch.ones(4))
+    assert monitor.steps == 0 and not (tmp_path / "o.jsonl").exists()
+    monitor.observe(info, step=np.int64(7))  # any integer type is a step number
+    monitor.observe(info)
+    monitor.close()
+    assert [r["step"] for r in read_log(tmp_path / "o.jsonl")] == [7, 8]
+
+
+def test_bad_writer_arguments_name_the_argument_and_value(tmp_path):
+    with pytest.raises(gradclip.InvalidArgumentError, match=r"CsvWriter: path must be a path \(str or os.PathLike\), got 3 of type int"):
+        CsvWriter(3)
+    with pytest.raises(gradclip.InvalidArgumentError, match=r"JsonlWriter: path must be a path .* got None"):
+        JsonlWriter(None)
+    with pytest.raises(gradclip.InvalidArgumentError, match=r"TensorBoardWriter: prefix must be a str .* got 1 of type int"):
+        TensorBoardWriter(tmp_path / "tb", prefix=1)
+    assert not (tmp_path / "tb").exists()  # nothing created
+    with pytest.raises(gradclip.InvalidArgumentError, match=r"names must be a list of str"):
+        CsvWriter(tmp_path / "x.csv").set_layer_names("0.weight")
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "csv", "tensorboard"])
+def test_writing_to_a_closed_writer_raises_and_keeps_the_log(tmp_path, kind):
+    make = {
+        "jsonl": lambda: JsonlWriter(tmp_path / "w.jsonl"),
+        "csv": lambda: CsvWriter(tmp_path / "w.csv"),
+        "tensorboard": lambda: TensorBoardWriter(tmp_path / "tb"),
+    }[kind]
+    writer = make()
+    writer.write([{"step": 0, "norm": 1.0, "layer_norms": {"a": 1.0}}])
+    writer.close()
+    path = writer.path
+    with open(path, "rb") as file:
+        before = file.read()
+    with pytest.raises(gradclip.InvalidArgumentError, match=r"write: the writer of .* is closed"):
+        writer.write([{"step": 1, "norm": 2.0}])
+    with open(path, "rb") as file:
+        assert file.read() == before  # not reopened, not overwritten
+    writer.close()  # idempotent

@@ -95,19 +95,38 @@ class StepMeter(transformers.TrainerCallback):
         self.moves.append(math.sqrt(sum(float(((p.detach() - b) ** 2).sum()) for p, b in zip(model.parameters(), self._before))))
 
 
+class NormMeter(transformers.TrainerCallback):
+    """The global gradient norm each optimizer step starts from, measured here in fp64."""
+
+    def __init__(self):
+        self.norms = []
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        grads = [p.grad.detach().double().flatten() for p in model.parameters() if p.grad is not None]
+        self.norms.append(float(torch.linalg.vector_norm(torch.cat(grads))))
+
+
+_TRAINER_GRAD_NORM = -123.0  # what the Trainer's own grad-norm is stubbed to report
+
+
 def test_train_clips_through_on_pre_optimizer_step_and_logs_grad_norm(tmp_path):
     model = _model()
     monitor = gradclip.Monitor(model, warn=False)
     callback = GradClipCallback(gradclip.GlobalNorm(0.01), monitor=monitor)
-    meter = StepMeter()
-    trainer = _trainer(model, [callback, meter], tmp_path)
+    meter, norms = StepMeter(), NormMeter()
+    trainer = _trainer(model, [norms, callback, meter], tmp_path)
+    # The Trainer logs a grad_norm of its own (computed with clip_grad_norm_(..., inf) even with
+    # max_grad_norm=0), equal to ours: stubbed to a sentinel, so the logged value must be ours.
+    stub_calls = []
+    trainer._get_grad_norm = lambda model, grad_norm=None: stub_calls.append(1) or _TRAINER_GRAD_NORM
     trainer.train()
+    assert len(stub_calls) == 4  # the stub is what the Trainer used
     # SGD at lr=1 moves by the clipped gradient: 0.01 per step (unclipped: hundreds).
     assert meter.moves == pytest.approx([0.01] * 4, rel=1e-3)
     logs = [entry for entry in trainer.state.log_history if "loss" in entry]
-    assert len(logs) == 4
-    norms = monitor.norms()
-    for entry, norm in zip(logs, norms):
+    assert len(logs) == 4 == len(norms.norms)
+    assert monitor.norms() == pytest.approx(norms.norms, rel=1e-5)
+    for entry, norm in zip(logs, norms.norms):
         assert entry["grad_norm"] == pytest.approx(norm, rel=1e-5)
         assert entry["grad_norm"] > 1.0
         assert entry["grad_norm_clipped"] == pytest.approx(0.01, rel=1e-4)
@@ -181,6 +200,21 @@ def test_max_grad_norm_left_on_is_warned_about(tmp_path):
     trainer = _trainer(_model(), [GradClipCallback(gradclip.GlobalNorm(0.01))], tmp_path, steps=1, max_grad_norm=1.0)
     with pytest.warns(UserWarning, match="clipped twice"):
         trainer.train()
+
+
+def test_pre_optimizer_step_without_a_model_is_refused_and_changes_nothing(tmp_path):
+    clipper = gradclip.QuantileNorm()
+    clipper.clip([torch.full((3,), 50.0)])
+    before = clipper.state_dict()
+    callback = GradClipCallback(clipper)
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True)
+    state, control = transformers.TrainerState(), transformers.TrainerControl()
+    for bad, shown in ((None, "NoneType"), (object(), "object")):
+        with pytest.raises(gradclip.InvalidArgumentError,
+                           match=rf"on_pre_optimizer_step: model must be the torch.nn.Module being trained .*got {shown}"):
+            callback.on_pre_optimizer_step(args, state, control, model=bad)
+    assert callback.last_info is None and callback._pending == []
+    assert clipper.state_dict() == before
 
 
 def test_version_requirement_and_bad_arguments(monkeypatch):

@@ -45,11 +45,19 @@ With ``per_layer=True`` and a model, also:
     L2 norm of each parameter's gradient as the optimizer uses it (after clipping). Parameters
     without a gradient that step are absent.
 ``nonfinite_layers`` (int)
-    How many of those norms are NaN or inf.
+    How many of those norms are NaN or inf. They are measured after the clipper's non-finite
+    policy, so under ``nonfinite="zero"`` (which replaced the bad values by 0) this is 0; the
+    step's ``finite`` is False then, and ``summary()["nonfinite_steps"]`` counts it.
 
 Non-finite floats are written as ``null`` in JSON Lines (strict JSON has no NaN), as ``nan`` /
 ``inf`` in CSV and as themselves in TensorBoard. Readers should ignore keys they do not know: new
 keys may be added, existing ones keep their meaning. :func:`read_log` reads a log back.
+
+The CSV is a wide table with one fixed header (``pandas.read_csv`` reads it directly): ``step``,
+the scalar fields, ``nonfinite_layers``, then ``layer_norm/<name>`` for every layer the monitor
+tracks, in the model's order, so a layer whose gradient first appears late still has its column;
+an empty cell is a value not recorded that step (pandas: NaN). TensorBoard gets one tag per field
+(``gradclip/norm``, ``gradclip/nonfinite_layers``, ``gradclip/layer_norm/<name>``...).
 """
 
 from gradclip.monitor._monitor import ClipRateWarning, Monitor

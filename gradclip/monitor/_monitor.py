@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from collections import deque
 from collections.abc import Iterable, Sequence
@@ -32,6 +33,23 @@ def _check_int(where: str, name: str, value: Any, low: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise InvalidArgumentError(f"{where}: {name} must be an integer >= {low}, got {value!r}")
     return value
+
+
+def _check_layer_norms(where: str, layer_norms: Any) -> None:
+    """``layer_norms`` must be ``(names, tensor)``: str names, a 1-D tensor with one norm per name."""
+    is_pair = isinstance(layer_norms, (list, tuple)) and len(layer_norms) == 2
+    names, tensor = layer_norms if is_pair else (None, None)
+    ok = (
+        isinstance(names, (list, tuple))
+        and all(isinstance(n, str) for n in names)
+        and getattr(tensor, "ndim", None) == 1
+        and int(tensor.shape[0]) == len(names)
+    )
+    if not ok:
+        raise InvalidArgumentError(
+            f"{where}: layer_norms must be (names, 1-D tensor) with one norm per name, got "
+            f"{type(layer_norms).__name__} {layer_norms!r:.200}"
+        )
 
 
 def _percentiles(values: Iterable[float]) -> dict[str, float] | None:
@@ -64,7 +82,8 @@ class Monitor:
         per_layer: Record the L2 norm of each named parameter's gradient, as the optimizer uses it
             (after clipping). Costs one extra read of the gradients per step.
         writers: Objects with ``write(records)`` and ``close()``: :class:`JsonlWriter`,
-            :class:`CsvWriter`, :class:`TensorBoardWriter`.
+            :class:`CsvWriter`, :class:`TensorBoardWriter`. A writer that also has
+            ``set_layer_names(names)`` is given :attr:`layer_names` once, before its first write.
         history: How many recent steps the in-memory statistics (percentiles, :meth:`suggest`)
             keep, ``>= 1``.
         window: The number of recent steps the clip rate and its warning look at, ``>= 1``.
@@ -119,6 +138,7 @@ class Monitor:
         self._totals = {"steps": 0, "clipped": 0, "nonfinite": 0, "skipped": 0}
         self._last_threshold: float | None = None
         self._warned_rate = False
+        self._announced_layers = False
         self._closed = False
 
     # -- recording ---------------------------------------------------------------------------------
@@ -143,31 +163,38 @@ class Monitor:
 
         Args:
             info: The :class:`~gradclip.ClipInfo` returned by the clipper.
-            step: The step number to record (e.g. the trainer's global step); by default the
-                count of observed steps, from 0.
-            layer_norms: Precomputed per-layer norms as ``(names, 1-D tensor)``; by default they
-                are measured from the model's gradients now.
+            step: The step number to record (e.g. the trainer's global step), an integer; by
+                default the count of observed steps, from 0.
+            layer_norms: Precomputed per-layer norms as ``(names, 1-D tensor)``, one norm per
+                name; by default they are measured from the model's gradients now.
 
         Raises:
-            InvalidArgumentError: ``info`` is not a ClipInfo, or the monitor is closed.
+            InvalidArgumentError: ``info`` is not a ClipInfo, ``step`` not an integer, a bad
+                ``layer_norms``, or the monitor is closed. Nothing is recorded then.
         """
+        where = "Monitor.observe"
         if self._closed:
-            raise InvalidArgumentError("Monitor.observe: the monitor is closed")
+            raise InvalidArgumentError(f"{where}: the monitor is closed")
         fields = getattr(info, "_fields", None)
         if fields is None or not all(name in fields for name in ("norm", "threshold", "coef", "clipped", "finite", "skip")):
-            raise InvalidArgumentError(
-                f"Monitor.observe: info must be a gradclip.ClipInfo, got {type(info).__qualname__}"
-            )
+            raise InvalidArgumentError(f"{where}: info must be a gradclip.ClipInfo, got {type(info).__qualname__}")
         if step is None:
             step = self._next_step
-        elif isinstance(step, bool) or not isinstance(step, int):
-            raise InvalidArgumentError(f"Monitor.observe: step must be an int or None, got {step!r}")
-        self._next_step = step + 1
+        elif isinstance(step, bool) or not isinstance(step, numbers.Integral):
+            raise InvalidArgumentError(
+                f"{where}: step must be an integer (the step number) or None, got {step!r} of type "
+                f"{type(step).__name__}"
+            )
+        step = int(step)
+        if layer_norms is not None:
+            _check_layer_norms(where, layer_norms)
         self._resolve_layers()
         if _is_torch(info.norm):
             row = self._torch_row(info, layer_norms)
         else:
             row = ("host", tuple(info), None)
+        # Only now, with the row built, does anything change.
+        self._next_step = step + 1
         self._pending.append((step, row))
         if len(self._pending) >= self.every:
             self.flush()
@@ -249,6 +276,14 @@ class Monitor:
             else:
                 values = next(fetched_iter)
             records.append(self._record(step, values))
+        if not self._announced_layers:
+            # Before the first write: a CSV lays out a column for every layer, including those
+            # whose gradient first appears late in the run.
+            self._announced_layers = True
+            for writer in self.writers:
+                announce = getattr(writer, "set_layer_names", None)
+                if callable(announce):
+                    announce(self.layer_names)
         for writer in self.writers:
             writer.write(records)
         self._check_rate()

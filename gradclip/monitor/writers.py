@@ -2,7 +2,12 @@
 
 A writer is any object with ``write(records)`` (a list of step records, see
 :mod:`gradclip.monitor` for the fields) and ``close()``. Records arrive in batches, once every
-``every`` steps; each writer flushes its file after every batch.
+``every`` steps; each writer flushes its file after every batch. A writer may also have
+``set_layer_names(names)``: the :class:`~gradclip.Monitor` calls it once, before its first
+``write``, with every layer it tracks, in the model's order, so that a writer with a fixed layout
+(:class:`CsvWriter`) has a place for a layer whose gradient first appears late in the run.
+
+A closed writer refuses further writes (reopening its file would overwrite the log).
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import os
 import socket
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 from gradclip._core.errors import InvalidArgumentError
 
@@ -22,12 +27,23 @@ __all__ = ["JsonlWriter", "CsvWriter", "TensorBoardWriter", "read_log", "SCALAR_
 
 #: The per-step scalar fields, in the order CSV columns and TensorBoard tags use.
 SCALAR_KEYS = ("norm", "norm_after", "threshold", "coef", "clipped", "finite", "skip", "clip_rate")
+# The per-layer count a record has when per-layer norms are recorded; after SCALAR_KEYS in CSV.
+_COUNT_KEY = "nonfinite_layers"
 
 
 def _check_path(where: str, name: str, path: Any) -> str:
     if not isinstance(path, (str, os.PathLike)):
-        raise InvalidArgumentError(f"{where}: {name} must be a path (str or os.PathLike), got {type(path).__name__}")
+        raise InvalidArgumentError(
+            f"{where}: {name} must be a path (str or os.PathLike), got {path!r} of type {type(path).__name__}"
+        )
     return os.fspath(path)
+
+
+def _refuse_closed(where: str, path: str) -> NoReturn:
+    raise InvalidArgumentError(
+        f"{where}: the writer of {path!r} is closed; create a new writer (reopening the file would "
+        "overwrite the log)"
+    )
 
 
 def json_safe(value: Any) -> Any:
@@ -57,8 +73,16 @@ class JsonlWriter:
         self.path = _check_path("JsonlWriter", "path", path)
         self.append = bool(append)
         self._file = None
+        self._closed = False
 
     def write(self, records: Sequence[dict[str, Any]]) -> None:
+        """Append ``records`` to the file, one line each.
+
+        Raises:
+            InvalidArgumentError: The writer is closed.
+        """
+        if self._closed:
+            _refuse_closed("JsonlWriter.write", self.path)
         if self._file is None:
             parent = os.path.dirname(os.path.abspath(self.path))
             os.makedirs(parent, exist_ok=True)
@@ -68,44 +92,110 @@ class JsonlWriter:
         self._file.flush()
 
     def close(self) -> None:
+        self._closed = True
         if self._file is not None:
             self._file.close()
             self._file = None
 
 
 class CsvWriter:
-    """One row per step: the scalar fields, then one ``layer_norm/<name>`` column per layer.
+    """A wide table, one row per step, under one fixed header: ``pandas.read_csv(path)`` reads it as is.
 
-    The columns are fixed by the first batch written. Non-finite values are written as ``nan`` /
-    ``inf``; a layer without a gradient that step leaves its cell empty.
+    Columns: ``step``, the scalar fields (:data:`SCALAR_KEYS`), ``nonfinite_layers``, then one
+    ``layer_norm/<name>`` column per layer. With a :class:`~gradclip.Monitor` the layer columns
+    are every layer the monitor tracks, in the model's order, known before the first row (the
+    monitor calls :meth:`set_layer_names`): a layer whose gradient first appears late in the run
+    has its column from the start, empty until then. Used on its own, a record that brings a layer
+    the header lacks makes the writer rewrite the file once with that column appended (earlier
+    rows get an empty cell): no value is dropped and every row has as many cells as the header.
+
+    Cells: bools as ``0``/``1``; non-finite values as ``nan``/``inf`` (pandas reads both as
+    floats); empty where a layer had no gradient that step or the field was not recorded (pandas:
+    NaN), e.g. ``nonfinite_layers`` without per-layer norms.
 
     Args:
-        path: The file to write; parent folders are created.
+        path: The file to write (replaced); parent folders are created.
+
+    Raises:
+        InvalidArgumentError: ``path`` is not a path.
     """
 
     def __init__(self, path: str | os.PathLike):
         self.path = _check_path("CsvWriter", "path", path)
-        self._file = None
+        self._file: Any = None
         self._writer: Any = None
         self._layers: list[str] = []
+        self._closed = False
+
+    def set_layer_names(self, names: Sequence[str]) -> None:
+        """Lay out a column for each of ``names`` (appended to the layers already known).
+
+        Raises:
+            InvalidArgumentError: ``names`` is not a list of str, or the writer is closed.
+        """
+        where = "CsvWriter.set_layer_names"
+        if self._closed:
+            _refuse_closed(where, self.path)
+        if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
+            raise InvalidArgumentError(f"{where}: names must be a list of str (layer names), got {names!r}")
+        self._add_layers(names)
+
+    def _header(self) -> list[str]:
+        return ["step", *SCALAR_KEYS, _COUNT_KEY, *(f"layer_norm/{n}" for n in self._layers)]
+
+    def _add_layers(self, names: Any) -> None:
+        known = set(self._layers)
+        new = [n for n in dict.fromkeys(names) if n not in known]
+        if not new:
+            return
+        self._layers.extend(new)
+        if self._file is not None:
+            self._rewrite_with_header()
+
+    def _rewrite_with_header(self) -> None:
+        """Rewrite the file under the current header, padding earlier rows with empty cells.
+
+        A CSV header cannot grow in place; the rewrite goes through a temporary file and
+        ``os.replace``, so a crash in the middle leaves the old file whole.
+        """
+        self._file.close()
+        with open(self.path, encoding="utf-8", newline="") as old:
+            rows = list(csv.reader(old))[1:]
+        header = self._header()
+        temporary = self.path + ".tmp"
+        with open(temporary, "w", encoding="utf-8", newline="") as new:
+            writer = csv.writer(new)
+            writer.writerow(header)
+            for row in rows:
+                writer.writerow(row + [""] * (len(header) - len(row)))
+        os.replace(temporary, self.path)
+        self._file = open(self.path, "a", encoding="utf-8", newline="")  # noqa: SIM115
+        self._writer = csv.writer(self._file)
 
     def write(self, records: Sequence[dict[str, Any]]) -> None:
+        """Append one row per record (the first call creates the file and writes the header).
+
+        Raises:
+            InvalidArgumentError: The writer is closed.
+        """
+        if self._closed:
+            _refuse_closed("CsvWriter.write", self.path)
         if not records:
             return
+        brought: dict[str, None] = {}
+        for record in records:
+            brought.update(dict.fromkeys(record.get("layer_norms") or {}))
+        self._add_layers(brought)  # before any row: at most one rewrite per batch
         if self._file is None:
             parent = os.path.dirname(os.path.abspath(self.path))
             os.makedirs(parent, exist_ok=True)
             self._file = open(self.path, "w", encoding="utf-8", newline="")  # noqa: SIM115
             self._writer = csv.writer(self._file)
-            layers: dict[str, None] = {}
-            for record in records:
-                layers.update(dict.fromkeys(record.get("layer_norms", {}) or {}))
-            self._layers = list(layers)
-            self._writer.writerow(["step", *SCALAR_KEYS, *(f"layer_norm/{n}" for n in self._layers)])
+            self._writer.writerow(self._header())
         for record in records:
             layer_norms = record.get("layer_norms") or {}
             row = [record.get("step")]
-            for key in SCALAR_KEYS:
+            for key in (*SCALAR_KEYS, _COUNT_KEY):
                 value = record.get(key)
                 row.append(int(value) if isinstance(value, bool) else value)
             row.extend(layer_norms.get(name, "") for name in self._layers)
@@ -113,6 +203,7 @@ class CsvWriter:
         self._file.flush()
 
     def close(self) -> None:
+        self._closed = True
         if self._file is not None:
             self._file.close()
             self._file = None
@@ -122,12 +213,17 @@ class TensorBoardWriter:
     """TensorBoard event files, written with TensorBoard's own event writer.
 
     Scalars ``<prefix>norm``, ``<prefix>norm_after``, ``<prefix>threshold``, ``<prefix>coef``,
-    ``<prefix>clipped``, ``<prefix>finite``, ``<prefix>skip``, ``<prefix>clip_rate`` and, per layer,
-    ``<prefix>layer_norm/<name>``. Needs the ``tensorboard`` package (not TensorFlow, not torch).
+    ``<prefix>clipped``, ``<prefix>finite``, ``<prefix>skip``, ``<prefix>clip_rate`` and, with
+    per-layer norms, ``<prefix>nonfinite_layers`` and ``<prefix>layer_norm/<name>`` (a layer
+    without a gradient that step has no point there). Needs the ``tensorboard`` package (not
+    TensorFlow, not torch).
 
     Args:
         logdir: The run folder (created if needed): ``tensorboard --logdir`` on it or a parent.
         prefix: Prefix of every tag.
+
+    Raises:
+        InvalidArgumentError: ``logdir`` is not a path or ``prefix`` is not a str.
     """
 
     _counter = 0
@@ -135,7 +231,10 @@ class TensorBoardWriter:
     def __init__(self, logdir: str | os.PathLike, prefix: str = "gradclip/"):
         self.logdir = _check_path("TensorBoardWriter", "logdir", logdir)
         if not isinstance(prefix, str):
-            raise InvalidArgumentError(f"TensorBoardWriter: prefix must be a str, got {type(prefix).__name__}")
+            raise InvalidArgumentError(
+                f"TensorBoardWriter: prefix must be a str (e.g. 'gradclip/'), got {prefix!r} of type "
+                f"{type(prefix).__name__}"
+            )
         self.prefix = prefix
         try:
             from tensorboard.compat.proto import event_pb2, summary_pb2
@@ -159,12 +258,17 @@ class TensorBoardWriter:
         self._writer.flush()
 
     def write(self, records: Sequence[dict[str, Any]]) -> None:
+        """Append one event per record.
+
+        Raises:
+            InvalidArgumentError: The writer is closed.
+        """
         if self._writer is None:
-            raise InvalidArgumentError("TensorBoardWriter.write: the writer is closed")
+            _refuse_closed("TensorBoardWriter.write", self.path)
         summary_pb2 = self._summary_pb2
         for record in records:
             values = []
-            for key in SCALAR_KEYS:
+            for key in (*SCALAR_KEYS, _COUNT_KEY):
                 value = record.get(key)
                 if value is not None:
                     values.append(summary_pb2.Summary.Value(tag=self.prefix + key, simple_value=float(value)))

@@ -66,7 +66,7 @@ from __future__ import annotations
 import copy
 import inspect
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -82,6 +82,8 @@ __all__ = ["ClippedOptimizer", "fold_unsupported_reason"]
 
 _FORMAT = "gradclip.ClippedOptimizer"
 _FORMAT_VERSION = 1
+#: The top-level keys of a ClippedOptimizer checkpoint, no more and no fewer.
+_STATE_KEYS = frozenset({"format", "version", "optimizer", "clipper", "micro_step"})
 
 
 class _CannotFold(Exception):
@@ -415,12 +417,34 @@ class ClippedOptimizer(torch.optim.Optimizer):
 
         Returns:
             The loss returned by ``closure`` (or the inner optimizer's step), else None.
+
+        Raises:
+            StateError: The GradScaler already stepped this optimizer since its last
+                ``update()``; raised before the gradients are unscaled or clipped.
+            InvalidArgumentError: A closure together with a GradScaler, or ``fold=True`` where
+                the clipper turns out not to fold.
+
+        A call that raises (these errors, or one from the clipper such as ``nonfinite="raise"``)
+        leaves the micro-batch count, :attr:`stepped` and :attr:`folded` as they were.
         """
         if closure is not None and _scaler_enabled(self.scaler):
             raise InvalidArgumentError(
                 "ClippedOptimizer.step: closures are not supported together with a GradScaler "
                 "(torch.amp.GradScaler.step does not support them either)"
             )
+        if self._micro + 1 >= self.accumulation_steps:
+            self._check_scaler_not_stepped()  # before anything changes: gradients, state, counters
+        # A step() that raises counts for nothing: the counters go back to what they were, so a
+        # retry after fixing the cause is the same call again. (The counters change up front
+        # because a closure's zero_grad() looks at them.)
+        counters = (self._micro, self.stepped, self.folded)
+        try:
+            return self._count_and_step(closure)
+        except BaseException:
+            self._micro, self.stepped, self.folded = counters
+            raise
+
+    def _count_and_step(self, closure: Callable[[], Any] | None) -> Any:
         self._micro += 1
         if self._micro < self.accumulation_steps:
             self.stepped = False
@@ -449,6 +473,15 @@ class ClippedOptimizer(torch.optim.Optimizer):
                 return result
         self.folded = False
         return self._unfolded_step()
+
+    def _check_scaler_not_stepped(self) -> None:
+        """Refuse a second optimizer step before ``scaler.update()``, as ``GradScaler.step`` would
+        (but before the gradients are unscaled or clipped, so that nothing has changed)."""
+        if _scaler_enabled(self.scaler) and _scaler_stage(self.scaler, self.optimizer) == "stepped":
+            raise StateError(
+                "ClippedOptimizer.step: the GradScaler already stepped this optimizer since its last "
+                "update(); call scaler.update() once after every optimizer step (nothing was changed)"
+            )
 
     def _named_parameters(self) -> list[tuple[str, torch.Tensor]]:
         """The optimizer's parameters with names: the monitor's model's, else the param groups'."""
@@ -482,14 +515,8 @@ class ClippedOptimizer(torch.optim.Optimizer):
     def _unscale_once(self) -> None:
         if not _scaler_enabled(self.scaler):
             return
-        stage = _scaler_stage(self.scaler, self.optimizer)
-        if stage == "unscaled":
+        if _scaler_stage(self.scaler, self.optimizer) == "unscaled":
             return
-        if stage == "stepped":
-            raise StateError(
-                "ClippedOptimizer.step: the GradScaler already stepped this optimizer since its last "
-                "update(); call scaler.update() once after every optimizer step"
-            )
         try:
             self.scaler.unscale_(self.optimizer)
         except RuntimeError as error:
@@ -571,13 +598,7 @@ class ClippedOptimizer(torch.optim.Optimizer):
             )
         amp_scale = None
         if _scaler_enabled(self.scaler) and collected.grads:
-            stage = _scaler_stage(self.scaler, self.optimizer)
-            if stage == "stepped":
-                raise StateError(
-                    "ClippedOptimizer.step: the GradScaler already stepped this optimizer since its "
-                    "last update(); call scaler.update() once after every optimizer step"
-                )
-            if stage != "unscaled":
+            if _scaler_stage(self.scaler, self.optimizer) != "unscaled":
                 # GradScaler.scale of a 1 gives the current scale as a device tensor, without a sync.
                 one = torch.ones((), dtype=torch.float32, device=collected.grads[0].device)
                 amp_scale = self.scaler.scale(one)
@@ -627,35 +648,87 @@ class ClippedOptimizer(torch.optim.Optimizer):
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
-        """Restore what :meth:`state_dict` returned; nothing changes if the clipper's part is bad.
+        """Restore what :meth:`state_dict` returned; on any error nothing changes.
+
+        Validated like a clipper checkpoint (see :func:`gradclip._core.clipper.check_header`):
+        exactly the keys of :meth:`state_dict`, the format name, the version as the int 1 (``True``
+        and ``1.0`` compare equal to 1 in Python and are refused), ``micro_step`` an int in
+        ``[0, accumulation_steps)``, the clipper's part as its own ``load_state_dict`` checks it, and
+        the optimizer's part as torch checks it (parameter groups and sizes must match).
 
         Raises:
-            StateError: Not a ClippedOptimizer state, or a clipper state that does not match.
+            StateError: Anything of the above does not hold. The optimizer, the clipper and the
+                micro-batch count are then as they were.
         """
         where = "ClippedOptimizer.load_state_dict"
-        if not isinstance(state_dict, dict) or state_dict.get("format") != _FORMAT:
+        if not isinstance(state_dict, Mapping) or state_dict.get("format") != _FORMAT:
             raise StateError(
-                f"{where}: expected a dict from ClippedOptimizer.state_dict() (format {_FORMAT!r}); "
-                "to load a plain optimizer state use opt.optimizer.load_state_dict(...)"
+                f"{where}: expected a dict from ClippedOptimizer.state_dict() (format {_FORMAT!r}), got "
+                f"{_describe(state_dict)}; to load a plain optimizer state use opt.optimizer.load_state_dict(...)"
             )
-        if state_dict.get("version") != _FORMAT_VERSION:
+        keys = set(state_dict)
+        if keys != _STATE_KEYS:
+            unexpected = sorted(map(repr, keys - _STATE_KEYS))
+            missing = sorted(_STATE_KEYS - keys)
             raise StateError(
-                f"{where}: unsupported version {state_dict.get('version')!r}; expected {_FORMAT_VERSION}"
+                f"{where}: a ClippedOptimizer checkpoint has exactly the keys {sorted(_STATE_KEYS)}; "
+                f"unexpected: {', '.join(unexpected) or 'none'}; missing: {', '.join(missing) or 'none'}"
             )
-        micro = state_dict.get("micro_step", 0)
-        if isinstance(micro, bool) or not isinstance(micro, int) or not 0 <= micro < self.accumulation_steps:
+        version = state_dict["version"]
+        if type(version) is not int or version != _FORMAT_VERSION:
             raise StateError(
-                f"{where}: micro_step must be an integer in [0, {self.accumulation_steps}), got {micro!r}"
+                f"{where}: unsupported version {version!r} of type {type(version).__name__}; expected the int "
+                f"{_FORMAT_VERSION}"
             )
-        try:
-            probe = copy.deepcopy(self.clipper)
-        except Exception:  # noqa: BLE001 - a clipper that cannot be copied validates when loaded
-            probe = None
-        if probe is not None:
-            probe.load_state_dict(state_dict.get("clipper"))  # validates completely, changes nothing here
-        self.optimizer.load_state_dict(state_dict["optimizer"])
+        micro = state_dict["micro_step"]
+        if type(micro) is not int or not 0 <= micro < self.accumulation_steps:
+            raise StateError(
+                f"{where}: micro_step must be an int in [0, {self.accumulation_steps}) (accumulation_steps="
+                f"{self.accumulation_steps}), got {micro!r} of type {type(micro).__name__}"
+            )
+        optimizer_state = state_dict["optimizer"]
+        if not isinstance(optimizer_state, Mapping) or not {"state", "param_groups"} <= set(optimizer_state):
+            raise StateError(
+                f"{where}: 'optimizer' must be a torch optimizer state_dict (a mapping with 'state' and "
+                f"'param_groups'), got {_describe(optimizer_state)}"
+            )
+        # torch's own check, made here so that it fails before the clipper is touched.
+        sizes = _group_sizes(self.optimizer.param_groups)
+        saved_sizes = _group_sizes(optimizer_state["param_groups"])
+        if saved_sizes != sizes:
+            raise StateError(
+                f"{where}: the optimizer's part does not fit {type(self.optimizer).__name__}: it has parameter "
+                f"groups of sizes {saved_sizes}, this optimizer {sizes}"
+            )
+        # The clipper validates its part completely before it changes (gradclip's checkpoint rule);
+        # the optimizer last: should torch (or a load hook) still refuse its part, the clipper's
+        # previous state goes back.
+        previous_clipper = self.clipper.state_dict()
         self.clipper.load_state_dict(state_dict["clipper"])
+        try:
+            self.optimizer.load_state_dict(optimizer_state)
+        except Exception as error:
+            self.clipper.load_state_dict(previous_clipper)
+            raise StateError(
+                f"{where}: the optimizer's part does not fit {type(self.optimizer).__name__}: {error}"
+            ) from error
         self._micro = micro
+
+
+def _group_sizes(groups: Any) -> list[int | None] | None:
+    """The number of parameters of each group in ``param_groups`` (None where it is malformed)."""
+    if not isinstance(groups, (list, tuple)):
+        return None
+    return [
+        len(group["params"]) if isinstance(group, Mapping) and isinstance(group.get("params"), (list, tuple)) else None
+        for group in groups
+    ]
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, Mapping):
+        return f"a mapping with keys {sorted(map(str, value))}"
+    return type(value).__name__
 
 
 def _measure_with(clipper: Clipper, ops: _MeasureOps, inner: Any, collected: Any, where: str) -> ClipInfo:
