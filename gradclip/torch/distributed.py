@@ -492,9 +492,12 @@ class DistributedTorchOps(TorchOps):
         metas = [_meta(g) for g in grads]
         if all(m is None for m in metas):
             return super().finite_each(grads)
-        # A shard (or a partial sum) with NaN/inf makes the whole tensor non-finite: MAX of
-        # "bad" over the mesh, read from the local parts as they are.
-        flags = list(super().finite_each([g if m is None else local_tensor(g) for g, m in zip(grads, metas)]).unbind())
+        # A shard with NaN/inf makes the whole tensor non-finite: MAX of "bad" over the mesh.
+        # Partial gradients are reduced first, as for the norms: finite parts can add up to inf,
+        # and the flags must agree with the norm (this runs on the "raise" path only).
+        flags = list(
+            super().finite_each([g if m is None else _readable(g, m)[0] for g, m in zip(grads, metas)]).unbind()
+        )
         for mesh, indices in _by_mesh(metas):
             bad = _max((~torch.stack([flags[i] for i in indices])).to(torch.float32), _mesh_groups(mesh))
             for i, value in zip(indices, (bad == 0).unbind()):

@@ -34,14 +34,21 @@ PER_RANK = 4  # samples per rank and step
 
 # -- the model and the data --------------------------------------------------------------------
 class MLP(nn.Module):
+    """fc1-fc3 split evenly over 2 and 4 ranks; the side branch does not: ``odd`` has 3 rows and
+    ``gate`` 1, so FSDP2 and hand-made ``Shard`` placements leave ranks with uneven shards and
+    with empty ones (torch.chunk semantics: 3 rows over 4 ranks are 1, 1, 1, 0)."""
+
     def __init__(self):
         super().__init__()
         self.fc1 = nn.Linear(8, 16)
         self.fc2 = nn.Linear(16, 12)
         self.fc3 = nn.Linear(12, 4)
+        self.odd = nn.Linear(8, 3)
+        self.gate = nn.Linear(3, 1)
 
     def forward(self, x):
-        return self.fc3(torch.tanh(self.fc2(torch.tanh(self.fc1(x)))))
+        main = self.fc3(torch.tanh(self.fc2(torch.tanh(self.fc1(x)))))
+        return main + self.gate(torch.tanh(self.odd(x)))  # (n, 1) broadcast over the 4 outputs
 
 
 class TiedLM(nn.Module):
@@ -84,6 +91,10 @@ class Checks:
     def ok(self, name: str, cond: bool, detail: str = ""):
         self.items.append([name, bool(cond), "" if cond else detail])
 
+    def close_part(self, name, got, want, **tolerances):
+        """``close`` for a DTensor (or plain tensor) ``got`` against the whole tensor ``want``."""
+        self.close(name, *this_ranks_part(got, want), **tolerances)
+
     def close(self, name, got, want, rtol=2e-5, atol=1e-6):
         got = torch.as_tensor(got).detach().to(torch.float64)
         want = torch.as_tensor(want).detach().to(torch.float64)
@@ -98,9 +109,23 @@ class Checks:
         self.ok(name, good, detail)
 
 
-def full(t):
-    """The whole tensor (a collective for DTensors: every rank calls it in the same order)."""
-    return t.full_tensor() if is_dtensor(t) else t
+def this_ranks_part(got, want):
+    """``(got, want)`` as tensors to compare on this rank, ``want`` being the whole tensor.
+
+    A DTensor ``got`` gives its local shard and ``want`` the same part of the whole tensor, cut
+    without communication (``distribute_tensor`` with ``src_data_rank=None`` slices locally):
+    every rank checks its own part and together they cover the tensor, with no all-gather per
+    comparison. A Partial DTensor has no such part and is gathered (a collective: its placements
+    are the same on every rank, so every rank gathers it at the same point).
+    """
+    if not is_dtensor(got):
+        return got, want
+    if any(p.is_partial() for p in got.placements):
+        return got.full_tensor(), want
+    from torch.distributed.tensor import distribute_tensor
+
+    part = distribute_tensor(want.detach(), got.device_mesh, list(got.placements), src_data_rank=None)
+    return local_tensor(got), local_tensor(part)
 
 
 def info_tuple(info):
@@ -123,6 +148,17 @@ def same_on_every_rank(checks, name, value):
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, value)
     checks.ok(name, all(_same(v, gathered[0]) for v in gathered), f"differs across ranks: {gathered}")
+
+
+def uneven_and_empty_shards(checks, name, grads):
+    """The DTensors among ``grads`` include uneven local shards and empty ones (on some rank)."""
+    sizes = [local_tensor(g).numel() for g in grads if is_dtensor(g)]
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, sizes)
+    per_tensor = list(zip(*gathered))
+    uneven = any(len(set(s)) > 1 for s in per_tensor)
+    empty = any(min(s) == 0 < max(s) for s in per_tensor)
+    checks.ok(name, uneven and empty, f"local shard sizes per tensor: {per_tensor}")
 
 
 def _same(a, b):
@@ -241,7 +277,7 @@ def clip_and_compare(checks, layout, model_d, set_grads, steps_grads_d, referenc
             checks.ok(f"{layout}/{label}/step{step}.norm_is_plain_tensor", not is_dtensor(info.norm), "info.norm is a DTensor")
             for n, p in model_d.named_parameters():
                 ref_name = name_map(n) if name_map else n
-                checks.close(f"{layout}/{label}/step{step}/{ref_name}", full(p.grad), want[step][1][ref_name])
+                checks.close_part(f"{layout}/{label}/step{step}/{ref_name}", p.grad, want[step][1][ref_name])
         same_on_every_rank(checks, f"{layout}/{label}/info_identical_on_ranks", infos)
         same_on_every_rank(checks, f"{layout}/{label}/state_identical_on_ranks", clipper.state_dict())
 
@@ -266,9 +302,9 @@ def drop_in_functions(checks, layout, model_d, set_grads, model_ref, steps_grads
             checks.ok(f"{layout}/clip_grad_norm_.p{p}/step{step}.plain", not is_dtensor(got), "returned a DTensor")
             for n, param in model_d.named_parameters():
                 ref_name = name_map(n) if name_map else n
-                checks.close(
+                checks.close_part(
                     f"{layout}/clip_grad_norm_.p{p}/step{step}/{ref_name}",
-                    full(param.grad),
+                    param.grad,
                     dict(model_ref.named_parameters())[ref_name].grad,
                 )
             same_on_every_rank(checks, f"{layout}/clip_grad_norm_.p{p}/step{step}/identical", float(got))
@@ -370,6 +406,7 @@ def layout_fsdp(checks, rank, world, model_ref, steps_grads, reference, mesh_sha
     set_grads = saved_grads_after_backward(model_d, local_batch, nan_owner=_first_param_nan)
     set_grads(0)
     checks.ok(f"{label}/grads_are_dtensors", all(is_dtensor(p.grad) for p in model_d.parameters()), "not DTensors")
+    uneven_and_empty_shards(checks, f"{label}/uneven_and_empty_shards", [p.grad for p in model_d.parameters()])
     clip_and_compare(checks, label, model_d, set_grads, None, reference)
     drop_in_functions(checks, label, model_d, set_grads, model_ref, steps_grads)
     optimizer_and_monitor(checks, label, rank, world, wrap, local_batch, None)
@@ -415,17 +452,38 @@ def layout_tp(checks, rank, world, model_ref, steps_grads, reference, *, with_fs
     checks.ok(f"{label}/mixed_layout", len(kinds) >= 3, f"layouts seen: {kinds}")
     clip_and_compare(checks, label, model_d, set_grads, None, reference)
     drop_in_functions(checks, label, model_d, set_grads, model_ref, steps_grads)
-    if not with_fsdp:
-        optimizer_and_monitor(checks, label, rank, world, wrap, local_batch, None)
+    # torch's fused AdamW itself refuses a list mixing DTensor and plain parameters (fc3 and the
+    # side branch are left plain under tp alone): "got mixed torch.Tensor and DTensor". Under
+    # fsdp2_tp every parameter is a DTensor, on one of two meshes.
+    optimizer_and_monitor(checks, label, rank, world, wrap, local_batch, None, fused=with_fsdp)
+
+
+def distribute_as(t, mesh, placements, *, no_partial=False):
+    """``t`` as a DTensor with ``placements`` on ``mesh`` (a plain copy when ``mesh`` is None);
+    ``no_partial`` turns Partial into Replicate (for methods that refuse Partial)."""
+    from torch.distributed.tensor import DTensor, Replicate, distribute_tensor
+
+    if mesh is None:
+        return t.clone()
+    if no_partial:
+        placements = [Replicate() if p.is_partial() else p for p in placements]
+    if any(p.is_partial() for p in placements):
+        # Every Partial mesh dim splits the value into equal parts that add up exactly.
+        parts = math.prod(mesh.size(d) for d, p in enumerate(placements) if p.is_partial())
+        shard_placements = [Replicate() if p.is_partial() else p for p in placements]
+        local = distribute_tensor(t / parts, mesh, shard_placements, src_data_rank=None).to_local()
+        return DTensor.from_local(local, mesh, placements, run_check=False, shape=t.shape, stride=t.stride())
+    return distribute_tensor(t.clone(), mesh, placements, src_data_rank=None)
 
 
 def layout_manual(checks, rank, world, model_ref, steps_grads, reference_functional):
     """DTensors built by hand, functional API (clip/update return DTensors): Shard on either dim,
     Replicate, Partial, 1-D or 2-D meshes, several meshes in one list."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
+    from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 
     mesh1 = init_device_mesh("cpu", (world,))
+    # odd.* (3 rows) and gate.* (1 row) give uneven and empty local shards.
     if world == 4:
         mesh2 = init_device_mesh("cpu", (2, 2))
         layouts = {
@@ -435,6 +493,10 @@ def layout_manual(checks, rank, world, model_ref, steps_grads, reference_functio
             "fc2.bias": (mesh2, [Replicate(), Shard(0)]),
             "fc3.weight": (mesh2, [Shard(1), Replicate()]),
             "fc3.bias": (None, None),  # plain, replicated
+            "odd.weight": (mesh2, [Shard(0), Shard(1)]),  # rows 2, 1
+            "odd.bias": (mesh1, [Shard(0)]),  # 1, 1, 1, 0
+            "gate.weight": (mesh1, [Shard(1)]),  # columns 1, 1, 1, 0
+            "gate.bias": (mesh2, [Shard(0), Partial()]),  # 1, 0, and partial sums
         }
     else:
         layouts = {
@@ -444,24 +506,20 @@ def layout_manual(checks, rank, world, model_ref, steps_grads, reference_functio
             "fc2.bias": (mesh1, [Partial()]),
             "fc3.weight": (mesh1, [Partial()]),
             "fc3.bias": (None, None),
+            "odd.weight": (mesh1, [Shard(0)]),  # rows 2, 1
+            "odd.bias": (mesh1, [Partial()]),
+            "gate.weight": (mesh1, [Shard(0)]),  # the 1-row tensor: rows 1, 0
+            "gate.bias": (mesh1, [Shard(0)]),  # 1, 0
         }
     names = list(layouts)
+    missing = sorted(set(dict(model_ref.named_parameters())) - set(names))
+    checks.ok("manual/every_parameter_laid_out", not missing, f"no layout for {missing}")
 
     def distribute(t, name, no_partial=False):
-        mesh, placements = layouts[name]
-        if mesh is None:
-            return t.clone()
-        if no_partial:
-            placements = [Replicate() if p.is_partial() else p for p in placements]
-        if any(p.is_partial() for p in placements):
-            # Every Partial mesh dim splits the value into equal parts that add up exactly.
-            parts = math.prod(mesh.size(d) for d, p in enumerate(placements) if p.is_partial())
-            shard_placements = [Replicate() if p.is_partial() else p for p in placements]
-            local = distribute_tensor(t / parts, mesh, shard_placements, src_data_rank=None).to_local()
-            return DTensor.from_local(local, mesh, placements, run_check=False, shape=t.shape, stride=t.stride())
-        return distribute_tensor(t.clone(), mesh, placements, src_data_rank=None)
+        return distribute_as(t, *layouts[name], no_partial=no_partial)
 
     params_full = {n: p.detach() for n, p in model_ref.named_parameters()}
+    uneven_and_empty_shards(checks, "manual/uneven_and_empty_shards", [distribute(steps_grads[0][n], n) for n in names])
     for label, factory, kind in clipper_specs():
         no_partial = kind in ("elementwise", "random")
         clipper = factory()
@@ -476,7 +534,7 @@ def layout_manual(checks, rank, world, model_ref, steps_grads, reference_functio
             compare_info(checks, f"manual/{label}/step{step}", got, want_info)
             for n in names:
                 checks.ok(f"manual/{label}/step{step}/{n}.type", is_dtensor(out[n]) == is_dtensor(grads[n]), "type changed")
-                checks.close(f"manual/{label}/step{step}/{n}", full(out[n]), want_out[n])
+                checks.close_part(f"manual/{label}/step{step}/{n}", out[n], want_out[n])
         same_on_every_rank(checks, f"manual/{label}/info_identical_on_ranks", infos)
 
     # Element-wise rewriting of a Partial DTensor is refused, on every rank alike.
@@ -553,18 +611,30 @@ def layout_partition(checks, rank, world, model_ref, steps_grads, reference):
             checks.close(f"partition/clip_grad_norm_.p{p}/{n}", q.grad, dict(model_ref.named_parameters())[n].grad)
     checks.ok("partition/rank_without_grads", (rank == world - 1) == (not params), f"rank {rank} holds {mine}")
 
-    # ClippedOptimizer with a fused AdamW (the coefficient folded into its step) on the ranks
-    # holding parameters; the rank without any calls clip_([]) to take part in the reduction.
+    # ClippedOptimizer with a fused AdamW (the coefficient folded into its step) and a Monitor
+    # on the ranks holding parameters; the rank without any calls clip_([]) to take part in the
+    # reduction, and its monitor observes that info.
     for clip_name, make_clipper in (
         ("global_norm", lambda: gradclip.GlobalNorm(0.5)),
         ("zclip", lambda: gradclip.get("zclip", warmup_steps=2)),
     ):
         ref = make_mlp()
-        ref_opt = gct.ClippedOptimizer(torch.optim.AdamW(ref.parameters(), lr=0.01, fused=True), make_clipper())
-        own = {n: nn.Parameter(p.detach().clone()) for n, p in make_mlp().named_parameters() if n in mine}
+        ref_monitor = gradclip.Monitor(ref, every=2)
+        ref_opt = gct.ClippedOptimizer(
+            torch.optim.AdamW(ref.parameters(), lr=0.01, fused=True), make_clipper(), monitor=ref_monitor
+        )
+        model = make_mlp()
+        for n, q in model.named_parameters():
+            q.requires_grad_(n in mine)  # this rank's partition: the monitor tracks only these
+        own = {n: q for n, q in model.named_parameters() if n in mine}
         clipper = make_clipper()
         clipper.process_group = group
-        opt = gct.ClippedOptimizer(torch.optim.AdamW(list(own.values()), lr=0.01, fused=True), clipper) if own else None
+        monitor = gradclip.Monitor(model, every=2)
+        opt = (
+            gct.ClippedOptimizer(torch.optim.AdamW(list(own.values()), lr=0.01, fused=True), clipper, monitor=monitor)
+            if own
+            else None
+        )
         for step in range(5):
             x, y = batch(step, PER_RANK * world)
             ref_opt.zero_grad()
@@ -576,11 +646,37 @@ def layout_partition(checks, rank, world, model_ref, steps_grads, reference):
                 opt.step()
                 compare_info(checks, f"partition/optimizer/{clip_name}/step{step}", info_tuple(opt.last_info), info_tuple(ref_opt.last_info))
             else:
-                clipper.clip_([])
+                monitor.observe(clipper.clip_([]))
         if opt is not None:
             checks.ok(f"partition/optimizer/{clip_name}/folded", opt.folded and ref_opt.folded, f"{opt.folded}, {ref_opt.folded}")
         for n, q in own.items():
             checks.close(f"partition/optimizer/{clip_name}/{n}", q.detach(), dict(ref.named_parameters())[n].detach(), rtol=1e-4, atol=1e-5)
+        compare_monitors(checks, f"partition/monitor/{clip_name}", monitor, ref_monitor, mine)
+        overall = {k: v for k, v in monitor.summary().items() if k != "layers"}  # layers differ by rank
+        same_on_every_rank(checks, f"partition/monitor/{clip_name}/identical_on_ranks", overall)
+        monitor.close()
+        ref_monitor.close()
+
+    # Subset (seed given) with a process group, rank 0 holding every gradient and the others
+    # none: the same as one process on the full list, on every rank.
+    everything = {n: nn.Parameter(p.detach().clone()) for n, p in model_ref.named_parameters()} if rank == 0 else {}
+    for label, factory, kind in clipper_specs():
+        if kind != "random":
+            continue
+        clipper = factory()
+        clipper.process_group = group
+        infos = []
+        for step in range(STEPS):
+            for n, q in everything.items():
+                q.grad = steps_grads[step][n].clone()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                info = clipper.clip_(list(everything.items()))
+            infos.append(info_tuple(info))
+            compare_info(checks, f"partition/without_grads/{label}/step{step}", infos[-1], reference[label][step][0])
+            for n, q in everything.items():
+                checks.close(f"partition/without_grads/{label}/step{step}/{n}", q.grad, reference[label][step][1][n])
+        same_on_every_rank(checks, f"partition/without_grads/{label}/info_identical_on_ranks", infos)
 
     # A sub-group: ranks 0 and 1 share the gradient, the others clip on their own.
     pair = dist.new_group([0, 1])
@@ -588,6 +684,67 @@ def layout_partition(checks, rank, world, model_ref, steps_grads, reference):
         g = torch.full((3,), float(rank + 1))
         norm = gct.clip_grad_norm_([_with_grad(g)], 1.0, process_group=pair)
         checks.close("partition/subgroup_norm", norm, math.sqrt(3 * 1 + 3 * 4))
+
+
+def layout_mixed_partition(checks, rank, world, model_ref, steps_grads, reference_functional):
+    """DTensors and plain tensors in one list under ``process_group=``: the plain tensors are
+    partitioned over the ranks (whole tensors, ZeRO-style) and the last rank holds none of them,
+    only its DTensor shards (one of them empty). DTensor norms are reduced on their mesh, the
+    plain part over the group, and the global norm adds the two. Functional API, with params."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Partial, Replicate, Shard
+
+    mesh = init_device_mesh("cpu", (world,))
+    placements = {
+        "fc1.bias": [Replicate()],
+        "fc2.weight": [Shard(1)],
+        "fc3.bias": [Partial()],
+        "odd.weight": [Shard(0)],  # rows 2, 1 or 1, 1, 1, 0
+        "gate.weight": [Shard(0)],  # one row: empty shards
+    }
+    names = [n for n, _ in model_ref.named_parameters()]
+    plain = [n for n in names if n not in placements]  # fc1.weight, with the NaN, on rank 0
+    holders = world - 1
+    mine_plain = [n for i, n in enumerate(plain) if rank < holders and i % holders == rank]
+    mine = [n for n in names if n in placements or n in mine_plain]  # DTensors and plain interleaved
+    checks.ok("mixed/rank_without_plain_grads", (rank == world - 1) == (not mine_plain), f"rank {rank} holds {mine_plain}")
+    params_full = {n: p.detach() for n, p in model_ref.named_parameters()}
+    group = dist.group.WORLD
+
+    def lay_out(tensors, no_partial):
+        return {
+            n: distribute_as(tensors[n], mesh if n in placements else None, placements.get(n), no_partial=no_partial)
+            for n in mine
+        }
+
+    uneven_and_empty_shards(checks, "mixed/uneven_and_empty_shards", list(lay_out(steps_grads[0], False).values()))
+    for label, factory, kind in clipper_specs():
+        if kind == "random":
+            continue  # random draws depend on a tensor's position in each rank's own list
+        no_partial = kind == "elementwise"
+        clipper = factory()
+        clipper.process_group = group
+        infos = []
+        for step in range(STEPS):
+            grads = lay_out(steps_grads[step], no_partial)
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", RuntimeWarning)  # no "found no gradients" noise
+                out, info = clipper.clip(grads, params=lay_out(params_full, no_partial))
+            want_out, want_info = reference_functional[label][step]
+            got = info_tuple(info)
+            infos.append(got)
+            fields = ("norm", "threshold", "clipped", "finite", "skip") if kind == "elementwise" else None
+            compare_info(checks, f"mixed/{label}/step{step}", got, want_info, **({"fields": fields} if fields else {}))
+            checks.ok(f"mixed/{label}/step{step}.norm_is_plain_tensor", not is_dtensor(info.norm), "info.norm is a DTensor")
+            for n in mine:
+                checks.ok(f"mixed/{label}/step{step}/{n}.type", is_dtensor(out[n]) == is_dtensor(grads[n]), "type changed")
+                checks.close_part(f"mixed/{label}/step{step}/{n}", out[n], want_out[n])
+        if kind == "norm":  # global statistics (per-tensor state follows each rank's own tensors)
+            same_on_every_rank(checks, f"mixed/{label}/state_identical_on_ranks", clipper.state_dict())
+        if kind != "elementwise":
+            same_on_every_rank(checks, f"mixed/{label}/info_identical_on_ranks", infos)
+        else:
+            same_on_every_rank(checks, f"mixed/{label}/flags_identical_on_ranks", [i[:2] + i[3:] for i in infos])
 
 
 def _with_grad(g):
@@ -640,7 +797,7 @@ def tied_embeddings(checks, rank, world):
     loss(model, idx[sl], target[sl]).backward()
     info = gradclip.GlobalNorm(0.1).clip_(model)
     checks.close("tied/fsdp2", info.norm, by_hand)
-    checks.close("tied/fsdp2_weight", full(model.emb.weight.grad), ref.emb.weight.grad * (0.1 / (by_hand + 1e-6)))
+    checks.close_part("tied/fsdp2_weight", model.emb.weight.grad, ref.emb.weight.grad * (0.1 / (by_hand + 1e-6)))
 
 
 def _clone_with_grads(model):
@@ -650,9 +807,9 @@ def _clone_with_grads(model):
     return clone
 
 
-def optimizer_and_monitor(checks, layout, rank, world, wrap, local_batch, name_map):
-    """ClippedOptimizer (plain and fused/folded, and a skipping clipper) and Monitor per-layer
-    norms on the distributed model, against the same on one process."""
+def optimizer_and_monitor(checks, layout, rank, world, wrap, local_batch, name_map, *, fused=True):
+    """ClippedOptimizer (plain and, with ``fused``, fused/folded; and a skipping clipper) and
+    Monitor per-layer norms on the distributed model, against the same on one process."""
 
     def train(model, batches, make_opt, clipper, monitor=None):
         opt = gct.ClippedOptimizer(make_opt(model.parameters()), clipper, monitor=monitor)
@@ -675,9 +832,7 @@ def optimizer_and_monitor(checks, layout, rank, world, wrap, local_batch, name_m
     }
     full_batches = [batch(step, PER_RANK * world) for step in range(5)]
     local_batches = [local_batch(step) for step in range(5)]
-    if layout == "tp":
-        # torch's fused AdamW itself refuses a list mixing DTensor and plain parameters (fc3 is
-        # left plain here): "got mixed torch.Tensor and DTensor".
+    if not fused:
         del optimizers["adamw_fused"]
     for opt_name, make_opt in optimizers.items():
         for clip_name, make_clipper in clippers.items():
@@ -696,7 +851,7 @@ def optimizer_and_monitor(checks, layout, rank, world, wrap, local_batch, name_m
             params_ref = dict(ref.named_parameters())
             for n, p in model.named_parameters():
                 ref_name = name_map(n) if name_map else n
-                checks.close(f"{tag}/{ref_name}", full(p.detach()), params_ref[ref_name].detach(), rtol=1e-4, atol=1e-5)
+                checks.close_part(f"{tag}/{ref_name}", p.detach(), params_ref[ref_name].detach(), rtol=1e-4, atol=1e-5)
             same_on_every_rank(checks, f"{tag}/identical_on_ranks", infos)
 
     # Monitor: per-layer norms of the (DTensor) gradients equal one process's.
@@ -706,18 +861,38 @@ def optimizer_and_monitor(checks, layout, rank, world, wrap, local_batch, name_m
     model = wrap(make_mlp())
     monitor = gradclip.Monitor(model, every=2)
     train(model, local_batches, optimizers["sgd"], gradclip.GlobalNorm(0.5), monitor)
-    want, got = ref_monitor.summary(), monitor.summary()
-    checks.ok(f"{layout}/monitor/steps", got["steps"] == want["steps"] == 5, f"{got['steps']} vs {want['steps']}")
-    checks.ok(f"{layout}/monitor/clipped_steps", got["clipped_steps"] == want["clipped_steps"], f"{got} vs {want}")
-    checks.close(f"{layout}/monitor/norms", torch.tensor(monitor.norms()), torch.tensor(ref_monitor.norms()))
-    for name, stats in want["layers"].items():
-        mine = got["layers"].get(f"module.{name}" if name_map else name)
-        checks.ok(f"{layout}/monitor/layer/{name}.present", mine is not None, f"layers: {sorted(got['layers'])}")
-        if mine is not None:
-            checks.close(f"{layout}/monitor/layer/{name}", torch.tensor(list(mine.values())), torch.tensor(list(stats.values())), rtol=1e-4)
+    compare_monitors(checks, f"{layout}/monitor", monitor, ref_monitor, list(ref_monitor.summary()["layers"]), name_map)
     same_on_every_rank(checks, f"{layout}/monitor/identical_on_ranks", monitor.summary())
     monitor.close()
     ref_monitor.close()
+
+
+def compare_monitors(checks, tag, monitor, ref_monitor, layer_names, name_map=None, steps=5):
+    """The monitor's step counts and norms equal the one-process monitor's, and it tracks exactly
+    ``layer_names`` (reference names; ``name_map`` gives the reference name of a distributed one)
+    with the reference's per-layer statistics."""
+    want, got = ref_monitor.summary(), monitor.summary()
+    checks.ok(f"{tag}/steps", got["steps"] == want["steps"] == steps, f"{got['steps']} vs {want['steps']}")
+    checks.ok(f"{tag}/clipped_steps", got["clipped_steps"] == want["clipped_steps"], f"{got} vs {want}")
+    checks.close(f"{tag}/norms", torch.tensor(monitor.norms()), torch.tensor(ref_monitor.norms()))
+    tracked = sorted(name_map(n) if name_map else n for n in got["layers"])
+    checks.ok(f"{tag}/layer_names", tracked == sorted(layer_names), f"{tracked} vs {sorted(layer_names)}")
+    by_reference_name = {(name_map(n) if name_map else n): stats for n, stats in got["layers"].items()}
+    for name in layer_names:
+        mine = by_reference_name.get(name)
+        if mine is not None:
+            stats = want["layers"][name]
+            checks.close(f"{tag}/layer/{name}", torch.tensor(list(mine.values())), torch.tensor(list(stats.values())), rtol=1e-4)
+
+
+def raise_names(checks, name, grads, offenders):
+    """``GlobalNorm(nonfinite="raise").clip(grads)`` raises NonFiniteError naming ``offenders``."""
+    try:
+        gradclip.GlobalNorm(1.0, nonfinite="raise").clip(grads)
+    except gradclip.NonFiniteError as error:
+        checks.ok(name, error.offenders == offenders, f"{error.offenders}: {error}")
+    else:
+        checks.ok(name, False, "no error")
 
 
 def misc_checks(checks, rank, world):
@@ -753,12 +928,40 @@ def misc_checks(checks, rank, world):
     full_grad = torch.ones(2 * world, 3)
     full_grad[0, 1] = math.nan  # on rank 0's shard only
     sharded = distribute_tensor(full_grad, one_d, [Shard(0)], src_data_rank=None)
-    try:
-        gradclip.GlobalNorm(1.0, nonfinite="raise").clip({"w": sharded, "b": torch.ones(2)})
-    except gradclip.NonFiniteError as error:
-        checks.ok("misc/raise_names_sharded_tensor", error.offenders == ["w"], f"{error.offenders}: {error}")
-    else:
-        checks.ok("misc/raise_names_sharded_tensor", False, "no error")
+    raise_names(checks, "misc/raise_names_sharded_tensor", {"w": sharded, "b": torch.ones(2)}, ["w"])
+
+    # Partial parts that are finite but add up beyond fp32: the reduced tensor holds inf, and the
+    # "raise" message names it (as the norm, read after the reduction, sees it).
+    from torch.distributed.tensor import DTensor, Partial
+
+    overflowing = DTensor.from_local(torch.full((3,), 2e38), one_d, [Partial()], run_check=False)
+    raise_names(checks, "misc/raise_names_partial_overflow", {"w": overflowing, "b": torch.ones(2)}, ["w"])
+
+    # nonfinite="raise" under process_group= with the NaN on the last rank only: every rank
+    # raises (none waits in a collective); the holder names its tensor, the others say the
+    # values are on another rank instead of blaming an overflow of their own finite elements.
+    world_group = dist.group.WORLD
+    for label, call in (
+        ("global_norm", lambda named: gradclip.GlobalNorm(1.0, nonfinite="raise", process_group=world_group).clip_(named)),
+        (
+            "clip_grad_norm_",
+            lambda named: gct.clip_grad_norm_([q for _, q in named], 1.0, error_if_nonfinite=True, process_group=world_group),
+        ),
+    ):
+        g = torch.ones(3)
+        if rank == world - 1:
+            g[1] = math.nan
+        try:
+            call([("w", _with_grad(g))])
+        except gradclip.NonFiniteError as error:
+            text = str(error)
+            if rank == world - 1:
+                good = len(error.offenders) == 1
+            else:
+                good = not error.offenders and "another rank" in text and "beyond ~1e19" not in text
+            checks.ok(f"misc/raise_nan_on_another_rank/{label}", good, f"{error.offenders}: {text}")
+        else:
+            checks.ok(f"misc/raise_nan_on_another_rank/{label}", False, "no error")
 
 
 # -- scenarios ------------------------------------------------------------------------------------------
@@ -770,12 +973,12 @@ def scenario_main(checks, rank, world):
     functional = reference_functional_runs(model_ref, steps_grads)
     layout_manual(checks, rank, world, model_ref, steps_grads, functional)
     layout_partition(checks, rank, world, model_ref, steps_grads, reference)
-    if world == 2:
-        layout_ddp(checks, rank, world, model_ref, steps_grads, reference)
-        layout_fsdp(checks, rank, world, model_ref, steps_grads, reference)
-        layout_tp(checks, rank, world, model_ref, steps_grads, reference)
-        tied_embeddings(checks, rank, world)
-    else:
+    layout_mixed_partition(checks, rank, world, model_ref, steps_grads, functional)
+    layout_ddp(checks, rank, world, model_ref, steps_grads, reference)
+    layout_fsdp(checks, rank, world, model_ref, steps_grads, reference)
+    layout_tp(checks, rank, world, model_ref, steps_grads, reference)
+    tied_embeddings(checks, rank, world)
+    if world == 4:  # 2-D meshes
         layout_fsdp(checks, rank, world, model_ref, steps_grads, reference, mesh_shape=(2, 2), label="hsdp")
         layout_tp(checks, rank, world, model_ref, steps_grads, reference, with_fsdp=True)
 

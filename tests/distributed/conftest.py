@@ -20,7 +20,7 @@ import pytest
 
 WORKER = Path(__file__).with_name("_worker.py")
 ROOT = Path(__file__).resolve().parents[2]
-#: Hard deadline of one launch, seconds (the 4-process run takes about 40 s on two idle cores).
+#: Hard deadline of one launch, seconds (the 4-process run takes about 50 s on two idle cores).
 DEADLINE = {2: 240, 4: 420}
 
 
@@ -134,12 +134,19 @@ def launcher():
 
 @pytest.fixture(scope="session")
 def dist2(tmp_path_factory) -> Run:
-    """The 2-process run: DDP, FSDP2, tensor parallel, hand-made DTensors, partitions, tied."""
+    """The 2-process run: DDP, FSDP2, tensor parallel, hand-made DTensors, partitions (plain, and
+    mixed with DTensors) with a rank without gradients, tied embeddings."""
     return _run_once(2, tmp_path_factory)
 
 
 @pytest.fixture(scope="session")
 def dist4(tmp_path_factory) -> Run:
-    """The 4-process run: HSDP (2-D mesh), FSDP2 x tensor parallel, 2-D hand-made DTensors,
-    partitions with a rank without gradients."""
+    """The 4-process run: everything the 2-process run does, plus HSDP (2-D mesh), FSDP2 x tensor
+    parallel and hand-made DTensors on 2-D meshes."""
     return _run_once(4, tmp_path_factory)
+
+
+@pytest.fixture(params=[2, 4], ids=["2proc", "4proc"])
+def dist_run(request) -> Run:
+    """The 2-process run, then the 4-process one, for the layouts both of them run."""
+    return request.getfixturevalue(f"dist{request.param}")
