@@ -164,6 +164,14 @@ def _scale_units(ops, conv, dtype):
     return ops.scale_units(grads, [1.0 / (1.0 + k) for k in coefs])
 
 
+@case("flat_concat_split_as")
+def _flat_concat_split_as(ops, conv, dtype):
+    arrays = ops.unit_norms(_grads(conv, dtype, (A, C, B)), [(0,), (1, 3), None])
+    arrays.append(conv(EMPTY, "float32"))
+    flat = ops.flat_concat(arrays)
+    return flat, ops.split_as(flat * 2.0, arrays), ops.flat_concat([])
+
+
 @case("uniform", F32)
 def _uniform(ops, conv, dtype):
     return ops.uniform(ops.scalar(123456789, "int64"), ops.scalar(42, "int64"), [(3, 4), (5,), (), (0, 2)])

@@ -413,3 +413,20 @@ def test_cuda_norms_match_the_cpu_reference(dtype):
     fast = get_ops(on_cuda, framework="torch").norms(on_cuda, 2.0).cpu()
     for index, tensor in enumerate(tensors):
         assert _relative(float(fast[index]), _exact(tensor, 2.0)) <= 1e-5, index
+
+
+def test_flat_concat_and_split_as_round_trip_in_order_and_shape():
+    """AGC's per-unit rule runs on the units laid end to end, then split back (torch and NumPy)."""
+    import numpy as np
+
+    generator = torch.Generator().manual_seed(14)
+    arrays = [torch.randn(3, 1, generator=generator), torch.randn((), generator=generator),
+              torch.randn(0, generator=generator), torch.randn(1, 4, 1, generator=generator).double()]
+    for ops, items in ((get_ops(arrays, framework="torch"), arrays), (get_ops([], framework="numpy"),
+                                                                      [a.numpy() for a in arrays])):
+        flat = ops.flat_concat(items)
+        assert flat.shape == (8,) and str(flat.dtype).endswith("float64")  # the widest dtype
+        back = ops.split_as(flat, items)
+        assert [tuple(b.shape) for b in back] == [tuple(a.shape) for a in items]
+        for b, a in zip(back, items):
+            np.testing.assert_array_equal(np.asarray(b), np.asarray(a, dtype=np.float64))

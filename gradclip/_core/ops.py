@@ -135,6 +135,21 @@ class Ops(Protocol):
         when ``inplace``."""
         ...
 
+    def flat_concat(self, arrays: list[Array]) -> Array:
+        """Every element of ``arrays`` in one 1-D array, in order (row-major within each), in
+        their common (widest) dtype; an empty list gives an empty accumulation-dtype array.
+
+        With :meth:`split_as`, lets per-unit arithmetic over many small arrays (AGC's unit norms)
+        run as a few operations on one vector instead of a few per array: on a GPU each is a
+        kernel launch.
+        """
+        ...
+
+    def split_as(self, vector: Array, like: list[Array]) -> list[Array]:
+        """The inverse of :meth:`flat_concat`: consecutive pieces of a 1-D ``vector`` shaped like
+        each array of ``like`` (views where the framework has them)."""
+        ...
+
     def uniform(self, key: Array, counter: Array, shapes: list[tuple[int, ...]]) -> list[Array]:
         """Counter-based uniform numbers in ``[0, 1)``, fp32, one array per shape.
 

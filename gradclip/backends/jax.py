@@ -293,6 +293,16 @@ class JaxOps:
     def scale_units(self, grads, coefs):
         return [self._mul(g, c) for g, c in zip(grads, coefs)]
 
+    def flat_concat(self, arrays):
+        if not arrays:
+            return jnp.zeros((0,), self.acc)
+        return jnp.concatenate([jnp.ravel(a) for a in arrays])
+
+    def split_as(self, vector, like):
+        shapes = [jnp.shape(a) for a in like]
+        offsets = np.cumsum([math.prod(shape) for shape in shapes])[:-1].tolist()  # static under jit
+        return [piece.reshape(shape) for piece, shape in zip(jnp.split(vector, offsets), shapes)]
+
     def uniform(self, key, counter, shapes):
         return [
             (h >> jnp.uint32(8)).astype(jnp.float32) * jnp.float32(2.0**-24)

@@ -286,6 +286,16 @@ class NumpyOps:
                 out.append(self._out(g, g.astype(self._acc, copy=False) * c))
         return out
 
+    def flat_concat(self, arrays):
+        if not arrays:
+            return np.zeros((0,), self._acc)
+        return np.concatenate([np.asarray(a).reshape(-1) for a in arrays])
+
+    def split_as(self, vector, like):
+        shapes = [np.shape(a) for a in like]
+        offsets = np.cumsum([math.prod(shape) for shape in shapes])[:-1]
+        return [piece.reshape(shape) for piece, shape in zip(np.split(vector, offsets), shapes)]
+
     def uniform(self, key, counter, shapes):
         return [
             (h >> np.int64(8)).astype(np.float32) * np.float32(2.0**-24)

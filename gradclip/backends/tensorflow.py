@@ -360,6 +360,19 @@ class TensorFlowOps:
     def scale_units(self, grads, coefs):
         return [self._mul(g, c) for g, c in zip(grads, coefs)]
 
+    def flat_concat(self, arrays):
+        if not arrays:
+            return tf.zeros((0,), dtype=self.acc)
+        values = [tf.reshape(_value(a), [-1]) for a in arrays]
+        # tf.concat does not promote: the widest float dtype, as NumPy's concatenate gives.
+        widest = max((v.dtype for v in values), key=lambda d: d.size)
+        return tf.concat([tf.cast(v, widest) for v in values], 0)
+
+    def split_as(self, vector, like):
+        shapes = [_value(a).shape for a in like]
+        pieces = tf.split(vector, [shape.num_elements() for shape in shapes])
+        return [tf.reshape(piece, shape) for piece, shape in zip(pieces, shapes)]
+
     def uniform(self, key, counter, shapes):
         return [
             tf.cast(tf.bitwise.right_shift(h, tf.constant(8, tf.uint32)), tf.float32) * (2.0**-24)

@@ -665,12 +665,17 @@ class TorchOps:
 
     def unit_norms(self, arrays, axes):
         out = []
+        # Under no_grad (clip_) nothing records history: detaching would be one more operation
+        # per tensor.
+        detach = torch.is_grad_enabled()
         for tensor, kept in zip(arrays, axes):
-            tensor = tensor.detach()
+            if detach:
+                tensor = tensor.detach()
             acc = _accumulation_dtype(tensor.dtype)
             if kept is None:
-                norm = torch.linalg.vector_norm(tensor, 2, dtype=acc)
-                out.append(norm.reshape((1,) * tensor.dim()))
+                # The whole tensor, kept as (1,) * ndim: one reduction over every dimension.
+                everything = tuple(range(tensor.dim())) or None
+                out.append(torch.linalg.vector_norm(tensor, 2, dim=everything, keepdim=True, dtype=acc))
                 continue
             reduce = tuple(d for d in range(tensor.dim()) if d not in kept)
             if not reduce:  # dim=() would mean "all dims" to some torch versions
@@ -690,6 +695,19 @@ class TorchOps:
             else:
                 out.append((tensor.to(coef.dtype) * coef).to(tensor.dtype))
         return out
+
+    def flat_concat(self, arrays):
+        if not arrays:
+            return torch.zeros((0,), dtype=self.acc, device=self.device)
+        if all(a.device == self.device for a in arrays):
+            # torch's C++ flatten-and-concatenate (DDP's bucketing helper): no Python per array.
+            return torch._C._nn.flatten_dense_tensors(list(arrays))
+        # On the first gradient's device, like every scalar here.
+        return torch.cat([a.reshape(-1).to(self.device, non_blocking=True) for a in arrays])
+
+    def split_as(self, vector, like):
+        pieces = torch.split(vector, [a.numel() for a in like])
+        return [piece.view(a.shape) for piece, a in zip(pieces, like)]
 
     def uniform(self, key, counter, shapes):
         key = key.to(self.device)

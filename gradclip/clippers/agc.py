@@ -206,9 +206,10 @@ class AGC(Clipper):
         # from the backend's unit_totals hook (summed over every shard) and the global norm from
         # combine_norms (reduced over the group): identical on every rank.
         totals = getattr(ops, "unit_totals", None)
+        all_units = None
         if totals is None:
-            squares = ops.stack([ops.sum(u * u) for u in grad_units])
-            norm = ops.sqrt(ops.sum(squares))
+            all_units = ops.flat_concat(grad_units)
+            norm = ops.sqrt(ops.sum(all_units * all_units))
         else:
             squares = totals([u * u for u in grad_units], list(grads), axes)
             norm = ops.combine_norms(ops.sqrt(squares), 2.0)
@@ -218,36 +219,38 @@ class AGC(Clipper):
         acc = "float64" if "float64" in str(norm.dtype) else "float32"
         one = ops.scalar(1.0, acc)
 
+        # The per-unit rule runs once over the units of every clipped tensor laid end to end (a
+        # few operations per step, not per tensor: on a GPU each is a kernel launch), then the
+        # coefficients are split back into each tensor's unit shape.
         chosen = [i for i, skip in enumerate(excluded) if not skip]
-        param_units = ops.unit_norms([params[i] for i in chosen], [axes[i] for i in chosen])
-        weight_floor = ops.scalar(self.eps, acc)
-        grad_floor = ops.scalar(_GRAD_FLOOR, acc)
-        coefs = []
-        after = []
-        for i, p_units in zip(chosen, param_units):
-            g_units = grad_units[i]
-            limit = ops.maximum(p_units, weight_floor) * self.clip_factor
+        coefs: list[Any] = []
+        if chosen:
+            chosen_units = [grad_units[i] for i in chosen]
+            g_units = all_units if all_units is not None and len(chosen) == len(grads) else ops.flat_concat(chosen_units)
+            p_units = ops.flat_concat(ops.unit_norms([params[i] for i in chosen], [axes[i] for i in chosen]))
+            limit = ops.maximum(p_units, ops.scalar(self.eps, acc)) * self.clip_factor
             above = g_units > limit
-            divisor = ops.where(above, ops.maximum(g_units, grad_floor), one)
+            divisor = ops.where(above, ops.maximum(g_units, ops.scalar(_GRAD_FLOOR, acc)), one)
             coef = ops.where(above, limit / divisor, one)
             # Under "skip" a non-finite step leaves everything alone; under "propagate" a unit
             # with a non-finite norm is left as it is (finite units are still clipped).
             keep = finite if self.nonfinite == "skip" else ops.isfinite(g_units)
             coef = ops.where(keep, coef, one)
-            coefs.append(coef)
-            after.append(ops.sum((coef * g_units) * (coef * g_units)))
-        if chosen:
-            grads_chosen = ops.scale_units([grads[i] for i in chosen], coefs)
+            coefs = ops.split_as(coef, chosen_units)
             grads = list(grads)
-            for i, g in zip(chosen, grads_chosen):
+            for i, g in zip(chosen, ops.scale_units([grads[i] for i in chosen], coefs)):
                 grads[i] = g
-        # Effective scale of the global norm (excluded tensors count, unchanged).
-        squares_after = squares
-        if chosen:
-            untouched = [squares[i] for i, skip in enumerate(excluded) if skip]
-            squares_after = ops.stack(after + untouched)
-        norm_after = ops.sqrt(ops.sum(squares_after)) if len(grads) else norm
-        clipped = ops.any(ops.stack([ops.any(c < 1) for c in coefs])) if coefs else ops.scalar(False, "bool")
+            clipped = ops.any(coef < 1)
+            # Effective scale of the global norm (excluded tensors count, unchanged).
+            kept = coef * g_units
+            squares_after = ops.sum(kept * kept)
+            if len(chosen) < len(grads):
+                untouched = ops.flat_concat([u for u, skip in zip(grad_units, excluded) if skip])
+                squares_after = squares_after + ops.sum(untouched * untouched)
+            norm_after = ops.sqrt(squares_after)
+        else:
+            clipped = ops.scalar(False, "bool")
+            norm_after = norm
         if totals is not None:  # on every rank, with or without gradients: it reduces
             # In grads order: the clipped units' squares and a count of clipped units per tensor,
             # both summed over every shard in one reduction.

@@ -168,8 +168,8 @@ def settle(ops: Ops, coef: Any, finite: Any, policy: str) -> tuple[Any, Any]:
     """
     one = ops.scalar(1.0, _dtype_name(coef))
     coef = ops.where(finite, coef, one)
-    skip_value = ops.any(ops.where(finite, ops.scalar(False, "bool"), ops.scalar(True, "bool")))
-    skip = skip_value if policy == "skip" else ops.scalar(False, "bool")
+    # Only what the policy needs: every scalar operation is a kernel launch on a GPU.
+    skip = ops.any(~finite) if policy == "skip" else ops.scalar(False, "bool")
     return coef, skip
 
 
