@@ -3,8 +3,10 @@
 Usage: ``python _resume_worker.py WORKDIR MODE`` with MODE one of
 
 * ``reference``: train every case for :data:`STEPS` steps, uninterrupted;
-* ``killable``: the same, but after each step print ``step K`` and wait for a line on stdin
-  before going on (the test answers, or sends SIGKILL instead at a step it picked at random);
+* ``killable``: the same, starting from ``WORKDIR/ckpt.pt`` when there is one (left by a run
+  killed before); it prints ``start S``, then after each step ``step K`` and that step's
+  ``ClipInfo`` of every case as JSON, and waits for a line on stdin before going on (the test
+  answers, or sends SIGKILL instead at a step it picked);
 * ``resume``: load ``WORKDIR/ckpt.pt`` (``torch.load(weights_only=True)``) and finish the run.
 
 Every case (one clipper each) trains its own copy of the seeds' digits MLP, all in one process so
@@ -119,16 +121,20 @@ def main(workdir: str, mode: str) -> None:
     torch.set_num_threads(1)  # one thread: the same reduction order in every process
     runs = {name: Run(make, nan) for name, (make, nan) in cases().items()}
     start = 0
-    if mode == "resume":
-        saved = torch.load(os.path.join(workdir, "ckpt.pt"), weights_only=True)
+    checkpoint_path = os.path.join(workdir, "ckpt.pt")
+    if mode == "resume" or (mode == "killable" and os.path.exists(checkpoint_path)):
+        saved = torch.load(checkpoint_path, weights_only=True)
         start = saved["step"]
         for name, run in runs.items():
             run.restore(saved["runs"][name])
+    if mode == "killable":
+        print(f"start {start}", flush=True)
     for step in range(start, STEPS):
         for run in runs.values():
             run.step(step)
         if mode == "killable":
-            print(f"step {step}", flush=True)
+            # JSON floats print exactly (shortest round-trip repr), NaN as NaN.
+            print(f"step {step} {json.dumps({name: run.infos[-1][1] for name, run in runs.items()})}", flush=True)
             if sys.stdin.readline().strip() != "go":
                 return
         if (step + 1) % CHECKPOINT_EVERY == 0:

@@ -18,7 +18,13 @@ What each configuration promises, and these tests assert:
   parameter is non-finite right after the first non-finite fault;
 * ``"raise"``: :class:`gradclip.NonFiniteError` at exactly the non-finite faults, with the
   parameters (and gradients) left as they were; the loop catches it and carries on;
-* the Monitor counts the events: non-finite steps, skipped steps and clipped spikes.
+* the Monitor counts the events: every step is recorded, the non-finite ones as non-finite
+  (under ``"zero"`` too: ``info.finite`` describes the gradients as given), skipped steps and
+  clipped spikes;
+* an all-zero gradient is an ordinary step: norm 0, coefficient exactly 1 (no 0/0), nothing
+  clipped or skipped, and counted.
+
+The training runs are marked ``slow`` (the suite still runs them).
 """
 
 from __future__ import annotations
@@ -60,15 +66,30 @@ def _params_finite(model) -> bool:
     return all(bool(torch.isfinite(p).all()) for p in model.parameters())
 
 
+class Recorder:
+    """A :class:`gradclip.Monitor` writer that keeps every record in memory."""
+
+    def __init__(self):
+        self.records: list[dict] = []
+
+    def write(self, records) -> None:
+        self.records.extend(dict(record) for record in records)
+
+    def close(self) -> None:
+        pass
+
+
 def train(make_clipper, faults: dict[int, str]):
     """Train the digits MLP for STEPS steps with ``faults`` injected; returns a dict with the
-    final ``accuracy``, the Monitor ``summary``, ``finite`` (params finite after each step),
-    ``raised`` (steps whose ``step()`` raised NonFiniteError) and ``poisoned_at`` (first step
-    after which a parameter was non-finite, or None)."""
+    final ``accuracy``, the Monitor ``summary`` and ``records`` (one per observed step),
+    ``finite`` (params finite after each step), ``raised`` (steps whose ``step()`` raised
+    NonFiniteError) and ``poisoned_at`` (first step after which a parameter was non-finite, or
+    None)."""
     task = DigitsTask(SEED)
     torch.manual_seed(SEED)
     model = task.model()
-    monitor = gradclip.Monitor(model, per_layer=False, warn=False)
+    recorder = Recorder()
+    monitor = gradclip.Monitor(model, per_layer=False, warn=False, writers=[recorder])
     optimizer = ClippedOptimizer(torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9), make_clipper(), monitor=monitor)
     finite, raised, poisoned_at = [], [], None
     for step in range(STEPS):
@@ -101,8 +122,30 @@ def train(make_clipper, faults: dict[int, str]):
             poisoned_at = step
     monitor.close()
     accuracy = task.evaluate(model)["accuracy"] if _params_finite(model) else 0.0
-    return {"accuracy": accuracy, "summary": monitor.summary(), "finite": finite, "raised": raised,
-            "poisoned_at": poisoned_at}
+    return {"accuracy": accuracy, "summary": monitor.summary(), "records": recorder.records, "finite": finite,
+            "raised": raised, "poisoned_at": poisoned_at}
+
+
+def _by_step(result) -> dict[int, dict]:
+    """The Monitor's records keyed by training step (steps whose ``step()`` raised were not
+    observed: the Monitor numbers the observed ones from 0)."""
+    observed = [step for step in range(STEPS) if step not in result["raised"]]
+    assert [record["step"] for record in result["records"]] == list(range(len(observed)))
+    return dict(zip(observed, result["records"]))
+
+
+def assert_zero_gradient_steps_are_ordinary(result, faults) -> None:
+    """An all-zero gradient: norm 0 before and after, coefficient exactly 1 (no 0/0 NaN),
+    nothing clipped or skipped, and the step counted like any other."""
+    records = _by_step(result)
+    zero_steps = [step for step, fault in faults.items() if fault == "zero_grad"]
+    assert zero_steps
+    for step in zero_steps:
+        record = records[step]  # KeyError: the step was not counted
+        assert record["norm"] == 0.0 and record["norm_after"] == 0.0, (step, record)
+        assert record["coef"] == 1.0, (step, record)
+        assert not math.isnan(record["threshold"]), (step, record)
+        assert record["finite"] and not record["skip"] and not record["clipped"], (step, record)
 
 
 CONFIGS = {
@@ -132,6 +175,7 @@ def clean_accuracy():
     return get
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_safe_policies_keep_weights_finite_and_accuracy(name, faults, clean_accuracy):
     result = train(CONFIGS[name], faults)
@@ -144,11 +188,12 @@ def test_safe_policies_keep_weights_finite_and_accuracy(name, faults, clean_accu
     assert summary["steps"] == STEPS
     bad_steps = sorted(s for s, f in faults.items() if f in NONFINITE_FAULTS)
     spikes = sum(f == "spike" for f in faults.values())
-    if name != "global_norm-zero":
-        # GlobalNorm(nonfinite="zero") measures the gradients after zeroing, so its info (and
-        # the Monitor) reports those steps finite: count them with NonFinite("zero") in a chain
-        # (docs/reliability.md).
-        assert summary["nonfinite_steps"] == len(bad_steps)
+    # Every step recorded; exactly the injected NaN/inf ones non-finite (under "zero" too).
+    records = _by_step(result)
+    assert sorted(records) == list(range(STEPS))
+    assert [step for step, record in records.items() if not record["finite"]] == bad_steps
+    assert summary["nonfinite_steps"] == len(bad_steps)
+    assert_zero_gradient_steps_are_ordinary(result, faults)
     if name.endswith("-skip") or name == "skip_on_spike":
         expected = len(bad_steps) + (spikes if name == "skip_on_spike" else 0)
         assert summary["skipped_steps"] == expected
@@ -159,6 +204,7 @@ def test_safe_policies_keep_weights_finite_and_accuracy(name, faults, clean_accu
         assert summary["clipped_steps"] >= spikes
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("make", [
     lambda: gradclip.GlobalNorm(1.0, nonfinite="propagate"),
     lambda: gradclip.chain(gradclip.NonFinite("propagate"), gradclip.GlobalNorm(1.0)),
@@ -173,6 +219,7 @@ def test_propagate_lets_the_poison_through(make, faults):
     assert result["summary"]["nonfinite_steps"] >= (STEPS - first_bad) // 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("make", [
     lambda: gradclip.GlobalNorm(1.0, nonfinite="raise"),
     lambda: gradclip.chain(gradclip.NonFinite("raise"), gradclip.GlobalNorm(1.0)),
@@ -184,6 +231,7 @@ def test_raise_raises_at_the_faults_and_leaves_params_untouched(make, faults, cl
     # Steps that raised were not observed; the rest trained as with "skip".
     assert result["summary"]["steps"] == STEPS - len(result["raised"])
     assert result["accuracy"] >= clean_accuracy("global_norm-skip") - TOLERANCE
+    assert_zero_gradient_steps_are_ordinary(result, faults)
 
 
 def test_the_schedule_is_random_but_reproducible():
