@@ -40,6 +40,18 @@ class UsageError(Exception):
     """A problem with the command line; exits with status 2."""
 
 
+def available_cores() -> int:
+    """The CPU cores this process may run on (the ``--jobs`` default).
+
+    ``os.cpu_count()`` counts the host's CPUs; in a container or under ``taskset`` the process
+    may be allowed far fewer, and as many workers as host CPUs would oversubscribe them.
+    ``os.sched_getaffinity`` (Linux) gives the allowed set.
+    """
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for documentation and tests)."""
     parser = argparse.ArgumentParser(prog="gradclip", description="Gradient clipping experiments and tools.")
@@ -59,14 +71,14 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--lr", type=float, help="learning rate (default: the task's)")
     compare.add_argument("--optimizer", choices=("sgd", "adam", "adamw"), help="default: the task's (sgd = momentum 0.9)")
     compare.add_argument("--seq-len", type=int, help="sequence length for adding, temporal-order, charlm")
-    compare.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel processes (default: cores)")
+    compare.add_argument("--jobs", type=int, default=available_cores(), help="parallel processes (default: usable cores)")
     compare.add_argument("--out", type=Path, help="run directory (default: runs/compare-TASK-TIME)")
     compare.add_argument("--quick", action="store_true", help="tiny smoke run (few steps, at most 2 seeds)")
     compare.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     suggest = commands.add_parser("suggest", help="recommend thresholds from a Monitor JSON Lines log")
     suggest.add_argument("log", type=Path)
-    suggest.add_argument("--quantile", type=float, default=0.9, help="quantile of observed norms (default 0.9)")
+    suggest.add_argument("--quantile", type=float, default=0.9, help="quantile of observed norms, in (0, 1] (default 0.9)")
     suggest.add_argument("--out", type=Path, help="histogram PNG (default: LOG with .hist.png)")
 
     report = commands.add_parser("report", help="plot a logged run (Monitor JSON Lines)")
@@ -88,6 +100,19 @@ def _check_writable(path: Path) -> Path:
         probe.unlink()
     except OSError as error:
         raise UsageError(f"--out {str(path)!r} is not a writable directory: {error.strerror or error}") from error
+    return path
+
+
+def _check_writable_file(path: Path) -> Path:
+    """Prove a file can be written at ``path`` (creating its folder), before any output."""
+    if path.is_dir():
+        raise UsageError(f"--out {str(path)!r} is a directory; give a file name such as hist.png")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("ab"):  # creates the file if missing, changes nothing if present
+            pass
+    except OSError as error:
+        raise UsageError(f"--out {str(path)!r} cannot be written: {error.strerror or error}") from error
     return path
 
 
@@ -122,7 +147,7 @@ def _compare(args: argparse.Namespace) -> int:
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     out = _check_writable(args.out or Path("runs") / f"compare-{args.task}-{stamp}")
 
-    from gradclip.experiments.report import summarise, write_outputs
+    from gradclip.experiments.report import divergence_note, summarise, write_outputs
     from gradclip.experiments.runner import RunConfig
 
     configs = [
@@ -132,6 +157,7 @@ def _compare(args: argparse.Namespace) -> int:
     records = _run_with_progress(configs, max(1, min(args.jobs, len(configs))), not args.no_progress)
     files = write_outputs(records, out, meta)
     _print_summary(summarise(records), meta)
+    print(divergence_note(records))
     print(f"\nwrote {', '.join(p.name for p in files.values())} to {out}")
     return 0
 
@@ -206,6 +232,10 @@ def _read_log(path: Path) -> list[dict[str, Any]]:
                 raise UsageError(f"{path}:{number}: not JSON ({error.msg})") from error
             if not isinstance(record, dict) or "norm" not in record:
                 raise UsageError(f"{path}:{number}: expected a Monitor record with a 'norm' field")
+            norm = record["norm"]
+            # null is how Monitor logs write a non-finite norm; anything else must be a number.
+            if norm is not None and (isinstance(norm, bool) or not isinstance(norm, (int, float))):
+                raise UsageError(f"{path}:{number}: 'norm' must be a number or null, got {norm!r}")
             records.append(record)
     if not records:
         raise UsageError(f"log file {str(path)!r} holds no records")
@@ -213,15 +243,20 @@ def _read_log(path: Path) -> list[dict[str, Any]]:
 
 
 def _suggest(args: argparse.Namespace) -> int:
-    if not (0.0 < args.quantile < 1.0):
-        raise UsageError(f"--quantile must be in (0, 1), got {args.quantile}")
+    # The library's range: a quantile of 1 (the largest norm seen) is a valid, if loose, choice.
+    if not (0.0 < args.quantile <= 1.0):
+        raise UsageError(f"--quantile must be in (0, 1], got {args.quantile}")
     records = _read_log(args.log)
-    norms = [float(r["norm"]) for r in records if r.get("norm") is not None]
+    norms = [r["norm"] for r in records]  # nulls included: the suggestion counts them as dropped
     import gradclip
 
-    suggestion = gradclip.suggest_threshold(norms, quantile=args.quantile)
+    try:
+        suggestion = gradclip.suggest_threshold(norms, quantile=args.quantile)
+    except GradClipError as error:  # e.g. every norm is null, or a negative norm
+        raise UsageError(f"{args.log}: {error}") from error
+    # Checked before anything is printed, so a bad --out never leaves half an answer.
+    out = _check_writable_file(args.out or args.log.with_suffix(".hist.png"))
     print(suggestion)
-    out = args.out or args.log.with_suffix(".hist.png")
     from gradclip.experiments.plots import plot_norm_histogram
 
     plot_norm_histogram(norms, suggestion, out)

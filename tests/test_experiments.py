@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -11,9 +12,9 @@ pytest.importorskip("sklearn", reason="digits and spikes load scikit-learn's bun
 
 from gradclip._core.errors import InvalidArgumentError, UnknownNameError  # noqa: E402
 from gradclip.experiments.report import summarise  # noqa: E402
-from gradclip.experiments.runner import RunConfig, run_one  # noqa: E402
+from gradclip.experiments.runner import RunConfig, run_many, run_one  # noqa: E402
 from gradclip.experiments.spec import parse_spec  # noqa: E402
-from gradclip.experiments.tasks import TASKS, check_options, make_task  # noqa: E402
+from gradclip.experiments.tasks import DIVERGENCE_FACTOR, TASKS, AddingTask, check_options, make_task  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -37,7 +38,7 @@ def test_every_task_trains_and_records_each_step(task):
     record = run_one(config, reported.append)
     steps = config.steps
     assert record["steps_run"] == steps and not record["diverged"]
-    for key in ("loss", "norm", "threshold", "clipped", "spike"):
+    for key in ("loss", "norm", "threshold", "clipped", "skipped", "spike"):
         assert len(record["history"][key]) == steps, key
     assert all(math.isfinite(x) and x >= 0 for x in record["history"]["norm"])
     assert all(t == 1.0 for t in record["history"]["threshold"])
@@ -93,9 +94,98 @@ def test_no_clipping_diverges_on_the_adding_problem():
     # The default comparison's premise: at lr 0.2 with momentum the tanh RNN blows up unclipped.
     record = run_one(_config("adding", "none", steps=300))
     assert record["diverged"] and not record["solved"] and record["metric"] == 0.0
-    assert record["steps_run"] < 300 and math.isnan(record["eval_loss"])
+    assert record["steps_run"] < 300
+    # It stopped at the first loss past 1000x the mean predictor's MSE, not at some 1e6.
+    assert record["divergence_limit"] == pytest.approx(1000 / 6)
+    losses = record["history"]["loss"]
+    assert not (losses[-1] <= record["divergence_limit"])  # the last step is the one that blew up
+    assert all(loss <= record["divergence_limit"] for loss in losses[:-1])
     clipped = run_one(_config("adding", "global_norm:max_norm=1.0", steps=300))
     assert not clipped["diverged"] and clipped["steps_run"] == 300
+
+
+def test_divergence_is_judged_on_each_tasks_own_scale():
+    # The reference is the trivial predictor's loss: uniform logits give ln(classes) exactly.
+    for name, classes in (("temporal-order", 4), ("digits", 10), ("spikes", 10)):
+        task = make_task(name, 0)
+        model = task.model()
+        for parameter in model.parameters():
+            torch.nn.init.zeros_(parameter)
+        assert task.loss(model, task.batch(0)).item() == pytest.approx(task.reference_loss, rel=1e-6)
+        assert task.reference_loss == pytest.approx(math.log(classes))
+    charlm = make_task("charlm", 0)
+    assert charlm.reference_loss == pytest.approx(math.log(len(charlm.vocab)))
+    # adding: predicting the mean target gives the targets' variance, 1/6.
+    adding = make_task("adding", 0)
+    _, targets = adding._sample(20_000, torch.Generator().manual_seed(1))
+    assert float(targets.var()) == pytest.approx(adding.reference_loss, rel=0.03)
+    for name in TASKS:
+        task = make_task(name, 0)
+        limit = task.divergence_limit
+        assert limit == DIVERGENCE_FACTOR * task.reference_loss
+        assert task.is_diverged(math.nan) and task.is_diverged(math.inf) and task.is_diverged(limit * 1.001)
+        assert not task.is_diverged(limit) and not task.is_diverged(task.reference_loss * 60)
+    # The audit's case: a held-out MSE of 3220 (2e4x the trivial 1/6) is divergence, not stability.
+    assert adding.is_diverged(3220.5) and not make_task("digits", 0).is_diverged(3.0)
+
+
+def test_a_wild_held_out_loss_counts_as_divergence(monkeypatch):
+    quiet = run_one(_config("adding", "global_norm:max_norm=1.0", steps=5))
+    assert not quiet["diverged"]
+    real_evaluate = AddingTask.evaluate
+
+    def wild(self, model):
+        return {**real_evaluate(self, model), "loss": 1.01 * self.divergence_limit, "success": 1.0}
+
+    monkeypatch.setattr(AddingTask, "evaluate", wild)
+    record = run_one(_config("adding", "global_norm:max_norm=1.0", steps=5))
+    assert record["history"]["loss"] == quiet["history"]["loss"]  # training itself stayed in range
+    assert record["diverged"] and not record["solved"] and record["metric"] == 0.0
+
+
+def test_run_settings_reach_the_training():
+    base = RunConfig("adding", "none", 0, 3, 0.05, "adam", {"seq_len": 6})
+    reference = run_one(base)["history"]["loss"]
+    for change in ({"lr": 0.01}, {"optimizer": "adamw"}, {"optimizer": "sgd"}):
+        other = run_one(dataclasses.replace(base, **change))["history"]["loss"]
+        assert other[0] == reference[0], change  # the same model and batch before any step
+        assert other[1:] != reference[1:], change  # then the setting changes the steps
+    longer = run_one(dataclasses.replace(base, task_options={"seq_len": 7}))["history"]["loss"]
+    assert longer[0] != reference[0]
+    assert len(run_one(dataclasses.replace(base, steps=5))["history"]["loss"]) == 5
+
+
+def test_run_many_in_process_restores_the_thread_count():
+    torch.set_num_threads(2)  # the autouse fixture restores the original afterwards
+    inside = []
+    run_many([_config("digits", steps=2)], jobs=1, on_done=lambda index, record: inside.append(torch.get_num_threads()))
+    assert inside == [1]  # runs use one thread, as the worker processes do
+    assert torch.get_num_threads() == 2
+
+
+def test_charlm_text_holds_the_zen_without_printing_it(capsys, monkeypatch):
+    import sys
+
+    from gradclip.experiments.tasks import _stdlib_text
+
+    monkeypatch.delitem(sys.modules, "this", raising=False)  # a first import is what prints
+    text = _stdlib_text()
+    assert "Beautiful is better than ugly." in text
+    assert capsys.readouterr().out == ""
+
+
+def test_summary_medians_leave_diverged_runs_out():
+    def record(seed, diverged, eval_loss, train_loss, metric):
+        return {"clipper": "c", "seed": seed, "metric_name": "accuracy", "metric": metric, "solved": metric >= 0.9,
+                "diverged": diverged, "eval_loss": eval_loss, "final_train_loss": train_loss,
+                "clip_rate": 0.5, "skip_rate": 0.0, "wall_time": 1.0}
+
+    rows = summarise([record(0, False, 0.2, 0.1, 0.95), record(1, True, 5000.0, 9000.0, 0.0), record(2, False, 0.4, 0.3, 0.8)])
+    (row,) = rows
+    assert row["eval_loss_median"] == pytest.approx(0.3) and row["final_train_loss_median"] == pytest.approx(0.2)
+    assert row["diverged"] == 1 and row["solved"] == 1 and row["metric_mean"] == pytest.approx(1.75 / 3)
+    (all_diverged,) = summarise([record(0, True, 5000.0, 9000.0, 0.0)])
+    assert math.isnan(all_diverged["eval_loss_median"]) and math.isnan(all_diverged["final_train_loss_median"])
 
 
 def test_summary_aggregates_the_records():
@@ -141,7 +231,8 @@ def test_clipper_spec_round_trip_and_errors():
     assert parse_spec(spec.text).text == spec.text
     assert spec.build().config()["min_value"] == -0.5
     assert parse_spec("none").build() is None
-    for bad, message in (("global_norm:max_norm", "max_norm"), ("global_norm:max_norm=x", "max_norm"),
+    for bad, message in (("global_norm:max_norm", "max_norm"), ("global_norm:max_norm=x", "got 'x'"),
+                         ("global_norm:max_norm=x", "(max_norm expects float)"), ("none:x=1", "takes no parameters"),
                          ("nope", "valid names"), ("zclip:alpha=2", "alpha")):
         with pytest.raises((InvalidArgumentError, UnknownNameError, TypeError, ValueError)) as caught:
             parse_spec(bad).build()

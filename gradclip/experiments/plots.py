@@ -31,6 +31,9 @@ def _finite(values):
 def plot_logged_run(records: Sequence[dict[str, Any]], out: Path, stem: str) -> list[Path]:
     """Draw a logged run: norms and threshold, clip rate, and the largest per-layer norms.
 
+    The per-layer norms are the ones :class:`gradclip.Monitor` records, measured after clipping
+    (the gradients the optimizer stepped with); the plot says so.
+
     Args:
         records: Monitor records in step order.
         out: Directory for the PNG files.
@@ -88,8 +91,9 @@ def plot_logged_run(records: Sequence[dict[str, Any]], out: Path, stem: str) -> 
             axis.plot(layer_steps, _finite([r["layer_norms"].get(name) for r in layered]), lw=0.8, label=name)
         axis.set_yscale("log")
         axis.set_xlabel("step")
-        axis.set_ylabel("per-layer gradient norm")
-        axis.set_title(f"{stem}: largest layers")
+        # Monitor measures layer norms from .grad after the clipper ran: what the optimizer used.
+        axis.set_ylabel("per-layer gradient norm (post-clip)")
+        axis.set_title(f"{stem}: largest layers, gradient norms after clipping")
         axis.legend(fontsize=7)
         figure.tight_layout()
         paths.append(out / f"{stem}.layers.png")

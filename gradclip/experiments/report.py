@@ -17,9 +17,22 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from gradclip.experiments.tasks import DIVERGENCE_FACTOR
 from gradclip.monitor.writers import json_safe
 
-__all__ = ["summarise", "write_outputs", "SUMMARY_FIELDS", "plot_loss", "plot_norms", "plot_clip_rate"]
+__all__ = [
+    "summarise",
+    "write_outputs",
+    "SUMMARY_FIELDS",
+    "plot_loss",
+    "plot_norms",
+    "plot_clip_rate",
+    "loss_figure",
+    "norms_figure",
+    "clip_rate_figure",
+    "threshold_scope",
+    "divergence_note",
+]
 
 SUMMARY_FIELDS = (
     "clipper",
@@ -45,14 +58,17 @@ def summarise(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """Aggregate run records per clipper, in the order clippers first appear.
 
     Returns:
-        One dict per clipper with the keys of :data:`SUMMARY_FIELDS`. Medians skip diverged
-        runs (their losses are not numbers); ``diverged`` counts them.
+        One dict per clipper with the keys of :data:`SUMMARY_FIELDS`. The medians
+        (``eval_loss_median``, ``final_train_loss_median``) are over the runs that did not
+        diverge (NaN when every run diverged): a blown-up run's loss says only that it blew up,
+        and ``diverged`` counts those. Means are over every run; a diverged run's metric is 0.
     """
     by_clipper: dict[str, list[dict[str, Any]]] = {}
     for record in records:
         by_clipper.setdefault(record["clipper"], []).append(record)
     rows = []
     for clipper, runs in by_clipper.items():
+        stable = [r for r in runs if not r["diverged"]]
         rows.append(
             {
                 "clipper": clipper,
@@ -61,8 +77,8 @@ def summarise(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                 "metric_mean": statistics.fmean(r["metric"] for r in runs),
                 "solved": sum(bool(r["solved"]) for r in runs),
                 "diverged": sum(bool(r["diverged"]) for r in runs),
-                "eval_loss_median": _median([r["eval_loss"] for r in runs]),
-                "final_train_loss_median": _median([r["final_train_loss"] for r in runs]),
+                "eval_loss_median": _median([r["eval_loss"] for r in stable]),
+                "final_train_loss_median": _median([r["final_train_loss"] for r in stable]),
                 "clip_rate_mean": statistics.fmean(r["clip_rate"] for r in runs),
                 "skip_rate_mean": statistics.fmean(r["skip_rate"] for r in runs),
                 "wall_time_mean": statistics.fmean(r["wall_time"] for r in runs),
@@ -118,8 +134,16 @@ def _smooth(values, window: int):
     return np.convolve(padded, kernel, mode="valid")
 
 
-def plot_loss(records, path: Path, title: str) -> Path:
-    """Training loss per clipper: median over seeds with the 25-75 % band (log scale)."""
+def _save(figure, path: Path) -> Path:
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    _pyplot().close(figure)
+    return path
+
+
+def loss_figure(records, title: str):
+    """The training-loss figure: per clipper the median over seeds with the 25-75 % band (log
+    scale); the legend counts diverged runs. Returns the matplotlib figure (not yet saved)."""
     plt = _pyplot()
     figure, axis = plt.subplots(figsize=(8, 4.5))
     for clipper, runs in _by_clipper(records).items():
@@ -136,36 +160,78 @@ def plot_loss(records, path: Path, title: str) -> Path:
     axis.set_ylabel("training loss (smoothed)")
     axis.set_title(title)
     axis.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
+    return figure
 
 
-def plot_norms(records, path: Path, title: str) -> Path:
-    """Pre-clip gradient norm of each clipper's first seed, with its threshold dashed."""
+def plot_loss(records, path: Path, title: str) -> Path:
+    """Write :func:`loss_figure` to ``path`` (PNG)."""
+    return _save(loss_figure(records, title), path)
+
+
+#: Clippers whose ``info.threshold`` is not a bound on the global norm, with what it bounds.
+#: Drawn on the global-norm axis it would mislead (value clipping's 0.1 is a per-element limit).
+_LOCAL_THRESHOLDS = {
+    "value": "bounds each element",
+    "zero_outliers": "bounds each element",
+    "norm": "bounds each tensor's norm",
+    "average_norm": "bounds each tensor's norm per element",
+    "block_rms": "bounds each tensor's RMS",
+    "agc": "is a per-unit ratio",
+}
+
+
+def threshold_scope(clipper: str) -> str | None:
+    """What a clipper spec's threshold bounds, when it is not the global gradient norm.
+
+    Args:
+        clipper: A spec text (``"value:clip_value=0.1"``).
+
+    Returns:
+        None when the threshold is a global-norm bound (it can be drawn over the norm trace),
+        else a phrase such as ``"bounds each element"``.
+    """
+    from gradclip.clippers.subset import Subset
+    from gradclip.experiments.spec import parse_spec
+
+    built = parse_spec(clipper).build()
+    while isinstance(built, Subset):  # it reports the wrapped clipper's threshold
+        built = built.clipper
+    return None if built is None else _LOCAL_THRESHOLDS.get(built.name)
+
+
+def norms_figure(records, title: str):
+    """Pre-clip global gradient norm of each clipper's first seed, one panel per clipper, with
+    the threshold dashed where it bounds the global norm (for per-element or per-tensor bounds
+    the panel title says what the threshold bounds instead). Returns the figure."""
     plt = _pyplot()
     groups = _by_clipper(records)
     figure, axes = plt.subplots(len(groups), 1, figsize=(8, 1.9 * len(groups) + 0.8), sharex=True, squeeze=False)
     for axis, (clipper, runs) in zip(axes[:, 0], groups.items()):
         history = runs[0]["history"]
-        axis.plot(history["norm"], lw=0.8, label="gradient norm (pre-clip)")
+        axis.plot(history["norm"], lw=0.8, label="global gradient norm (pre-clip)")
         thresholds = [t if t is not None and math.isfinite(t) else math.nan for t in history["threshold"]]
-        if any(math.isfinite(t) for t in thresholds):
+        scope = threshold_scope(clipper)
+        note = ""
+        if scope is not None:
+            note = f"; threshold {scope}, not drawn"
+        elif any(math.isfinite(t) for t in thresholds):
             axis.plot(thresholds, "--", lw=1.0, color="tab:red", label="threshold")
         axis.set_yscale("log")
-        axis.set_title(f"{clipper} (seed {runs[0]['seed']})", fontsize=9)
+        axis.set_title(f"{clipper} (seed {runs[0]['seed']}{note})", fontsize=9)
         axis.legend(fontsize=7, loc="upper right")
     axes[-1, 0].set_xlabel("step")
     figure.suptitle(title)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
+    return figure
 
 
-def plot_clip_rate(records, path: Path, title: str) -> Path:
-    """Fraction of steps clipped over training (rolling window, mean over seeds)."""
+def plot_norms(records, path: Path, title: str) -> Path:
+    """Write :func:`norms_figure` to ``path`` (PNG)."""
+    return _save(norms_figure(records, title), path)
+
+
+def clip_rate_figure(records, title: str):
+    """Fraction of steps clipped over training (rolling window, median over seeds). Returns the
+    figure."""
     plt = _pyplot()
     figure, axis = plt.subplots(figsize=(8, 4))
     for clipper, runs in _by_clipper(records).items():
@@ -178,10 +244,25 @@ def plot_clip_rate(records, path: Path, title: str) -> Path:
     axis.set_ylabel("fraction of steps clipped (rolling)")
     axis.set_title(title)
     axis.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
+    return figure
+
+
+def plot_clip_rate(records, path: Path, title: str) -> Path:
+    """Write :func:`clip_rate_figure` to ``path`` (PNG)."""
+    return _save(clip_rate_figure(records, title), path)
+
+
+def divergence_note(records: Sequence[dict[str, Any]]) -> str:
+    """One sentence saying what "diverged" meant for these runs (their task's limit)."""
+    if not records:
+        return ""
+    first = records[0]
+    return (
+        f"A run diverged when its training or held-out loss became non-finite or exceeded "
+        f"{first['divergence_limit']:.4g}, i.e. {DIVERGENCE_FACTOR:g} x {first['reference_loss']:.4g}, "
+        f"the loss of {first['reference_text']}. Training stops at such a loss; a diverged run "
+        f"counts as unsolved and is left out of the loss medians."
+    )
 
 
 def _format(value: Any) -> str:
@@ -236,6 +317,8 @@ def write_outputs(records: Sequence[dict[str, Any]], out: Path, meta: dict[str, 
         "",
         _markdown_table(rows),
         "",
+        divergence_note(records),
+        "",
         *[f"## {name}\n\n![{name}]({png})\n" for name, png in plots],
     ]
     files["report_md"] = out / "report.md"
@@ -255,6 +338,6 @@ def write_outputs(records: Sequence[dict[str, Any]], out: Path, meta: dict[str, 
         "<style>body{font-family:sans-serif;max-width:960px;margin:auto}"
         "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 8px}</style></head><body>"
         f"<h1>gradclip compare: {html.escape(meta['task'])}</h1><p>{html.escape(settings)}</p>"
-        f"<table><tr>{cells}</tr>{body}</table>{images}</body></html>"
+        f"<table><tr>{cells}</tr>{body}</table><p>{html.escape(divergence_note(records))}</p>{images}</body></html>"
     )
     return files

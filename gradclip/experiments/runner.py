@@ -1,9 +1,13 @@
 """Running experiments: one training run, and many in parallel with progress bars.
 
 A run trains one task under one clipper for one seed and records, per step, the training loss,
-the pre-clip gradient norm, the threshold used and whether clipping acted. The gradient norm is
-measured even without clipping (``"none"``), so the traces are comparable. Runs are independent
-processes (spawned, one torch thread each) so ``--jobs`` uses the cores without contention.
+the pre-clip gradient norm, the threshold used, whether clipping acted and whether the optimizer
+step was skipped. The gradient norm is measured even without clipping (``"none"``), so the
+traces are comparable. A run stops early when it diverges: a non-finite parameter, or a loss the
+task calls diverged (:meth:`~gradclip.experiments.tasks.Task.is_diverged`: non-finite or above
+1000 times the trivial predictor's loss); the held-out loss at the end is judged the same way.
+Runs are independent processes (spawned, one torch thread each) so ``--jobs`` uses the cores
+without contention.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from gradclip.experiments.spec import NONE, parse_spec
-from gradclip.experiments.tasks import is_diverged, make_task
+from gradclip.experiments.tasks import make_task
 
 __all__ = ["RunConfig", "run_one", "run_many", "OPTIMIZERS"]
 
@@ -66,10 +70,12 @@ def run_one(config: RunConfig, report: Callable[[int], None] | None = None) -> d
         report: Called with the number of steps done, every few steps (progress bars).
 
     Returns:
-        A JSON-serialisable dict: the config, ``metric_name``/``metric``, ``solved``,
-        ``diverged``, ``eval_loss``, ``final_train_loss``, ``clip_rate``, ``skip_rate``,
-        ``wall_time`` and per-step ``history`` lists (``loss``, ``norm``, ``threshold``,
-        ``clipped``).
+        A JSON-serialisable dict: the config, ``metric_name``/``metric`` (0 for a diverged
+        run), ``solved``, ``diverged``, ``divergence_limit`` and ``reference_loss`` (see
+        :class:`~gradclip.experiments.tasks.Task`), ``eval_loss`` (held-out, NaN when the model
+        is not finite), ``final_train_loss`` (mean of the last 5 % of the steps run),
+        ``steps_run``, ``clip_rate``, ``skip_rate``, ``wall_time`` and per-step ``history``
+        lists (``loss``, ``norm``, ``threshold``, ``clipped``, ``skipped``, ``spike``).
     """
     import torch
 
@@ -83,9 +89,8 @@ def run_one(config: RunConfig, report: Callable[[int], None] | None = None) -> d
     clipper = spec.build()
     if clipper is not None and "seed" in clipper.config() and clipper.config()["seed"] is None:
         clipper = parse_spec(f"{spec.text}{',' if spec.kwargs else ':'}seed={config.seed}").build()
-    history: dict[str, list] = {"loss": [], "norm": [], "threshold": [], "clipped": [], "spike": []}
+    history: dict[str, list] = {"loss": [], "norm": [], "threshold": [], "clipped": [], "skipped": [], "spike": []}
     diverged = False
-    skipped = 0
     started = time.perf_counter()
     for step in range(config.steps):
         batch = task.batch(step)
@@ -105,17 +110,18 @@ def run_one(config: RunConfig, report: Callable[[int], None] | None = None) -> d
         history["norm"].append(norm)
         history["threshold"].append(threshold)
         history["clipped"].append(bool(clipped))
+        history["skipped"].append(bool(skip))
         history["spike"].append(spike)
-        if skip:
-            skipped += 1
-        else:
+        if not skip:
             optimizer.step()
-        if is_diverged(loss_value) or not all(torch.isfinite(p).all() for p in model.parameters()):
+        if task.is_diverged(loss_value) or not all(torch.isfinite(p).all() for p in model.parameters()):
             diverged = True
             break
         if report is not None and (step + 1) % 10 == 0:
             report(step + 1)
     evaluation = task.evaluate(model)
+    # A model whose training loss stayed in range can still be wild on held-out data.
+    diverged = diverged or task.is_diverged(evaluation["loss"])
     metric = evaluation[task.metric_name]
     if diverged or not math.isfinite(metric):
         metric = 0.0
@@ -129,11 +135,14 @@ def run_one(config: RunConfig, report: Callable[[int], None] | None = None) -> d
         "metric": metric,
         "solved": bool(task.solved(metric)) and not diverged,
         "diverged": diverged,
-        "eval_loss": evaluation["loss"] if not diverged else math.nan,
+        "divergence_limit": task.divergence_limit,
+        "reference_loss": task.reference_loss,
+        "reference_text": task.reference_text,
+        "eval_loss": evaluation["loss"],
         "final_train_loss": sum(tail) / len(tail),
         "steps_run": steps_run,
         "clip_rate": sum(history["clipped"]) / max(1, steps_run),
-        "skip_rate": skipped / max(1, steps_run),
+        "skip_rate": sum(history["skipped"]) / max(1, steps_run),
         "wall_time": time.perf_counter() - started,
         "history": history,
     }
@@ -172,11 +181,19 @@ def run_many(
     """
     results: list[dict[str, Any] | None] = [None] * len(configs)
     if jobs <= 1:
+        import torch
+
+        # One thread, as in the worker processes (same numbers either way), then the caller's
+        # setting back: a library call must not leave the process slower than it found it.
+        threads = torch.get_num_threads()
         _worker_init()
-        for index, config in enumerate(configs):
-            results[index] = run_one(config, (lambda done, i=index: on_progress(i, done)) if on_progress else None)
-            if on_done:
-                on_done(index, results[index])
+        try:
+            for index, config in enumerate(configs):
+                results[index] = run_one(config, (lambda done, i=index: on_progress(i, done)) if on_progress else None)
+                if on_done:
+                    on_done(index, results[index])
+        finally:
+            torch.set_num_threads(threads)
         return results  # type: ignore[return-value]
     context = multiprocessing.get_context("spawn")
     with context.Manager() as manager:
