@@ -85,9 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("log", type=Path)
     report.add_argument("--out", type=Path, help="output directory (default: beside LOG)")
 
-    bench = commands.add_parser("bench", help="run the performance benchmarks")
-    bench.add_argument("--quick", action="store_true", help="smoke sizes")
-    bench.add_argument("--out", type=Path, help="RESULTS.md path (default: benchmarks/RESULTS.md, or none with --quick)")
+    # The harness parses its own options (--quick, --out, --device, --only, --rounds, --threads,
+    # --label; `gradclip bench --help` lists them): everything after "bench" is passed on.
+    commands.add_parser("bench", help="run the performance benchmarks (gradclip bench --help)", add_help=False)
     return parser
 
 
@@ -277,16 +277,17 @@ def _report(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     from gradclip.bench import main as bench_main
 
-    argv = ["--quick"] if args.quick else []
-    if args.out:
-        argv += ["--out", str(args.out)]
-    return bench_main(argv)
+    return bench_main(list(args.options))
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "bench":
+        args.options = rest  # the harness parses (and checks) its own options
+    elif rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     handlers = {"compare": _compare, "suggest": _suggest, "report": _report, "bench": _bench}
     try:
         return handlers[args.command](args)

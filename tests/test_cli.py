@@ -470,12 +470,20 @@ def test_suggest_accepts_the_librarys_whole_quantile_range(tmp_path, capsys):
     _not_blank(out)
 
 
-def test_bench_quick_runs():
-    result = run_cli("bench", "--quick", timeout=600)
+def test_bench_passes_the_harness_options_on(tmp_path):
+    """`gradclip bench` takes the harness's own options (the whole --quick run is in-process in
+    tests/test_bench_smoke.py)."""
+    out = tmp_path / "RESULTS.md"
+    result = run_cli("bench", "--quick", "--only", "p3", "--device", "cpu", "--label", "cli", "--out", str(out),
+                     timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "| P1 |" in result.stdout and "| P3 |" in result.stdout
-    ratios = [line.split("|")[5].strip() for line in result.stdout.splitlines() if line.startswith("| P1 |")]
-    assert ratios and math.isfinite(float(ratios[0]))
+    rows = [line for line in out.read_text().splitlines() if line.startswith("| P")]
+    assert len(rows) == 1 and rows[0].startswith("| P3 |"), rows
+    assert math.isfinite(float(rows[0].split("|")[5]))
+    assert "## cpu, cli (quick smoke sizes" in out.read_text()
+    bad = run_cli("bench", "--only", "nonsense")
+    assert bad.returncode == 2 and "invalid choice: 'nonsense'" in bad.stderr
+    assert run_cli("compare", "--bogus").returncode == 2  # other commands still refuse unknown options
 
 
 def test_charlm_prints_no_zen_of_python(tmp_path):
