@@ -20,7 +20,7 @@ from gradclip._core.ops import Ops, framework_of, get_ops
 from gradclip._core.tree import collect_gradients, flatten, flatten_like
 from gradclip._core.types import ClipInfo, EmptyState
 
-__all__ = ["Clipper", "STATE_FORMAT_VERSION", "make_info", "plain_config", "check_header"]
+__all__ = ["Clipper", "STATE_FORMAT_VERSION", "make_info", "plain_config", "check_header", "check_keys"]
 
 #: Version of the ``state_dict`` schema; bumped whenever its layout changes.
 STATE_FORMAT_VERSION = 1
@@ -540,6 +540,22 @@ def plain_config(value: Any) -> Any:
     return value
 
 
+def check_keys(where: str, mapping: Mapping[str, Any], expected: frozenset[str], what: str) -> None:
+    """Refuse a checkpoint mapping whose keys are not exactly ``expected``.
+
+    Raises:
+        StateError: Naming the unexpected and the missing keys.
+    """
+    keys = set(mapping)
+    if keys != expected:
+        unexpected = sorted(map(repr, keys - expected))
+        missing = sorted(expected - keys)
+        raise StateError(
+            f"{where}: {what} has exactly the keys {sorted(expected)}; "
+            f"unexpected: {', '.join(unexpected) or 'none'}; missing: {', '.join(missing) or 'none'}"
+        )
+
+
 def check_header(where: str, state_dict: Any, name: str, config: Mapping[str, Any]) -> None:
     """Validate everything of a checkpoint but its ``state``; raise before anything changes.
 
@@ -557,14 +573,7 @@ def check_header(where: str, state_dict: Any, name: str, config: Mapping[str, An
     """
     if not isinstance(state_dict, Mapping):
         raise StateError(f"{where}: expected a mapping from state_dict(), got {type(state_dict).__name__}")
-    keys = set(state_dict)
-    if keys != HEADER_KEYS:
-        unexpected = sorted(map(repr, keys - HEADER_KEYS))
-        missing = sorted(HEADER_KEYS - keys)
-        raise StateError(
-            f"{where}: a checkpoint has exactly the keys {sorted(HEADER_KEYS)}; "
-            f"unexpected: {', '.join(unexpected) or 'none'}; missing: {', '.join(missing) or 'none'}"
-        )
+    check_keys(where, state_dict, HEADER_KEYS, "a checkpoint")
     version = state_dict["version"]
     if state_dict["format"] != "gradclip" or type(version) is not int or version != STATE_FORMAT_VERSION:
         raise StateError(

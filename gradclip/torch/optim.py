@@ -72,7 +72,7 @@ from typing import Any
 
 import torch
 
-from gradclip._core.clipper import Clipper
+from gradclip._core.clipper import Clipper, check_keys
 from gradclip._core.errors import InvalidArgumentError, StateError
 from gradclip._core.ops import get_ops
 from gradclip._core.tree import collect_gradients
@@ -666,14 +666,7 @@ class ClippedOptimizer(torch.optim.Optimizer):
                 f"{where}: expected a dict from ClippedOptimizer.state_dict() (format {_FORMAT!r}), got "
                 f"{_describe(state_dict)}; to load a plain optimizer state use opt.optimizer.load_state_dict(...)"
             )
-        keys = set(state_dict)
-        if keys != _STATE_KEYS:
-            unexpected = sorted(map(repr, keys - _STATE_KEYS))
-            missing = sorted(_STATE_KEYS - keys)
-            raise StateError(
-                f"{where}: a ClippedOptimizer checkpoint has exactly the keys {sorted(_STATE_KEYS)}; "
-                f"unexpected: {', '.join(unexpected) or 'none'}; missing: {', '.join(missing) or 'none'}"
-            )
+        check_keys(where, state_dict, _STATE_KEYS, "a ClippedOptimizer checkpoint")
         version = state_dict["version"]
         if type(version) is not int or version != _FORMAT_VERSION:
             raise StateError(
