@@ -24,8 +24,8 @@ MEM    peak extra memory of ``GlobalNorm().clip_`` at 1/8x and 1x the parameters
        same tensor count: O(tensors), not O(parameters): at most two capped scratch
        buffers (CHUNK elements) and 1 KiB per tensor at both sizes (CPU: profiler
        allocation records; CUDA: the caching allocator's peak)
-OPS    ATen operations per step (kernel launches on a GPU) / ``clip_grad_norm_``'s     <= 2, 4
-       (GlobalNorm; adaptive clippers), 148 tensors on the foreach path; AGC / timm's   <= 1
+OPS    ATen operations per step (kernel launches on a GPU) / ``clip_grad_norm_``'s     report
+       (GlobalNorm, adaptive clippers), 148 tensors on the foreach path; AGC / timm's
 BW     CUDA only: bytes ``GlobalNorm().clip_`` must move (one read, one read+write of     report
        every gradient) / its time, as a fraction of the device's peak bandwidth
 =====  ============================================================================  ========
@@ -453,14 +453,14 @@ class _Bench:
         params = self.params([(8192,)] * 148)
         results = []
         reference = _count_ops(lambda: self.torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True))
+        # Reported, not judged: the issue sets no target for them; they show where a GPU's
+        # host time goes (P4 judges the time itself).
         for name in ("global_norm", *ADAPTIVE):
             clipper = gradclip.get(name)
             count = _count_ops(lambda c=clipper: c.clip_(params, allow_repeat=True))
-            limit = 2.0 if name == "global_norm" else 4.0
             results.append(Result(
-                "OPS", f"{name}: ATen operations per step vs clip_grad_norm_'s, 148 tensors", target=f"<= {limit}",
-                ratio=count / reference, passed=count / reference <= limit,
-                note=f"{count} vs {reference} operations"))
+                "OPS", f"{name}: ATen operations per step vs clip_grad_norm_'s, 148 tensors", target="report",
+                ratio=count / reference, note=f"{count} vs {reference} operations"))
         # AGC works per unit of every tensor: its reference is timm's, which does the same.
         agc_path = _timm_agc_path()
         if agc_path is not None:
@@ -468,8 +468,8 @@ class _Bench:
             count = _count_ops(lambda c=gradclip.AGC(): c.clip_(params))
             reference = _count_ops(lambda: timm_agc.adaptive_clip_grad(params))
             results.append(Result(
-                "OPS", "agc: ATen operations per step vs timm adaptive_clip_grad's, 148 tensors", target="<= 1.0",
-                ratio=count / reference, passed=count <= reference, note=f"{count} vs {reference} operations"))
+                "OPS", "agc: ATen operations per step vs timm adaptive_clip_grad's, 148 tensors", target="report",
+                ratio=count / reference, note=f"{count} vs {reference} operations"))
         return results
 
     # -- bandwidth (CUDA) ----------------------------------------------------------------------

@@ -205,6 +205,13 @@ def test_state_errors_name_the_field_and_the_problem():
     sd = sketch.state_dict()
     with pytest.raises(gradclip.StateError, match="inconsistent"):
         sketch.load_state_dict({**sd, "state": {**sd["state"], "count": sd["state"]["count"] + 1}})
+    # No norm counted yet, but extremes recorded: a state no run produces (the running maximum
+    # starts from the first norm only because an empty sketch holds low == high == 0).
+    before = snapshot(sketch)
+    empty = {"bins": [0] * len(sd["state"]["bins"]), "count": 0, "low": 0.0, "high": 1.0, "anchor": 0.0}
+    with pytest.raises(gradclip.StateError, match="inconsistent"):
+        sketch.load_state_dict({**sd, "state": empty})
+    assert snapshot(sketch) == before
 
 
 def test_adagc_state_for_other_tensors_is_refused_at_call_time():

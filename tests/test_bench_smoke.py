@@ -38,7 +38,8 @@ def test_quick_run_writes_every_row_with_a_ratio(quick_results):
             assert row["id"] in ("P4z", "P4a"), row
             continue
         assert math.isfinite(float(row["ratio"])), row
-        assert row["met"] in ("yes", "NO"), row
+        # Judged rows say yes or NO; the reported ones (operation counts) carry no verdict.
+        assert row["met"] in (("—",) if row["target"] == "report" else ("yes", "NO")), row
         assert row["target"], row
     assert "torch" in text and "CPU:" in text  # machine and versions
 

@@ -4,6 +4,11 @@ Everything here runs on the device and reads nothing back: buffers are written w
 over an index vector (no Python branch on a count), percentiles are taken by sorting with the
 unused slots set to ``+inf``, and counts are int64 device scalars. The helpers at the bottom
 validate plain state loaded from a checkpoint, before any of it is used.
+
+Operation count matters here: on a GPU every scalar operation is a kernel launch on the clipping
+step's critical path, between the norm and the scale. So each constant is made once per call and
+passed in, a condition is computed once and reused, and a ``where`` is dropped wherever an
+invariant of the state makes it a no-op (each such place says which invariant).
 """
 
 from __future__ import annotations
@@ -17,10 +22,12 @@ from gradclip._core.ops import Ops
 
 __all__ = [
     "as_f32",
+    "accumulation",
+    "fp32_finite",
+    "skip_flag",
     "ring_write",
     "prefix_percentile",
     "SKETCH_SIZE",
-    "sketch_anchor",
     "sketch_insert",
     "sketch_percentile",
     "check_field",
@@ -32,14 +39,47 @@ def as_f32(ops: Ops, x: Any) -> Any:
     return ops.cast(x, "float32")
 
 
-def ring_write(ops: Ops, buffer: Any, position: Any, value: Any, accept: Any) -> Any:
-    """``buffer[position] = value`` where ``accept``, as a ``where`` over the whole buffer.
+def accumulation(norm: Any) -> str:
+    """The dtype name of a norm: ``"float64"`` for fp64 gradients, else ``"float32"``."""
+    return "float64" if "float64" in str(norm.dtype) else "float32"
+
+
+def fp32_finite(ops: Ops, norm: Any, finite: Any) -> Any:
+    """Whether ``norm`` is finite and stays finite in fp32, the dtype of the adaptive state.
+
+    For an fp32 norm that is ``finite`` itself (no operation). An fp64 norm beyond fp32's range
+    (~3.4e38) becomes inf when cast; since a non-finite norm casts to a non-finite fp32 value,
+    the cast's finiteness alone decides.
+    """
+    if accumulation(norm) == "float32":
+        return finite
+    return ops.isfinite(as_f32(ops, norm))
+
+
+def skip_flag(ops: Ops, finite: Any, policy: str) -> Any:
+    """The ``info.skip`` flag of :func:`~gradclip.clippers.nonfinite.settle`, alone.
+
+    For the clippers whose clip coefficient is already exactly 1 on a non-finite step (their
+    bound is ``inf`` there, and ``inf > inf`` and ``NaN > bound`` are False), so the ``where``
+    that settle applies to the coefficient would change nothing.
+    """
+    return ~finite if policy == "skip" else ops.scalar(False, "bool")
+
+
+def ring_write(ops: Ops, buffer: Any, position: Any, value: Any, accept: Any = None, index: Any = None) -> Any:
+    """``buffer[position] = value`` where ``accept`` (always when None), as a ``where`` over the
+    whole buffer.
 
     A window is tens to hundreds of floats, so rewriting it costs less than a scatter's launch
-    and needs no integer index on the host.
+    and needs no integer index on the host. ``index`` is ``ops.arange(len(buffer))`` when the
+    caller has it already. A ``position`` outside the buffer writes nothing.
     """
-    index = ops.arange(buffer.shape[0])
-    return ops.where((index == position) & accept, value, buffer)
+    if index is None:
+        index = ops.arange(buffer.shape[0])
+    write = index == position
+    if accept is not None:
+        write = write & accept
+    return ops.where(write, value, buffer)
 
 
 def _lerp_like_numpy(ops: Ops, a: Any, b: Any, gamma: Any) -> Any:
@@ -47,63 +87,70 @@ def _lerp_like_numpy(ops: Ops, a: Any, b: Any, gamma: Any) -> Any:
 
     ``numpy.percentile`` with a Python-float ``q`` turns ``t`` into a Python float, so each of
     ``t`` and ``1 - t`` (computed in double) is rounded to fp32 where it meets the fp32 data,
-    and the second form is used from ``t >= 0.5`` on (it is exact at ``t = 1``). Two separate
-    multiplications and additions, never a fused multiply-add, as NumPy computes them.
+    and NumPy computes ``a + (b - a)·t``, or ``b - (b - a)·(1 - t)`` from ``t >= 0.5`` on (exact
+    at ``t = 1``). The second form is written here as ``b + (b - a)·(t - 1)``: ``t - 1`` is
+    exactly ``-(1 - t)`` in double and after rounding, and ``x + (-y)`` is ``x - y`` in IEEE
+    arithmetic, so one multiplication and one addition serve both forms with the same bits.
+    Never a fused multiply-add, as NumPy computes them.
     """
-    t = ops.cast(gamma, "float32")
-    one_minus_t = ops.cast(1.0 - gamma, "float32")
-    diff = b - a
-    low_form = a + diff * t
-    high_form = b - diff * one_minus_t
-    return ops.where(gamma >= 0.5, high_form, low_form)
+    high = gamma >= 0.5
+    t = ops.cast(ops.where(high, gamma - 1.0, gamma), "float32")
+    return ops.where(high, b, a) + (b - a) * t
 
 
-def _virtual_ranks(ops: Ops, k: Any, q: float):
-    """NumPy's 'linear' percentile positions for ``k`` values: ``(k - 1) * q`` in float64.
+def _lower_rank(ops: Ops, last: Any, q: float) -> tuple[Any, Any]:
+    """NumPy's 'linear' percentile position among ``last + 1 >= 1`` values: ``last * q`` in
+    float64 (``last`` is the int64 index of the last value, ``k - 1``).
 
-    Returns ``(lower_rank, upper_rank, gamma, at_top)``: the two neighbouring order statistics
-    (int64, clamped into ``[0, k - 1]``), the interpolation weight, and whether the position is
-    at or past the last value (then NumPy returns the largest value itself).
+    Returns ``(lower, gamma)``: the order statistic below the position (int64) and the
+    interpolation weight. For ``q`` in ``[0, 1]`` the product rounds into ``[0, last]`` (rounding
+    is monotonic and ``last·1`` is exact), so ``lower`` needs no clamping, and where the
+    position is the last value (NumPy then returns it alone) ``gamma`` is 0: interpolating with
+    any finite upper neighbour gives the lower value bit for bit.
     """
-    kf = ops.cast(k, "float64")
-    last = kf - 1.0
-    position = last * q
+    position = ops.cast(last, "float64") * q
     floor = ops.floor(position)
-    at_top = position >= last
-    gamma = position - floor
-    top = ops.where(k > 0, k - 1, k * 0)
-    lower = ops.cast(ops.where(at_top, last, floor), "int64")
-    lower = ops.where(lower > top, top, lower)
-    lower = ops.where(lower < 0, k * 0, lower)  # k == 0 only
-    upper = ops.where(at_top, top, ops.where(lower + 1 > top, top, lower + 1))
-    return lower, upper, gamma, at_top
+    return ops.cast(floor, "int64"), position - floor
 
 
-def prefix_percentile(ops: Ops, values: Any, k: Any, q: float) -> Any:
-    """``numpy.percentile(values[:k], 100 * q)`` bit for bit (method ``"linear"``).
+def _exact_at_ranks(q: float) -> bool:
+    """Whether percentile positions are whole ranks for every sample size (``q`` 0 or 1)."""
+    return q in (0.0, 1.0)
+
+
+def prefix_percentile(ops: Ops, values: Any, count: Any, q: float, inf: Any, index: Any = None) -> Any:
+    """``numpy.percentile(values[:k], 100 * q)`` bit for bit (method ``"linear"``), with
+    ``k = min(count, len(values))``.
 
     Args:
         ops: The backend.
         values: A 1-D fp32 buffer whose first ``k`` entries are the sample (a ring buffer that
             has not wrapped fills its prefix; one that has is entirely valid).
-        k: int64 0-d device array, the sample size (``0`` gives ``+inf``: nothing to clip by).
+        count: int64 0-d device array, how many values were ever written (``0`` gives ``+inf``:
+            nothing to clip by).
         q: The quantile in ``[0, 1]`` (``percentile / 100``, computed in double as NumPy does).
+        inf: fp32 ``+inf`` (a scalar the caller has made).
+        index: ``ops.arange(len(values))`` when the caller has it.
 
     Returns:
         An fp32 0-d array.
     """
-    n = values.shape[0]
-    inf = ops.scalar(math.inf, "float32")
-    index = ops.arange(n)
-    ordered = ops.sort(ops.where(index < k, values, inf))
-    lower, upper, gamma, at_top = _virtual_ranks(ops, k, q)
-    # With k == 0 both are +inf; zero them so no inf - inf is formed (NumPy would warn).
-    empty = k <= 0
-    zero = ops.scalar(0.0, "float32")
-    a = ops.where(empty, zero, ops.take(ordered, lower))
-    b = ops.where(empty, zero, ops.take(ordered, upper))
-    result = ops.where(at_top, a, _lerp_like_numpy(ops, a, b, gamma))
-    return ops.where(k > 0, result, inf)
+    if index is None:
+        index = ops.arange(values.shape[0])
+    # With no value yet, slot 0 stands in for the sample (it is finite), so every rank and
+    # index below is valid and no inf - inf is formed; the result is replaced by inf.
+    valid = index < ops.maximum(count, ops.scalar(1, "int64"))
+    last = ops.sum(valid) - 1
+    ordered = ops.sort(ops.where(valid, values, inf))
+    lower, gamma = _lower_rank(ops, last, q)
+    a = ops.take(ordered, lower)
+    if _exact_at_ranks(q):
+        result = a
+    else:
+        # The upper neighbour, kept inside the sample (at the last value gamma is 0).
+        b = ops.take(ordered, ops.minimum(lower + 1, last))
+        result = _lerp_like_numpy(ops, a, b, gamma)
+    return ops.where(count > 0, result, inf)
 
 
 # -- the bounded sketch behind AutoClip(history=None) ------------------------------------------
@@ -119,62 +166,65 @@ SKETCH_SIZE = 64 * SKETCH_PER_OCTAVE
 SKETCH_RELATIVE_ERROR = 2.0 ** (1.0 / (2 * SKETCH_PER_OCTAVE)) - 1.0
 
 
-def sketch_anchor(ops: Ops, anchor: Any, value: Any, accept: Any) -> Any:
-    """The anchor after seeing ``value``: the first positive accepted value, then fixed."""
-    return ops.where(accept & (anchor <= 0) & (value > 0), value, anchor)
+def sketch_insert(ops: Ops, bins: Any, anchor: Any, value: Any, accept: Any, zero: Any, one: Any) -> tuple[Any, Any]:
+    """Count ``value`` into its log bin where ``accept``; returns ``(bins, anchor)``.
 
-
-def sketch_insert(ops: Ops, bins: Any, value: Any, accept: Any, anchor: Any) -> Any:
-    """Count ``value`` (fp32, finite, >= 0) into its log bin where ``accept``.
-
-    Bin 0 holds exact zeros. Bin ``i >= 1`` holds ``anchor · [2**((i - OFFSET) / 64),
-    2**((i - OFFSET + 1) / 64))``; positive values below ``anchor · 2**-32`` go to bin 1, values
-    above ``anchor · 2**32`` to the last bin (the exact minimum and maximum are kept beside the
-    bins, so the extremes are never approximated). ``anchor`` must already account for
-    ``value`` (:func:`sketch_anchor`).
+    ``value`` is fp32, finite, ``>= 0``, and 0 where not ``accept``. The anchor becomes the first
+    positive value and then stays (a stored anchor is 0 or positive). Bin 0 holds exact zeros.
+    Bin ``i >= 1`` holds ``anchor · [2**((i - OFFSET) / 64), 2**((i - OFFSET + 1) / 64))``;
+    positive values below ``anchor · 2**-32`` go to bin 1, values above ``anchor · 2**32`` to the
+    last bin (the exact minimum and maximum are kept beside the bins, so the extremes are never
+    approximated). ``zero`` and ``one`` are fp32 scalars the caller has made.
     """
-    positive = value > 0
-    one = ops.scalar(1.0, "float32")
-    safe = ops.where(positive, value / ops.where(anchor > 0, anchor, one), one)
-    position = ops.floor(ops.log(safe) * (SKETCH_PER_OCTAVE / math.log(2.0))) + SKETCH_OFFSET
-    zero = ops.scalar(0.0, "float32")
-    position = ops.where(position < 1, ops.scalar(1.0, "float32"), position)
+    anchor = ops.where(anchor > 0, anchor, value)
+    positive = value > 0  # then the anchor is positive too
+    # The divisor is 1 where the ratio is not used, so no 0 / 0 is formed (NumPy would warn).
+    ratio = ops.where(positive, value / ops.where(positive, anchor, one), one)
+    position = ops.floor(ops.log(ratio) * (SKETCH_PER_OCTAVE / math.log(2.0))) + SKETCH_OFFSET
+    # Never NaN (the ratio is positive), so minimum/maximum clamp as comparisons would.
+    position = ops.minimum(ops.maximum(position, one), ops.scalar(SKETCH_SIZE - 1.0, "float32"))
     position = ops.where(positive, position, zero)
-    position = ops.where(position > SKETCH_SIZE - 1, ops.scalar(SKETCH_SIZE - 1.0, "float32"), position)
-    index = ops.arange(bins.shape[0])
-    hit = (index == ops.cast(position, "int64")) & accept
-    return bins + ops.cast(hit, "int64")
+    # A float index: the positions are whole numbers below 2**24, compared exactly.
+    hit = (ops.arange(bins.shape[0], "float32") == position) & accept
+    return bins + ops.cast(hit, "int64"), anchor
 
 
-def sketch_percentile(ops: Ops, bins: Any, k: Any, low: Any, high: Any, anchor: Any, q: float) -> Any:
+def sketch_percentile(
+    ops: Ops, bins: Any, count: Any, low: Any, high: Any, anchor: Any, q: float, zero: Any, inf: Any
+) -> Any:
     """The ``q`` quantile of the sketched sample, within :data:`SKETCH_RELATIVE_ERROR`.
 
     The same positions and interpolation as :func:`prefix_percentile`; each order statistic
     is its bin's geometric midpoint, clamped into ``[low, high]``, and the smallest and largest
     are ``low`` and ``high`` exactly (so one or two samples, ``q = 0`` and ``q = 1`` are exact).
-    Work per call: one cumulative sum and two compare-and-count passes over the bins.
+    ``count == 0`` gives ``+inf``. Work per call: one cumulative sum and two compare-and-count
+    passes over the bins; the two order statistics are then computed together, as a 2-vector.
     """
     cumulative = ops.cumsum(bins)
-    lower, upper, gamma, at_top = _virtual_ranks(ops, k, q)
-    top = ops.where(k > 0, k - 1, k * 0)
-
-    def order_statistic(rank):
+    top = count - 1  # the rank of the largest value
+    lower, gamma = _lower_rank(ops, top, q)
+    if _exact_at_ranks(q):
+        ranks = lower
         # The bin holding order statistic `rank` (0-based) is the number of bins whose
         # cumulative count is <= rank.
-        which = ops.sum(cumulative <= rank)
-        exponent = (ops.cast(which, "float32") - SKETCH_OFFSET + 0.5) * (math.log(2.0) / SKETCH_PER_OCTAVE)
-        value = ops.where(which == 0, ops.scalar(0.0, "float32"), ops.exp(exponent) * anchor)
-        value = ops.where(value < low, low, value)
-        value = ops.where(value > high, high, value)
-        value = ops.where(rank >= top, high, value)
-        return ops.where(rank <= 0, low, value)
-
-    empty = k <= 0
-    zero = ops.scalar(0.0, "float32")
-    a = ops.where(empty, zero, order_statistic(lower))
-    b = ops.where(empty, zero, order_statistic(upper))
-    result = ops.where(at_top, a, _lerp_like_numpy(ops, a, b, gamma))
-    return ops.where(empty, ops.scalar(math.inf, "float32"), result)
+        which = ops.sum(cumulative <= lower)
+    else:
+        # The upper neighbour is always the next rank: at the last value gamma is 0 and the
+        # (clamped, finite) neighbour does not change the result.
+        upper = lower + 1
+        ranks = ops.stack([lower, upper])
+        which = ops.stack([ops.sum(cumulative <= lower), ops.sum(cumulative <= upper)])
+    exponent = (ops.cast(which, "float32") + (0.5 - SKETCH_OFFSET)) * (math.log(2.0) / SKETCH_PER_OCTAVE)
+    values = ops.where(which == 0, zero, ops.exp(exponent) * anchor)
+    # Never NaN (exp is finite, the anchor finite), so minimum/maximum clamp as comparisons would.
+    values = ops.minimum(ops.maximum(values, low), high)
+    values = ops.where(ranks >= top, high, values)
+    values = ops.where(ranks <= 0, low, values)
+    if _exact_at_ranks(q):
+        result = values
+    else:
+        result = _lerp_like_numpy(ops, values[..., 0], values[..., 1], gamma)
+    return ops.where(count > 0, result, inf)
 
 
 # -- validating plain state from checkpoints -------------------------------------------------

@@ -39,8 +39,8 @@ from gradclip._core.clipper import Clipper, make_info
 from gradclip._core.errors import StateError
 from gradclip._core.registry import register
 from gradclip._core.validation import check_int, check_number
-from gradclip.clippers._adaptive import as_f32, check_field
-from gradclip.clippers.nonfinite import check_policy, measurement, settle
+from gradclip.clippers._adaptive import accumulation, as_f32, check_field, skip_flag
+from gradclip.clippers.nonfinite import check_policy, measurement
 from gradclip.clippers.norm import clip_coefficient
 
 __all__ = ["AdaGC", "AdaGCState"]
@@ -127,55 +127,55 @@ class AdaGC(Clipper):
             )
         found = measurement(ops, grads, 2.0, self.nonfinite, names, where)
         grads, norms, norm, finite = found.grads, found.norms, found.norm, found.finite
-        f32 = "float32"
         # Coefficients are computed in the norms' dtype (fp64 for fp64 gradients): an fp64 norm
         # compared with its own fp32 rounding would clip by an ulp, and one beyond fp32's range
         # would become inf (and inf·0 NaN). Only γ, the state, is fp32.
-        acc = "float64" if "float64" in str(norm.dtype) else f32
-        one = ops.scalar(1.0, acc)
-        zero = ops.scalar(0.0, acc)
-        # Non-finite norms are replaced by 0 before any arithmetic (the flags below decide what
-        # they may change), so no inf * 0 or inf / inf is ever formed.
-        tensor_finite = ops.isfinite(norms)
-        norms = ops.where(tensor_finite, norms, zero)
+        acc = accumulation(norm)
+        one, zero, inf = ops.scalar(1.0, acc), ops.scalar(0.0, acc), ops.scalar(math.inf, acc)
+        # A non-finite step changes nothing: its norms are replaced by 0 before any arithmetic
+        # (so no inf * 0 or inf / inf is ever formed), which makes every coefficient below
+        # exactly 1 and no tensor informative. (A finite global norm has finite per-tensor norms.)
+        norms = ops.where(finite, norms, zero)
         total = ops.where(finite, norm, zero)
         gamma, seen = state.gamma, state.seen
-        gamma_acc = ops.cast(gamma, acc)
         warming = state.step < self.start_clip_steps
 
-        # Warm-up: one global coefficient; γ is the running minimum of the clipped norms.
+        # Warm-up: one global coefficient; γ is the running minimum of the clipped norms (an
+        # unseen tensor's γ is 0, which load_state_dict checks: it takes the clipped norm).
         warm_limit = ops.scalar(self.warmup_max_norm, acc)
         h = clip_coefficient(ops, total, warm_limit, self.eps)
         clipped_warm = as_f32(ops, h * norms)
-        lower = ~seen | (clipped_warm < gamma)
-        gamma_warm = ops.where(lower, clipped_warm, gamma)
+        gamma_warm = ops.where(seen, ops.minimum(clipped_warm, gamma), clipped_warm)
 
-        # Afterwards: per-tensor coefficients against clip_ratio·γ.
-        limit = gamma_acc * self.clip_ratio
-        above = seen & (norms > limit)
-        divisor = ops.where(above, norms + self.eps, one)
+        # Afterwards: per-tensor coefficients against clip_ratio·γ; an unseen tensor has no bound.
+        limit = ops.cast(gamma, acc) * self.clip_ratio
+        bounds = ops.where(seen, limit, inf)
+        above = norms > bounds
+        # With eps > 0 the divisor is positive; with eps = 0 it is 1 where unused (no 0 / 0).
+        divisor = norms + self.eps if self.eps > 0 else ops.where(above, norms, one)
         h_each = ops.where(above, limit / divisor, one)
         clipped_each = as_f32(ops, h_each * norms)
         ema = self.beta * gamma + (1.0 - self.beta) * clipped_each
         gamma_adaptive = ops.where(seen, ema, clipped_each)
 
         candidate = ops.where(warming, gamma_warm, gamma_adaptive)
-        # Which tensors inform γ this step: finite steps, positive norms, and a positive new γ
-        # (one that underflowed fp32 would clip the tensor to zero for ever). So ``seen`` holds
-        # exactly where γ > 0, which load_state_dict checks.
-        informative = finite & tensor_finite & (norms > 0) & (candidate > 0)
+        # Which tensors inform γ this step: positive norms (so finite steps) and a positive new γ
+        # (one that underflowed fp32 would clip the tensor to zero for ever); neither is NaN, so
+        # both are positive where their minimum is. So ``seen`` holds exactly where γ > 0, which
+        # load_state_dict checks.
+        informative = ops.minimum(norms, candidate) > 0
         gamma = ops.where(informative, candidate, gamma)
         seen = seen | informative
-        coefs = ops.where(warming, h * (norms * 0.0 + 1.0), h_each)
-        coefs, skip = settle(ops, coefs, finite, self.nonfinite)
+        coefs = ops.where(warming, h, h_each)
+        skip = skip_flag(ops, finite, self.nonfinite)
         grads = ops.scale_each(grads, coefs)
         step = state.step + ops.cast(finite, "int64")
 
+        # The effective coefficient: every coef is <= 1, so the clipped global norm is at most the
+        # (finite) global norm and the ratio is finite.
         after = ops.combine_norms(coefs * norms, 2.0)
-        safe = ops.where(total > 0, total, one)
-        effective = ops.where(total > 0, after / safe, one)
-        effective = ops.where(finite & ops.isfinite(effective), effective, one)
-        bounds = ops.where(state.seen, limit, ops.scalar(math.inf, acc))
+        positive = total > 0
+        effective = ops.where(positive, after / ops.where(positive, total, one), one)
         # torch.distributed: combine_norms reduces over the process group, so a rank without
         # gradients must call it too.
         reduce = len(grads) or getattr(ops, "distributed", False)

@@ -46,11 +46,12 @@ from gradclip._core.registry import register
 from gradclip._core.validation import check_int, check_number
 from gradclip.clippers._adaptive import (
     SKETCH_SIZE,
+    accumulation,
     as_f32,
     check_field,
+    fp32_finite,
     prefix_percentile,
     ring_write,
-    sketch_anchor,
     sketch_insert,
     sketch_percentile,
 )
@@ -133,31 +134,36 @@ class AutoClip(Clipper):
     def _update(self, ops, grads, state, params, names):
         found = measurement(ops, grads, 2.0, self.nonfinite, names, "AutoClip")
         grads, norm, finite = found.grads, found.norm, found.finite
-        zero = ops.scalar(0.0, "float32")
-        measured = ops.where(finite, as_f32(ops, norm), zero)
+        f32, acc = "float32", accumulation(norm)
+        zero, inf = ops.scalar(0.0, f32), ops.scalar(math.inf, f32)
+        measured = as_f32(ops, norm)
         # Only norms finite in fp32 enter the history: a non-finite one, or an fp64 norm beyond
         # fp32's range (it would be inf in the fp32 state), is replaced by 0 and not counted.
-        accept = finite & ops.isfinite(measured)
+        accept = fp32_finite(ops, norm, finite)
         x = ops.where(accept, measured, zero)
         count = state.count + ops.cast(accept, "int64")
         if self.history is None:
-            anchor = sketch_anchor(ops, state.anchor, x, accept)
-            bins = sketch_insert(ops, state.bins, x, accept, anchor)
-            first = state.count == 0
-            low = ops.where(accept & (first | (x < state.low)), x, state.low)
-            high = ops.where(accept & (first | (x > state.high)), x, state.high)
-            threshold = sketch_percentile(ops, bins, count, low, high, anchor, self._q)
+            bins, anchor = sketch_insert(ops, state.bins, state.anchor, x, accept, zero, ops.scalar(1.0, f32))
+            # Before the first norm low and high are 0 (load_state_dict checks it), and x is 0
+            # where not accepted: the running maximum needs no condition.
+            low = ops.where(accept, ops.where(state.count == 0, x, ops.minimum(x, state.low)), state.low)
+            high = ops.maximum(x, state.high)
+            threshold = sketch_percentile(ops, bins, count, low, high, anchor, self._q, zero, inf)
             new_state = AutoClipSketchState(bins, count, low, high, anchor)
         else:
-            history = ring_write(ops, state.history, state.count % self.history, x, accept)
-            k = ops.where(count < self.history, count, count * 0 + self.history)
-            threshold = prefix_percentile(ops, history, k, self._q)
+            index = ops.arange(self.history)
+            history = ring_write(ops, state.history, state.count % self.history, x, accept, index)
+            threshold = prefix_percentile(ops, history, count, self._q, inf, index)
             new_state = AutoClipWindowState(history, count)
-        acc = "float64" if "float64" in str(norm.dtype) else "float32"
-        # Clip where the fp32 norm, the value the history holds, exceeds the fp32 threshold.
-        # Comparing the fp64 norm itself would clip fp64 gradients by an ulp whenever the
-        # threshold is their own norm rounded down (the first step, percentile 100).
-        bound = ops.where(measured > threshold, ops.cast(threshold, acc), ops.scalar(math.inf, acc))
+        if acc == f32:
+            # On a finite step the norm is x; on another settle() leaves the gradients alone.
+            bound = threshold
+        else:
+            # Clip where the fp32 norm, the value the history holds, exceeds the fp32 threshold.
+            # Comparing the fp64 norm itself would clip fp64 gradients by an ulp whenever the
+            # threshold is their own norm rounded down (the first step, percentile 100).
+            compared = ops.where(finite, measured, zero)
+            bound = ops.where(compared > threshold, ops.cast(threshold, acc), ops.scalar(math.inf, acc))
         coef, skip = settle(ops, clip_coefficient(ops, norm, bound, _EPS), finite, self.nonfinite)
         grads = ops.scale(grads, coef)
         info = make_info(ops, norm, ops.cast(threshold, acc), coef, coef < 1, found.given_finite, skip)
@@ -182,5 +188,10 @@ class AutoClip(Clipper):
                 )
             if state["low"] > state["high"]:
                 raise StateError(f"{where}: state low={state['low']!r} exceeds high={state['high']!r}")
+            if state["count"] == 0 and (state["low"] != 0 or state["high"] != 0):
+                raise StateError(
+                    f"{where}: low={state['low']!r} and high={state['high']!r} must be 0 before the "
+                    "first norm (count is 0); the state is inconsistent"
+                )
         else:
             check_field(where, state, "history", "float", (self.history,), low=0.0)

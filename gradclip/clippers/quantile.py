@@ -168,12 +168,14 @@ class QuantileNorm(Clipper):
             valid = ops.isfinite(values)
             count = ops.sum(valid)
             below = ops.sum(valid & (values <= bound))
-            safe_count = ops.where(count > 0, count, count * 0 + 1)
+            safe_count = ops.maximum(count, ops.scalar(1, "int64"))  # no 0 / 0 (then uninformative)
             unclipped = ops.cast(below, "float32") / ops.cast(safe_count, "float32")
             informative = finite & (count > 0)
         moved = bound * ops.exp((unclipped - self.target_quantile) * -self.learning_rate)
-        moved = ops.where(moved < self.min_norm, ops.scalar(self.min_norm, "float32"), moved)
-        moved = ops.where(moved > self.max_norm, ops.scalar(self.max_norm, "float32"), moved)
+        # Never NaN (C is positive and finite, exp never NaN), so minimum/maximum clamp as
+        # comparisons would.
+        moved = ops.maximum(moved, ops.scalar(self.min_norm, "float32"))
+        moved = ops.minimum(moved, ops.scalar(self.max_norm, "float32"))
         new_bound = ops.where(informative, moved, bound)
         info = make_info(ops, norm, threshold, coef, coef < 1, found.given_finite, skip)
         return grads, QuantileNormState(new_bound), info

@@ -42,7 +42,7 @@ from gradclip._core.clipper import Clipper, make_info
 from gradclip._core.errors import InvalidArgumentError, StateError
 from gradclip._core.registry import register
 from gradclip._core.validation import check_int, check_number
-from gradclip.clippers._adaptive import as_f32, check_field, ring_write
+from gradclip.clippers._adaptive import accumulation, as_f32, check_field, fp32_finite, ring_write
 
 __all__ = ["SkipOnSpike", "SkipOnSpikeState"]
 
@@ -103,30 +103,34 @@ class SkipOnSpike(Clipper):
         f32 = "float32"
         norm = ops.global_norm(grads, 2.0)
         finite = ops.isfinite(norm)
-        # Non-finite, and beyond fp32's range (an fp64 norm), are both flagged; x is then 0.
-        measurable = finite & ops.isfinite(as_f32(ops, norm))
-        x = ops.where(measurable, as_f32(ops, norm), ops.scalar(0.0, f32))
-        # Statistics of the window, the current norm excluded.
-        k = ops.where(state.count < self.window, state.count, state.count * 0 + self.window)
-        valid = ops.arange(self.window) < k
-        zero = ops.scalar(0.0, f32)
-        kf = ops.cast(k, f32)
-        mean = ops.sum(ops.where(valid, state.window, zero)) / ops.where(k > 0, kf, kf * 0.0 + 1.0)
+        acc = accumulation(norm)
+        zero, one, inf = ops.scalar(0.0, f32), ops.scalar(1.0, f32), ops.scalar(math.inf, f32)
+        # Non-finite, and beyond fp32's range (an fp64 norm), are both flagged.
+        measurable = fp32_finite(ops, norm, finite)
+        x = as_f32(ops, norm)
+        # Statistics of the window, the current norm excluded. Slots not reached yet hold 0
+        # (load_state_dict checks it), so the whole window sums to the valid slots' sum; the
+        # divisors are max(k, 1) and max(k - 1, 1), k = min(count, window) the valid slots.
+        index = ops.arange(self.window)
+        valid = index < state.count
+        kf = ops.cast(ops.sum(valid), f32)
+        mean = ops.sum(state.window) / ops.maximum(kf, one)
         centred = ops.where(valid, state.window - mean, zero)
-        var = ops.sum(centred * centred) / ops.where(k > 1, kf - 1.0, kf * 0.0 + 1.0)
+        var = ops.sum(centred * centred) / ops.maximum(kf - 1.0, one)
         std = ops.sqrt(var)
-        std = ops.where(std < mean * self.std_floor, mean * self.std_floor, std)
-        limit = mean + self.sigma * std
-        ready = k >= self.min_history
-        spike = (~measurable) | (ready & (x > limit))
-        record = ~spike & (x > 0)
-        window = ring_write(ops, state.window, state.count % self.window, x, record)
+        if self.std_floor > 0:  # (with 0 the floor is 0 <= std)
+            std = ops.maximum(std, mean * self.std_floor)
+        # k >= min_history exactly when count is (min_history <= window).
+        threshold = ops.where(state.count >= self.min_history, mean + self.sigma * std, inf)
+        # A NaN norm is never above the threshold, nor is an inf one before min_history: both
+        # are flagged as not measurable. Only a measurable positive norm under it is recorded.
+        spike = ~measurable | (x > threshold)
+        record = x > ops.where(spike, inf, zero)
+        window = ring_write(ops, state.window, state.count % self.window, x, record, index)
         count = state.count + ops.cast(record, "int64")
         skipped = state.skipped + ops.cast(spike, "int64")
-        acc = "float64" if "float64" in str(norm.dtype) else f32
-        threshold = ops.cast(ops.where(ready, limit, ops.scalar(math.inf, f32)), acc)
-        one = ops.scalar(1.0, acc)
-        info = make_info(ops, norm, threshold, one, ops.scalar(False, "bool"), finite, spike)
+        coef = one if acc == f32 else ops.scalar(1.0, acc)
+        info = make_info(ops, norm, ops.cast(threshold, acc), coef, ops.scalar(False, "bool"), finite, spike)
         return grads, SkipOnSpikeState(window, count, skipped), info
 
     def _validate_state(self, where, state):

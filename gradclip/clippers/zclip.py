@@ -56,7 +56,7 @@ from gradclip._core.clipper import Clipper, make_info
 from gradclip._core.errors import InvalidArgumentError, StateError
 from gradclip._core.registry import register
 from gradclip._core.validation import check_choice, check_int, check_number
-from gradclip.clippers._adaptive import as_f32, check_field, ring_write
+from gradclip.clippers._adaptive import accumulation, as_f32, check_field, ring_write, skip_flag
 from gradclip.clippers.nonfinite import check_policy, measurement, settle
 from gradclip.clippers.norm import clip_coefficient
 
@@ -165,76 +165,104 @@ class ZClip(Clipper):
     def _update(self, ops, grads, state, params, names):
         found = measurement(ops, grads, 2.0, self.nonfinite, names, "ZClip")
         grads, norm, finite = found.grads, found.norm, found.finite
-        f32 = "float32"
-        acc = "float64" if "float64" in str(norm.dtype) else f32
-        zero = ops.scalar(0.0, f32)
-        inf = ops.scalar(math.inf, f32)
+        f32, acc = "float32", accumulation(norm)
+        zero, one, inf = ops.scalar(0.0, f32), ops.scalar(1.0, f32), ops.scalar(math.inf, f32)
         x = ops.where(finite, as_f32(ops, norm), zero)
         # The norms that may enter the statistics: positive (a zero norm says nothing about the
         # scale, and zeros alone would make a zero mean) and finite in fp32 (an fp64 norm beyond
         # fp32's range would be inf in the fp32 state; after warm-up it is a spike anyway).
-        usable = finite & (x > 0) & ops.isfinite(x)
-        warming = state.step < self.warmup_steps
-        adaptive = ~warming
+        # `value` is x where usable, else 0: an fp32 x is 0 exactly where it is not usable.
+        if acc == f32:
+            usable = x > 0
+            value = x
+        else:
+            usable = (x > 0) & (x < math.inf)
+            value = ops.where(usable, x, zero)
+        adaptive = state.step >= self.warmup_steps
+        zt = self.z_thresh
 
-        # -- warm-up: collect, and initialise the statistics after the last warm-up norm.
-        warmup = ring_write(ops, state.warmup, state.step, x, usable & warming)
+        # -- warm-up: collect, and initialise the statistics after the last warm-up norm. The
+        # slot `step` still holds 0 (load_state_dict checks it) and `value` is 0 unless usable,
+        # so the write needs no condition; after warm-up `step` is past the buffer.
+        warmup = ring_write(ops, state.warmup, state.step, value)
         size = float(self.warmup_steps)
         first_mean = ops.sum(warmup) / size
         centred = warmup - first_mean
         first_var = ops.sum(centred * centred) / size
         initialise = usable & (state.step == self.warmup_steps - 1)
-        mean = ops.where(initialise, first_mean, state.mean)
-        var = ops.where(initialise, first_var, state.var)
 
         # -- the adaptive threshold (computed every step, used once warm-up is over).
         old_mean, old_var = state.mean, state.var
         std = ops.sqrt(old_var)
-        std = ops.where(std < old_mean * self.std_floor, old_mean * self.std_floor, std)
-        has_spread = std > 0
-        safe_std = ops.where(has_spread, std, ops.scalar(1.0, f32))
+        if self.std_floor > 0:  # (with 0 the floor is 0 <= std)
+            std = ops.maximum(std, old_mean * self.std_floor)
+        spread = zt * std
         if self.mode == "percentile":
-            candidate = old_mean + self.z_thresh * std
+            candidate = old_mean + spread
             spike = x > candidate
         else:
-            # z of a zero spread: +inf above the mean (the package's 1e-6 makes it huge), else 0.
-            z = ops.where(has_spread, (x - old_mean) / safe_std, ops.where(x > old_mean, inf, zero))
-            spike = z > self.z_thresh
+            if self.std_floor > 0:
+                # After warm-up the mean is positive (load_state_dict checks it), so the floored
+                # spread is too, unless the mean is below ~1e-43 (fp32 subnormals), where the
+                # quotient below is ±inf or NaN and spike still means "above the mean", as with
+                # a zero spread in the branch below. During warm-up (mean and var 0) the
+                # divisor is 1 instead of 0, and nothing is a spike.
+                z = (x - old_mean) / ops.where(adaptive, std, one)
+                spike = z > zt
+            else:
+                has_spread = std > 0
+                z = (x - old_mean) / ops.where(has_spread, std, one)
+                # A zero spread makes z +inf above the mean (the package's 1e-6 makes it huge),
+                # 0 elsewhere: a spike is a norm above the mean. Its target is then the mean,
+                # with the finite z above as with the infinite one (0 / eta is 0 either way).
+                spike = ops.where(has_spread, z > zt, x > old_mean)
             if self.clip_option == "mean":
                 candidate = old_mean
             else:
-                safe_z = ops.where(spike, z, ops.scalar(1.0, f32))
-                eta = safe_z / self.z_thresh
-                candidate = (old_mean + (self.z_thresh * std) / eta) * self.clip_factor
-        spike = spike & adaptive & finite
-        clip_value = ops.where(spike, candidate, x)
+                eta = ops.where(spike, z, one) / zt
+                candidate = old_mean + spread / eta
+                if self.clip_factor != 1.0:
+                    candidate = candidate * self.clip_factor
+        # A non-finite step has x = 0, never above the (non-negative) mean: not a spike.
+        spike = spike & adaptive
+        clip_value = ops.where(spike, candidate, value)
 
         # -- the bound used this step: the spike's target on a spike, else none (coef exactly 1:
         # comparing the norm with its own fp32 rounding would clip fp64 gradients by an ulp),
         # then the absolute cap, compared in the norm's dtype. The threshold reported on a quiet
-        # step is the largest norm that would have passed.
+        # step is the largest norm that would have passed. (Neither is ever NaN, so minimum
+        # caps as a comparison would.)
         bound = ops.cast(ops.where(spike, candidate, inf), acc)
-        reported = ops.where(spike, candidate, old_mean + self.z_thresh * std)
-        reported = ops.cast(ops.where(adaptive, reported, inf), acc)
+        if self.mode == "percentile":
+            reported = ops.where(adaptive, candidate, inf)
+        else:
+            reported = ops.where(spike, candidate, ops.where(adaptive, old_mean + spread, inf))
+        reported = ops.cast(reported, acc)
         if self.max_grad_norm is not None:
             cap = ops.scalar(self.max_grad_norm, acc)
-            bound = ops.where(bound > cap, cap, bound)
-            reported = ops.where(reported > cap, cap, reported)
-        bound = ops.where(finite, bound, ops.scalar(math.inf, acc))
-        coef, skip = settle(ops, clip_coefficient(ops, norm, bound, _EPS), finite, self.nonfinite)
+            bound = ops.minimum(bound, cap)
+            reported = ops.minimum(reported, cap)
+        coef = clip_coefficient(ops, norm, bound, _EPS)
+        if self.max_grad_norm is None:
+            # The bound is inf except on a spike, which is finite: coef is 1 on non-finite steps.
+            skip = skip_flag(ops, finite, self.nonfinite)
+        else:
+            coef, skip = settle(ops, coef, finite, self.nonfinite)
         grads = ops.scale(grads, coef)
 
         # -- the EMA, with the clipped value and the updated mean. A spike's value is its
-        # (finite) target; a quiet norm must be usable.
-        update = adaptive & finite & (spike | usable)
+        # (finite) target; a quiet norm must be usable. (A spike is adaptive and finite, a usable
+        # norm finite.) Every operand is finite, so the values computed on a discarded step are
+        # finite too.
         if self.skip_update_on_spike:
-            update = update & ~spike
-        clip_value = ops.where(update, clip_value, old_mean)  # no inf - inf on discarded steps
+            update = adaptive & usable & ~spike
+        else:
+            update = spike | (adaptive & usable)
         ema_mean = self.alpha * old_mean + (1.0 - self.alpha) * clip_value
         deviation = clip_value - ema_mean
         ema_var = self.alpha * old_var + (1.0 - self.alpha) * (deviation * deviation)
-        mean = ops.where(update, ema_mean, mean)
-        var = ops.where(update, ema_var, var)
+        mean = ops.where(update, ema_mean, ops.where(initialise, first_mean, old_mean))
+        var = ops.where(update, ema_var, ops.where(initialise, first_var, old_var))
         step = state.step + ops.cast(usable, "int64")
         new_state = ZClipState(step, warmup, mean, var)
         return grads, new_state, make_info(ops, norm, reported, coef, coef < 1, found.given_finite, skip)
