@@ -21,6 +21,14 @@ Use the clipper *instead of* Keras' own ``clipnorm``/``global_clipnorm``/``clipv
 ``ClippingOptimizer(opt, gradclip.Norm(c))`` and ``gradclip.GlobalNorm(c, eps=0)`` the results
 equal ``clipnorm=c`` and ``global_clipnorm=c`` (``tests/test_keras.py`` checks it).
 
+Variables without a gradient (``None``, e.g. a layer the loss does not use) are given a zero
+gradient for the clipper's bookkeeping only: the clipper's state keeps one position per trainable
+variable (AdaGC's per-tensor thresholds stay with their variables), a zero tensor adds nothing to
+any norm and leaves AdaGC's threshold for it unchanged, and the inner optimizer still receives
+``None`` for that variable, so it is not updated (Keras warns, as it does without clipping).
+AdaGC reports ``info.threshold = inf`` while any variable has no threshold yet, so with a
+variable that never gets a gradient its threshold stays ``inf`` (its clipping is unaffected).
+
 Limits: the wrapped optimizer's ``gradient_accumulation_steps`` accumulates gradients that were
 already clipped per micro-batch (Keras clips the accumulated sum); sparse ``tf.IndexedSlices``
 gradients (embeddings) are densified before clipping.
@@ -166,15 +174,29 @@ class ClippingOptimizer(keras.optimizers.Optimizer):
             for g in grads
         ]
         grads = [_densify(g) for g in grads]
+        if len(grads) != len(trainable_variables):
+            raise InvalidArgumentError(
+                f"ClippingOptimizer.apply: got {len(grads)} gradient(s) for {len(trainable_variables)} "
+                "trainable variable(s); pass one gradient (or None) per variable"
+            )
+        # A variable without a gradient (None: it took no part in the loss) gets a zero gradient
+        # for the clipper only, so every position the state was built for (AdaGC keeps one
+        # threshold per variable) still holds that variable. A zero tensor adds nothing to any
+        # norm, and AdaGC leaves a tensor's threshold alone on a zero norm, so the statistics are
+        # those of the gradients given; the zeros are dropped again below (None reaches the inner
+        # optimizer, which skips that variable as Keras does).
+        given = [g is not None for g in grads]
+        grads = [
+            g if g is not None else keras.ops.zeros(v.shape, dtype=v.dtype)
+            for g, v in zip(grads, trainable_variables)
+        ]
         # Read every variable up front, before this step assigns to any of them.
         state = self._state_like([keras.ops.convert_to_tensor(v) for v in self._state_variables])
         params = None
         if self.clipper._uses_params():
-            params = [
-                None if g is None else keras.ops.convert_to_tensor(v)
-                for g, v in zip(grads, trainable_variables)
-            ]
-        clipped, new_state, info = self.clipper.update(list(grads), state, params=params)
+            params = [keras.ops.convert_to_tensor(v) for v in trainable_variables]
+        clipped, new_state, info = self.clipper.update(grads, state, params=params)
+        clipped = [c if keep else None for c, keep in zip(clipped, given)]
         new_leaves, _ = _flatten_state(new_state)
         for variable, value in zip(self._state_variables, new_leaves):
             variable.assign(keras.ops.cast(value, variable.dtype))

@@ -1,7 +1,8 @@
 """``clipper.as_optax()``: optax transformations from the one implementation of each clipper.
 
 Covers ``optax.chain`` inside ``jax.jit``, the state as a pytree of fixed type (``lax.scan``
-carries it) for every registered clipper, ``clip_info``, skipped steps, bad input, parity with
+carries it) for every registered clipper, each scanned step equal to eager ``clipper.clip``
+(updates, ClipInfo, advancing state), ``clip_info``, skipped steps, bad input, parity with
 ``optax.clip``, ``optax.clip_by_global_norm``, ``optax.clip_by_block_rms`` and
 ``optax.adaptive_grad_clip`` (every deviation a named test), and a real ``jax.jit`` training loop
 on scikit-learn's digits.
@@ -20,6 +21,7 @@ jnp = jax.numpy
 
 import gradclip  # noqa: E402
 import gradclip.optax as gco  # noqa: E402
+from gradclip import ClipInfo  # noqa: E402
 from test_conformance import make_clipper  # noqa: E402
 
 
@@ -56,30 +58,61 @@ def test_chain_with_adam_under_jit_equals_clip_then_adam():
     np.testing.assert_allclose(float(info.norm), float(gradclip.global_norm(tree(12))), rtol=1e-6)
 
 
+def _stack(trees):
+    """A list of pytrees as one pytree of stacked leaves (what ``lax.scan`` takes as xs)."""
+    return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *trees)
+
+
+def _state_leaves(state):
+    return [np.asarray(x) for x in jax.tree_util.tree_leaves(state)]
+
+
 @pytest.mark.parametrize("name", gradclip.available())
-def test_state_is_a_pytree_of_fixed_type_for_every_clipper(name):
-    """``lax.scan`` carries the optax state: init and update must give one structure and dtype."""
+def test_scan_over_steps_equals_eager_clip_for_every_clipper(name):
+    """``lax.scan`` carries the optax state (one structure and dtype from init to update), and
+    every step equals eager ``clipper.clip`` on the same gradients: the updates, the whole
+    ``ClipInfo`` and, at the end, the clipper's state, which must have advanced. The steps hold
+    a spike (adaptive methods clip it after their warm-up) and a NaN (non-finite handling)."""
     clipper = make_clipper(name)
     params = tree(2, 1.0)
     tx = clipper.as_optax()
     state = tx.init(params)
-    scales = jnp.asarray([1.0, 1.1, 0.9, 1.2, 25.0, 1.0])
     base = tree(3)
+    steps = [jax.tree_util.tree_map(lambda g, s=scale: g * s, base) for scale in (1.0, 1.1, 0.9, 1.2, 25.0, 1.0, 1.0)]
+    steps[5] = {**steps[5], "conv": steps[5]["conv"].at[0, 0, 0, 0].set(jnp.nan)}
 
-    def body(carry, scale):
-        grads = jax.tree_util.tree_map(lambda g: g * scale, base)
+    def body(carry, grads):
         updates, carry = tx.update(grads, carry, params)
-        return carry, gco.clip_info(carry).norm
+        return carry, (updates, gco.clip_info(carry))
 
-    final, norms = jax.jit(lambda s: jax.lax.scan(body, s, scales))(state)
+    final, (updates, infos) = jax.jit(lambda s, xs: jax.lax.scan(body, s, xs))(state, _stack(steps))
     assert jax.tree_util.tree_structure(final) == jax.tree_util.tree_structure(state)
     assert [x.dtype for x in jax.tree_util.tree_leaves(final)] == [x.dtype for x in jax.tree_util.tree_leaves(state)]
-    assert norms.shape == (6,) and np.isfinite(np.asarray(norms)).all()
-    # the same steps eagerly, through clipper.clip, give the same last norm
+
     eager = make_clipper(name)
-    for scale in np.asarray(scales):
-        _, info = eager.clip(jax.tree_util.tree_map(lambda g, s=scale: g * s, base), params=params)
-    np.testing.assert_allclose(float(norms[-1]), float(info.norm), rtol=1e-6)
+    for step, grads in enumerate(steps):
+        want, info = eager.clip(grads, params=params)
+        if bool(info.skip):  # a skipped step: the transformation outputs zero updates
+            want = jax.tree_util.tree_map(jnp.zeros_like, want)
+        got = jax.tree_util.tree_map(lambda u, i=step: u[i], updates)
+        for a, b in zip(leaves(got), leaves(want)):
+            np.testing.assert_allclose(a, b, rtol=2e-6, atol=1e-7, err_msg=f"{name}: updates at step {step}")
+        scanned = ClipInfo(*(np.asarray(field[step]) for field in infos)).to_dict()
+        for field, value in info.to_dict().items():
+            if isinstance(value, bool):
+                assert scanned[field] == value, f"{name}: info.{field} at step {step}"
+            else:
+                np.testing.assert_allclose(scanned[field], value, rtol=2e-6, err_msg=f"{name}: info.{field} at step {step}")
+    # The state the scan carried out is the one eager clipping reached (the clipper object keeps
+    # it as a pytree of the same structure), and differs from the initial one.
+    ours, reference, initial = _state_leaves(final.clipper), _state_leaves(eager._state), _state_leaves(state.clipper)
+    assert len(ours) == len(reference)
+    for a, b in zip(ours, reference):
+        np.testing.assert_allclose(a, b, rtol=2e-6, err_msg=f"{name}: final state")
+    if clipper.state_type._fields:
+        assert any(not np.array_equal(a, b) for a, b in zip(ours, initial)), f"{name}: the state did not advance"
+    if name in ("zclip", "adagc"):  # their step counts finite steps: the NaN one is not counted
+        assert int(final.clipper.step) == len(steps) - 1
 
 
 def test_clip_info_before_any_step_and_of_several_clippers():
@@ -130,17 +163,39 @@ def test_a_skipped_step_gives_zero_updates_and_clip_then_keeps_the_optimizer_sta
     assert np.isfinite(np.asarray(updates["w"])).all() and np.abs(np.asarray(updates["w"])).sum() > 0
 
 
-def test_torch_and_tensorflow_arrays_are_a_clear_error():
+def test_torch_and_tensorflow_arrays_are_a_clear_error_that_changes_nothing():
+    """``init`` and ``update`` refuse torch and TensorFlow leaves with a BackendError naming the
+    leaf and the right entry point, and change nothing: the torch gradients, the optax state
+    given (the next update from it equals one from an untouched copy) and the clipper object's
+    own state (ZClip, past its warm-up)."""
     torch = pytest.importorskip("torch", reason="needs torch arrays")
-    tx = gradclip.GlobalNorm(1.0).as_optax()
-    with pytest.raises(gradclip.BackendError, match=r"JAX arrays.*torch\.Tensor.*clip_\(model\)"):
-        tx.init({"w": torch.ones(3)})
+    clipper = gradclip.get("zclip", warmup_steps=2)
+    for seed in range(3):
+        clipper.clip(tree(seed))
+    saved = clipper.state_dict()
+    tx = clipper.as_optax()
     state = tx.init({"w": jnp.ones(3)})
-    with pytest.raises(gradclip.BackendError, match=r"leaf \['w'\] is a torch"):
-        tx.update({"w": torch.ones(3)}, state)
+    for seed in range(3):
+        _, state = tx.update({"w": jnp.asarray(tree(seed)["dense"]["bias"][:3])}, state)
+    state_before = _state_leaves(state)
+    grads = {"w": torch.tensor([30.0, 40.0, 0.0])}
+    with pytest.raises(gradclip.BackendError, match=r"ZClip.as_optax\(\).init: .*JAX arrays.*torch\.Tensor.*clip_\(model\)"):
+        tx.init(grads)
+    with pytest.raises(gradclip.BackendError, match=r"ZClip.as_optax\(\).update: .*leaf \['w'\] is a torch"):
+        tx.update(grads, state)
     tf = pytest.importorskip("tensorflow", reason="needs tf arrays")
     with pytest.raises(gradclip.BackendError, match="ClippingOptimizer"):
-        tx.update({"w": tf.ones(3)}, state)
+        tx.update({"w": tf.constant([30.0, 40.0, 0.0])}, state)
+    assert torch.equal(grads["w"], torch.tensor([30.0, 40.0, 0.0]))
+    assert clipper.state_dict() == saved
+    for a, b in zip(_state_leaves(state), state_before):
+        np.testing.assert_array_equal(a, b)
+    good = {"w": jnp.asarray([30.0, 40.0, 0.0])}
+    updates, after = tx.update(good, state)
+    want, want_state = tx.update(good, jax.tree_util.tree_map(jnp.array, state))
+    np.testing.assert_array_equal(np.asarray(updates["w"]), np.asarray(want["w"]))
+    for a, b in zip(_state_leaves(after), _state_leaves(want_state)):
+        np.testing.assert_array_equal(a, b)
     # NumPy leaves are accepted, as optax accepts them
     updates, _ = tx.update({"w": np.full(3, 4.0, np.float32)}, state)
     assert isinstance(updates["w"], jax.Array)
@@ -282,32 +337,71 @@ def _logits(params, x):
     return x @ params[-1]["w"] + params[-1]["b"]
 
 
-@pytest.mark.parametrize("name", ["global_norm", "zclip"])
-def test_jit_training_loop_on_digits_reaches_95_percent(name):
-    """A two-layer MLP trained for 300 jitted Adam steps (batch 128) with the clipper first in
-    the chain reaches >= 95% test accuracy on 397 held-out digits (98.0% here, for both)."""
-    if name not in gradclip.available():
-        pytest.skip(f"needs the {name} clipper")
-    (x, y), (x_test, y_test) = _digits()
-    clipper = gradclip.get(name, max_norm=1.0) if name == "global_norm" else gradclip.get(name, warmup_steps=10)
-    tx = optax.chain(clipper.as_optax(), optax.adam(1e-2))
+def _train(tx, steps=300):
+    """300 jitted steps (batch 128) of ``tx`` on the MLP; the parameters, the final optax state
+    and how many steps the clipper clipped (counted on the device, read once)."""
+    (x, y), _ = _digits()
     params = _init_mlp(jax.random.PRNGKey(0))
     opt_state = tx.init(params)
+    has_clipper = any(isinstance(s, gco.ClipperState) for s in jax.tree_util.tree_leaves(
+        opt_state, is_leaf=lambda s: isinstance(s, gco.ClipperState)))
 
     @jax.jit
-    def step(params, opt_state, xb, yb):
+    def step(params, opt_state, clipped, xb, yb):
         def loss(p):
             return optax.softmax_cross_entropy_with_integer_labels(_logits(p, xb), yb).mean()
 
-        value, grads = jax.value_and_grad(loss)(params)
+        grads = jax.grad(loss)(params)
         updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, value
+        if has_clipper:
+            clipped = clipped + gco.clip_info(opt_state).clipped.astype(jnp.int32)
+        return optax.apply_updates(params, updates), opt_state, clipped
 
     rng = np.random.default_rng(0)
-    for _ in range(300):
+    clipped = jnp.zeros((), jnp.int32)
+    for _ in range(steps):
         batch = rng.choice(len(x), 128, replace=False)
-        params, opt_state, _loss = step(params, opt_state, x[batch], y[batch])
+        params, opt_state, clipped = step(params, opt_state, clipped, x[batch], y[batch])
+    return params, opt_state, int(clipped)
+
+
+_UNCLIPPED: list = []
+
+
+def _unclipped_params():
+    """The same run with plain Adam (computed once per session)."""
+    if not _UNCLIPPED:
+        _UNCLIPPED.append(_train(optax.adam(1e-2))[0])
+    return _UNCLIPPED[0]
+
+
+@pytest.mark.parametrize(
+    "name,kwargs,least_clipped",
+    [("global_norm", {"max_norm": 0.2}, 0.25), ("zclip", {"warmup_steps": 10, "z_thresh": 1.0}, 0.03)],
+    ids=["global_norm", "zclip"],
+)
+def test_jit_training_loop_on_digits_reaches_95_percent(name, kwargs, least_clipped):
+    """A two-layer MLP trained for 300 jitted Adam steps (batch 128) with the clipper first in
+    the chain reaches >= 95% test accuracy on 397 held-out digits (97.7% and 97.5% here; 98.0%
+    without clipping), and the clipper acted: ``GlobalNorm(0.2)`` clipped 148 of the 300 steps
+    here and ``ZClip`` (``z_thresh=1``) 16, and at least ``least_clipped`` of them is asserted;
+    ZClip's state advanced once per step; and the weights differ from those of the same run
+    without clipping (by 1.2 and 0.1 here; a clipper that never acts: 7e-7)."""
+    if name not in gradclip.available():
+        pytest.skip(f"needs the {name} clipper")
+    _, (x_test, y_test) = _digits()
+    steps = 300
+    tx = optax.chain(gradclip.get(name, **kwargs).as_optax(), optax.adam(1e-2))
+    params, opt_state, clipped = _train(tx, steps)
     accuracy = float(np.mean(np.asarray(jnp.argmax(_logits(params, x_test), -1)) == y_test))
     assert accuracy >= 0.95, accuracy
+    assert clipped >= least_clipped * steps, f"{name} clipped {clipped} of {steps} steps"
     info = gco.clip_info(opt_state).to_dict()
-    assert info["finite"] and info["norm"] > 0
+    assert info["finite"] and info["norm"] > 0 and math.isfinite(info["threshold"])
+    if name == "zclip":
+        state = opt_state[0].clipper
+        assert int(state.step) == steps and float(state.mean) > 0 and math.isfinite(float(state.var))
+    difference = max(
+        float(np.max(np.abs(a - b))) for a, b in zip(leaves(params), leaves(_unclipped_params()))
+    )
+    assert difference > 1e-3, f"{name}: the weights equal those trained without clipping"
