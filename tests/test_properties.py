@@ -7,7 +7,7 @@ import math
 
 import numpy as np
 import pytest
-from hypothesis import assume, given, settings
+from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
@@ -30,6 +30,21 @@ thresholds = st.floats(1e-3, 1e3, allow_nan=False)
 norm_types = st.sampled_from(NORM_TYPES)
 
 
+def fp32_floor(grads, norm_type: float) -> float:
+    """The absolute error an fp32 norm may carry from p-th powers below fp32's normal range.
+
+    Norms accumulate ``|x|**p`` in fp32 (DESIGN.md rule 2, as torch does): a power below
+    2**-126 is a denormal or 0, so each of the ``n`` elements may lose up to 2**-126 of the sum,
+    and the norm up to ``(n * 2**-126) ** (1/p)`` (p-th roots are subadditive for p >= 1). For
+    p = 3 that is about 1e-12: tiny gradients' norms are only that exact (docs/reliability.md,
+    documented limits). The max norm has no powers.
+    """
+    if norm_type == math.inf:
+        return 0.0
+    count = sum(int(np.size(g)) for g in grads)
+    return (count * 2.0**-126) ** (1.0 / norm_type)
+
+
 def _torch():
     return pytest.importorskip("torch", reason="torch variant of the property")
 
@@ -49,7 +64,7 @@ def test_global_norm_bound(grads, max_norm, norm_type):
         # eps = 1e-6: the clipped norm is max_norm * norm / (norm + eps), just under max_norm.
         assert after == pytest.approx(max_norm * before / (before + 1e-6), rel=RTOL)
         assert bool(info.clipped)
-    assert float(info.norm) == pytest.approx(before, rel=RTOL, abs=1e-30)
+    assert float(info.norm) == pytest.approx(before, rel=RTOL, abs=fp32_floor(grads, norm_type))
 
 
 @SETTINGS
@@ -193,17 +208,20 @@ def test_grouping_does_not_change_the_norm(grads, norm_type, split, data):
         combined = max(parts)
     else:
         combined = sum(p**norm_type for p in parts) ** (1.0 / norm_type)
-    assert combined == pytest.approx(whole, rel=RTOL, abs=1e-30)
+    floor = fp32_floor(grads, norm_type)
+    assert combined == pytest.approx(whole, rel=RTOL, abs=floor)
     order = data.draw(st.permutations(range(len(grads))))
     shuffled = float(gradclip.global_norm([grads[i] for i in order], norm_type))
-    assert shuffled == pytest.approx(whole, rel=RTOL, abs=1e-30)
+    assert shuffled == pytest.approx(whole, rel=RTOL, abs=floor)
     # Dict input groups nothing differently either.
     as_dict = float(gradclip.global_norm({f"p{i}": g for i, g in enumerate(grads)}, norm_type))
-    assert as_dict == pytest.approx(whole, rel=RTOL, abs=1e-30)
+    assert as_dict == pytest.approx(whole, rel=RTOL, abs=floor)
 
 
 @SETTINGS
 @given(grads=grads_lists, norm_type=norm_types, mask=st.lists(st.booleans(), min_size=5, max_size=5))
+# Found by CI: cubes of 3.4e-19 underflow fp32 (the fp32 norm is 0, as torch's); fp64 is exact.
+@example(grads=[np.full(2, 3.449486e-19, np.float32)], norm_type=3.0, mask=[True, False, False, False, False])
 def test_dtype_groups_do_not_change_the_norm_torch(grads, norm_type, mask):
     torch = _torch()
     base = [torch.from_numpy(g.copy()) for g in grads]
@@ -211,15 +229,17 @@ def test_dtype_groups_do_not_change_the_norm_torch(grads, norm_type, mask):
     all64 = [t.double() for t in base]
     expected = ref_global_norm(grads, norm_type)
     for tensors in (base, mixed, all64):
+        # Exact to RTOL when every tensor is fp64 (fp64 accumulation); else within fp32's floor.
+        floor = 0.0 if tensors is all64 else fp32_floor(grads, norm_type)
         got = gradclip.global_norm(tensors, norm_type)
-        assert got.item() == pytest.approx(expected, rel=RTOL, abs=1e-30)
+        assert got.item() == pytest.approx(expected, rel=RTOL, abs=floor)
         params = []
         for t in tensors:
             p = torch.nn.Parameter(torch.zeros_like(t))
             p.grad = t.clone()
             params.append(p)
         info = gradclip.GlobalNorm(1.0, norm_type=norm_type).clip_(params)
-        assert info.norm.item() == pytest.approx(expected, rel=RTOL, abs=1e-30)
+        assert info.norm.item() == pytest.approx(expected, rel=RTOL, abs=floor)
         assert ref_global_norm([p.grad for p in params], norm_type) <= 1.0 + RTOL
 
 
