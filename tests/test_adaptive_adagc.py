@@ -158,6 +158,26 @@ def test_gamma_never_underflows_to_zero():
     gradclip.AdaGC(start_clip_steps=1, warmup_max_norm=1e-38).load_state_dict(clipper.state_dict())  # consistent
 
 
+def test_an_fp64_norm_beyond_fp32_never_stores_an_infinite_gamma():
+    """An unseen fp64 tensor's first norm of 1e40 does not fit γ's fp32: it informs nothing
+    (γ = inf would never clip again, and could not be saved and loaded); the next
+    representable norm starts γ."""
+    clipper = gradclip.AdaGC(start_clip_steps=1)
+    seen_tensor = np.asarray([0.5], np.float64)
+    clipper.clip([seen_tensor, np.zeros(1, np.float64)])  # warm-up: the second tensor stays unseen
+    huge = np.asarray([1e40], np.float64)
+    out, info = clipper.clip([seen_tensor, huge])
+    assert out[1][0] == 1e40  # an unseen tensor has no bound yet (documented), and is not made inf
+    state = clipper.state_dict()["state"]
+    assert state["seen"] == [True, False] and state["gamma"] == [0.5, 0.0]
+    assert state["step"] == 2 and bool(info.finite)
+    restored = gradclip.AdaGC(start_clip_steps=1)
+    restored.load_state_dict(clipper.state_dict())
+    out, _ = restored.clip([seen_tensor, np.asarray([2.0], np.float64)])
+    state = restored.state_dict()["state"]
+    assert state["seen"] == [True, True] and state["gamma"][1] == 2.0 and out[1][0] == 2.0
+
+
 def test_dtype_preserved_and_registry_default():
     out, _ = gradclip.AdaGC().clip([torch.ones(3, dtype=torch.bfloat16) * 100])
     assert out[0].dtype == torch.bfloat16
@@ -184,3 +204,63 @@ def test_bad_arguments_name_the_argument_and_value(kwargs, pattern):
     with pytest.raises(gradclip.InvalidArgumentError, match=pattern) as excinfo:
         gradclip.AdaGC(**kwargs)
     assert str(excinfo.value).startswith("AdaGC: ")
+
+
+def test_a_parameter_without_a_gradient_cannot_shift_the_thresholds():
+    """Same tensor count, another parameter missing: positions would shift onto other tensors'
+    γ silently; clip_ refuses, names the position, and changes nothing."""
+    import torch
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Linear(3, 3))
+    clipper = gradclip.AdaGC(start_clip_steps=1)
+
+    def backward(missing):
+        model.zero_grad()
+        model(torch.randn(2, 3)).sum().backward()
+        getattr(model[int(missing[0])], missing[2:]).grad = None
+
+    backward("0.bias")
+    clipper.clip_(model)
+    state = clipper.state_dict()
+    backward("1.bias")  # three gradients again: 0.bias now sits where 1.weight's γ is
+    grads = [p.grad.clone() if p.grad is not None else None for p in model.parameters()]
+    with pytest.raises(gradclip.StateError, match=r"AdaGC\.clip_: .*position 1 held 1\.weight \[3, 3\] and now holds 0\.bias \[3\]"):
+        clipper.clip_(model)
+    assert clipper.state_dict() == state
+    for p, g in zip(model.parameters(), grads):
+        assert (p.grad is None and g is None) or torch.equal(p.grad, g)
+    # The same layout as before passes; reset() (or loading a checkpoint) starts afresh.
+    backward("0.bias")
+    clipper.clip_(model)
+    clipper.reset()
+    backward("1.bias")
+    clipper.clip_(model)
+
+
+def test_a_chain_that_loads_a_checkpoint_forgets_its_links_tensor_layout():
+    """The layout AdaGC remembers is that of its own state: loading a checkpoint (here through a
+    Chain, which validates its links on copies first) replaces the state, so the layout the
+    links saw before must not be held against the loaded state's tensors."""
+    import torch
+
+    def params(shapes):
+        out = []
+        for shape in shapes:
+            p = torch.nn.Parameter(torch.zeros(shape))
+            p.grad = torch.ones(shape)
+            out.append(p)
+        return out
+
+    saved = gradclip.chain(gradclip.AdaGC(start_clip_steps=1), gradclip.GlobalNorm(10.0))
+    saved.clip_(params([(2,), (3,)]))
+    checkpoint = saved.state_dict()
+    resumed = gradclip.chain(gradclip.AdaGC(start_clip_steps=1), gradclip.GlobalNorm(10.0))
+    resumed.clip_(params([(4, 4), (4,), (5,)]))  # another model first
+    resumed.load_state_dict(checkpoint)
+    info = resumed.clip_(params([(2,), (3,)]))  # the checkpoint's tensors
+    assert bool(info.finite)
+    reference = gradclip.chain(gradclip.AdaGC(start_clip_steps=1), gradclip.GlobalNorm(10.0))
+    reference.load_state_dict(checkpoint)
+    reference.clip_(params([(2,), (3,)]))
+    assert resumed.state_dict() == reference.state_dict()

@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from typing import Any, ClassVar
 
 from gradclip._core.errors import InvalidArgumentError, StateError
-from gradclip._core.ops import Ops, framework_of, get_ops
+from gradclip._core.ops import Ops, framework_of, get_ops, largest_finite
 from gradclip._core.tree import collect_gradients, flatten, flatten_like
 from gradclip._core.types import ClipInfo, EmptyState
 
@@ -96,14 +96,7 @@ class Clipper:
             InvalidArgumentError: Two different groups among them.
         """
         found = self.process_group
-        children = getattr(self, "clippers", None)
-        children = list(children) if isinstance(children, (list, tuple)) else []
-        inner = getattr(self, "clipper", None)
-        if inner is not None:
-            children.append(inner)
-        for child in children:
-            if not isinstance(child, Clipper) or child is self:
-                continue
+        for child in self._children():
             group = child._distributed_group()
             if group is None or group is found:
                 continue
@@ -114,6 +107,26 @@ class Clipper:
                 )
             found = group
         return found
+
+    def _children(self) -> list[Clipper]:
+        """The clippers this one wraps (``Chain`` links, ``Subset``'s clipper), if any."""
+        children = getattr(self, "clippers", None)
+        children = list(children) if isinstance(children, (list, tuple)) else []
+        inner = getattr(self, "clipper", None)
+        if inner is not None:
+            children.append(inner)
+        return [child for child in children if isinstance(child, Clipper) and child is not self]
+
+    def _check_layout(self, names: list[str], grads: list[Any], where: str) -> None:
+        """Refuse, before anything changes, gradients laid out unlike those this clipper's own
+        state was built for. Only clippers with per-tensor state (AdaGC) override it; wrappers
+        ask the clippers they wrap.
+
+        Raises:
+            StateError: From a clipper whose per-tensor state would be misaligned.
+        """
+        for child in self._children():
+            child._check_layout(names, grads, where)
 
     # -- what subclasses implement -----------------------------------------------------------
     def config(self) -> dict[str, Any]:
@@ -220,6 +233,7 @@ class Clipper:
         ops = get_ops(collected.grads, inplace=True, framework=framework, where=where, process_group=group)
         params = collected.params if self._uses_params() else None
         self._guard_repeat(ops, collected.grads, where, allow_repeat)
+        self._check_layout(collected.names, collected.grads, where)
         with ops.context():
             state = self._own_state(ops, collected.grads)
             _, new_state, info = self._update(ops, collected.grads, state, params, collected.names)
@@ -313,6 +327,7 @@ class Clipper:
         ops = get_ops(present, inplace=inplace, where=where, process_group=self._distributed_group())
         if own_state:
             self._guard_repeat(ops, present, where, allow_repeat)
+            self._check_layout([names[i] for i in positions], present, where)
             state = self._own_state(ops, present)
         elif state is None:
             state = self._init(ops, present)
@@ -590,7 +605,6 @@ def check_header(where: str, state_dict: Any, name: str, config: Mapping[str, An
 
 
 #: The largest finite value of each float dtype a state field may be stored in.
-_FLOAT_MAX = {"float16": 65504.0, "bfloat16": 3.3895313892515355e38, "float32": 3.4028234663852886e38}
 _INT_RANGE = {"int64": (-(2**63), 2**63 - 1), "int32": (-(2**31), 2**31 - 1)}
 
 
@@ -619,7 +633,7 @@ def _check_plain(where: str, name: str, value: Any, dtype: str | None = None) ->
         low, high = _INT_RANGE[dtype]
         ok = isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
     else:
-        limit = _FLOAT_MAX.get(dtype, 1.7976931348623157e308)
+        limit = largest_finite(dtype)
         if isinstance(value, bool):
             ok = False
         elif isinstance(value, int):  # exact: math.isfinite(10**400) would overflow

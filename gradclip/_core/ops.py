@@ -18,13 +18,23 @@ Conventions every backend keeps:
 
 from __future__ import annotations
 
+import copy
 import sys
 from collections.abc import Sequence
 from typing import Any, Protocol, runtime_checkable
 
 from gradclip._core.errors import BackendError
 
-__all__ = ["Ops", "backend_name_of", "check_floating", "get_ops", "framework_of", "out_of_place"]
+__all__ = [
+    "Ops",
+    "backend_name_of",
+    "check_floating",
+    "dtype_label",
+    "get_ops",
+    "framework_of",
+    "largest_finite",
+    "out_of_place",
+]
 
 Array = Any
 
@@ -135,6 +145,12 @@ class Ops(Protocol):
         when ``inplace``."""
         ...
 
+    def write_back(self, targets: list[Array], values: list[Array]) -> list[Array]:
+        """Copy ``values[i]`` (same shape and dtype) into ``targets[i]`` when ``inplace``, and
+        return the targets; out of place, return the values. One copy pass, for results computed
+        out of place that must land in the gradients (an in-place :class:`~gradclip.Chain`)."""
+        ...
+
     def flat_concat(self, arrays: list[Array]) -> Array:
         """Every element of ``arrays`` in one 1-D array, in order (row-major within each), in
         their common (widest) dtype; an empty list gives an empty accumulation-dtype array.
@@ -194,6 +210,28 @@ def _is_floating(dtype: Any) -> bool:
         known = "float" in str(dtype).lower()
         _floating_cache[dtype] = known
     return known
+
+
+#: The largest finite value of each floating dtype, by name (every framework spells its dtypes
+#: with these names: "torch.bfloat16", "<dtype: 'float16'>", numpy's "float32").
+_LARGEST_FINITE = (
+    ("bfloat16", 3.3895313892515355e38),  # before "float16", which it contains
+    ("float16", 65504.0),
+    ("float32", 3.4028234663852886e38),
+    ("float64", 1.7976931348623157e308),
+)
+
+
+def dtype_label(dtype: Any) -> str:
+    """A floating dtype of any framework by its plain name (``"bfloat16"``), else as printed."""
+    text = str(dtype)
+    return next((name for name, _ in _LARGEST_FINITE if name in text), text)
+
+
+def largest_finite(dtype: Any) -> float:
+    """The largest finite value of a floating ``dtype`` of any framework (fp64's if unknown)."""
+    text = str(dtype)
+    return next((value for name, value in _LARGEST_FINITE if name in text), _LARGEST_FINITE[-1][1])
 
 
 def check_floating(arrays: Sequence[Any], where: str = "gradclip") -> None:
@@ -324,27 +362,24 @@ def get_ops(
     return cls(arrays, inplace=inplace, foreach=foreach, where=where)
 
 
-def out_of_place(ops: Ops, arrays: Sequence[Any]) -> Ops:
-    """An Ops like ``ops`` (same framework, device, fast-path flag, process group) that returns
-    new arrays instead of writing into its inputs.
+def out_of_place(ops: Ops) -> Ops:
+    """An Ops like ``ops`` that returns new arrays instead of writing into its inputs.
 
     For clippers that compute a result before deciding where it goes: :class:`~gradclip.Subset`
     merges the wrapped clipper's result into a random subset, and a :class:`~gradclip.Chain`
-    running in place writes back only once its last link has succeeded.
+    running in place writes back only once its last link has succeeded. A shallow copy, so it
+    keeps everything the call's Ops knows (framework, device, fast-path flags such as the torch
+    drop-ins' ``torch_kernels``, process group, the grouping already computed) without checking
+    the gradients again.
 
     Args:
         ops: The Ops of the current call.
-        arrays: The gradients of the call.
 
     Returns:
-        An Ops with ``inplace=False``.
+        ``ops`` itself when it is not in place, else its copy with ``inplace=False``.
     """
-    return get_ops(
-        arrays,
-        inplace=False,
-        foreach=getattr(ops, "foreach", None),
-        framework=getattr(ops, "name", None),
-        where=getattr(ops, "caller", "gradclip"),
-        # torch.distributed: norms are still reduced over the same group.
-        process_group=getattr(ops, "process_group", None),
-    )
+    if not getattr(ops, "inplace", False):
+        return ops
+    twin = copy.copy(ops)
+    twin.inplace = False
+    return twin

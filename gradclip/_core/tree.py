@@ -190,11 +190,13 @@ class Collected(NamedTuple):
 
 
 def _all_arrays(values: list[Any]) -> bool:
-    """Whether every value is an array whose type says so (one check per distinct type)."""
+    """Whether every value is an array (:func:`_is_array`), with one check per distinct type
+    whose class says so and a check per value for the others."""
     for kind in set(map(type, values)):
-        if not _ARRAY_TYPES.get(kind) and not (hasattr(kind, "shape") and hasattr(kind, "dtype")):
+        if _ARRAY_TYPES.get(kind) or (hasattr(kind, "shape") and hasattr(kind, "dtype")):
+            _ARRAY_TYPES[kind] = True
+        elif not all(_is_array(v) for v in values if type(v) is kind):
             return False
-        _ARRAY_TYPES[kind] = True
     return True
 
 

@@ -150,10 +150,10 @@ def reported_as(function: str, *internal: str) -> Iterator[None]:
         function: The public function, e.g. ``"clip_grad_norm_"``.
         *internal: The class names whose prefixes are replaced, e.g. ``"GlobalNorm"``.
     """
-    prefix = re.compile(rf"^(?:{'|'.join(map(re.escape, internal))})(?:\.\w+)?: ")
     try:
         yield
     except GradClipError as error:
-        if error.args and isinstance(error.args[0], str):
+        if error.args and isinstance(error.args[0], str):  # the pattern only on the error path
+            prefix = re.compile(rf"^(?:{'|'.join(map(re.escape, internal))})(?:\.\w+)?: ")
             error.args = (prefix.sub(f"{function}: ", error.args[0], count=1), *error.args[1:])
         raise

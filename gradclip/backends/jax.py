@@ -293,6 +293,9 @@ class JaxOps:
     def scale_units(self, grads, coefs):
         return [self._mul(g, c) for g, c in zip(grads, coefs)]
 
+    def write_back(self, targets, values):
+        return list(values)  # JAX arrays are immutable: these Ops are never in place
+
     def flat_concat(self, arrays):
         if not arrays:
             return jnp.zeros((0,), self.acc)

@@ -286,6 +286,9 @@ class NumpyOps:
                 out.append(self._out(g, g.astype(self._acc, copy=False) * c))
         return out
 
+    def write_back(self, targets, values):
+        return [self._out(t, v) for t, v in zip(targets, values)]
+
     def flat_concat(self, arrays):
         if not arrays:
             return np.zeros((0,), self._acc)

@@ -360,6 +360,9 @@ class TensorFlowOps:
     def scale_units(self, grads, coefs):
         return [self._mul(g, c) for g, c in zip(grads, coefs)]
 
+    def write_back(self, targets, values):
+        return [self._out(t, v) for t, v in zip(targets, values)]
+
     def flat_concat(self, arrays):
         if not arrays:
             return tf.zeros((0,), dtype=self.acc)

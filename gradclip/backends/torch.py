@@ -112,8 +112,6 @@ CHUNK = 1 << 20
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 _layout_of = operator.attrgetter("layout")
 _STRIDED = frozenset({torch.strided})
-#: The tensor types torch's foreach kernels take (torch.utils._foreach_utils keeps the list).
-_FOREACH_TYPES = frozenset(_foreach_supported_types)
 
 _DTYPES = {
     "float32": torch.float32,
@@ -302,7 +300,10 @@ class TorchOps:
         for (device, dtype), ([tensors], indices) in grouped.items():
             if self.foreach is None:
                 # torch's _has_foreach_support, with the type test done once per distinct type.
-                use_foreach = _device_has_foreach_support(device) and set(map(type, tensors)) <= _FOREACH_TYPES
+                # (torch.distributed.tensor adds DTensor to that list on import: read it live.)
+                use_foreach = _device_has_foreach_support(device) and all(
+                    kind in _foreach_supported_types for kind in set(map(type, tensors))
+                )
             elif self.foreach:
                 if not _device_has_foreach_support(device):
                     raise BackendError(
@@ -695,6 +696,19 @@ class TorchOps:
             else:
                 out.append((tensor.to(coef.dtype) * coef).to(tensor.dtype))
         return out
+
+    def write_back(self, targets, values):
+        if not self.inplace:
+            return list(values)
+        for _device, _dtype, tensors, indices, use_foreach in self._groups(targets):
+            sources = [values[i] for i in indices]
+            # DTensor has no sharding rule for _foreach_copy_ (torch 2.13): copy it per tensor.
+            if use_foreach and not _may_hold_dtensor(tensors):
+                torch._foreach_copy_(tensors, sources)
+            else:
+                for tensor, source in zip(tensors, sources):
+                    tensor.copy_(source)
+        return list(targets)
 
     def flat_concat(self, arrays):
         if not arrays:

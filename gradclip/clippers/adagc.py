@@ -21,9 +21,11 @@ Deviations from the paper, chosen (each tested in ``tests/test_adaptive_adagc.py
   embeddings), and its EMA of zeros would then clip that tensor to zero for ever.
 * A tensor with no positive norm before the end of warm-up starts its ``γ_i`` from its first
   positive norm afterwards (that step is not clipped).
-* ``γ_i`` stays positive: an update that would underflow fp32 to 0 is not taken (the paper's
-  reals cannot reach 0; fp32 can, for norms near 1e-38). ``load_state_dict`` accordingly
-  requires ``seen_i`` exactly where ``γ_i > 0``.
+* ``γ_i`` stays positive and finite: an update that would underflow fp32 to 0 is not taken (the
+  paper's reals cannot reach 0; fp32 can, for norms near 1e-38), nor one that would overflow it
+  (an unseen fp64 tensor's first norm beyond ~3.4e38: the tensor stays unseen, unclipped, until
+  a representable norm arrives). ``load_state_dict`` accordingly requires ``seen_i`` exactly
+  where ``γ_i > 0`` and every ``γ_i`` finite.
 
 Precision: the coefficients are computed in the norms' dtype (fp32, or fp64 for fp64
 gradients), so an fp64 tensor under its bound is left bit for bit as it is (DESIGN rule 4) and
@@ -69,13 +71,17 @@ class AdaGC(Clipper):
             leave the state unchanged.
 
     The state holds one ``γ`` per gradient tensor, so every call must pass the same tensors in
-    the same order. ``info.threshold`` is ``warmup_max_norm`` during warm-up and afterwards the
+    the same order. ``clip_`` and ``clip`` remember the names and shapes of the tensors their
+    state was last used with and refuse others (a parameter without a gradient on one step
+    would shift every later tensor onto another's ``γ``, silently); give such a parameter a zero
+    gradient instead, as ``gradclip.keras.ClippingOptimizer`` does. ``info.threshold`` is ``warmup_max_norm`` during warm-up and afterwards the
     bound on the clipped global norm, ``‖(clip_ratio·γ_i)_i‖`` (``inf`` while a tensor has no
     ``γ`` yet).
 
     Raises:
         InvalidArgumentError: An argument out of range (named in the message), unknown policy.
-        StateError: At call time, a state built for a different number of tensors.
+        StateError: At call time, a state built for a different number of tensors, or (through
+            ``clip_``/``clip``) gradients whose names or shapes differ from the last call's.
     """
 
     defaults: dict[str, Any] = {}
@@ -111,6 +117,32 @@ class AdaGC(Clipper):
             "eps": self.eps,
             "nonfinite": self.nonfinite,
         }
+
+    def _check_layout(self, names, grads, where):
+        layout = tuple(zip(names, (tuple(g.shape) for g in grads)))
+        known = self.__dict__.get("_layout")
+        has_state = self._state is not None or self._pending_state is not None or self._held is not None
+        if known is not None and has_state and layout != known:
+            changed = next(
+                (i for i, (a, b) in enumerate(zip(layout, known)) if a != b), min(len(layout), len(known))
+            )
+            seen = f"{known[changed][0]} {list(known[changed][1])}" if changed < len(known) else "nothing"
+            given = f"{layout[changed][0]} {list(layout[changed][1])}" if changed < len(layout) else "nothing"
+            raise StateError(
+                f"{where}: AdaGC keeps one threshold per tensor, built for {len(known)} tensor(s); "
+                f"position {changed} held {seen} and now holds {given}. A parameter without a "
+                "gradient this step shifts the others onto its neighbours' thresholds: give it a "
+                "zero gradient, or reset() the clipper. Nothing was changed."
+            )
+        self._layout = layout
+
+    def reset(self) -> None:
+        super().reset()
+        self._layout = None
+
+    def load_state_dict(self, state_dict) -> None:
+        super().load_state_dict(state_dict)
+        self._layout = None  # a checkpoint names no tensors: its first step defines them
 
     def _init(self, ops, grads):
         n = len(grads)
@@ -164,6 +196,12 @@ class AdaGC(Clipper):
         # both are positive where their minimum is. So ``seen`` holds exactly where γ > 0, which
         # load_state_dict checks.
         informative = ops.minimum(norms, candidate) > 0
+        if acc == "float64":
+            # An fp64 norm beyond fp32's range (~3.4e38) would store γ = inf, a bound that never
+            # clips again (and a checkpoint that cannot load): such a norm informs nothing, and
+            # the tensor stays as it was. fp32 norms cannot get here (their clipped values and
+            # the EMA of them are at most the fp32 norm).
+            informative = informative & ops.isfinite(candidate)
         gamma = ops.where(informative, candidate, gamma)
         seen = seen | informative
         coefs = ops.where(warming, h, h_each)

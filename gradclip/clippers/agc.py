@@ -240,14 +240,15 @@ class AGC(Clipper):
             grads = list(grads)
             for i, g in zip(chosen, ops.scale_units([grads[i] for i in chosen], coefs)):
                 grads[i] = g
-            clipped = ops.any(coef < 1)
-            # Effective scale of the global norm (excluded tensors count, unchanged).
-            kept = coef * g_units
-            squares_after = ops.sum(kept * kept)
-            if len(chosen) < len(grads):
-                untouched = ops.flat_concat([u for u, skip in zip(grad_units, excluded) if skip])
-                squares_after = squares_after + ops.sum(untouched * untouched)
-            norm_after = ops.sqrt(squares_after)
+            if totals is None:  # (distributed: both come from the reduction below)
+                clipped = ops.any(coef < 1)
+                # Effective scale of the global norm (excluded tensors count, unchanged).
+                kept = coef * g_units
+                squares_after = ops.sum(kept * kept)
+                if len(chosen) < len(grads):
+                    untouched = ops.flat_concat([u for u, skip in zip(grad_units, excluded) if skip])
+                    squares_after = squares_after + ops.sum(untouched * untouched)
+                norm_after = ops.sqrt(squares_after)
         else:
             clipped = ops.scalar(False, "bool")
             norm_after = norm

@@ -58,11 +58,12 @@ class Chain(Clipper):
         # without parameters, AdaGC state for other tensors) after an earlier link has already
         # written into the gradients: the call would fail with the gradients half clipped. So
         # with two or more links the links work out of place and the result is written back once,
-        # after the last link has succeeded (one extra pass over the gradients).
+        # after the last link has succeeded: one more copy pass, and up to two gradient-sized
+        # temporaries (a link's input and output) while the links run.
         targets = None
         link_ops = ops
         if getattr(ops, "inplace", False) and len(self.clippers) > 1 and grads:
-            targets, link_ops = grads, out_of_place(ops, grads)
+            targets, link_ops = grads, out_of_place(ops)
         infos = []
         new_states = []
         for clipper, link_state in zip(self.clippers, state.states):
@@ -70,8 +71,7 @@ class Chain(Clipper):
             new_states.append(link_state)
             infos.append(info)
         if targets is not None:
-            keep = ops.scalar(True, "bool")
-            grads = ops.select(targets, grads, [keep] * len(targets))
+            grads = ops.write_back(targets, grads)
         coef = infos[0].coef
         clipped, skip = infos[0].clipped, infos[0].skip
         for info in infos[1:]:
@@ -99,19 +99,16 @@ class Chain(Clipper):
         links = state.get("links") if isinstance(state, Mapping) and set(state) == {"links"} else None
         if not isinstance(links, list) or len(links) != len(self.clippers):
             raise StateError(f"{where}: expected {len(self.clippers)} link states under state['links']")
-        header = {k: v for k, v in state_dict.items() if k != "state"}
-        header["state"] = None
         # Validate everything first, into scratch copies, so a bad link loses nothing.
         scratch = [copy.copy(c) for c in self.clippers]
         for clipper, link in zip(scratch, links):
             clipper.load_state_dict(link)
-        # The header last: its load validates format, version, name and config before changing
-        # anything, but then resets the chain's own state, which holds the steps taken since the
-        # last state_dict() (the links' copies are stale). Loading it before the links lost
-        # that state whenever a link was then rejected.
-        Clipper.load_state_dict(self, header)
+        # Only now, every part valid, is anything changed.
+        self._last_seen = None
         for clipper, loaded in zip(self.clippers, scratch):
-            clipper._state, clipper._pending_state = loaded._state, loaded._pending_state
+            # Everything the load set on the copy (state, and what it forgets, such as AdaGC's
+            # remembered tensor layout), as if the original had loaded it.
+            vars(clipper).update(vars(loaded))
         self._state = None
         self._pending_state = None
         self._links_loaded = True

@@ -99,7 +99,7 @@ def gradients_finite(ops: Ops, grads: list[Any], norm_type: float = 2.0) -> Any:
     the flag agrees on every rank of a process group and counts an overflow as every policy
     does; used under ``"zero"``, before zeroing, for ``info.finite``.
     """
-    return ops.isfinite(ops.combine_norms(ops.norms(grads, norm_type), norm_type))
+    return ops.isfinite(ops.global_norm(grads, norm_type))
 
 
 class Measurement(NamedTuple):

@@ -21,7 +21,7 @@ from typing import Any
 
 from gradclip._core.clipper import Clipper, make_info
 from gradclip._core.errors import InvalidArgumentError
-from gradclip._core.ops import Ops
+from gradclip._core.ops import Ops, dtype_label, largest_finite
 from gradclip._core.registry import register
 from gradclip._core.validation import check_norm_type, check_number
 from gradclip.clippers.nonfinite import check_policy, measurement, settle
@@ -53,27 +53,6 @@ def clip_coefficient(ops: Ops, norm: Any, threshold: Any, eps: float = 0.0) -> A
 
 def _dtype(x: Any) -> str:
     return "float64" if "float64" in str(getattr(x, "dtype", "")) else "float32"
-
-
-#: The largest finite value of each floating dtype, by name (every framework spells its dtypes
-#: with these names: "torch.bfloat16", "<dtype: 'float16'>", numpy's "float32").
-_LARGEST_FINITE = (
-    ("bfloat16", 3.3895313892515355e38),  # before "float16", which it contains
-    ("float16", 65504.0),
-    ("float32", 3.4028234663852886e38),
-    ("float64", 1.7976931348623157e308),
-)
-
-
-def _dtype_label(dtype: Any) -> str:
-    text = str(dtype)
-    return next((name for name, _ in _LARGEST_FINITE if name in text), text)
-
-
-def largest_finite(dtype: Any) -> float:
-    """The largest finite value of a floating ``dtype`` of any framework (fp64's if unknown)."""
-    text = str(dtype)
-    return next((value for name, value in _LARGEST_FINITE if name in text), _LARGEST_FINITE[-1][1])
 
 
 @register("global_norm")
@@ -309,11 +288,12 @@ class NormSign(Clipper):
     def _update(self, ops, grads, state, params, names):
         # ε·sign(g) must be representable: NormSign(1e5) on fp16 gradients would write inf into
         # every element of a clipped step. The dtypes are metadata: checked before anything.
-        for name, grad in zip(names, grads):
-            largest = largest_finite(grad.dtype)
+        for dtype in {grad.dtype for grad in grads}:  # a handful of dtypes, not a test per tensor
+            largest = largest_finite(dtype)
             if largest < self.threshold < math.inf:  # inf never clips: nothing is written
+                name = next(n for n, g in zip(names, grads) if g.dtype == dtype)
                 raise InvalidArgumentError(
-                    f"NormSign: threshold={self.threshold!r} is not representable in the {_dtype_label(grad.dtype)} "
+                    f"NormSign: threshold={self.threshold!r} is not representable in the {dtype_label(dtype)} "
                     f"gradient {name} (largest finite value {largest:g}); a clipped step would write inf. "
                     f"Use a threshold in [0, {largest:g}] or clip in a wider dtype. Nothing was changed."
                 )

@@ -123,7 +123,7 @@ class Subset(Clipper):
 
     def _update(self, ops, grads, state, params, names):
         # The wrapped clipper computes out of place: its result is merged into a subset below.
-        inner_ops = out_of_place(ops, grads)
+        inner_ops = out_of_place(ops)
         new, inner_state, info = self.clipper._update(inner_ops, list(grads), state.inner, params, names)
         if self.by == "tensor":
             chosen = ops.uniform(state.key, state.step, [(len(grads),)])[0] < self.fraction
@@ -188,7 +188,7 @@ class Subset(Clipper):
             )
         for name, limit in (("key", _KEY_LIMIT), ("step", 2**63)):  # both are stored in int64
             value = state[name]
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0 or (limit and value >= limit):
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < limit:
                 raise StateError(f"{where}: state field {name!r} must be an int in [0, {limit}), got {value!r}")
         copy.deepcopy(self.clipper).load_state_dict(state["inner"])  # validates, or raises
         self.clipper.load_state_dict(state["inner"])

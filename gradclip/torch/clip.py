@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from gradclip._core.ops import get_ops
-from gradclip._core.tree import collect_gradients
+from gradclip._core.tree import collect_gradients, position_names
 from gradclip._core.validation import check_norm_type, check_number, reported_as
 from gradclip.clippers.nonfinite import measurement
 from gradclip.clippers.norm import GlobalNorm
@@ -119,7 +119,7 @@ def get_total_norm(
         return torch.tensor(0.0)
     ops = get_ops(tensors, foreach=foreach, framework="torch", where="get_total_norm", process_group=process_group)
     ops.torch_kernels = True
-    names = [f"#{i}" for i in range(len(tensors))]
+    names = position_names(len(tensors))
     policy = "raise" if error_if_nonfinite else "propagate"
     return measurement(ops, tensors, norm_type, policy, names, "get_total_norm").norm
 
