@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 
@@ -70,9 +72,30 @@ def test_unbounded_history_is_a_fixed_size_sketch_within_its_error_bound():
 
 
 def test_sketch_handles_zero_and_extreme_norms():
-    infos = _feed(gradclip.AutoClip(percentile=50.0), [0.0, 0.0, 0.0, 1e-30, 1e30])
-    assert float(infos[2].threshold) == 0.0
-    assert np.isfinite(float(infos[-1].threshold))
+    clipper = gradclip.AutoClip(percentile=50.0)
+    # 18 decades either side of 1 (their squares are still normal fp32 numbers).
+    infos = _feed(clipper, [0.0, 0.0, 0.0, 1e-18, 1e18])
+    # Zero norms are not counted (a deviation, see the next test): no history, no bound yet.
+    assert [float(i.threshold) for i in infos[:3]] == [math.inf] * 3
+    assert clipper.state_dict()["state"]["count"] == 2
+    assert float(infos[3].threshold) == float(infos[3].norm) == pytest.approx(1e-18, rel=1e-6)
+    assert 1e-18 < float(infos[-1].threshold) < 1e18
+
+
+@pytest.mark.parametrize("history", [None, 16])
+def test_deviation_zero_norm_steps_cannot_zero_later_gradients(history):
+    """With the paper's rule, 20 steps of zero gradients (a frozen start) make the 10th
+    percentile 0, and every later gradient is scaled to 0: training stops. Zero norms are not
+    counted here, so the threshold is that of the positive norms alone."""
+    zeros = [0.0] * 20
+    positive = [1.0, 2.0, 3.0, 4.0]
+    infos = _feed(gradclip.AutoClip(percentile=10.0, history=history), zeros + positive)
+    for step, info in enumerate(infos[20:]):
+        expected = np.percentile(np.asarray(positive[: step + 1], np.float32), 10.0)
+        assert float(info.threshold) == pytest.approx(expected, rel=SKETCH_RELATIVE_ERROR)
+        assert float(info.norm) * float(info.coef) > 0.5  # not zeroed
+    # The paper's rule on the same norms: the threshold is 0 from the first step on.
+    assert np.percentile(np.asarray(zeros + positive[:1]), 10.0) == 0.0
 
 
 def test_clipping_scales_to_the_threshold():

@@ -245,6 +245,19 @@ def test_difference_autoclip_history_before_current():
     assert ours[-1][0] == pytest.approx(100.0, rel=1e-6)  # the spike is its own max
 
 
+def test_difference_autoclip_zero_norms_zero_the_package_for_ever():
+    """After 20 zero-gradient steps the package's 10% quantile is 0 and every later gradient is
+    scaled to 0; zero norms do not count here, so the later gradients are clipped only by the
+    percentile of the positive norms."""
+    norms = [0.0] * 20 + _norm_sequence(n=20, spikes=())
+    package = _replay_autoclip_package(norms, 0.1, 1000)
+    assert all(n == 0.0 for n in package[20:])  # every positive gradient zeroed
+    ours = _replay_ours(gradclip.AutoClip(percentile=10.0, history=1000), norms)
+    assert all(x > 0 for x, _ in ours[20:])
+    positive = np.asarray(norms[20:], np.float32)
+    assert ours[-1][1]["threshold"] == pytest.approx(np.percentile(positive, 10.0), rel=1e-6)
+
+
 # -- AGC: timm, and optax's formula --------------------------------------------------------------
 timm_agc = load_timm_agc()
 

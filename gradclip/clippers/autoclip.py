@@ -27,7 +27,11 @@ history *before* appending the current norm (its first step is never clipped, an
 lags one step), its ``quantile`` is a fraction where ``percentile`` here is in ``[0, 100]``, and
 its history defaults to the last 1000 steps. Non-finite norms never enter the history here,
 nor do fp64 norms beyond fp32's range (~3.4e38; the history is fp32): such a step is clipped to
-the threshold of the history without it.
+the threshold of the history without it. Zero norms (all-zero gradients: a frozen model's first
+steps, a loss that does not depend on the parameters, an injected fault) do not enter it either,
+a deviation from the paper and the package: there, once ``percentile`` % of the steps were zero
+the threshold is 0 and every later gradient is zeroed, so training stops for good. Before the
+first positive norm the threshold is ``inf`` (nothing is clipped).
 
 Precision: the history and the threshold are fp32. A step is clipped when its fp32-rounded norm
 exceeds the threshold, so fp64 gradients whose norm is the threshold itself (the first step,
@@ -137,9 +141,12 @@ class AutoClip(Clipper):
         f32, acc = "float32", accumulation(norm)
         zero, inf = ops.scalar(0.0, f32), ops.scalar(math.inf, f32)
         measured = as_f32(ops, norm)
-        # Only norms finite in fp32 enter the history: a non-finite one, or an fp64 norm beyond
-        # fp32's range (it would be inf in the fp32 state), is replaced by 0 and not counted.
-        accept = fp32_finite(ops, norm, finite)
+        # Only positive norms finite in fp32 enter the history: a non-finite one, or an fp64
+        # norm beyond fp32's range (it would be inf in the fp32 state), is replaced by 0 and not
+        # counted; nor is a zero norm (a step without signal: enough of them would pull the
+        # percentile to 0, and a threshold of 0 zeroes every later gradient). A NaN norm fails
+        # the comparison, so the finiteness test is still needed only for inf.
+        accept = fp32_finite(ops, norm, finite) & (measured > 0)
         x = ops.where(accept, measured, zero)
         count = state.count + ops.cast(accept, "int64")
         if self.history is None:
