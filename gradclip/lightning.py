@@ -28,7 +28,7 @@ import warnings
 from collections.abc import Mapping
 from typing import Any
 
-from gradclip._core.clipper import Clipper
+from gradclip._core.clipper import Clipper, check_keys
 from gradclip._core.errors import InvalidArgumentError, StateError
 
 try:  # the unified package first, then the standalone one
@@ -42,6 +42,9 @@ except ImportError:  # pragma: no cover - depends on the environment
         ) from error
 
 __all__ = ["GradClipCallback"]
+
+#: The keys of the state the callback checkpoints.
+_STATE_KEYS = frozenset({"clipper"})
 
 
 class GradClipCallback(_Callback):
@@ -157,9 +160,5 @@ class GradClipCallback(_Callback):
                 f"{where}: expected the mapping GradClipCallback.state_dict() returned ({{'clipper': ...}}), "
                 f"got {type(state_dict).__name__}"
             )
-        if set(state_dict) != {"clipper"}:
-            raise StateError(
-                f"{where}: a GradClipCallback state has exactly the key 'clipper', got keys "
-                f"{sorted(map(str, state_dict))}; was the checkpoint saved by another callback?"
-            )
+        check_keys(where, state_dict, _STATE_KEYS, "a GradClipCallback state (saved by this callback)")
         self.clipper.load_state_dict(state_dict["clipper"])

@@ -470,6 +470,18 @@ def test_suggest_accepts_the_librarys_whole_quantile_range(tmp_path, capsys):
     _not_blank(out)
 
 
+def test_suggest_with_null_norms_among_numbers_plots_the_finite_ones(tmp_path, capsys):
+    """A Monitor log writes a non-finite step's norm as null; the histogram leaves it out."""
+    log = tmp_path / "run.jsonl"
+    lines = [json.dumps({"step": i, "norm": norm}) for i, norm in enumerate([1.0, None, 2.0, 3.0, None, 4.0])]
+    log.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "h.png"
+    status, stdout, stderr = _suggest(capsys, log, "--out", out)
+    assert status == 0, stderr
+    assert "of 4 finite pre-clip gradient norms" in stdout and "2 non-finite or missing norm(s)" in stdout, stdout
+    _not_blank(out)
+
+
 def test_bench_passes_the_harness_options_on(tmp_path):
     """`gradclip bench` takes the harness's own options (the whole --quick run is in-process in
     tests/test_bench_smoke.py)."""

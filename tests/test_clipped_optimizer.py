@@ -512,6 +512,38 @@ def test_a_step_the_clipper_refuses_leaves_the_counters_as_they_were():
     assert opt.stepped and opt.will_step is False
 
 
+def test_catching_a_refused_step_and_carrying_on_discards_its_gradients():
+    """The loop of docs/reliability.md with accumulation: catch NonFiniteError, zero_grad(),
+    continue. zero_grad() after a refused boundary step clears the poisoned accumulation, so
+    one bad micro-batch costs one optimizer step, not every later one."""
+    model = _model()
+    reference = _model()
+    reference.load_state_dict(model.state_dict())
+    opt = gct.ClippedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
+                               gradclip.GlobalNorm(0.5, nonfinite="raise"), accumulation_steps=2)
+    ref_opt = gct.ClippedOptimizer(torch.optim.SGD(reference.parameters(), lr=0.1), gradclip.GlobalNorm(0.5),
+                                   accumulation_steps=2)
+    batches = _batches(8)
+    raised = []
+    for index, x in enumerate(batches):
+        loss = _loss(model, x) * (math.nan if index == 3 else 1.0)  # the second step's last micro-batch
+        loss.backward()
+        try:
+            opt.step()
+        except gradclip.NonFiniteError:
+            raised.append(index)
+            assert not opt.stepped and opt.will_step  # nothing stepped, the counters as they were
+        opt.zero_grad()
+        if index not in (2, 3):  # the reference skips the poisoned accumulation altogether
+            _loss(reference, x).backward()
+            ref_opt.step()
+            ref_opt.zero_grad()
+    assert raised == [3]
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    for a, b in zip(model.parameters(), reference.parameters()):
+        assert torch.equal(a, b)
+
+
 def _trained_with_accumulation(seed=0, steps=5):
     model = _model(seed)
     opt = gct.ClippedOptimizer(torch.optim.Adam(model.parameters(), lr=0.01), EmaGlobalClip(), accumulation_steps=2)

@@ -237,9 +237,9 @@ def test_clipper_state_goes_into_lightning_checkpoints(tmp_path):
     [
         ([1, 2], r"expected the mapping GradClipCallback.state_dict\(\) returned .*got list"),
         (None, r"got NoneType"),
-        ({}, r"exactly the key 'clipper', got keys \[\]"),
-        ({"clipper_state": {}}, r"exactly the key 'clipper', got keys \['clipper_state'\]"),
-        ({"extra": 1, "clipper": None}, r"got keys \['clipper', 'extra'\]"),
+        ({}, r"exactly the keys \['clipper'\]; unexpected: none; missing: clipper"),
+        ({"clipper_state": {}}, r"unexpected: 'clipper_state'; missing: clipper"),
+        ({"extra": 1, "clipper": None}, r"unexpected: 'extra'; missing: none"),
         ({"clipper": [1]}, r"QuantileNorm.load_state_dict: expected a mapping"),
         ({"clipper": "plain text"}, r"QuantileNorm.load_state_dict"),
     ],

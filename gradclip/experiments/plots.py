@@ -107,7 +107,8 @@ def plot_norm_histogram(norms: Sequence[float], suggestion: Any, out: Path) -> P
     import numpy as np
 
     plt = _pyplot()
-    values = np.asarray([n for n in norms if math.isfinite(n) and n > 0])
+    # Monitor logs write a non-finite norm as null: _finite makes it NaN, which is left out.
+    values = np.asarray([n for n in _finite(norms) if n > 0])
     figure, axis = plt.subplots(figsize=(7, 4))
     if len(values):
         bins = np.logspace(np.log10(values.min()), np.log10(values.max()) + 1e-9, 40)

@@ -329,6 +329,8 @@ class ClippedOptimizer(torch.optim.Optimizer):
         self.stepped = False
         self.folded = False
         self._micro = 0
+        # The last optimizer-step boundary raised: the next zero_grad() discards its gradients.
+        self._failed_boundary = False
         self._may_skip = _may_skip(clipper)
         self._optimizer_reason = fold_unsupported_reason(optimizer)
         self._clipper_reason: str | None = None
@@ -401,9 +403,15 @@ class ClippedOptimizer(torch.optim.Optimizer):
 
     # -- the step --------------------------------------------------------------------------------
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """Zero the gradients, except between the micro-batches of one accumulated step."""
-        if self._micro == 0:
+        """Zero the gradients, except between the micro-batches of one accumulated step.
+
+        After a ``step()`` that raised at an optimizer-step boundary, it discards the gradients
+        accumulated for that step and starts a new accumulation (the loop that catches the error
+        and carries on recovers instead of accumulating onto the bad gradients).
+        """
+        if self._micro == 0 or self._failed_boundary:
             self.optimizer.zero_grad(set_to_none=set_to_none)
+            self._micro, self._failed_boundary = 0, False
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
@@ -425,24 +433,32 @@ class ClippedOptimizer(torch.optim.Optimizer):
                 the clipper turns out not to fold.
 
         A call that raises (these errors, or one from the clipper such as ``nonfinite="raise"``)
-        leaves the micro-batch count, :attr:`stepped` and :attr:`folded` as they were.
+        leaves the micro-batch count, :attr:`stepped` and :attr:`folded` as they were. Then
+        either fix the cause and call ``step()`` again (the same optimizer step; a clipper that
+        already advanced on these gradients, say before a Monitor writer failed, refuses the
+        repeat with :class:`~gradclip.StateError`), or call :meth:`zero_grad`, which discards the
+        step's gradients and starts a new accumulation.
         """
         if closure is not None and _scaler_enabled(self.scaler):
             raise InvalidArgumentError(
                 "ClippedOptimizer.step: closures are not supported together with a GradScaler "
                 "(torch.amp.GradScaler.step does not support them either)"
             )
-        if self._micro + 1 >= self.accumulation_steps:
+        if self.will_step:
             self._check_scaler_not_stepped()  # before anything changes: gradients, state, counters
         # A step() that raises counts for nothing: the counters go back to what they were, so a
         # retry after fixing the cause is the same call again. (The counters change up front
         # because a closure's zero_grad() looks at them.)
         counters = (self._micro, self.stepped, self.folded)
+        boundary = self.will_step
         try:
-            return self._count_and_step(closure)
+            result = self._count_and_step(closure)
         except BaseException:
             self._micro, self.stepped, self.folded = counters
+            self._failed_boundary = boundary
             raise
+        self._failed_boundary = False
+        return result
 
     def _count_and_step(self, closure: Callable[[], Any] | None) -> Any:
         self._micro += 1
@@ -705,7 +721,7 @@ class ClippedOptimizer(torch.optim.Optimizer):
             raise StateError(
                 f"{where}: the optimizer's part does not fit {type(self.optimizer).__name__}: {error}"
             ) from error
-        self._micro = micro
+        self._micro, self._failed_boundary = micro, False
 
 
 def _group_sizes(groups: Any) -> list[int | None] | None:
