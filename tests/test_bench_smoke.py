@@ -2,8 +2,9 @@
 
 Nothing here checks a time or a target (DESIGN.md: benchmarks are not timed tests): the harness
 must run, write a RESULTS.md that parses, with every row and a ratio in each, and keep the
-sections of other runs. ``gradclip bench --quick`` itself runs in tests/test_cli.py, and
-benchmarks/bench_adaptive.py in tests/test_adaptive_bench_smoke.py.
+sections of other runs. The ``gradclip bench`` command's option forwarding is tested in
+tests/test_cli.py. The adaptive clippers' cost (P4) is part of this one harness: a second
+script that measured it another way was retired, so RESULTS.md holds one answer.
 """
 
 from __future__ import annotations
