@@ -27,6 +27,7 @@ from gradclip._core.errors import BackendError
 
 __all__ = [
     "Ops",
+    "accumulation",
     "backend_name_of",
     "check_floating",
     "dtype_label",
@@ -232,6 +233,13 @@ def largest_finite(dtype: Any) -> float:
     """The largest finite value of a floating ``dtype`` of any framework (fp64's if unknown)."""
     text = str(dtype)
     return next((value for name, value in _LARGEST_FINITE if name in text), _LARGEST_FINITE[-1][1])
+
+
+def accumulation(x: Any) -> str:
+    """The accumulation dtype's name for a value computed from gradients (a norm, a
+    coefficient): ``"float64"`` when ``x`` is fp64 (fp64 gradients), else ``"float32"``
+    (DESIGN.md rule 2). A Python number counts as fp32."""
+    return "float64" if "float64" in str(getattr(x, "dtype", "")) else "float32"
 
 
 def check_floating(arrays: Sequence[Any], where: str = "gradclip") -> None:

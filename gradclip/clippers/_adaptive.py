@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from gradclip._core.errors import StateError
-from gradclip._core.ops import Ops
+from gradclip._core.ops import Ops, accumulation
 
 __all__ = [
     "as_f32",
@@ -37,11 +37,6 @@ __all__ = [
 def as_f32(ops: Ops, x: Any) -> Any:
     """``x`` as fp32 (state is kept in fp32 whatever the gradient dtype)."""
     return ops.cast(x, "float32")
-
-
-def accumulation(norm: Any) -> str:
-    """The dtype name of a norm: ``"float64"`` for fp64 gradients, else ``"float32"``."""
-    return "float64" if "float64" in str(norm.dtype) else "float32"
 
 
 def fp32_finite(ops: Ops, norm: Any, finite: Any) -> Any:

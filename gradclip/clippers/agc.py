@@ -33,6 +33,7 @@ from typing import Any
 
 from gradclip._core.clipper import Clipper, make_info
 from gradclip._core.errors import InvalidArgumentError
+from gradclip._core.ops import accumulation
 from gradclip._core.registry import register
 from gradclip._core.validation import check_number
 from gradclip.clippers.nonfinite import _raise_if_nonfinite, check_policy, gradients_finite
@@ -216,7 +217,7 @@ class AGC(Clipper):
         if self.nonfinite == "raise":
             _raise_if_nonfinite(ops, grads, norm, names, where)
         finite = ops.isfinite(norm)
-        acc = "float64" if "float64" in str(norm.dtype) else "float32"
+        acc = accumulation(norm)
         one = ops.scalar(1.0, acc)
 
         # The per-unit rule runs once over the units of every clipped tensor laid end to end (a

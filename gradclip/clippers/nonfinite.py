@@ -37,7 +37,7 @@ from typing import Any, NamedTuple
 
 from gradclip._core.clipper import Clipper, make_info
 from gradclip._core.errors import InvalidArgumentError, NonFiniteError, StateError
-from gradclip._core.ops import Ops
+from gradclip._core.ops import Ops, accumulation
 from gradclip._core.registry import register
 from gradclip._core.validation import check_choice, check_int
 from gradclip.clippers._adaptive import check_field
@@ -166,15 +166,12 @@ def settle(ops: Ops, coef: Any, finite: Any, policy: str) -> tuple[Any, Any]:
     Returns:
         ``(coef, skip)``.
     """
-    one = ops.scalar(1.0, _dtype_name(coef))
+    one = ops.scalar(1.0, accumulation(coef))
     coef = ops.where(finite, coef, one)
     # Only what the policy needs: every scalar operation is a kernel launch on a GPU.
     skip = ops.any(~finite) if policy == "skip" else ops.scalar(False, "bool")
     return coef, skip
 
-
-def _dtype_name(x: Any) -> str:
-    return "float64" if "float64" in str(getattr(x, "dtype", "")) else "float32"
 
 
 # -- the policy as a clipper of its own -------------------------------------------------------
@@ -245,7 +242,7 @@ class NonFinite(Clipper):
         bad = ops.cast(~finite, "int64")
         consecutive = ops.where(finite, state.consecutive * 0, state.consecutive + 1)
         total = state.total + bad
-        acc = "float64" if "float64" in str(norm.dtype) else "float32"
+        acc = accumulation(norm)
         one = ops.scalar(1.0, acc)
         no = ops.scalar(False, "bool")
         skip, clipped = no, no

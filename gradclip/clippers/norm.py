@@ -21,7 +21,7 @@ from typing import Any
 
 from gradclip._core.clipper import Clipper, make_info
 from gradclip._core.errors import InvalidArgumentError
-from gradclip._core.ops import Ops, dtype_label, largest_finite
+from gradclip._core.ops import Ops, accumulation, dtype_label, largest_finite
 from gradclip._core.registry import register
 from gradclip._core.validation import check_norm_type, check_number
 from gradclip.clippers.nonfinite import check_policy, measurement, settle
@@ -45,14 +45,10 @@ def clip_coefficient(ops: Ops, norm: Any, threshold: Any, eps: float = 0.0) -> A
     fused = getattr(ops, "clip_coefficient", None)  # a backend's shorter equivalent (torch)
     if fused is not None:
         return fused(norm, threshold, eps)
-    one = ops.scalar(1.0, _dtype(norm))
+    one = ops.scalar(1.0, accumulation(norm))
     above = norm > threshold
     divisor = ops.where(above, norm + eps, one)
     return ops.where(above, threshold * (1.0 / divisor), one)
-
-
-def _dtype(x: Any) -> str:
-    return "float64" if "float64" in str(getattr(x, "dtype", "")) else "float32"
 
 
 @register("global_norm")
@@ -103,7 +99,7 @@ class GlobalNorm(Clipper):
     def _update(self, ops, grads, state, params, names):
         found = measurement(ops, grads, self.norm_type, self.nonfinite, names, "GlobalNorm")
         grads, norm, finite = found.grads, found.norm, found.finite
-        threshold = ops.scalar(self.max_norm, _dtype(norm))
+        threshold = ops.scalar(self.max_norm, accumulation(norm))
         coef, skip = settle(ops, clip_coefficient(ops, norm, threshold, self.eps), finite, self.nonfinite)
         grads = ops.scale(grads, coef)
         return grads, state, make_info(ops, norm, threshold, coef, coef < 1, found.given_finite, skip)
@@ -135,7 +131,7 @@ class _PerTensorNorm(Clipper):
     def _update(self, ops, grads, state, params, names):
         found = measurement(ops, grads, self.norm_type, self.nonfinite, names, self.where)
         grads, norms, norm, finite = found.grads, found.norms, found.norm, found.finite
-        dtype = _dtype(norm)
+        dtype = accumulation(norm)
         threshold = ops.scalar(self.threshold, dtype)
         # Empty tensors have divisor 0; their statistic is defined as 0 (nothing to clip).
         divisors = ops.array([d if d > 0 else 1.0 for d in self._divisors(ops, grads)], dtype)
@@ -299,7 +295,7 @@ class NormSign(Clipper):
                 )
         found = measurement(ops, grads, 2.0, self.nonfinite, names, "NormSign")
         grads, norm, finite = found.grads, found.norm, found.finite
-        dtype = _dtype(norm)
+        dtype = accumulation(norm)
         threshold = ops.scalar(self.threshold, dtype)
         # settle() applies the policy the same way as for the other methods (the skip flag).
         # Whether to take the sign step is decided by comparing, not by coef < 1: the

@@ -22,7 +22,7 @@ from typing import Any, NamedTuple
 
 from gradclip._core.clipper import Clipper, make_info
 from gradclip._core.errors import InvalidArgumentError
-from gradclip._core.ops import framework_of
+from gradclip._core.ops import accumulation, framework_of
 from gradclip._core.registry import register
 from gradclip._core.validation import check_number
 from gradclip.clippers._adaptive import as_f32, check_field
@@ -153,7 +153,7 @@ class QuantileNorm(Clipper):
         found = measurement(ops, grads, 2.0, self.nonfinite, names, "QuantileNorm")
         grads, norm, finite = found.grads, found.norm, found.finite
         bound = state.norm
-        acc = "float64" if "float64" in str(norm.dtype) else "float32"
+        acc = accumulation(norm)
         threshold = ops.cast(bound, acc)
         coef, skip = settle(ops, clip_coefficient(ops, norm, threshold, _EPS), finite, self.nonfinite)
         grads = ops.scale(grads, coef)

@@ -24,7 +24,7 @@ from typing import Any, NamedTuple
 
 from gradclip._core.clipper import STATE_FORMAT_VERSION, Clipper, check_header, make_info, plain_config
 from gradclip._core.errors import InvalidArgumentError, StateError
-from gradclip._core.ops import framework_of, get_ops, out_of_place
+from gradclip._core.ops import accumulation, framework_of, get_ops, out_of_place
 from gradclip._core.registry import get, register, registered_class
 from gradclip._core.validation import check_choice, check_int, check_number
 
@@ -135,7 +135,7 @@ class Subset(Clipper):
             any_selected = ops.any(ops.stack([ops.any(m) for m in masks])) if masks else ops.scalar(False, "bool")
         merged = ops.select(grads, new, masks)
         norm = info.norm
-        acc = "float64" if "float64" in str(getattr(norm, "dtype", "")) else "float32"
+        acc = accumulation(norm)
         one = ops.scalar(1.0, acc)
         after = ops.global_norm(merged, 2.0)
         safe = ops.where(norm > 0, norm, one)

@@ -13,7 +13,7 @@ from typing import Any
 
 from gradclip._core.clipper import Clipper, make_info
 from gradclip._core.errors import InvalidArgumentError
-from gradclip._core.ops import Ops
+from gradclip._core.ops import Ops, accumulation
 from gradclip._core.registry import register
 from gradclip._core.validation import check_number, check_range_pair
 
@@ -26,7 +26,7 @@ def elementwise_info(ops: Ops, before_norm: Any, after: list[Any], threshold: An
     Element-wise methods do not scale uniformly, so the coefficient reported is the effective
     scale of the global L2 norm (1 when nothing changed, by construction of ``clipped``).
     """
-    one = ops.scalar(1.0, "float64" if "float64" in str(before_norm.dtype) else "float32")
+    one = ops.scalar(1.0, accumulation(before_norm))
     after_norm = ops.global_norm(after, 2.0)
     safe_before = ops.where(before_norm > 0, before_norm, one)
     coef = ops.where(clipped, after_norm / safe_before, one)

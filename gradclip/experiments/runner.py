@@ -21,7 +21,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from gradclip.experiments.spec import NONE, parse_spec
+from gradclip.experiments.spec import parse_spec
 from gradclip.experiments.tasks import make_task
 
 __all__ = ["RunConfig", "run_one", "run_many", "OPTIMIZERS"]
