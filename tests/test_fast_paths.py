@@ -430,3 +430,47 @@ def test_flat_concat_and_split_as_round_trip_in_order_and_shape():
         assert [tuple(b.shape) for b in back] == [tuple(a.shape) for a in items]
         for b, a in zip(back, items):
             np.testing.assert_array_equal(np.asarray(b), np.asarray(a, dtype=np.float64))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_scale_units_in_one_foreach_call_equals_mul_per_tensor_bit_for_bit(dtype):
+    """In place, AGC's per-unit coefficients go through one ``_foreach_mul_`` call; it must
+    equal ``mul_`` per tensor (fp32 coefficients broadcast over units, fp16/bf16 rounded once),
+    for contiguous, channels-last and strided gradients."""
+    generator = torch.Generator().manual_seed(15)
+
+    def grads():
+        g = torch.Generator().manual_seed(16)
+        conv = torch.randn(8, 3, 3, 3, generator=g).to(dtype)
+        strided = torch.randn(6, 10, generator=g).to(dtype).t()  # a transposed view
+        return [conv, conv.clone().to(memory_format=torch.channels_last), strided, torch.randn(5, generator=g).to(dtype)]
+
+    coefs = [torch.rand(8, 1, 1, 1, generator=generator), torch.rand(8, 1, 1, 1, generator=generator),
+             torch.rand(10, 1, generator=generator), torch.rand(1, generator=generator)]
+    fast = grads()
+    ops = get_ops(fast, inplace=True, framework="torch")
+    returned = ops.scale_units(fast, coefs)
+    assert all(r is f for r, f in zip(returned, fast))  # in place: the same tensors
+    reference = grads()
+    for tensor, coef in zip(reference, coefs):
+        tensor.mul_(coef)
+    for f, r in zip(fast, reference):
+        assert f.dtype == dtype and f.stride() == r.stride() and torch.equal(f, r)
+    # Out of place the inputs stay as they were and the results are the same values.
+    originals = grads()
+    out = get_ops(originals, framework="torch").scale_units(originals, coefs)
+    assert all(torch.equal(a, b) for a, b in zip(originals, grads()))
+    assert all(torch.equal(o, r) for o, r in zip(out, reference))
+
+
+def test_split_as_in_cpp_equals_split_and_view():
+    """split_as on one device is torch's unflatten_dense_tensors: views of the vector in the
+    given shapes, the same as torch.split + view."""
+    like = [torch.empty(4, 1, 1, 1), torch.empty(()), torch.empty(0), torch.empty(3, 2)]
+    vector = torch.arange(11, dtype=torch.float32)
+    ops = get_ops(like, framework="torch")
+    got = ops.split_as(vector, like)
+    expected = [p.view(a.shape) for p, a in zip(torch.split(vector, [a.numel() for a in like]), like)]
+    for g, e in zip(got, expected):
+        assert g.shape == e.shape and torch.equal(g, e)
+        assert g.numel() == 0 or g.data_ptr() == e.data_ptr()  # views, no copy

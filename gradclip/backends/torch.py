@@ -686,6 +686,12 @@ class TorchOps:
         return out
 
     def scale_units(self, grads, coefs):
+        if self.inplace and grads and all(c.device == g.device for g, c in zip(grads, coefs)):
+            # One call: torch loops over the pairs in C++ (the per-tensor path of the foreach
+            # kernels broadcasts each coefficient over its tensor, in fp32 for fp16/bf16
+            # gradients, exactly as mul_ does), instead of a Python dispatch per tensor.
+            torch._foreach_mul_(list(grads), list(coefs))
+            return list(grads)
         out = []
         for tensor, coef in zip(grads, coefs):
             coef = coef.to(tensor.device, non_blocking=True)
@@ -694,7 +700,9 @@ class TorchOps:
                 # gradient's dtype.
                 out.append(tensor.mul_(coef))
             else:
-                out.append((tensor.to(coef.dtype) * coef).to(tensor.dtype))
+                # Type promotion computes in the wider of the two (fp32 for fp16/bf16 gradients,
+                # fp64 for fp64 ones) and rounds once into the gradient dtype.
+                out.append((tensor * coef).to(tensor.dtype))
         return out
 
     def write_back(self, targets, values):
@@ -720,6 +728,10 @@ class TorchOps:
         return torch.cat([a.reshape(-1).to(self.device, non_blocking=True) for a in arrays])
 
     def split_as(self, vector, like):
+        if all(a.device == vector.device for a in like):
+            # flat_concat's inverse in C++ (DDP's bucketing helper): views of the vector in the
+            # shapes of ``like``, without a Python view per array.
+            return list(torch._C._nn.unflatten_dense_tensors(vector, list(like)))
         pieces = torch.split(vector, [a.numel() for a in like])
         return [piece.view(a.shape) for piece, a in zip(pieces, like)]
 
