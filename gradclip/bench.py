@@ -14,6 +14,8 @@ P1     ``GlobalNorm().clip_`` / ``torch.nn.utils.clip_grad_norm_(foreach=True)``
        GPT-2-small gradient shapes (124M fp32 parameters in 148 tensors)
 P1b    the same / the floor: one read of every gradient + ``_foreach_mul_`` in place     <= 1.15
 P2     ``ClippedOptimizer(fused AdamW, GlobalNorm, fold=True).step`` / bare fused step   <= 1.30
+P2b    the same / its floor: the fused step with a ``grad_scale`` set (the kernel then    <= 1.15
+       writes the divided gradients back) + one read of every gradient (the norm)
 P3     2,000 tensors of 1,000 elements, ours / torch                                     <= 1.00
 P4     each adaptive clipper / ``GlobalNorm``                                            <= 1.10
 P4z    ``ZClip`` / the ``zclip`` package's ``step`` (speed-up)                            >= 1.5x
@@ -71,8 +73,8 @@ __all__ = [
 GROUPS = ("p1", "p2", "p3", "p4", "p5", "memory", "ops", "bandwidth")
 #: The ids of the rows a run on each kind of device writes, for the smoke test.
 ROW_IDS = {
-    "cpu": ["P1", "P1b", "P2", "P3", "P4", "P4z", "P4a", "P5", "MEM", "OPS"],
-    "cuda": ["P1", "P1b", "P2", "P3", "P4", "P4z", "P4a", "P5", "MEM", "OPS", "BW"],
+    "cpu": ["P1", "P1b", "P2", "P2b", "P3", "P4", "P4z", "P4a", "P5", "MEM", "OPS"],
+    "cuda": ["P1", "P1b", "P2", "P2b", "P3", "P4", "P4z", "P4a", "P5", "MEM", "OPS", "BW"],
 }
 #: Adaptive clippers judged against GlobalNorm in P4 (AGC reads the weights too: P4a).
 ADAPTIVE = ("autoclip", "zclip", "adagc", "quantile_norm", "skip_on_spike", "non_finite")
@@ -280,7 +282,8 @@ class _Bench:
         floor = [r + s for r, s in zip(reads, times["scale"])]
         return [
             _compare("P1", "GlobalNorm.clip_ vs clip_grad_norm_(foreach=True), GPT-2 small fp32",
-                     times["ours"], times["torch"], 0.70),
+                     times["ours"], times["torch"], 0.70,
+                     note=f"the floor (P1b) = {_ratio(floor, times['torch']):.2f}x torch"),
             _compare("P1b", "GlobalNorm.clip_ vs floor (one read + _foreach_mul_)", times["ours"], floor, 1.15,
                      note=f"floor = {statistics.median(reads) * 1e3:.2f} + "
                           f"{statistics.median(times['scale']) * 1e3:.2f} ms"),
@@ -304,14 +307,38 @@ class _Bench:
             torch.nn.utils.clip_grad_norm_(torch_params, 1.0, foreach=True)
             torch_opt.step()
 
+        # The floor of folding: a fused step that divides by a grad_scale (torch's kernels then
+        # store the divided gradients back, one more write pass) plus the norm's one read.
+        unit = torch.ones((), dtype=torch.float32, device=self.device)
+
+        def scaled_step():
+            bare.grad_scale = unit
+            try:
+                bare.step()
+            finally:
+                del bare.grad_scale
+
+        flats = [p.grad.view(-1) for p in folded_params]
+        grads = [p.grad for p in folded_params]
         # Steps change the parameters, not the gradients' sizes: the cost per step is stable.
-        times = self.time({"folded": folded.step, "bare": bare.step, "torch": torch_clip_step})
+        times = self.time({
+            "folded": folded.step, "bare": bare.step, "torch": torch_clip_step, "scaled": scaled_step,
+            "dot": lambda: [torch.dot(f, f) for f in flats],
+            "foreach_norm": lambda: torch._foreach_norm(grads),
+        })
         if not folded.folded:
             return [Result("P2", "fold into fused AdamW", note="failed: ClippedOptimizer did not fold")]
+        reads = [min(pair) for pair in zip(times["dot"], times["foreach_norm"])]
+        floor = [step + read for step, read in zip(times["scaled"], reads)]
         return [
             _compare("P2", "ClippedOptimizer(fused AdamW, GlobalNorm, fold=True).step vs bare fused step",
                      times["folded"], times["bare"], 1.30,
-                     note=f"torch clip_grad_norm_ + step = {_ratio(times['torch'], times['bare']):.2f}x"),
+                     note=f"torch clip_grad_norm_ + step = {_ratio(times['torch'], times['bare']):.2f}x; "
+                          f"the floor (P2b) = {_ratio(floor, times['bare']):.2f}x"),
+            _compare("P2b", "the folded step vs its floor (fused step with grad_scale + one read)",
+                     times["folded"], floor, 1.15,
+                     note=f"floor = {statistics.median(times['scaled']) * 1e3:.2f} + "
+                          f"{statistics.median(reads) * 1e3:.2f} ms"),
         ]
 
     # -- P3 ----------------------------------------------------------------------------------
