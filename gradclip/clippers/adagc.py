@@ -74,9 +74,9 @@ class AdaGC(Clipper):
     the same order. ``clip_`` and ``clip`` remember the names and shapes of the tensors their
     state was last used with and refuse others (a parameter without a gradient on one step
     would shift every later tensor onto another's ``γ``, silently); give such a parameter a zero
-    gradient instead, as ``gradclip.keras.ClippingOptimizer`` does. ``info.threshold`` is ``warmup_max_norm`` during warm-up and afterwards the
-    bound on the clipped global norm, ``‖(clip_ratio·γ_i)_i‖`` (``inf`` while a tensor has no
-    ``γ`` yet).
+    gradient instead, as ``gradclip.keras.ClippingOptimizer`` does. ``info.threshold`` is
+    ``warmup_max_norm`` during warm-up and afterwards the bound on the clipped global norm,
+    ``‖(clip_ratio·γ_i)_i‖`` (``inf`` while a tensor has no ``γ`` yet).
 
     Raises:
         InvalidArgumentError: An argument out of range (named in the message), unknown policy.

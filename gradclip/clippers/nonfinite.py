@@ -173,7 +173,6 @@ def settle(ops: Ops, coef: Any, finite: Any, policy: str) -> tuple[Any, Any]:
     return coef, skip
 
 
-
 # -- the policy as a clipper of its own -------------------------------------------------------
 class NonFiniteState(NamedTuple):
     """Counters of non-finite steps (optax ``apply_if_finite``'s ``notfinite_count`` and

@@ -284,7 +284,8 @@ class NormSign(Clipper):
     def _update(self, ops, grads, state, params, names):
         # ε·sign(g) must be representable: NormSign(1e5) on fp16 gradients would write inf into
         # every element of a clipped step. The dtypes are metadata: checked before anything.
-        for dtype in {grad.dtype for grad in grads}:  # a handful of dtypes, not a test per tensor
+        # Each dtype once, in order of first appearance (the first offending tensor is named).
+        for dtype in dict.fromkeys(grad.dtype for grad in grads):
             largest = largest_finite(dtype)
             if largest < self.threshold < math.inf:  # inf never clips: nothing is written
                 name = next(n for n, g in zip(names, grads) if g.dtype == dtype)

@@ -16,6 +16,8 @@ __all__ = ["plot_logged_run", "plot_norm_histogram"]
 
 
 def _pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (never opens a window), imported lazily:
+    the ``cli`` extra is optional."""
     import matplotlib
 
     matplotlib.use("Agg")

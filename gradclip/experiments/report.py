@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from gradclip.experiments.plots import _pyplot
 from gradclip.experiments.tasks import DIVERGENCE_FACTOR
 from gradclip.monitor.writers import json_safe
 
@@ -85,15 +86,6 @@ def summarise(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             }
         )
     return rows
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only; never open a window
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def _by_clipper(records):
