@@ -188,6 +188,28 @@ def test_errors_raised_while_clipping_name_the_function():
     assert str(caught.value).startswith("clip_grad_norm_: ")
 
 
+def test_collection_names_the_item_that_is_not_an_array():
+    """A list of arrays is recognised by type (cached); an object whose shape and dtype are set on
+    the instance only counts as an array too, decided per object; anything else is refused by
+    its position."""
+    from gradclip._core.tree import _all_arrays, collect_gradients
+
+    class Wrapped:  # shape and dtype on the instance, not the class
+        def __init__(self):
+            self.shape, self.dtype = (2,), np.float32
+
+    class Plain:
+        pass
+
+    arrays = [np.zeros(2, np.float32), np.ones(3, np.float32)]
+    assert _all_arrays(arrays) and _all_arrays(arrays + [Wrapped()])
+    assert not _all_arrays(arrays + [Wrapped(), Plain()])
+    with pytest.raises(gradclip.BackendError, match=r"^clip: #2 is a .*Plain, not a parameter or array"):
+        collect_gradients(arrays + [Plain()], "clip")
+    collected = collect_gradients(arrays + [arrays[0]])  # the same array twice: kept once
+    assert collected.names == ["#0", "#1"] and collected.seen == 2
+
+
 def test_zero_max_norm_with_zero_gradients_is_not_nan():
     # optax gives NaN here (0 / 0); gradclip leaves the zero gradients as they are.
     grads = [np.zeros(3, np.float32)]

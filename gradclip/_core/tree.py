@@ -190,12 +190,10 @@ class Collected(NamedTuple):
 
 
 def _all_arrays(values: list[Any]) -> bool:
-    """Whether every value is an array (:func:`_is_array`), with one check per distinct type
-    whose class says so and a check per value for the others."""
+    """Whether every value is an array (:func:`_is_array`), with one dictionary lookup per
+    distinct type once :func:`_is_array` has cached it."""
     for kind in set(map(type, values)):
-        if _ARRAY_TYPES.get(kind) or (hasattr(kind, "shape") and hasattr(kind, "dtype")):
-            _ARRAY_TYPES[kind] = True
-        elif not all(_is_array(v) for v in values if type(v) is kind):
+        if not _ARRAY_TYPES.get(kind) and not all(_is_array(v) for v in values if type(v) is kind):
             return False
     return True
 
