@@ -1,10 +1,10 @@
-"""Smoke test of the performance harness (gradclip/bench.py) in its ``--quick`` mode.
+"""Smoke test of the performance harness (gradclip/bench/) in its ``--quick`` mode.
 
 Nothing here checks a time or a target (DESIGN.md: benchmarks are not timed tests): the harness
 must run, write a RESULTS.md that parses, with every row and a ratio in each, and keep the
 sections of other runs. The ``gradclip bench`` command's option forwarding is tested in
-tests/test_cli.py. The adaptive clippers' cost (P4) is part of this one harness: a second
-script that measured it another way was retired, so RESULTS.md holds one answer.
+tests/test_cli.py. The adaptive clippers' cost (P4) is measured by this harness only, so
+RESULTS.md holds one answer for it.
 """
 
 from __future__ import annotations

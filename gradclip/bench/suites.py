@@ -1,73 +1,32 @@
-"""The performance harness behind ``gradclip bench`` and ``benchmarks/run.py``.
+"""The benchmark suites: one method of :class:`_Bench` per group of rows (P1, P1b, P2, P2b, P3, P4,
+P4z, P4a, P5, MEM, OPS, BW), each returning its rows.
 
-Every benchmark times gradclip and its reference in the same process, in interleaved rounds
-(each round calls every contender once, the order alternating between rounds), after warm-up.
-The ratio reported is the median over rounds of the per-round ratio: both sides of one round
-ran moments apart and saw the same machine, so load from other processes cancels out much
-better than in two separate medians. Absolute times (medians) are printed for context only;
-targets are judged on ratios. Targets come from the performance issue and DESIGN.md:
-
-=====  ============================================================================  ========
-id     measurement                                                                   target
-=====  ============================================================================  ========
-P1     ``GlobalNorm().clip_`` / ``torch.nn.utils.clip_grad_norm_(foreach=True)``,       <= 0.70
-       GPT-2-small gradient shapes (124M fp32 parameters in 148 tensors)
-P1b    the same / the floor: one read of every gradient + ``_foreach_mul_`` in place     <= 1.15
-P2     ``ClippedOptimizer(fused AdamW, GlobalNorm, fold=True).step`` / bare fused step   <= 1.30
-P2b    the same / its floor: the fused step with a ``grad_scale`` set (the kernel then    <= 1.15
-       writes the divided gradients back) + one read of every gradient (the norm)
-P3     2,000 tensors of 1,000 elements, ours / torch                                     <= 1.00
-P4     each adaptive clipper / ``GlobalNorm``                                            <= 1.10
-P4z    ``ZClip`` / the ``zclip`` package's ``step`` (speed-up)                            >= 1.5x
-P4a    ``AGC`` / timm's ``adaptive_clip_grad`` on ResNet-50 shapes (speed-up)             >= 2x
-P5     bf16 gradients: time per element / fp32's, with an fp32-accurate norm            <= 1.20
-       (relative error against fp64 at most 1e-5)
-MEM    peak extra memory of ``GlobalNorm().clip_`` at 1/8x and 1x the parameters,      bounded
-       same tensor count: O(tensors), not O(parameters): at most two capped scratch
-       buffers (CHUNK elements) and 1 KiB per tensor at both sizes (CPU: profiler
-       allocation records; CUDA: the caching allocator's peak)
-OPS    ATen operations per step (kernel launches on a GPU) / ``clip_grad_norm_``'s     report
-       (GlobalNorm, adaptive clippers), 148 tensors on the foreach path; AGC / timm's
-BW     CUDA only: bytes ``GlobalNorm().clip_`` must move (one read, one read+write of     report
-       every gradient) / its time, as a fraction of the device's peak bandwidth
-=====  ============================================================================  ========
-
-Run ``python benchmarks/run.py`` (or ``gradclip bench``); ``--quick`` runs tiny sizes in seconds
-(the test suite runs it so the harness cannot rot) and writes nothing unless ``--out`` is given.
-A full run writes its section of ``benchmarks/RESULTS.md``, keyed by device and ``--label``,
-and keeps the other sections (a CUDA run adds to the CPU results instead of replacing them).
-Nothing here asserts a time: a benchmark that breaks is reported as failed and sets the exit
-status, a target that is missed is reported as missed.
+Each group builds its own gradients, times gradclip against its reference with the harness
+(:func:`~gradclip.bench.harness.interleave`) and judges the ratio against the target in
+:mod:`gradclip.bench`'s table. A group that needs an optional package (zclip, timm) reports its
+row as skipped when the package is missing.
 """
 
 from __future__ import annotations
 
-import argparse
-import importlib.metadata
 import importlib.util
-import itertools
 import math
-import os
-import platform
-import re
 import statistics
-import sys
-import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-__all__ = [
-    "main",
-    "gpt2_small_shapes",
-    "resnet50_shapes",
-    "interleave",
-    "Result",
-    "parse_results",
-    "GROUPS",
-    "ROW_IDS",
-]
+from gradclip.bench.harness import Result, _compare, _ratio, interleave
+from gradclip.bench.workloads import (
+    _count_ops,
+    _load_timm_agc,
+    _peak_extra_bytes,
+    _scaled,
+    _timm_agc_path,
+    gpt2_small_shapes,
+    resnet50_shapes,
+)
+
+__all__ = ["GROUPS", "ROW_IDS", "ADAPTIVE", "PEAK_BANDWIDTH"]
 
 #: Benchmark groups in the order they run; ``--only`` picks among them.
 GROUPS = ("p1", "p2", "p3", "p4", "p5", "memory", "ops", "bandwidth")
@@ -91,138 +50,6 @@ PEAK_BANDWIDTH = (
     ("A10", 6.0e11),
 )
 
-
-def gpt2_small_shapes() -> list[tuple[int, ...]]:
-    """Parameter shapes of GPT-2 small (124M parameters, 148 tensors), HF Conv1D layout."""
-    shapes: list[tuple[int, ...]] = [(50257, 768), (1024, 768)]
-    for _ in range(12):
-        shapes += [
-            (768,), (768,),                  # ln_1
-            (768, 2304), (2304,),            # attn.c_attn
-            (768, 768), (768,),              # attn.c_proj
-            (768,), (768,),                  # ln_2
-            (768, 3072), (3072,),            # mlp.c_fc
-            (3072, 768), (768,),             # mlp.c_proj
-        ]
-    return shapes + [(768,), (768,)]         # ln_f
-
-
-def resnet50_shapes() -> list[tuple[int, ...]]:
-    """Parameter shapes of torchvision's ResNet-50 (25.6M parameters, 161 tensors)."""
-    shapes: list[tuple[int, ...]] = [(64, 3, 7, 7), (64,), (64,)]
-    in_channels = 64
-    for width, blocks in ((64, 3), (128, 4), (256, 6), (512, 3)):
-        for block in range(blocks):
-            out = width * 4
-            shapes += [(width, in_channels, 1, 1), (width,), (width,)]
-            shapes += [(width, width, 3, 3), (width,), (width,)]
-            shapes += [(out, width, 1, 1), (out,), (out,)]
-            if block == 0:
-                shapes += [(out, in_channels, 1, 1), (out,), (out,)]
-            in_channels = out
-    return shapes + [(1000, 2048), (1000,)]
-
-
-def _scaled(shapes, factor: float):
-    """Shrink every dimension 0 (smoke runs, the memory benchmark), keeping the tensor count."""
-    return [tuple(max(1, int(d * factor)) if i == 0 else d for i, d in enumerate(s)) for s in shapes]
-
-
-def interleave(
-    contenders: dict[str, Callable[[], Any]],
-    *,
-    warmup: int = 2,
-    rounds: int = 9,
-    sync: Callable[[], None] | None = None,
-) -> dict[str, list[float]]:
-    """Time each contender once per round, for ``warmup`` untimed and ``rounds`` timed rounds.
-
-    The order within a round alternates (forwards, backwards) so that no contender always runs
-    after the same one (caches, allocator state, CPU frequency).
-
-    Args:
-        contenders: Name to a function of no arguments doing one step.
-        warmup: Untimed rounds first (kernel selection, allocator, lazy imports).
-        rounds: Timed rounds.
-        sync: Called after each step inside the timed region (``torch.cuda.synchronize``), so
-            that asynchronous device work is counted.
-
-    Returns:
-        Name to the list of wall times in seconds, one per timed round.
-    """
-    names = list(contenders)
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for round_index in range(warmup + rounds):
-        order = names if round_index % 2 == 0 else names[::-1]
-        for name in order:
-            start = time.perf_counter()
-            contenders[name]()
-            if sync is not None:
-                sync()
-            if round_index >= warmup:
-                times[name].append(time.perf_counter() - start)
-    return times
-
-
-def _ratio(ours: list[float], reference: list[float]) -> float:
-    """Median over rounds of ``ours / reference`` (the two lists are paired by round)."""
-    return statistics.median(a / b for a, b in zip(ours, reference))
-
-
-@dataclass
-class Result:
-    """One row of the results table."""
-
-    id: str
-    name: str
-    ours: float | None = None
-    reference: float | None = None
-    target: str = ""
-    ratio: float | None = None
-    passed: bool | None = None
-    note: str = ""
-
-    def row(self) -> str:
-        def ms(x):
-            return "—" if x is None else f"{x * 1e3:.2f} ms"
-
-        ratio = "—" if self.ratio is None else f"{self.ratio:.3f}"
-        verdict = {True: "yes", False: "NO", None: "—"}[self.passed]
-        note = self.note.replace("|", "/")
-        return f"| {self.id} | {self.name} | {ms(self.ours)} | {ms(self.reference)} | {ratio} | {self.target} | {verdict} | {note} |"
-
-
-def _compare(id_, name, ours: list[float], reference: list[float], limit, *, speedup=False, note="", extra_ok=True):
-    """A row from paired round times: the ratio (or speed-up) against ``limit``."""
-    ratio = _ratio(ours, reference)
-    if speedup:
-        ratio = 1.0 / ratio
-    target = f">= {limit}x faster" if speedup else f"<= {limit}"
-    passed = (ratio >= limit if speedup else ratio <= limit) and extra_ok
-    return Result(id_, name, statistics.median(ours), statistics.median(reference), target, ratio, passed, note)
-
-
-TABLE_HEADER = [
-    "| id | measurement | gradclip | reference | ratio | target | met | note |",
-    "|---|---|---|---|---|---|---|---|",
-]
-
-
-def parse_results(text: str) -> list[dict[str, str]]:
-    """Rows of every results table in ``text`` (a RESULTS.md or the printed output).
-
-    Returns:
-        One dict per row with the keys of the table header (``id``, ``ratio``, ``met``...).
-    """
-    keys = [k.strip() for k in TABLE_HEADER[0].strip("|").split("|")]
-    rows = []
-    for line in text.splitlines():
-        if not line.startswith("| ") or line == TABLE_HEADER[0]:
-            continue
-        cells = [c.strip() for c in line.strip()[1:-1].split("|")]
-        if len(cells) == len(keys):
-            rows.append(dict(zip(keys, cells)))
-    return rows
 
 
 class _Bench:
@@ -480,7 +307,7 @@ class _Bench:
         params = self.params([(8192,)] * 148)
         results = []
         reference = _count_ops(lambda: self.torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True))
-        # Reported, not judged: the issue sets no target for them; they show where a GPU's
+        # Reported, not judged: DESIGN.md sets no target for them; they show where a GPU's
         # host time goes (P4 judges the time itself).
         for name in ("global_norm", *ADAPTIVE):
             clipper = gradclip.get(name)
@@ -534,169 +361,3 @@ class _Bench:
             del params
         return results
 
-
-def _count_ops(fn: Callable[[], Any]) -> int:
-    """ATen operations ``fn`` dispatches (after one warm-up call), counted by a dispatch mode."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Counter(TorchDispatchMode):
-        count = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            Counter.count += 1
-            return func(*args, **(kwargs or {}))
-
-    fn()
-    with Counter():
-        fn()
-    return Counter.count
-
-
-def _peak_extra_bytes(fn: Callable[[], Any], device) -> int:
-    """Peak of the bytes allocated and not yet freed while ``fn`` runs.
-
-    CUDA: the caching allocator's peak statistic above what was allocated before. CPU: read
-    from the profiler's allocation records, each an allocation (+bytes) or a free (-bytes) with
-    a timestamp; the running sum's maximum is the peak extra memory, including temporaries
-    allocated and freed inside one operator (which per-operator totals would hide).
-    """
-    import torch
-    from torch.profiler import ProfilerActivity, profile
-
-    fn()  # warm: lazily created state is not the per-step cost
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        before = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        fn()
-        torch.cuda.synchronize(device)
-        return torch.cuda.max_memory_allocated(device) - before
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    records = sorted(
-        (event.start_ns(), event.nbytes())
-        for event in prof.profiler.kineto_results.events()
-        if event.name() == "[memory]"
-    )
-    return max([0, *itertools.accumulate(nbytes for _, nbytes in records)])
-
-
-def _load_timm_agc(path: str):
-    """timm's ``utils/agc.py`` alone: importing timm itself pulls in torchvision and much more."""
-    spec = importlib.util.spec_from_file_location("_timm_agc", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def _timm_agc_path() -> str | None:
-    spec = importlib.util.find_spec("timm")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = Path(list(spec.submodule_search_locations)[0]) / "utils" / "agc.py"
-    return str(path) if path.exists() else None
-
-
-def _version(package: str) -> str:
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return "not installed"
-
-
-def _machine(device) -> list[str]:
-    import torch
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    lines = [
-        f"- CPU: {cpu}, {os.cpu_count()} cores; torch uses {torch.get_num_threads()} threads",
-        f"- Python {platform.python_version()}, torch {torch.__version__}, gradclip {_version('gradclip')}, "
-        f"zclip {_version('zclip')}, timm {_version('timm')}",
-    ]
-    if device.type == "cuda":
-        properties = torch.cuda.get_device_properties(device)
-        lines.append(f"- GPU: {properties.name}, {properties.total_memory / 2**30:.0f} GiB, CUDA {torch.version.cuda}")
-    try:
-        lines.append(f"- load average at the start: {', '.join(f'{x:.2f}' for x in os.getloadavg())}")
-    except OSError:
-        pass
-    return lines
-
-
-def _merge_section(path: Path, key: str, section: str) -> str:
-    """The text of ``path`` with the section ``key`` replaced by ``section`` (or appended)."""
-    begin, end = f"<!-- bench:{key} -->", f"<!-- /bench:{key} -->"
-    block = f"{begin}\n{section.rstrip()}\n{end}\n"
-    old = path.read_text() if path.exists() else ""
-    pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end) + r"\n?", re.S)
-    if pattern.search(old):
-        return pattern.sub(lambda _: block, old)
-    if not old.strip():
-        old = (
-            "# gradclip benchmark results\n\n"
-            "Written by `python benchmarks/run.py` (also `gradclip bench`); see `gradclip/bench.py`\n"
-            "for what each row measures. Ratios are medians of per-round ratios, gradclip and its\n"
-            "reference timed in the same interleaved rounds; the times are medians, for context.\n"
-        )
-    return old.rstrip() + "\n\n" + block
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Run the benchmarks, print a table, and write RESULTS.md unless ``--quick``.
-
-    Returns:
-        0, or 1 when a benchmark failed to run (a missed target is not a failure).
-    """
-    parser = argparse.ArgumentParser(prog="gradclip bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="smoke sizes, few rounds, no RESULTS.md unless --out")
-    parser.add_argument("--out", type=Path, help="where to write RESULTS.md (default benchmarks/RESULTS.md)")
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    parser.add_argument("--only", nargs="*", choices=GROUPS, help="benchmark groups to run (default: all)")
-    parser.add_argument("--rounds", type=int, default=None, help="timed rounds per benchmark (default 11, quick 3)")
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads before running")
-    parser.add_argument("--label", default="", help="names this run's section of RESULTS.md (with the device)")
-    args = parser.parse_args(argv)
-    import torch
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    bench = _Bench(args.quick, str(device), args.rounds)
-    results: list[Result] = []
-    started = time.perf_counter()
-    machine = _machine(device)
-    for group in args.only or GROUPS:
-        try:
-            results += getattr(bench, group)()
-        except Exception as error:  # noqa: BLE001 - one broken benchmark must not hide the others
-            results.append(Result(group.upper(), group, note=f"failed: {type(error).__name__}: {error}"))
-    key = device.type + (f", {args.label}" if args.label else "")
-    sizes = "quick smoke sizes" if args.quick else "full sizes"
-    section = "\n".join([
-        f"## {key} ({sizes}, {bench.rounds} rounds after {bench.warmup} warm-up, "
-        f"{time.perf_counter() - started:.0f} s, {time.strftime('%Y-%m-%d %H:%M')})",
-        "",
-        *machine,
-        "",
-        *TABLE_HEADER,
-        *(r.row() for r in results),
-    ]) + "\n"
-    print(section)
-    out = args.out or (None if args.quick else Path("benchmarks") / "RESULTS.md")
-    if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(_merge_section(out, key, section))
-        print(f"wrote {out}")
-    failed = [r for r in results if r.note.startswith("failed")]
-    return 1 if failed else 0
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
