@@ -241,10 +241,11 @@ class Monitor:
                 stacklevel=4,
             )
             return torch.stack([missing] * len(names))
-        from gradclip.backends.torch import TorchOps
+        from gradclip._core.ops import get_ops
 
         grads = [g.detach() for _, g in present]
-        norms = TorchOps(grads, where="Monitor.observe").norms(grads, 2.0).to(device, torch.float32).unbind()
+        ops = get_ops(grads, framework="torch", where="Monitor.observe")
+        norms = ops.norms(grads, 2.0).to(device, torch.float32).unbind()
         entries = [missing] * len(names)
         for (index, _), value in zip(present, norms):
             entries[index] = value
