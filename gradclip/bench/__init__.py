@@ -1,4 +1,4 @@
-"""The performance benchmarks behind ``gradclip bench`` and ``benchmarks/run.py``.
+"""The performance harness behind ``gradclip bench`` and ``benchmarks/run.py``.
 
 Every benchmark times gradclip and its reference in the same process, in interleaved rounds
 (each round calls every contender once, the order alternating between rounds), after warm-up.
