@@ -19,7 +19,7 @@ torch = pytest.importorskip("torch", reason="the fast paths are the torch backen
 
 import gradclip  # noqa: E402
 import gradclip.torch as gct  # noqa: E402
-from gradclip._core.ops import get_ops  # noqa: E402
+from gradclip._core.ops import Ops, get_ops  # noqa: E402
 from gradclip.backends.torch import (  # noqa: E402
     BLOCKED_MIN_NUMEL,
     BLOCKED_MIN_NUMEL_WIDE,
@@ -362,27 +362,20 @@ def test_many_small_tensors_take_memory_for_one_chunk_only(make_torch_params):
 def test_torch_kernels_flag_keeps_torch_norms_everywhere():
     """The drop-ins' setting: torch's kernels for small and large CPU tensors alike."""
     tensors = _small_tensors(torch.float32)[:50] + [torch.randn(BLOCKED_MIN_NUMEL_WIDE + 5)]
-    ops = get_ops(tensors, framework="torch")
-    ops.torch_kernels = True
+    ops = get_ops(tensors, framework="torch", torch_kernels=True)
     assert torch.equal(ops.norms(tensors, 2.0), torch.stack(torch._foreach_norm(tensors, 2.0)))
 
 
-class _GenericOps:
-    """The torch Ops without its clip_coefficient hook: the generic formula of norm.py."""
+class _GenericOps(TorchOps):
+    """The torch Ops with the base's generic clip coefficient instead of torch's shorter one."""
 
-    def __init__(self, ops):
-        self._ops = ops
-
-    def __getattr__(self, name):
-        if name == "clip_coefficient":
-            raise AttributeError(name)
-        return getattr(self._ops, name)
+    clip_coefficient = Ops.clip_coefficient
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 def test_torch_clip_coefficient_equals_the_generic_formula_bit_for_bit(dtype):
     ops = get_ops([torch.zeros(1, dtype=dtype)], framework="torch")
-    generic = _GenericOps(ops)
+    generic = _GenericOps([torch.zeros(1, dtype=dtype)])
     values = [0.0, 1e-45, 1e-30, 1e-7, 0.5, 0.9999999, 1.0, 1.0000001, 2.0, 3e38, math.inf, math.nan]
     for norm in values:
         for threshold in [0.0, 1e-7, 0.5, 1.0, 1e30, math.inf]:

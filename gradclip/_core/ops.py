@@ -1,6 +1,6 @@
-"""The Ops protocol: the few multi-tensor primitives every clipping algorithm is written against.
+"""The Ops base class: the few multi-tensor primitives every clipping algorithm is written against.
 
-Each algorithm in :mod:`gradclip.clippers` is written once, against this protocol; each file in
+Each algorithm in :mod:`gradclip.clippers` is written once, against this base; each file in
 :mod:`gradclip.backends` implements it for one framework (einops' lesson). A backend is chosen
 from the type of the arrays it is given, and its framework is imported only then, so
 ``import gradclip`` imports no deep-learning framework.
@@ -18,10 +18,11 @@ Conventions every backend keeps:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import sys
-from collections.abc import Sequence
-from typing import Any, Protocol, runtime_checkable
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from gradclip._core.errors import BackendError
 
@@ -40,87 +41,183 @@ __all__ = [
 Array = Any
 
 
-@runtime_checkable
-class Ops(Protocol):
-    """Multi-tensor primitives, implemented once per framework."""
+class Ops:
+    """Multi-tensor primitives, implemented once per framework: the base of every backend.
+
+    What a backend must provide (the base raises :class:`NotImplementedError` for each): the
+    class attribute :attr:`name`, and every method of the sections "scalars", "multi-tensor"
+    and "small-vector math" below. What is optional has a default here, correct for a
+    single-process backend that keeps clipper state as Python attributes:
+
+    ==========================  =================================================================
+    ``inplace``                 False (set by the constructor from its ``inplace`` argument)
+    ``unit_axis``               0 (torch's output-major layout)
+    ``holds_state``             False, and ``state_store`` is None
+    ``distributed``             False: norms are never reduced across processes
+    ``context()``               a null context
+    ``global_norm``             ``combine_norms(norms(grads))``
+    ``clip_coefficient``        the generic ``where`` formula (torch overrides it, fewer kernels)
+    ``unit_totals``             the local sum of each value vector (nothing to reduce)
+    ``world_size()``            1
+    ``finish_info(info)``       ``info`` unchanged
+    ``check_state``             accepts everything
+    ``version_token``           None (repeated-call detection off)
+    ``out_of_place()``          ``self`` when not in place, else a copy with ``inplace=False``
+    ==========================  =================================================================
+
+    A backend is built once per call from the call's arrays and never changed afterwards: every
+    attribute is set by its constructor (caches a backend keeps for itself live in containers
+    made there). Algorithms use only the names declared here, never ``getattr(ops, ...)``.
+    """
 
     #: Short backend name: ``"numpy"``, ``"torch"``, ``"tensorflow"`` or ``"jax"``.
-    name: str
+    name: str = "ops"
     #: Whether multi-tensor operations write into their inputs.
-    inplace: bool
-
-    def context(self) -> Any: ...
-
-    # -- scalars on the device ------------------------------------------------------------
-    def scalar(self, value: float | bool, dtype: str = "float32") -> Array: ...
-    def where(self, cond: Array, a: Array, b: Array) -> Array: ...
-    def minimum(self, a: Array, b: Array) -> Array: ...
-    def maximum(self, a: Array, b: Array) -> Array: ...
-    def sqrt(self, x: Array) -> Array: ...
-    def exp(self, x: Array) -> Array: ...
-    def log(self, x: Array) -> Array: ...
-    def isfinite(self, x: Array) -> Array: ...
-    def stack(self, xs: Sequence[Array]) -> Array: ...
-    def any(self, x: Array) -> Array: ...
-    def to_host(self, x: Array) -> Any: ...
-    def array(self, value: Any, dtype: str = "float32") -> Array: ...
-    def to_list(self, x: Array) -> Any: ...
-
-    # -- multi-tensor --------------------------------------------------------------------
-    def norms(self, grads: list[Array], norm_type: float) -> Array: ...
-    def combine_norms(self, norms: Array, norm_type: float) -> Array: ...
-    def global_norm(self, grads: list[Array], norm_type: float) -> Array: ...
-    def scale(self, grads: list[Array], coef: Array) -> list[Array]: ...
-    def scale_each(self, grads: list[Array], coefs: Array) -> list[Array]: ...
-    def clamp(self, grads: list[Array], low: float, high: float) -> list[Array]: ...
-    def zero_above(self, grads: list[Array], threshold: float) -> list[Array]: ...
-    def sign_where(self, grads: list[Array], magnitude: float, cond: Array) -> list[Array]: ...
-    def zero_nonfinite(self, grads: list[Array]) -> list[Array]: ...
-    def finite_each(self, grads: list[Array]) -> Array: ...
-    def extrema(self, grads: list[Array]) -> tuple[Array, Array]: ...
-    def numel(self, grad: Array) -> int: ...
-
-    # -- added for the adaptive and stateful clippers (issue 3) ----------------------------------
+    inplace: bool = False
     #: The axis that indexes output units in this framework's weight layout, used by AGC when
     #: no ``axis`` is given: 0 for torch (``nn.Linear`` is ``(out, in)``, ``ConvNd`` is
     #: ``(out, in, *k)``) and for NumPy (which follows torch's layout); -1 for TensorFlow/Keras
     #: and JAX/Flax (``(in, out)`` dense kernels, ``HWIO`` convolutions).
-    unit_axis: int
+    unit_axis: int = 0
+    #: Whether :meth:`state_store` returns a store (state kept in framework variables, so that a
+    #: traced function advances it); False: state is kept as Python attributes.
+    holds_state: bool = False
+    #: ``state_store(template) -> store``: on a backend that keeps clipper state in framework
+    #: variables (:attr:`holds_state`), builds the store for a state shaped like ``template``;
+    #: None on the others (the default), whose clippers keep their state as Python attributes.
+    #: Call it only where ``holds_state`` is True.
+    state_store: Callable[[Any], Any] | None = None
+    #: Whether norms are reduced across processes (torch with a process group or DTensors).
+    #: Clippers that read per-tensor statistics of their own take totals through
+    #: :meth:`unit_totals` and :meth:`combine_norms`, which reduce; they never branch on it.
+    distributed: bool = False
 
+    def _missing(self, what: str) -> NotImplementedError:
+        return NotImplementedError(f"{type(self).__qualname__} does not implement Ops.{what}")
+
+    def context(self) -> Any:
+        """A context for in-place work (torch: ``no_grad``); a null context by default."""
+        return contextlib.nullcontext()
+
+    # -- scalars on the device (required) ---------------------------------------------------
+    def scalar(self, value: float | bool, dtype: str = "float32") -> Array:
+        """A 0-d array on the gradients' device."""
+        raise self._missing("scalar")
+
+    def where(self, cond: Array, a: Array, b: Array) -> Array:
+        raise self._missing("where")
+
+    def minimum(self, a: Array, b: Array) -> Array:
+        raise self._missing("minimum")
+
+    def maximum(self, a: Array, b: Array) -> Array:
+        raise self._missing("maximum")
+
+    def sqrt(self, x: Array) -> Array:
+        raise self._missing("sqrt")
+
+    def exp(self, x: Array) -> Array:
+        raise self._missing("exp")
+
+    def log(self, x: Array) -> Array:
+        raise self._missing("log")
+
+    def isfinite(self, x: Array) -> Array:
+        raise self._missing("isfinite")
+
+    def stack(self, xs: Sequence[Array]) -> Array:
+        """A 1-D array of 0-d arrays; empty input gives an empty accumulation-dtype array."""
+        raise self._missing("stack")
+
+    def any(self, x: Array) -> Array:
+        raise self._missing("any")
+
+    def to_host(self, x: Array) -> Any:
+        """A Python number: the only device read, never on the default path."""
+        raise self._missing("to_host")
+
+    def array(self, value: Any, dtype: str = "float32") -> Array:
+        raise self._missing("array")
+
+    def to_list(self, x: Array) -> Any:
+        raise self._missing("to_list")
+
+    # -- multi-tensor (required) ---------------------------------------------------------------
+    def norms(self, grads: list[Array], norm_type: float) -> Array:
+        """The p-norm of each array, a 1-D accumulation-dtype array aligned with ``grads``."""
+        raise self._missing("norms")
+
+    def combine_norms(self, norms: Array, norm_type: float) -> Array:
+        """The global p-norm from the per-tensor norms of :meth:`norms` on the same list
+        (reduced across processes when :attr:`distributed`)."""
+        raise self._missing("combine_norms")
+
+    def global_norm(self, grads: list[Array], norm_type: float) -> Array:
+        """The p-norm of all ``grads`` together."""
+        return self.combine_norms(self.norms(grads, norm_type), norm_type)
+
+    def scale(self, grads: list[Array], coef: Array) -> list[Array]:
+        raise self._missing("scale")
+
+    def scale_each(self, grads: list[Array], coefs: Array) -> list[Array]:
+        raise self._missing("scale_each")
+
+    def clamp(self, grads: list[Array], low: float, high: float) -> list[Array]:
+        raise self._missing("clamp")
+
+    def zero_above(self, grads: list[Array], threshold: float) -> list[Array]:
+        raise self._missing("zero_above")
+
+    def sign_where(self, grads: list[Array], magnitude: float, cond: Array) -> list[Array]:
+        raise self._missing("sign_where")
+
+    def zero_nonfinite(self, grads: list[Array]) -> list[Array]:
+        raise self._missing("zero_nonfinite")
+
+    def finite_each(self, grads: list[Array]) -> Array:
+        raise self._missing("finite_each")
+
+    def extrema(self, grads: list[Array]) -> tuple[Array, Array]:
+        raise self._missing("extrema")
+
+    def numel(self, grad: Array) -> int:
+        raise self._missing("numel")
+
+    # -- small-vector math for adaptive state (required) ------------------------------------
     def sum(self, x: Array) -> Array:
         """Sum of all elements of ``x`` as a 0-d array: float input keeps its dtype; bool and
         integer input sum to int64 (a count)."""
-        ...
+        raise self._missing("sum")
 
     def arange(self, n: int, dtype: str = "int64") -> Array:
         """``[0, 1, ..., n-1]`` on the device (``n`` is a Python int)."""
-        ...
+        raise self._missing("arange")
 
     def cast(self, x: Array, dtype: str) -> Array:
         """``x`` converted to ``dtype`` (``"float32"``, ``"float64"``, ``"int64"``, ``"bool"``);
         float to int truncates toward zero."""
-        ...
+        raise self._missing("cast")
 
     def floor(self, x: Array) -> Array:
         """Element-wise floor, same dtype."""
-        ...
+        raise self._missing("floor")
 
     def sort(self, x: Array) -> Array:
         """A 1-D array sorted ascending (``+inf`` last); a new array."""
-        ...
+        raise self._missing("sort")
 
     def take(self, x: Array, index: Array) -> Array:
         """``x[index]`` for a 1-D ``x`` and a device integer array ``index`` (any shape, values
         in ``[0, len(x))``), without reading ``index`` on the host."""
-        ...
+        raise self._missing("take")
 
     def cumsum(self, x: Array) -> Array:
         """Inclusive cumulative sum of a 1-D array, same dtype."""
-        ...
+        raise self._missing("cumsum")
 
     def version_token(self, grads: list[Array]) -> Any:
         """A hashable host-side token that changes whenever any of ``grads`` is written, or None
-        when the backend cannot tell (then repeated-call detection is off).
+        when the backend cannot tell (then repeated-call detection is off; the default).
 
         Used by :class:`~gradclip.Clipper` to detect a second ``clip_`` on gradients unchanged
         since the last one. It must never read a device value: torch returns the tensors'
@@ -128,7 +225,8 @@ class Ops(Protocol):
         NumPy, whose arrays live on the host, returns a 64-bit XOR fingerprint of their bytes.
         Immutable arrays (JAX) and backends without counters return None.
         """
-        ...
+        del grads
+        return None
 
     def unit_norms(self, arrays: list[Array], axes: list[tuple[int, ...] | None]) -> list[Array]:
         """Unit-wise L2 norms (AGC, Brock et al. 2021), fp32 accumulation (fp64 for fp64).
@@ -136,21 +234,33 @@ class Ops(Protocol):
         For ``arrays[i]``, ``axes[i]`` names the non-negative axes that index units (kept); the
         norm is taken over every other axis with ``keepdims``, so the result broadcasts against
         the array. ``None`` takes the norm of the whole array (shape ``(1,) * ndim``). An empty
-        tuple makes every element its own unit (``abs``). Never records autograd history.
+        tuple makes every element its own unit (``abs``). Never records autograd history. A unit
+        split across processes (a sharded DTensor) gets the norm of the whole unit.
         """
-        ...
+        raise self._missing("unit_norms")
+
+    def unit_totals(self, values: list[Array], arrays: list[Array], axes: list[tuple[int, ...] | None]) -> list[Array]:
+        """Totals over every unit of every array, each unit counted once over all processes.
+
+        Each ``values[k]`` is a 1-D vector laid out as ``flat_concat(unit_norms(arrays, axes))``
+        (one entry per unit, the units of ``arrays[0]`` first) holding an additive per-unit
+        quantity (a squared norm, a 0/1 flag). Returns one 0-d accumulation-dtype total per
+        vector, identical on every rank. The default, for one process: each vector's sum.
+        """
+        del arrays, axes
+        return [self.sum(v) for v in values]
 
     def scale_units(self, grads: list[Array], coefs: list[Array]) -> list[Array]:
         """Multiply each gradient by a coefficient array that broadcasts against it (a result
         of :meth:`unit_norms`), computing in the accumulation dtype and rounding once; in place
         when ``inplace``."""
-        ...
+        raise self._missing("scale_units")
 
     def write_back(self, targets: list[Array], values: list[Array]) -> list[Array]:
         """Copy ``values[i]`` (same shape and dtype) into ``targets[i]`` when ``inplace``, and
         return the targets; out of place, return the values. One copy pass, for results computed
         out of place that must land in the gradients (an in-place :class:`~gradclip.Chain`)."""
-        ...
+        raise self._missing("write_back")
 
     def flat_concat(self, arrays: list[Array]) -> Array:
         """Every element of ``arrays`` in one 1-D array, in order (row-major within each), in
@@ -160,12 +270,12 @@ class Ops(Protocol):
         run as a few operations on one vector instead of a few per array: on a GPU each is a
         kernel launch.
         """
-        ...
+        raise self._missing("flat_concat")
 
     def split_as(self, vector: Array, like: list[Array]) -> list[Array]:
         """The inverse of :meth:`flat_concat`: consecutive pieces of a 1-D ``vector`` shaped like
         each array of ``like`` (views where the framework has them)."""
-        ...
+        raise self._missing("split_as")
 
     def uniform(self, key: Array, counter: Array, shapes: list[tuple[int, ...]]) -> list[Array]:
         """Counter-based uniform numbers in ``[0, 1)``, fp32, one array per shape.
@@ -177,14 +287,58 @@ class Ops(Protocol):
         unsigned arithmetic, ``m(x) = lowbias32(x)`` (``x ^= x >> 16; x *= 0x7FEB352D;
         x ^= x >> 15; x *= 0x846CA68B; x ^= x >> 16``) and
         ``s = m(m(key_lo ^ m(key_hi)) ^ m(counter_lo ^ m(counter_hi)))``,
-        ``t_i = m(s ^ m(i + 0x9E3779B9))``, ``h = m(t_i ^ j)``.
+        ``t_i = m(s ^ m(i + 0x9E3779B9))``, ``h = m(t_i ^ j)``
+        (:mod:`gradclip.backends._hashing` writes it once for every backend).
         """
-        ...
+        raise self._missing("uniform")
 
     def select(self, grads: list[Array], replacements: list[Array], masks: list[Array]) -> list[Array]:
         """``where(mask_i, replacement_i, grad_i)`` per tensor; ``mask_i`` is a 0-d bool or a
         bool array of the gradient's shape. Written into ``grads`` when ``inplace``."""
-        ...
+        raise self._missing("select")
+
+    # -- optional capabilities, with their defaults --------------------------------------------
+    def clip_coefficient(self, norm: Array, threshold: Array, eps: float = 0.0) -> Array:
+        """``threshold / (norm + eps)`` where ``norm > threshold``, else exactly 1.
+
+        Formed as ``threshold * (1 / divisor)``, the way torch computes ``max_norm / tensor``,
+        so the torch backend's shorter override gives the same bits. The divisor is 1 wherever
+        the coefficient is not used, so a zero norm never divides by zero.
+        """
+        one = self.scalar(1.0, accumulation(norm))
+        above = norm > threshold
+        divisor = self.where(above, norm + eps, one)
+        return self.where(above, threshold * (1.0 / divisor), one)
+
+    def world_size(self) -> int:
+        """How many processes train together; 1 by default. Clippers whose state must agree
+        across ranks without communicating (a random key) read it."""
+        return 1
+
+    def finish_info(self, info: Any) -> Any:
+        """The :class:`~gradclip.ClipInfo` of a whole clipper call, made to agree across
+        processes (torch with a process group: ``clipped`` anywhere); ``info`` by default.
+        Called once per clipper call, on every rank."""
+        return info
+
+
+    def check_state(self, state: Any, where: str) -> None:
+        """Refuse a state that cannot be kept on the Python object (JAX: tracers inside
+        ``jit``); accepts everything by default."""
+        del state, where
+
+    def out_of_place(self) -> Ops:
+        """An Ops like this one that returns new arrays instead of writing into its inputs.
+
+        ``self`` when it is not in place; else a shallow copy with ``inplace=False``, built
+        without touching this object (caches made by the constructor are shared: they depend
+        only on the arrays, never on ``inplace``).
+        """
+        if not self.inplace:
+            return self
+        twin = copy.copy(self)
+        vars(twin)["inplace"] = False  # part of building the copy: nobody holds it yet
+        return twin
 
 
 # Maps the top-level module of an array type to the backend module that handles it.
@@ -245,9 +399,9 @@ def accumulation(x: Any) -> str:
 def check_floating(arrays: Sequence[Any], where: str = "gradclip") -> None:
     """Refuse arrays whose dtype is not floating point, before anything reads or writes them.
 
-    Integer gradients used to be accepted and silently truncated (a clip coefficient of 0.4
-    turned every element into 0), and complex ones lost their imaginary part; torch raised its
-    own unrelated error. Every backend now refuses them up front, with the same message.
+    Clipping an integer array would truncate (a coefficient of 0.4 turns every element into 0)
+    and a complex one would lose its imaginary part, so every backend refuses them up front,
+    with the same message.
 
     Args:
         arrays: The arrays about to be clipped.
@@ -323,6 +477,7 @@ def get_ops(
     framework: str | None = None,
     where: str = "gradclip",
     process_group: Any = None,
+    torch_kernels: bool = False,
 ) -> Ops:
     """Build the Ops for these arrays.
 
@@ -337,9 +492,12 @@ def get_ops(
         process_group: torch only: the ``torch.distributed`` group (or ``DeviceMesh``) over
             which plain tensors are sharded; norms are then all-reduced over it (see
             :mod:`gradclip.torch.distributed`). DTensors need none: their mesh is used.
+        torch_kernels: torch only: keep torch's own norm kernels on every device and size (the
+            drop-ins of :mod:`gradclip.torch.clip` promise torch's results bit for bit); other
+            backends have no alternative kernels and ignore it.
 
     Returns:
-        An object implementing :class:`Ops`, bound to the device of the first array.
+        An :class:`Ops`, bound to the device of the first array.
 
     Raises:
         BackendError: Unknown array type or mixed frameworks; an array that is not floating
@@ -360,34 +518,22 @@ def get_ops(
         module = sys.modules[f"gradclip.backends.{name}"]
         cls = module.BACKEND
         _backend_cache[name] = cls
-    if process_group is not None:
-        if name != "torch":
+    if name != "torch":
+        if process_group is not None:
             raise BackendError(
                 f"{where}: process_group= is supported for torch tensors only (torch.distributed), "
                 f"got {name} arrays"
             )
-        return cls(arrays, inplace=inplace, foreach=foreach, where=where, process_group=process_group)
-    return cls(arrays, inplace=inplace, foreach=foreach, where=where)
+        return cls(arrays, inplace=inplace, foreach=foreach, where=where)
+    # The torch backend picks its Reducer from the arrays (DTensors) and the process group.
+    return cls(
+        arrays, inplace=inplace, foreach=foreach, where=where, process_group=process_group,
+        torch_kernels=torch_kernels,
+    )
 
 
 def out_of_place(ops: Ops) -> Ops:
-    """An Ops like ``ops`` that returns new arrays instead of writing into its inputs.
-
-    For clippers that compute a result before deciding where it goes: :class:`~gradclip.Subset`
-    merges the wrapped clipper's result into a random subset, and a :class:`~gradclip.Chain`
-    running in place writes back only once its last link has succeeded. A shallow copy, so it
-    keeps everything the call's Ops knows (framework, device, fast-path flags such as the torch
-    drop-ins' ``torch_kernels``, process group, the grouping already computed) without checking
-    the gradients again.
-
-    Args:
-        ops: The Ops of the current call.
-
-    Returns:
-        ``ops`` itself when it is not in place, else its copy with ``inplace=False``.
-    """
-    if not getattr(ops, "inplace", False):
-        return ops
-    twin = copy.copy(ops)
-    twin.inplace = False
-    return twin
+    """``ops.out_of_place()``: an Ops like ``ops`` that returns new arrays (see
+    :meth:`Ops.out_of_place`), for clippers that compute a result before deciding where it goes
+    (:class:`~gradclip.Subset`, an in-place :class:`~gradclip.Chain`)."""
+    return ops.out_of_place()

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gradclip._core.errors import BackendError
+from gradclip._core.ops import Ops
 
 __all__ = ["JaxOps", "BACKEND"]
 
@@ -62,7 +63,7 @@ def _is_tracer(x: Any) -> bool:
     return isinstance(x, jax.core.Tracer)
 
 
-class JaxOps:
+class JaxOps(Ops):
     """Ops over lists of ``jax.Array``.
 
     Args:
@@ -317,7 +318,7 @@ class JaxOps:
             jnp.where(m, jnp.asarray(r).astype(g.dtype), g) for g, r, m in zip(grads, replacements, masks)
         ]
 
-    # -- optional hook used by Clipper.clip ---------------------------------------------------
+    # -- optional capabilities ------------------------------------------------------------------
     def check_state(self, state, where: str) -> None:
         """Refuse to keep traced state on the Python object (it would leak out of ``jit``)."""
         if any(_is_tracer(leaf) for leaf in jax.tree_util.tree_leaves(state)):

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from gradclip._core.errors import BackendError, ReadOnlyArrayError
+from gradclip._core.ops import Ops
 from gradclip.backends._hashing import hash_streams
 
 __all__ = ["NumpyOps", "BACKEND"]
@@ -47,7 +48,7 @@ def _check_writeable(arrays: Sequence[np.ndarray], where: str) -> None:
         )
 
 
-class NumpyOps:
+class NumpyOps(Ops):
     """Ops over lists of ``numpy.ndarray``."""
 
     name = "numpy"

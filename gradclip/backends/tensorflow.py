@@ -26,6 +26,7 @@ import numpy as np
 import tensorflow as tf
 
 from gradclip._core.errors import BackendError, SparseGradientError
+from gradclip._core.ops import Ops
 
 try:  # Keep autograph out of gradclip's code: it has no Python control flow on tensor values.
     from tensorflow.python.autograph.core import config as _autograph_config
@@ -66,7 +67,7 @@ def _value(array: Any) -> Any:
     return array
 
 
-class TensorFlowOps:
+class TensorFlowOps(Ops):
     """Ops over lists of ``tf.Tensor`` / ``tf.Variable``.
 
     Args:
@@ -87,6 +88,8 @@ class TensorFlowOps:
     #: Keras/TF weights are input-major (``(in, out)`` dense kernels, ``HWIO`` convolutions):
     #: output units index the last axis (see ``Ops.unit_axis``).
     unit_axis = -1
+    #: State lives in ``tf.Variable``s (:meth:`state_store`), so traced functions advance it.
+    holds_state = True
 
     def __init__(
         self,
@@ -389,7 +392,7 @@ class TensorFlowOps:
             out.append(self._out(g, tf.where(m, tf.cast(r, value.dtype), value)))
         return out
 
-    # -- persistent state (optional hook used by Clipper.clip / clip_) ------------------------
+    # -- persistent state ------------------------------------------------------------------------
     def state_store(self, template):
         """Variables holding a clipper's state across calls; see :class:`StateStore`."""
         return StateStore(template)

@@ -66,6 +66,7 @@ from torch.utils._foreach_utils import (
 )
 
 from gradclip._core.errors import BackendError, SparseGradientError
+from gradclip._core.ops import Ops
 from gradclip.backends._hashing import hash_streams
 
 __all__ = [
@@ -195,7 +196,7 @@ def _blocked_norm(flat: torch.Tensor, norm_type: float, scratch: torch.Tensor | 
     return torch.linalg.vector_norm(torch.stack(pieces), norm_type)
 
 
-class TorchOps:
+class TorchOps(Ops):
     """Ops over lists of ``torch.Tensor``.
 
     Args:
@@ -236,6 +237,7 @@ class TorchOps:
         foreach: bool | None = None,
         where: str = "gradclip",
         process_group: Any = None,
+        torch_kernels: bool = False,
     ):
         # process_group is handled by gradclip.torch.distributed.DistributedTorchOps, which
         # __new__ returns whenever one is given.
@@ -244,7 +246,7 @@ class TorchOps:
         self.caller = where
         #: Keep torch's own norm kernels on every device (no blocked or stacked CPU norms): the
         #: drop-ins of gradclip.torch.clip promise torch's results bit for bit.
-        self.torch_kernels = False
+        self.torch_kernels = torch_kernels
         # map with attrgetter: the layout test runs in C, not one Python frame per tensor.
         if set(map(_layout_of, arrays)) - _STRIDED:
             index, tensor = next((i, t) for i, t in enumerate(arrays) if t.layout is not torch.strided)
@@ -325,11 +327,7 @@ class TorchOps:
         return torch.no_grad()
 
     def world_size(self) -> int:
-        """How many processes train together (``torch.distributed``), 1 when not initialised.
-
-        An optional hook, not an Ops primitive: clippers whose state must agree across ranks
-        without communicating (a random key) look it up with ``getattr``.
-        """
+        """How many processes train together (``torch.distributed``), 1 when not initialised."""
         distributed = sys.modules.get("torch.distributed")
         if distributed is None or not distributed.is_available() or not distributed.is_initialized():
             return 1
@@ -365,9 +363,8 @@ class TorchOps:
             return torch.abs(x) < math.inf
         return torch.isfinite(x)
 
-    def clip_coefficient(self, norm, threshold, eps):
-        """:func:`gradclip.clippers.norm.clip_coefficient` in five kernels instead of eight,
-        bit for bit (an optional hook, looked up with ``getattr``).
+    def clip_coefficient(self, norm, threshold, eps=0.0):
+        """:meth:`Ops.clip_coefficient` in five kernels instead of eight, bit for bit.
 
         The generic form guards the divisor with a ``where`` (NumPy warns on 1 / 0) and builds
         its 1 with a fill; torch computes the discarded branch harmlessly and takes the 1 as a

@@ -202,32 +202,25 @@ class AGC(Clipper):
             given_finite = gradients_finite(ops, grads)
             grads = ops.zero_nonfinite(grads)
         grad_units = ops.unit_norms(grads, axes)
-        # torch.distributed (gradclip.torch.distributed): a DTensor's units may lie on several
-        # ranks and plain tensors may be sharded over a process group, so per-tensor totals come
-        # from the backend's unit_totals hook (summed over every shard) and the global norm from
-        # combine_norms (reduced over the group): identical on every rank.
-        totals = getattr(ops, "unit_totals", None)
-        all_units = None
-        if totals is None:
-            all_units = ops.flat_concat(grad_units)
-            norm = ops.sqrt(ops.sum(all_units * all_units))
-        else:
-            squares = totals([u * u for u in grad_units], list(grads), axes)
-            norm = ops.combine_norms(ops.sqrt(squares), 2.0)
+        # Every unit of every tensor laid end to end: the per-unit rule below runs as a few
+        # operations on one vector, not a few per tensor (on a GPU each is a kernel launch).
+        # unit_totals sums such vectors over every unit, each counted once over all processes
+        # (sharded units, process groups), so the global norms are identical on every rank.
+        all_units = ops.flat_concat(grad_units)
+        (squares,) = ops.unit_totals([all_units * all_units], grads, axes)
+        norm = ops.sqrt(squares)
         if self.nonfinite == "raise":
             _raise_if_nonfinite(ops, grads, norm, names, where)
         finite = ops.isfinite(norm)
         acc = accumulation(norm)
         one = ops.scalar(1.0, acc)
 
-        # The per-unit rule runs once over the units of every clipped tensor laid end to end (a
-        # few operations per step, not per tensor: on a GPU each is a kernel launch), then the
-        # coefficients are split back into each tensor's unit shape.
         chosen = [i for i, skip in enumerate(excluded) if not skip]
-        coefs: list[Any] = []
+        grads = list(grads)
         if chosen:
-            chosen_units = [grad_units[i] for i in chosen]
-            g_units = all_units if all_units is not None and len(chosen) == len(grads) else ops.flat_concat(chosen_units)
+            every = len(chosen) == len(grads)
+            chosen_units = grad_units if every else [grad_units[i] for i in chosen]
+            g_units = all_units if every else ops.flat_concat(chosen_units)
             p_units = ops.flat_concat(ops.unit_norms([params[i] for i in chosen], [axes[i] for i in chosen]))
             limit = ops.maximum(p_units, ops.scalar(self.eps, acc)) * self.clip_factor
             above = g_units > limit
@@ -238,38 +231,26 @@ class AGC(Clipper):
             keep = finite if self.nonfinite == "skip" else ops.isfinite(g_units)
             coef = ops.where(keep, coef, one)
             coefs = ops.split_as(coef, chosen_units)
-            grads = list(grads)
             for i, g in zip(chosen, ops.scale_units([grads[i] for i in chosen], coefs)):
                 grads[i] = g
-            if totals is None:  # (distributed: both come from the reduction below)
-                clipped = ops.any(coef < 1)
-                # Effective scale of the global norm (excluded tensors count, unchanged).
+            if every:
                 kept = coef * g_units
-                squares_after = ops.sum(kept * kept)
-                if len(chosen) < len(grads):
-                    untouched = ops.flat_concat([u for u, skip in zip(grad_units, excluded) if skip])
-                    squares_after = squares_after + ops.sum(untouched * untouched)
-                norm_after = ops.sqrt(squares_after)
+                flags = ops.cast(coef < 1, acc)
+            else:
+                # Excluded tensors count in the norm after, unchanged, and clip no unit.
+                by_tensor = dict(zip(chosen, coefs))
+                kept = ops.flat_concat([by_tensor[i] * u if i in by_tensor else u for i, u in enumerate(grad_units)])
+                flags = ops.flat_concat([
+                    ops.cast(by_tensor[i] < 1, acc) if i in by_tensor else ops.cast(u < 0, acc)  # zeros, NaN-safe
+                    for i, u in enumerate(grad_units)
+                ])
         else:
-            clipped = ops.scalar(False, "bool")
-            norm_after = norm
-        if totals is not None:  # on every rank, with or without gradients: it reduces
-            # In grads order: the clipped units' squares and a count of clipped units per tensor,
-            # both summed over every shard in one reduction.
-            by_tensor = dict(zip(chosen, coefs))
-            kept_squares, counts = [], []
-            for i, g_units in enumerate(grad_units):
-                coef = by_tensor.get(i)
-                if coef is None:
-                    kept_squares.append(g_units * g_units)
-                    counts.append(ops.cast(g_units < 0, acc))  # zeros (NaN-safe)
-                else:
-                    kept_squares.append((coef * g_units) * (coef * g_units))
-                    counts.append(ops.cast(coef < 1, acc))
-            n = len(grads)
-            sums = totals(kept_squares + counts, list(grads) * 2, axes * 2)
-            norm_after = ops.combine_norms(ops.sqrt(ops.take(sums, ops.arange(n))), 2.0)
-            clipped = ops.any(ops.take(sums, ops.arange(n) + n) > 0)
+            kept, flags = all_units, ops.cast(all_units < 0, acc)  # nothing clipped (NaN-safe zeros)
+        # One reduction for both, on every rank whatever it holds (a collective when distributed):
+        # the squares after clipping and the count of clipped units.
+        squares_after, clipped_units = ops.unit_totals([kept * kept, flags], grads, axes)
+        norm_after = ops.sqrt(squares_after)
+        clipped = clipped_units > 0
         safe = ops.where(norm > 0, norm, one)
         effective = ops.where(norm > 0, norm_after / safe, one)
         effective = ops.where(ops.isfinite(effective), effective, one)

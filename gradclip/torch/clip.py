@@ -1,7 +1,7 @@
 """Drop-in replacements for ``torch.nn.utils.clip_grad_norm_`` and ``clip_grad_value_``.
 
 Same signatures and, on finite inputs, the same results as torch: the norms come from torch's
-own kernels on every device and size (``TorchOps.torch_kernels``), not from the blocked and
+own kernels on every device and size (``get_ops(..., torch_kernels=True)``), not from the blocked and
 stacked CPU norms that :class:`gradclip.GlobalNorm` uses (closer to the exact value on tensors of
 millions of elements, where torch's reduction drifts by up to 1e-3). Deviations, all deliberate:
 
@@ -82,11 +82,10 @@ def clip_grad_norm_(
             return torch.tensor(0.0)
         ops = get_ops(
             collected.grads, inplace=True, foreach=foreach, framework="torch", where="clip_grad_norm_",
-            process_group=process_group,
+            process_group=process_group, torch_kernels=True,  # torch's results, bit for bit
         )
-        ops.torch_kernels = True  # torch's results, bit for bit, on every size (see the module docstring)
         with ops.context():
-            _, _, info = clipper._update(ops, collected.grads, None, None, collected.names)
+            _, _, info = clipper.run(ops, collected.grads, None, None, collected.names)
     return info.norm
 
 
@@ -117,8 +116,10 @@ def get_total_norm(
     tensors = list({id(t): t for t in tensors}.values())  # tied: the same tensor counts once
     if not tensors and process_group is None:
         return torch.tensor(0.0)
-    ops = get_ops(tensors, foreach=foreach, framework="torch", where="get_total_norm", process_group=process_group)
-    ops.torch_kernels = True
+    ops = get_ops(
+        tensors, foreach=foreach, framework="torch", where="get_total_norm", process_group=process_group,
+        torch_kernels=True,
+    )
     names = position_names(len(tensors))
     policy = "raise" if error_if_nonfinite else "propagate"
     return measurement(ops, tensors, norm_type, policy, names, "get_total_norm").norm

@@ -196,6 +196,16 @@ def _by_mesh(metas: Sequence[_Meta | None]) -> list[tuple[Any, list[int]]]:
     return list(groups.items())
 
 
+def _unit_count(local: torch.Tensor, kept) -> int:
+    """How many units ``unit_norms`` finds in a (local) tensor."""
+    if kept is None:
+        return 1
+    count = 1
+    for d in kept:
+        count *= local.shape[d]
+    return count if kept else local.numel()
+
+
 # -- collectives -------------------------------------------------------------------------------
 def _sum_(tensor: torch.Tensor, groups: Sequence[Any]) -> torch.Tensor:
     for group in groups:
@@ -281,7 +291,6 @@ class DistributedTorchOps(TorchOps):
             :func:`resolve_process_group`), or None (plain tensors are replicated).
     """
 
-    #: Clippers may look this up (``getattr(ops, "distributed", False)``).
     distributed = True
 
     def __init__(
@@ -292,9 +301,13 @@ class DistributedTorchOps(TorchOps):
         foreach: bool | None = None,
         where: str = "gradclip",
         process_group: Any = None,
+        torch_kernels: bool = False,
     ):
         arrays = list(arrays)
-        super().__init__([local_tensor(a) for a in arrays], inplace=inplace, foreach=foreach, where=where)
+        super().__init__(
+            [local_tensor(a) for a in arrays], inplace=inplace, foreach=foreach, where=where,
+            torch_kernels=torch_kernels,
+        )
         #: The process group given (None: plain tensors are replicated).
         self.process_group = process_group
         self._reduce_groups = resolve_process_group(process_group, where)
@@ -452,17 +465,17 @@ class DistributedTorchOps(TorchOps):
         return out
 
     def unit_totals(self, values, arrays, axes):
-        """Per tensor, the sum over every unit (all shards) of ``values[i]``.
-
-        ``values[i]`` is an element-wise function of ``unit_norms([arrays[i]], [axes[i]])`` (e.g.
-        squared unit norms); the result is a vector aligned with ``arrays``, each DTensor's entry
-        summed over its shards and identical on every rank. Plain tensors are summed locally
-        (their process-group reduction happens in :meth:`combine_norms`). An optional hook of the
-        distributed backend, used by AGC.
-        """
-        if not values:
-            return torch.zeros((0,), dtype=self.acc, device=self.device)
-        sums = [v.sum().to(self.device, self.acc) for v in values]
+        """:meth:`Ops.unit_totals` over shards: each DTensor's units summed over its mesh (each
+        unit counted once), plain tensors' over the process group."""
+        arrays = list(arrays)
+        counts = [_unit_count(local_tensor(a), kept) for a, kept in zip(arrays, axes)]
+        if not arrays:
+            per_tensor = torch.zeros((len(values), 0), dtype=self.acc, device=self.device)
+        else:
+            per_tensor = torch.stack([
+                torch.stack([piece.sum() for piece in torch.split(v.to(self.device, self.acc), counts)])
+                for v in values
+            ])
         metas = [_meta(a) for a in arrays]
         for mesh, indices in _by_mesh(metas):
             groups = _mesh_groups(mesh)
@@ -474,18 +487,19 @@ class DistributedTorchOps(TorchOps):
                 ndim = len(metas[i].shape)
                 reduced = set(range(ndim)) if kept is None else {d for d in range(ndim) if d not in kept}
                 # Units are whole (and identical) across mesh dims that shard a reduced axis.
-                size = _replicated_size(
-                    mesh, metas[i].placements, also=lambda p, r=reduced: _shard_dim(p) in r
-                )
-                sizes.append(size)
-            vector = torch.stack([sums[i] for i in indices])
-            weights = _weights(sizes, vector)
+                sizes.append(_replicated_size(mesh, metas[i].placements, also=lambda p, r=reduced: _shard_dim(p) in r))
+            index = torch.as_tensor(indices, device=self.device)
+            part = per_tensor.index_select(1, index)
+            weights = _weights(sizes, part)
             if weights is not None:
-                vector = vector * weights
-            vector = _sum_(vector.contiguous(), groups)
-            for i, value in zip(indices, vector.unbind()):
-                sums[i] = value
-        return torch.stack(sums)
+                part = part * weights
+            per_tensor = per_tensor.index_copy(1, index, _sum_(part.contiguous(), groups))
+        plain = [i for i, m in enumerate(metas) if m is None]
+        totals = per_tensor.index_select(1, torch.as_tensor([i for i, m in enumerate(metas) if m is not None], dtype=torch.int64, device=self.device)).sum(1)
+        local = per_tensor.index_select(1, torch.as_tensor(plain, dtype=torch.int64, device=self.device)).sum(1)
+        if self._reduce_groups:
+            local = _sum_(local.to(torch.float64).contiguous(), self._reduce_groups)
+        return list((totals.to(torch.float64) + local.to(torch.float64)).to(self.acc).unbind())
 
     # -- flags and extrema -------------------------------------------------------------------------
     def finite_each(self, grads):
