@@ -45,8 +45,8 @@ import numpy as np
 
 from gradclip._core.clipper import Clipper
 from gradclip._core.errors import InvalidArgumentError
-from gradclip._core.ops import get_ops
-from gradclip._core.registry import registered_class
+from gradclip._core.registry import from_config
+from gradclip._core.tree import flatten
 from gradclip._core.types import ClipInfo
 
 __all__ = ["ClippingOptimizer"]
@@ -57,36 +57,8 @@ _FLAG_FIELDS = ("clipped", "finite", "skip")
 
 def _flatten_state(state: Any) -> tuple[list[Any], Any]:
     """Leaves of a (nested) NamedTuple state and a function rebuilding it."""
-    leaves: list[Any] = []
-
-    def walk(node):
-        if isinstance(node, tuple):
-            builders = [walk(child) for child in node]
-            kind = type(node)
-
-            def build(it):
-                values = [b(it) for b in builders]
-                return kind(*values) if hasattr(kind, "_fields") else kind(values)
-
-            return build
-        leaves.append(node)
-        return lambda it: next(it)
-
-    builder = walk(state)
-    return leaves, lambda values: builder(iter(values))
-
-
-def _clipper_from_config(config: dict[str, Any]) -> Clipper:
-    name = config["clipper"]
-    arguments = dict(config.get("config") or {})
-    if name == "chain":
-        from gradclip.clippers.chain import Chain
-
-        return Chain(*[_clipper_from_config(link) for link in arguments["clippers"]])
-    for key, value in list(arguments.items()):
-        if isinstance(value, dict) and "clipper" in value and "config" in value:
-            arguments[key] = _clipper_from_config(value)  # a wrapped clipper (Subset)
-    return registered_class(name)(**arguments)
+    leaves, unflatten, _ = flatten(state)
+    return leaves, unflatten
 
 
 @keras.saving.register_keras_serializable(package="gradclip")
@@ -193,7 +165,7 @@ class ClippingOptimizer(keras.optimizers.Optimizer):
         # Read every variable up front, before this step assigns to any of them.
         state = self._state_like([keras.ops.convert_to_tensor(v) for v in self._state_variables])
         params = None
-        if self.clipper._uses_params():
+        if self.clipper.needs_params:
             params = [keras.ops.convert_to_tensor(v) for v in trainable_variables]
         clipped, new_state, info = self.clipper.update(grads, state, params=params)
         clipped = [c if keep else None for c, keep in zip(clipped, given)]
@@ -256,16 +228,14 @@ class ClippingOptimizer(keras.optimizers.Optimizer):
         """The clipper's ``state_dict()`` with the state held in this optimizer's variables."""
         if not self.built:
             return self.clipper.state_dict()
-        self.clipper._state = self._state_like([_to_numpy(v) for v in self._state_variables])
-        self.clipper._pending_state = None
-        return self.clipper.state_dict()
+        return self.clipper.state_dict(self._state_like([_to_numpy(v) for v in self._state_variables]))
 
     def load_clipper_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a clipper ``state_dict`` into this optimizer's variables (build it first)."""
         if not self.built:
             raise ValueError("ClippingOptimizer.load_clipper_state_dict: build the optimizer first")
+        state = self.clipper.state_from_dict(state_dict)
         self.clipper.load_state_dict(state_dict)
-        state = self.clipper._current_state(get_ops([], framework="numpy"), [])
         leaves, _ = _flatten_state(state)
         for variable, value in zip(self._state_variables, leaves):
             variable.assign(np.asarray(value).astype(variable.dtype))
@@ -301,7 +271,7 @@ class ClippingOptimizer(keras.optimizers.Optimizer):
 
         config = dict(config)
         inner = deserialize_keras_object(config.pop("inner_optimizer"), custom_objects=custom_objects)
-        clipper = _clipper_from_config(config.pop("clipper"))
+        clipper = from_config(config.pop("clipper"))
         return cls(inner, clipper, **config)
 
 

@@ -76,13 +76,12 @@ class GradClipCallback(_Callback):
             raise InvalidArgumentError(
                 f"GradClipCallback: monitor must have an observe(info) method, got {type(monitor).__qualname__}"
             )
-        from gradclip.torch.optim import _may_skip
 
         self.clipper = clipper
         self.monitor = monitor
         self.log = bool(log)
         self.last_info = None
-        self._may_skip = _may_skip(clipper)
+        self._may_skip = clipper.may_skip
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         if getattr(trainer, "gradient_clip_val", None):
@@ -98,9 +97,9 @@ class GradClipCallback(_Callback):
         scaler = getattr(getattr(trainer, "precision_plugin", None), "scaler", None)
         if scaler is not None and getattr(inner, "_step_supports_amp_scaling", False):
             # Lightning leaves a fused optimizer's gradients scaled; unscale them here, once.
-            from gradclip.torch.optim import _scaler_stage
+            from gradclip.torch.scaling import scaler_stage
 
-            if _scaler_stage(scaler, inner) in ("ready", None):
+            if scaler_stage(scaler, inner) in ("ready", None):
                 try:
                     scaler.unscale_(inner)
                 except RuntimeError as error:

@@ -109,16 +109,16 @@ def as_optax(clipper: Clipper):
             f"as_optax: expected a gradclip clipper, got {type(clipper).__name__}"
         )
     name = type(clipper).__name__
-    needs_params = clipper._uses_params()
+    needs_params = clipper.needs_params
 
     def step(leaves, names, state, param_leaves):
         ops = get_ops(leaves, framework="jax", where=f"{name}.as_optax().update")
-        return clipper._update(ops, leaves, state, param_leaves, names)
+        return clipper.run(ops, leaves, state, param_leaves, names)
 
     def init_fn(params):
         leaves, names, _ = _leaves(params, f"{name}.as_optax().init")
         ops = get_ops(leaves, framework="jax", where=f"{name}.as_optax().init")
-        state = clipper._init(ops, leaves)
+        state = clipper.init_state(ops, leaves)
         # The info's dtypes must be those update() produces, so the state has one fixed type
         # (lax.scan and while loops carry it): take them from an abstract evaluation.
         shapes = jax.eval_shape(

@@ -86,12 +86,11 @@ class GradClipCallback(_TrainerCallback):
             raise InvalidArgumentError(
                 f"GradClipCallback: monitor must have an observe(info) method, got {type(monitor).__qualname__}"
             )
-        from gradclip.torch.optim import _may_skip
 
         self.clipper = clipper
         self.monitor = monitor
         self.last_info = None
-        self._may_skip = _may_skip(clipper)
+        self._may_skip = clipper.may_skip
         self._pending: list[Any] = []
 
     def attach(self, trainer: Any) -> GradClipCallback:
@@ -157,9 +156,9 @@ class GradClipCallback(_TrainerCallback):
         is_enabled = getattr(scaler, "is_enabled", None)
         if callable(is_enabled) and not is_enabled():
             return
-        from gradclip.torch.optim import _scaler_stage
+        from gradclip.torch.scaling import scaler_stage
 
-        if _scaler_stage(scaler, inner) not in ("ready", None):
+        if scaler_stage(scaler, inner) not in ("ready", None):
             return
         try:
             scaler.unscale_(inner)

@@ -54,7 +54,7 @@ def cases() -> dict:
 
     out = {}
     for name in gradclip.available():
-        if make_clipper(name)._stateful():
+        if make_clipper(name).keeps_state:
             out[name] = ((lambda n=name: make_clipper(n)), name == "non_finite")
     out["autoclip-sketch"] = (lambda: gradclip.AutoClip(percentile=25.0), False)
     out["subset-tensor-seeded"] = (

@@ -21,6 +21,7 @@ import gradclip  # noqa: E402
 import gradclip.torch as gct  # noqa: E402
 from _host_reads import record_host_reads  # noqa: E402
 from gradclip._core.clipper import Clipper, make_info  # noqa: E402
+from gradclip._core.contract import Decision  # noqa: E402
 
 RTOL, ATOL = 1e-5, 1e-6
 
@@ -37,19 +38,15 @@ class EmaGlobalClip(Clipper):
     state_type = EmaState
     state_dtypes = {"ema": "float32", "count": "float32"}
 
-    def config(self):
-        return {}
-
-    def _init(self, ops, grads):
+    def init_state(self, ops, grads):
         return EmaState(ops.scalar(0.0), ops.scalar(0.0))
 
-    def _update(self, ops, grads, state, params, names):
-        norm = ops.global_norm(grads, 2.0)
+    def decide(self, ops, measured, state, signals=None):
+        norm = measured.norm
         threshold = ops.where(state.count > 0, 1.5 * state.ema, norm)
         coef = ops.where(norm > threshold, threshold / (norm + 1e-6), ops.scalar(1.0))
-        grads = ops.scale(grads, coef)
         ema = ops.where(state.count > 0, 0.9 * state.ema + 0.1 * norm, norm)
-        return grads, EmaState(ema, state.count + 1.0), make_info(ops, norm, threshold, coef, coef < 1, ops.isfinite(norm))
+        return Decision(coef, EmaState(ema, state.count + 1.0), make_info(ops, norm, threshold, coef, coef < 1, ops.isfinite(norm)))
 
 
 def _model(seed=0):
@@ -195,9 +192,9 @@ def test_accumulation_clips_once_per_optimizer_step():
     calls = []
 
     class Counting(gradclip.GlobalNorm):
-        def _update(self, ops, grads, state, params, names):
+        def decide(self, ops, measured, state, signals=None):
             calls.append(1)
-            return super()._update(ops, grads, state, params, names)
+            return super().decide(ops, measured, state)
 
     k = 3
     model = _model()

@@ -204,7 +204,7 @@ def test_nonfinite_policies_behave_the_same_on_the_fast_path(policy, make_torch_
     info_fast = gradclip.GlobalNorm(1.0, nonfinite=policy).clip_(fast)
     ops = TorchOps([p.grad for p in reference], inplace=True, foreach=False)
     with ops.context():
-        _, _, info_ref = gradclip.GlobalNorm(1.0, nonfinite=policy)._update(
+        _, _, info_ref = gradclip.GlobalNorm(1.0, nonfinite=policy).run(
             ops, [p.grad for p in reference], None, None, [f"#{i}" for i in range(len(reference))])
     assert bool(info_fast.finite) == bool(info_ref.finite)
     assert bool(info_fast.skip) == bool(info_ref.skip)

@@ -15,7 +15,7 @@ torch = pytest.importorskip("torch")
 L = pytest.importorskip("lightning")
 
 import gradclip  # noqa: E402
-from gradclip._core.clipper import make_info  # noqa: E402
+from gradclip._core.contract import Decision  # noqa: E402
 from gradclip.lightning import GradClipCallback  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore:.*LeafSpec.*", "ignore:.*does not have many workers.*")
@@ -201,10 +201,11 @@ def test_accumulated_batches_clip_once_per_optimizer_step(tmp_path):
 class AlwaysSkip(gradclip.GlobalNorm):
     """Asks every step to be skipped (what SkipOnSpike does on a spike)."""
 
-    def _update(self, ops, grads, state, params, names):
-        grads, state, info = super()._update(ops, grads, state, params, names)
-        return grads, state, make_info(ops, info.norm, info.threshold, info.coef, info.clipped, info.finite,
-                                       ops.scalar(True, "bool"))
+    may_skip = True
+
+    def decide(self, ops, measured, state, signals=None):
+        coef, state, info = super().decide(ops, measured, state)
+        return Decision(coef, state, info._replace(skip=ops.scalar(True, "bool")))
 
 
 def test_a_skip_request_leaves_parameters_alone(tmp_path):

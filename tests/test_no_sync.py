@@ -50,11 +50,10 @@ def test_control_counter_catches_every_deliberate_read():
 class _SyncingGlobalNorm(gradclip.GlobalNorm):
     """A deliberately bad clipper that branches on the norm in Python."""
 
-    def _update(self, ops, grads, state, params, names):
-        norm = ops.global_norm(grads, self.norm_type)
-        if norm.item() > self.max_norm:  # the sync the real clippers must never do
+    def decide(self, ops, measured, state, signals=None):
+        if measured.norm.item() > self.max_norm:  # the sync the real clippers must never do
             pass
-        return super()._update(ops, grads, state, params, names)
+        return super().decide(ops, measured, state)
 
 
 def test_control_counter_catches_a_read_inside_clip_():

@@ -105,7 +105,7 @@ def test_scan_over_steps_equals_eager_clip_for_every_clipper(name):
                 np.testing.assert_allclose(scanned[field], value, rtol=2e-6, err_msg=f"{name}: info.{field} at step {step}")
     # The state the scan carried out is the one eager clipping reached (the clipper object keeps
     # it as a pytree of the same structure), and differs from the initial one.
-    ours, reference, initial = _state_leaves(final.clipper), _state_leaves(eager._state), _state_leaves(state.clipper)
+    ours, reference, initial = _state_leaves(final.clipper), _state_leaves(eager._kept.state), _state_leaves(state.clipper)
     assert len(ours) == len(reference)
     for a, b in zip(ours, reference):
         np.testing.assert_allclose(a, b, rtol=2e-6, err_msg=f"{name}: final state")

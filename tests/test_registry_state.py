@@ -18,6 +18,7 @@ import pytest
 
 import gradclip
 from gradclip._core.clipper import make_info
+from gradclip._core.contract import Coefficient, Decision
 
 FOUNDATION = ["average_norm", "block_rms", "global_norm", "norm", "norm_sign", "value", "zero_outliers"]
 
@@ -269,18 +270,17 @@ class _Counter(gradclip.Clipper):
         super().__init__()
         self.scale = scale
 
-    def config(self):
-        return {"scale": self.scale}
+    coefficient = Coefficient.NONE
 
-    def _init(self, ops, grads):
+    def init_state(self, ops, grads):
         return _CounterState(ops.scalar(0, "int64"), ops.scalar(0.0), ops.array([0.0, 0.0, 0.0]))
 
-    def _update(self, ops, grads, state, params, names):
-        norm = ops.global_norm(grads, 2.0)
+    def decide(self, ops, measured, state, signals=None):
+        norm = measured.norm
         history = ops.stack([state.history[1], state.history[2], norm])
         new = _CounterState(state.count + 1, state.total + norm * self.scale, history)
         info = make_info(ops, norm, ops.scalar(math.inf), ops.scalar(1.0), ops.scalar(False, "bool"), ops.isfinite(norm))
-        return grads, new, info
+        return Decision(info.coef, new, info)
 
 
 def _stepped(clipper, steps, backend="numpy"):

@@ -17,6 +17,7 @@ tf = pytest.importorskip("tensorflow", reason="the TensorFlow backend needs tens
 
 import gradclip  # noqa: E402
 from gradclip._core.clipper import make_info  # noqa: E402
+from gradclip._core.contract import Decision  # noqa: E402
 from gradclip._core.ops import get_ops  # noqa: E402
 from gradclip.backends.tensorflow import TensorFlowOps  # noqa: E402
 from gradclip.clippers.norm import clip_coefficient  # noqa: E402
@@ -168,16 +169,16 @@ class Peak(gradclip.Clipper):
     state_type = PeakState
     state_dtypes = {"step": "int64", "peak": "float32"}
 
-    def _init(self, ops, grads):
+    def init_state(self, ops, grads):
         return PeakState(ops.scalar(0, "int64"), ops.scalar(0.0, "float32"))
 
-    def _update(self, ops, grads, state, params, names):
-        norm = ops.global_norm(grads, 2.0)
+    def decide(self, ops, measured, state, signals=None):
+        norm = measured.norm
         threshold = ops.where(state.step > 0, state.peak * 2.0, ops.scalar(math.inf, "float32"))
-        coef = clip_coefficient(ops, norm, threshold)
+        coef = ops.clip_coefficient(norm, threshold)
         new = PeakState(state.step + 1, ops.maximum(state.peak, norm))
         finite = ops.isfinite(norm)
-        return ops.scale(grads, coef), new, make_info(ops, norm, threshold, coef, coef < 1, finite)
+        return Decision(coef, new, make_info(ops, norm, threshold, coef, coef < 1, finite))
 
 
 NORMS = [1.0, 3.0, 2.0, 20.0, 4.0]
@@ -202,7 +203,7 @@ def test_stateful_clipper_in_tf_function_keeps_state_in_variables():
     got = [float(step(g)[0][0][0]) for g in _steps()]
     np.testing.assert_allclose(got, _expected_outputs(), rtol=1e-6)
     assert step.experimental_get_tracing_count() <= 2  # variables are created on the first trace
-    held = clipper._held.variables
+    held = clipper._kept.held.variables
     assert len(held) == 2 and all(isinstance(v, tf.Variable) for v in held)
     state = clipper.state_dict()["state"]
     assert state == {"step": 5, "peak": 20.0}
@@ -271,7 +272,7 @@ def test_pure_update_inside_tf_function_needs_no_variables():
         out, state, _info = update(g, state)
         outs.append(float(out[0][0]))
     np.testing.assert_allclose(outs, _expected_outputs(), rtol=1e-6)
-    assert clipper._held is None
+    assert clipper._kept.held is None
 
 
 # -- seed 000 ---------------------------------------------------------------------------------------

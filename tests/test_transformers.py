@@ -15,7 +15,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 import gradclip  # noqa: E402
-from gradclip._core.clipper import make_info  # noqa: E402
+from gradclip._core.contract import Decision  # noqa: E402
 from gradclip.transformers import MIN_TRANSFORMERS_VERSION, GradClipCallback  # noqa: E402
 
 
@@ -168,10 +168,11 @@ def test_any_clipper(clipper, tmp_path):
 
 
 class AlwaysSkip(gradclip.GlobalNorm):
-    def _update(self, ops, grads, state, params, names):
-        grads, state, info = super()._update(ops, grads, state, params, names)
-        return grads, state, make_info(ops, info.norm, info.threshold, info.coef, info.clipped, info.finite,
-                                       ops.scalar(True, "bool"))
+    may_skip = True
+
+    def decide(self, ops, measured, state, signals=None):
+        coef, state, info = super().decide(ops, measured, state)
+        return Decision(coef, state, info._replace(skip=ops.scalar(True, "bool")))
 
 
 def test_a_skip_request_leaves_parameters_alone(tmp_path):

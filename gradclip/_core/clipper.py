@@ -1,29 +1,64 @@
-"""The base class every clipping method derives from.
+"""The base class every clipping method derives from, and its contract: measure → decide → apply.
 
-A clipper is pure at heart (optax's lesson): ``init(grads) -> state`` and
-``update(grads, state, params=None) -> (grads, state, info)``, written once per method against
-the Ops protocol. The object users hold wraps that pure pair with the conveniences of a stateful
-API (``clip``, ``clip_``, ``state_dict``); it keeps the current state, never a second copy of the
-algorithm.
+A clipper declares, as class attributes, what it needs and what it can do:
+
+* ``coefficient`` — the kind of coefficient it decides (:class:`~gradclip._core.contract.Coefficient`:
+  one scalar, one per tensor, one per unit, element-wise, or none), which fixes how it is applied;
+* ``needs_params`` — whether ``decide`` needs the parameters (AGC);
+* ``state_type`` / ``state_dtypes`` — its state (a NamedTuple of arrays) and each field's dtype;
+  ``keeps_state`` follows from them;
+* ``per_tensor_state`` — whether the state holds one entry per tensor (then the tensors' layout
+  must not change between calls);
+* ``may_skip`` — whether it can ever ask for the optimizer step to be skipped;
+* ``norm_type`` and ``nonfinite`` — the order of the norms it measures and its non-finite policy.
+
+and implements the three steps (DESIGN.md, "The clipper contract"):
+
+1. :meth:`Clipper.measure` — the statistics, read once by the backend and reduced across
+   processes there (the default measures per-tensor ``norm_type`` norms under the policy);
+2. :meth:`Clipper.decide` — pure device math from the measurement, the state and optional
+   :class:`~gradclip._core.contract.Signals` to a :class:`~gradclip._core.contract.Decision`;
+3. :meth:`Clipper.apply` — generic per coefficient kind (element-wise methods write their own).
+
+Everything else is generic and lives here or beside it, written once: settings (the constructor's
+parameters, kept under the same names) give ``config``, ``repr`` and
+:func:`gradclip._core.registry.from_config`; the pure API (``init``/``update``); the stateful
+conveniences (``clip``, ``clip_``, ``fold_``) with their state kept by
+:class:`~gradclip._core.keeping.KeptState`; checkpoints (:mod:`gradclip._core.checkpoint`). A new
+clipper written in one module gets all of it, and the optax, Keras and fold integrations too.
+
+Composite clippers (``Chain``, ``Subset``) list what they wrap in :meth:`Clipper.children` and
+compose their children's whole steps in :meth:`Clipper.run`.
 """
 
 from __future__ import annotations
 
-import math
+import inspect
 import warnings
-import weakref
 from collections.abc import Mapping
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
-from gradclip._core.errors import InvalidArgumentError, StateError
-from gradclip._core.ops import Ops, framework_of, get_ops, largest_finite
+from gradclip._core.checkpoint import (
+    CHILD,
+    CHILDREN,
+    STATE_FORMAT_VERSION,
+    check_header,
+    check_keys,
+    checkpoint,
+    plain_config,
+    state_from_plain,
+    state_to_plain,
+    validate_checkpoint,
+)
+from gradclip._core.contract import NO_SIGNALS, Coefficient, Decision, Measured, Signals, signals_from
+from gradclip._core.errors import InvalidArgumentError
+from gradclip._core.keeping import KeptState
+from gradclip._core.measure import measurement
+from gradclip._core.ops import Ops, get_ops
 from gradclip._core.tree import collect_gradients, flatten, flatten_like
 from gradclip._core.types import ClipInfo, EmptyState
 
-__all__ = ["Clipper", "STATE_FORMAT_VERSION", "make_info", "plain_config", "check_header", "check_keys"]
-
-#: Version of the ``state_dict`` schema; bumped whenever its layout changes.
-STATE_FORMAT_VERSION = 1
+__all__ = ["Clipper", "Folded", "STATE_FORMAT_VERSION", "make_info", "plain_config", "check_header", "check_keys"]
 
 
 def make_info(ops: Ops, norm, threshold, coef, clipped, finite, skip=None) -> ClipInfo:
@@ -33,30 +68,73 @@ def make_info(ops: Ops, norm, threshold, coef, clipped, finite, skip=None) -> Cl
     return ClipInfo(norm=norm, threshold=threshold, coef=coef, clipped=clipped, finite=finite, skip=skip)
 
 
-class Clipper:
-    """Base class of every clipping method.
+class Folded(NamedTuple):
+    """What :meth:`Clipper.fold_` decided without writing a gradient."""
 
-    Subclasses implement :meth:`_update` (and :meth:`_init` when they carry state) against the
-    :class:`~gradclip._core.ops.Ops` protocol, plus :meth:`config`. Everything else — input
-    structures, in-place clipping, state checkpoints — lives here once.
+    coef: Any  # the one scalar coefficient (device, accumulation dtype)
+    info: ClipInfo
+    measured: Measured  # the measurement the decision came from (AMP scale divided out)
+
+
+_SETTING_NAMES: dict[type, tuple[str, ...]] = {}
+
+
+def setting_names(cls: type) -> tuple[str, ...]:
+    """The settings of a clipper class: its constructor's parameters but ``process_group``
+    (cached per class), unless the class lists them in ``settings``."""
+    declared = cls.__dict__.get("settings")
+    if declared is not None:
+        return tuple(declared)
+    names = _SETTING_NAMES.get(cls)
+    if names is None:
+        parameters = inspect.signature(cls.__init__).parameters.values()
+        names = tuple(
+            p.name
+            for p in parameters
+            if p.name not in ("self", "process_group") and p.kind is not inspect.Parameter.VAR_KEYWORD
+        )
+        _SETTING_NAMES[cls] = names
+    return names
+
+
+def _plain_setting(value: Any) -> Any:
+    if isinstance(value, Clipper):
+        return {"clipper": value.name, "config": value.config()}
+    if isinstance(value, (list, tuple)) and value and all(isinstance(v, Clipper) for v in value):
+        return [_plain_setting(v) for v in value]
+    return value
+
+
+class Clipper:
+    """Base class of every clipping method (see the module documentation for the contract).
+
+    Subclasses validate their constructor arguments and keep each under its parameter's name;
+    they implement :meth:`decide` (and :meth:`init_state` when they keep state), and
+    :meth:`measure` or :meth:`apply` only when the defaults do not fit.
     """
 
     #: Registry name, set by :func:`gradclip._core.registry.register`.
     name: ClassVar[str] = "clipper"
     #: Arguments :func:`gradclip.get` supplies when the caller gives none.
     defaults: ClassVar[dict[str, Any]] = {}
-    #: State NamedTuple type and the dtype of each of its fields, for checkpoints.
+    #: The settings, when they are not exactly the constructor's parameters (``Value``, whose
+    #: ``clip_value`` is another spelling of its range).
+    settings: ClassVar[tuple[str, ...] | None] = None
+    #: State NamedTuple type and the dtype of each of its fields (see gradclip._core.checkpoint).
     state_type: ClassVar[type] = EmptyState
     state_dtypes: ClassVar[dict[str, str]] = {}
+    #: How the decided coefficient is applied (a :class:`Coefficient` kind).
+    coefficient: ClassVar[str] = Coefficient.SCALAR
+    #: Whether decide() needs the parameters (AGC).
+    needs_params: ClassVar[bool] = False
+    #: Whether the state holds one entry per tensor (its layout must not change).
+    per_tensor_state: ClassVar[bool] = False
+    #: The order of the norms the default measure() takes, and the non-finite policy.
+    norm_type: float = 2.0
+    nonfinite: str = "propagate"
 
     def __init__(self) -> None:
-        self._state: Any = None
-        self._pending_state: dict[str, Any] | None = None
-        # Backend-held state (TensorFlow: tf.Variables, see _held_state); None elsewhere.
-        self._held: Any = None
-        # The gradients of the last clip/clip_ (weak references and their version token), to
-        # detect a second call on unchanged gradients (see _guard_repeat).
-        self._last_seen: tuple[list[Any], Any] | None = None
+        self._kept = KeptState()
 
     @classmethod
     def with_defaults(cls, given: dict[str, Any]) -> dict[str, Any]:
@@ -66,6 +144,48 @@ class Clipper:
         never conflicts with what the caller chose.
         """
         return {**cls.defaults, **given}
+
+    # -- capabilities ---------------------------------------------------------------------------
+    def children(self) -> tuple[Clipper, ...]:
+        """The clippers this one wraps, in order (``Chain`` links, ``Subset``'s clipper)."""
+        return ()
+
+    @property
+    def keeps_state(self) -> bool:
+        """Whether a call advances state (then a repeated call on the same gradients is refused)."""
+        own = any(self.state_dtypes.get(f) not in (CHILD, CHILDREN) for f in self.state_type._fields)
+        return own or any(child.keeps_state for child in self.children())
+
+    @property
+    def may_skip(self) -> bool:
+        """Whether this clipper can ever set ``info.skip`` (from its type and settings)."""
+        return self.nonfinite == "skip" or any(child.may_skip for child in self.children())
+
+    @property
+    def one_coefficient(self) -> bool:
+        """Whether every decision is one scalar applied to all gradients, measured without
+        rewriting them: then :meth:`fold_` can hand it to a fused optimizer's step."""
+        return self.coefficient in (Coefficient.SCALAR, Coefficient.NONE) and self.nonfinite != "zero"
+
+    def cannot_fold_reason(self) -> str | None:
+        """Why this clipper's decision cannot be folded into an optimizer step (None: it can)."""
+        if self.one_coefficient:
+            return None
+        if self.nonfinite == "zero":
+            return f"{self!r} uses nonfinite='zero', which must rewrite gradient elements"
+        return (
+            f"{self!r} works per tensor or per element (coefficient kind {self.coefficient!r}), so no "
+            "single coefficient can be passed to the optimizer; use fold=None or False"
+        )
+
+    # -- settings -------------------------------------------------------------------------------
+    def config(self) -> dict[str, Any]:
+        """The settings as plain data (wrapped clippers as ``{"clipper": name, "config": ...}``)."""
+        return {name: _plain_setting(getattr(self, name)) for name in setting_names(type(self))}
+
+    def __repr__(self) -> str:
+        arguments = ", ".join(f"{k}={v!r}" for k, v in self.config().items())
+        return f"{type(self).__name__}({arguments})"
 
     # -- distributed training (torch.distributed) --------------------------------------------
     @property
@@ -88,16 +208,15 @@ class Clipper:
     def process_group(self, group: Any) -> None:
         self.__dict__["_process_group"] = None if group is None else _SharedGroup(group)
 
-    def _distributed_group(self) -> Any:
-        """The process group for this call: this clipper's, or the one its wrapped clippers
-        (``Chain`` links, ``Subset``'s clipper) carry.
+    def distributed_group(self) -> Any:
+        """The process group for a call: this clipper's, or the one its children carry.
 
         Raises:
             InvalidArgumentError: Two different groups among them.
         """
         found = self.process_group
-        for child in self._children():
-            group = child._distributed_group()
+        for child in self.children():
+            group = child.distributed_group()
             if group is None or group is found:
                 continue
             if found is not None:
@@ -108,70 +227,117 @@ class Clipper:
             found = group
         return found
 
-    def _children(self) -> list[Clipper]:
-        """The clippers this one wraps (``Chain`` links, ``Subset``'s clipper), if any."""
-        children = getattr(self, "clippers", None)
-        children = list(children) if isinstance(children, (list, tuple)) else []
-        inner = getattr(self, "clipper", None)
-        if inner is not None:
-            children.append(inner)
-        return [child for child in children if isinstance(child, Clipper) and child is not self]
-
-    def _check_layout(self, names: list[str], grads: list[Any], where: str) -> None:
-        """Refuse, before anything changes, gradients laid out unlike those this clipper's own
-        state was built for. Only clippers with per-tensor state (AdaGC) override it; wrappers
-        ask the clippers they wrap.
-
-        Raises:
-            StateError: From a clipper whose per-tensor state would be misaligned.
-        """
-        for child in self._children():
-            child._check_layout(names, grads, where)
-
-    # -- what subclasses implement -----------------------------------------------------------
-    def config(self) -> dict[str, Any]:
-        """The constructor arguments, as plain data (used by ``repr`` and ``state_dict``)."""
-        return {}
-
-    def _init(self, ops: Ops, grads: list[Any]) -> Any:
-        """Build the initial state for these gradients (stateless methods: ``EmptyState()``)."""
+    # -- the contract ---------------------------------------------------------------------------
+    def init_state(self, ops: Ops, grads: list[Any]) -> Any:
+        """The initial state for these gradients (stateless methods: ``EmptyState()``)."""
         del ops, grads
         return EmptyState()
 
-    def _update(self, ops: Ops, grads: list[Any], state: Any, params: list[Any] | None, names: list[str]):
-        """Clip ``grads`` (a list without None); return ``(grads, state, ClipInfo)``."""
-        raise NotImplementedError
+    def measure(self, ops: Ops, grads: list[Any], names: list[str], params: list[Any] | None) -> Measured:
+        """Step 1: the statistics :meth:`decide` needs. The default applies the non-finite policy
+        and measures per-tensor ``norm_type`` norms and their global norm (reduced across
+        processes by the backend).
+
+        Raises:
+            NonFiniteError: Under ``nonfinite="raise"``, when a value is not finite.
+        """
+        found = measurement(ops, grads, self.norm_type, self.nonfinite, names, type(self).__name__)
+        return found._replace(params=params)
+
+    def decide(self, ops: Ops, measured: Measured, state: Any, signals: Signals = NO_SIGNALS) -> Decision:
+        """Step 2: the coefficient, the next state and the info, from the measurement alone.
+
+        Pure device math: no Python branch on a device value, nothing read back (DESIGN rule 1).
+        """
+        raise NotImplementedError(f"{type(self).__name__} must implement decide()")
+
+    def apply(self, ops: Ops, grads: list[Any], decision: Decision) -> tuple[list[Any], ClipInfo]:
+        """Step 3: write the decision into ``grads`` (in place when ``ops.inplace``).
+
+        Generic for every coefficient kind but element-wise, whose clippers override it.
+
+        Returns:
+            ``(grads, info)``; element-wise methods complete the info from what they wrote.
+        """
+        kind = self.coefficient
+        if kind == Coefficient.SCALAR:
+            return ops.scale(grads, decision.coef), decision.info
+        if kind == Coefficient.PER_TENSOR:
+            return ops.scale_each(grads, decision.coef), decision.info
+        if kind == Coefficient.PER_UNIT:
+            return ops.scale_units(grads, decision.coef), decision.info
+        if kind == Coefficient.NONE:
+            return grads, decision.info
+        raise NotImplementedError(f"{type(self).__name__}: element-wise clippers implement apply()")
+
+    def validate_state(self, where: str, state: Mapping[str, Any]) -> None:
+        """Extra invariants of this method's plain state (lengths, ranges), checked on load."""
+
+    def check_fits(self, state: Any, grads: list[Any]) -> None:
+        """Refuse, before anything is measured or written, gradients the state was not built
+        for (host-side shapes only). Per-tensor state (AdaGC) checks the tensor count.
+
+        Raises:
+            StateError: The state does not fit these gradients.
+        """
+
+    def run(
+        self,
+        ops: Ops,
+        grads: list[Any],
+        state: Any,
+        params: list[Any] | None = None,
+        names: list[str] | None = None,
+        signals: Signals = NO_SIGNALS,
+    ) -> tuple[list[Any], Any, ClipInfo]:
+        """One step on a flat list of gradients: measure, decide, apply.
+
+        The pure core that every entry point calls (framework adapters too).
+
+        Returns:
+            ``(grads, new_state, info)``.
+        """
+        if names is None:
+            names = [f"#{i}" for i in range(len(grads))]
+        self.check_fits(state, grads)
+        measured = self.measure(ops, grads, names, params)
+        decision = self.decide(ops, measured, state, signals)
+        grads, info = self.apply(ops, measured.grads, decision)
+        return grads, decision.state, info
 
     # -- the pure interface ---------------------------------------------------------------------
     def init(self, grads: Any) -> Any:
         """Return the initial state for gradients shaped like ``grads``.
 
         Args:
-            grads: An array or a list/tuple/dict of arrays (None entries are ignored).
+            grads: An array or a list/tuple/dict of arrays (None entries are ignored; the same
+                array twice counts once, as in :meth:`update`).
 
         Returns:
             A NamedTuple of arrays on the gradients' device.
         """
         leaves, _, _ = flatten(grads)
-        present = [g for g in leaves if g is not None]
-        return self._init(get_ops(present, where=f"{type(self).__name__}.init"), present)
+        present = list({id(g): g for g in leaves if g is not None}.values())
+        return self.init_state(get_ops(present, where=f"{type(self).__name__}.init"), present)
 
-    def update(self, grads: Any, state: Any, params: Any = None):
+    def update(self, grads: Any, state: Any, params: Any = None, **signals: Any):
         """Clip ``grads`` without modifying them and return the new state.
 
         Args:
             grads: An array or a list/tuple/dict of arrays; ``None`` entries are passed through.
             state: The state from :meth:`init` or a previous :meth:`update`.
             params: The parameters, in the same structure, for methods that need them (AGC).
+            **signals: Optional ``loss=``, ``step=``, ``sample_norms=``, ``optimizer_state=``
+                (see :class:`~gradclip._core.contract.Signals`).
 
         Returns:
             ``(clipped_grads, new_state, info)``: clipped gradients in the input's structure, the
             next state, and a :class:`~gradclip.ClipInfo`.
         """
-        return self._run(grads, state, params, inplace=False)
+        return self._run_tree(grads, state, params, signals, inplace=False)
 
     # -- the stateful conveniences ------------------------------------------------------------
-    def clip(self, grads: Any, params: Any = None, *, allow_repeat: bool = False):
+    def clip(self, grads: Any, params: Any = None, *, allow_repeat: bool = False, **signals: Any):
         """Clip gradients functionally (new arrays), advancing this clipper's own state.
 
         Args:
@@ -179,6 +345,7 @@ class Clipper:
             params: The matching parameters, for methods that need them.
             allow_repeat: Let a stateful clipper advance again on the very gradients of its
                 previous call (see :meth:`clip_`).
+            **signals: As for :meth:`update`.
 
         Returns:
             ``(clipped_grads, info)``.
@@ -186,12 +353,12 @@ class Clipper:
         Raises:
             StateError: A stateful clipper called again on the same, unchanged gradients.
         """
-        clipped, _, info = self._run(
-            grads, None, params, inplace=False, own_state=True, allow_repeat=allow_repeat
+        clipped, _, info = self._run_tree(
+            grads, None, params, signals, inplace=False, own_state=True, allow_repeat=allow_repeat
         )
         return clipped, info
 
-    def clip_(self, parameters: Any, *, allow_repeat: bool = False) -> ClipInfo:
+    def clip_(self, parameters: Any, *, allow_repeat: bool = False, **signals: Any) -> ClipInfo:
         """Clip gradients in place and return what was measured and done.
 
         Adaptive state advances exactly once per optimizer step (DESIGN.md rule 6). A stateful
@@ -208,6 +375,7 @@ class Clipper:
                 clipped), optimizer parameter groups, or NumPy arrays (clipped themselves).
             allow_repeat: Skip that check, for a deliberate second update on the same
                 gradients (e.g. replaying one fixed gradient in a test).
+            **signals: Optional ``loss=``, ``step=``, ``sample_norms=``, ``optimizer_state=``.
 
         Returns:
             A :class:`~gradclip.ClipInfo` whose fields stay on the gradients' device.
@@ -216,32 +384,56 @@ class Clipper:
             StateError: A stateful clipper called again on the same, unchanged gradients.
         """
         where = f"{type(self).__name__}.clip_"
-        collected = collect_gradients(parameters, where)
-        group = self._distributed_group()
-        # With a process group, ranks without gradients are expected (pipeline stages, uneven
-        # partitions): they still join the reduction, silently.
-        if not collected.grads and group is None:
-            warnings.warn(
-                f"{where}: found no gradients among {collected.seen} parameter(s); was it called "
-                "before backward()? Nothing was clipped.",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-        # With no gradient at all, the parameters seen still fix the backend (a torch module
-        # before backward() gets a torch ClipInfo); collected.params only holds those with one.
-        framework = collected.framework if not collected.grads else None
-        ops = get_ops(collected.grads, inplace=True, framework=framework, where=where, process_group=group)
-        params = collected.params if self._uses_params() else None
-        self._guard_repeat(ops, collected.grads, where, allow_repeat)
-        self._check_layout(collected.names, collected.grads, where)
+        collected, ops, params = self._collect(parameters, where, inplace=True, stacklevel=3)
+        signal_values = signals_from(where, signals, ops.name)
+        self._before_own_step(ops, collected, where, allow_repeat)
         with ops.context():
-            state = self._own_state(ops, collected.grads)
-            _, new_state, info = self._update(ops, collected.grads, state, params, collected.names)
-            info = _finish_info(ops, info)
-            self._commit_state(ops, new_state, where)
-        # Remember the gradients as they are now, after our own in-place writes.
-        self._remember_grads(ops, collected.grads)
+            state = self._kept.current(self, ops, collected.grads)
+            _, new_state, info = self.run(ops, collected.grads, state, params, collected.names, signal_values)
+            info = ops.finish_info(info)
+            self._kept.commit(ops, new_state, where)
+        self._kept.remember(self, ops, collected.grads)
         return info
+
+    def fold_(
+        self, parameters: Any, *, divide_by: Any = None, allow_repeat: bool = False, where: str | None = None, **signals: Any
+    ) -> Folded:
+        """Measure and decide one step without writing any gradient, advancing the state as
+        :meth:`clip_` would: the coefficient for a fused optimizer's step.
+
+        Args:
+            parameters: As for :meth:`clip_`.
+            divide_by: A positive device scalar the gradients are still multiplied by (an AMP
+                loss scale): the measurement is divided by it, no gradient is read twice.
+            allow_repeat: As for :meth:`clip_`.
+            where: The public entry point, for messages (default ``"Class.fold_"``).
+            **signals: As for :meth:`clip_`.
+
+        Returns:
+            A :class:`Folded`: the scalar coefficient, the info and the measurement.
+
+        Raises:
+            InvalidArgumentError: The clipper's decisions are not one scalar (:attr:`one_coefficient`).
+            StateError: As for :meth:`clip_`.
+        """
+        where = where or f"{type(self).__name__}.fold_"
+        reason = self.cannot_fold_reason()
+        if reason is not None:
+            raise InvalidArgumentError(f"{where}: the clip cannot be folded: {reason}")
+        collected, ops, params = self._collect(parameters, where, inplace=False, stacklevel=4)
+        signal_values = signals_from(where, signals, ops.name)
+        self._before_own_step(ops, collected, where, allow_repeat)
+        with ops.context():
+            state = self._kept.current(self, ops, collected.grads)
+            self.check_fits(state, collected.grads)
+            measured = self.measure(ops, collected.grads, collected.names, params)
+            if divide_by is not None:
+                measured = measured.scaled(ops, 1.0 / divide_by)
+            decision = self.decide(ops, measured, state, signal_values)
+            info = ops.finish_info(decision.info)
+            self._kept.commit(ops, decision.state, where)
+        self._kept.remember(self, ops, collected.grads)
+        return Folded(decision.coef, info, measured)
 
     def as_optax(self):
         """This clipper as an ``optax.GradientTransformation`` (JAX).
@@ -253,56 +445,38 @@ class Clipper:
         Raises:
             ImportError: optax or jax is not installed.
         """
+        # The one import from a higher layer (an adapter) in the core: a convenience method on
+        # the core type, importing the adapter (and jax) only when called.
         from gradclip.optax import as_optax
 
         return as_optax(self)
 
-    def _uses_params(self) -> bool:
-        return False
+    # -- the machinery of the entry points ----------------------------------------------------------
+    def _collect(self, parameters: Any, where: str, *, inplace: bool, stacklevel: int):
+        collected = collect_gradients(parameters, where)
+        group = self.distributed_group()
+        # With a process group, ranks without gradients are expected (pipeline stages, uneven
+        # partitions): they still join the reduction, silently.
+        if not collected.grads and group is None:
+            warnings.warn(
+                f"{where}: found no gradients among {collected.seen} parameter(s); was it called "
+                "before backward()? Nothing was clipped.",
+                RuntimeWarning,
+                stacklevel=stacklevel,
+            )
+        # With no gradient at all, the parameters seen still fix the backend (a torch module
+        # before backward() gets a torch ClipInfo); collected.params only holds those with one.
+        framework = collected.framework if not collected.grads else None
+        ops = get_ops(collected.grads, inplace=inplace, framework=framework, where=where, process_group=group)
+        params = collected.params if self.needs_params else None
+        return collected, ops, params
 
-    # -- one update per optimizer step ------------------------------------------------------------
-    def _stateful(self) -> bool:
-        """Whether a call advances state (then a repeated call on the same gradients is refused)."""
-        return bool(self.state_type._fields)
+    def _before_own_step(self, ops: Ops, collected: Any, where: str, allow_repeat: bool) -> None:
+        if not allow_repeat:
+            self._kept.guard_repeat(self, ops, collected.grads, where)
+        self._kept.check_layout(self, collected.names, collected.grads, where)
 
-    def _guard_repeat(self, ops: Ops, grads: list[Any], where: str, allow_repeat: bool) -> None:
-        if allow_repeat or self._last_seen is None or not grads or not self._stateful():
-            return
-        refs, token = self._last_seen
-        # Identity first (cheap): new gradient tensors mean a new step, whatever their values.
-        if len(refs) != len(grads) or any(ref() is not g for ref, g in zip(refs, grads)):
-            return
-        if token is None or ops.version_token(grads) != token:
-            return
-        raise StateError(
-            f"{where}: called again on the same {len(grads)} gradient array(s), unchanged since "
-            f"the previous call; {type(self).__name__} keeps adaptive state, which must advance "
-            "once per optimizer step (a second call would count this step's gradient twice). "
-            "Compute new gradients (backward()) before clipping again, or pass "
-            "allow_repeat=True if the repeat is deliberate. Nothing was changed."
-        )
-
-    def _remember_grads(self, ops: Ops, grads: list[Any]) -> None:
-        if not grads or not self._stateful():
-            self._last_seen = None
-            return
-        try:
-            refs = [weakref.ref(g) for g in grads]
-        except TypeError:  # arrays that cannot be weakly referenced: no detection
-            self._last_seen = None
-            return
-        self._last_seen = (refs, ops.version_token(grads))
-
-    def _run(
-        self,
-        grads,
-        state,
-        params,
-        *,
-        inplace: bool,
-        own_state: bool = False,
-        allow_repeat: bool = False,
-    ):
+    def _run_tree(self, grads, state, params, signals, *, inplace: bool, own_state: bool = False, allow_repeat: bool = False):
         where = f"{type(self).__name__}.{'clip' if own_state else 'update'}"
         leaves, unflatten, names = flatten(grads)
         # The same array given twice (tied weights passed as grads) is clipped and counted once;
@@ -315,6 +489,7 @@ class Clipper:
                 positions.append(i)
         repeats = [(i, first[id(g)]) for i, g in enumerate(leaves) if g is not None and first[id(g)] != i]
         present = [leaves[i] for i in positions]
+        present_names = [names[i] for i in positions]
         param_leaves = None
         if params is not None:
             flat_params = flatten_like(params, grads)  # dict entries paired by key
@@ -324,20 +499,20 @@ class Clipper:
                     f"parameter(s) for {len(leaves)} gradient(s)"
                 )
             param_leaves = [flat_params[i] for i in positions]
-        ops = get_ops(present, inplace=inplace, where=where, process_group=self._distributed_group())
+        ops = get_ops(present, inplace=inplace, where=where, process_group=self.distributed_group())
+        signal_values = signals_from(where, signals, ops.name)
         if own_state:
-            self._guard_repeat(ops, present, where, allow_repeat)
-            self._check_layout([names[i] for i in positions], present, where)
-            state = self._own_state(ops, present)
+            if not allow_repeat:
+                self._kept.guard_repeat(self, ops, present, where)
+            self._kept.check_layout(self, present_names, present, where)
+            state = self._kept.current(self, ops, present)
         elif state is None:
-            state = self._init(ops, present)
-        new, new_state, info = self._update(
-            ops, present, state, param_leaves, [names[i] for i in positions]
-        )
-        info = _finish_info(ops, info)
+            state = self.init_state(ops, present)
+        new, new_state, info = self.run(ops, present, state, param_leaves, present_names, signal_values)
+        info = ops.finish_info(info)
         if own_state:
-            self._commit_state(ops, new_state, where)
-            self._remember_grads(ops, present)
+            self._kept.commit(ops, new_state, where)
+            self._kept.remember(self, ops, present)
         out = list(leaves)
         for position, value in zip(positions, new):
             out[position] = value
@@ -345,84 +520,16 @@ class Clipper:
             out[position] = out[original]
         return unflatten(out), new_state, info
 
-    # -- the state the object keeps (clip / clip_) ------------------------------------------------
-    # Backends may offer two optional hooks, looked up with getattr (they are not Ops primitives):
-    #   ops.state_store(template) -> store   state kept by the backend (TensorFlow: tf.Variables,
-    #       so that `clip` inside tf.function advances the same state on every call instead of
-    #       freezing it into the trace); see gradclip.backends.tensorflow.StateStore.
-    #   ops.check_state(state, where)        refuse state that must not be kept (JAX tracers).
-    def _own_state(self, ops: Ops, grads: list[Any]) -> Any:
-        if getattr(ops, "state_store", None) is not None:
-            return self._held_state(ops, grads)
-        return self._current_state(ops, grads)
-
-    def _held_state(self, ops: Ops, grads: list[Any]) -> Any:
-        fresh = self._init(ops, grads)
-        held = getattr(self, "_held", None)
-        if held is None:
-            held = ops.state_store(fresh)
-            self._held = held
-            if self._has_python_state():
-                # State loaded or kept before the store existed: move it into the store now.
-                with held.eager_scope():
-                    held.load(self._current_state(ops, grads))
-        return held.read(fresh)
-
-    def _has_python_state(self) -> bool:
-        """Whether a checkpoint is pending or arrays are kept (Chain adds its links')."""
-        return self._pending_state is not None or self._state is not None
-
-    def _commit_state(self, ops: Ops, new_state: Any, where: str) -> None:
-        held = getattr(self, "_held", None)
-        if held is not None and getattr(ops, "state_store", None) is not None:
-            held.write(new_state)
-            self._state, self._pending_state = held.current(), None
-            return
-        check = getattr(ops, "check_state", None)
-        if check is not None:
-            check(new_state, where)
-        self._state = new_state
-
-    def _refresh_from_held(self) -> None:
-        """Before reading ``self._state`` for a checkpoint: backend-held variables are the truth
-        (a traced tf.function may have advanced them, or run again after a reset)."""
-        held = getattr(self, "_held", None)
-        if held is not None and self._pending_state is None:
-            self._state = held.current() if held.is_ready() else None
-
-    def _sync_held(self) -> None:
-        """After reset/load_state_dict: make backend-held state match the Python side now."""
-        held = getattr(self, "_held", None)
-        if held is None:
-            return
-        if not self._has_python_state():
-            held.reset()
-            return
-        ops = get_ops([], framework=held.framework, where=f"{type(self).__name__}.load_state_dict")
-        with held.eager_scope():
-            # Rebuilt from the checkpoint alone: an initial state for no gradients fills gaps.
-            state = self._current_state(ops, [])
-            held.load(state)
-            self._state, self._pending_state = held.current(), None
-
     # -- checkpoints ----------------------------------------------------------------------------
-    def _current_state(self, ops: Ops, grads: list[Any]) -> Any:
-        if self._pending_state is not None:
-            self._state = self._state_from_plain(ops, self._pending_state)
-            self._pending_state = None
-        if self._state is None:
-            self._state = self._init(ops, grads)
-        return self._state
-
-    def _state_from_plain(self, ops: Ops, plain: dict[str, Any]) -> Any:
-        fields = {name: ops.array(plain[name], self.state_dtypes[name]) for name in self.state_type._fields}
-        return self.state_type(**fields)
-
-    def state_dict(self) -> dict[str, Any]:
+    def state_dict(self, state: Any = None) -> dict[str, Any]:
         """Return the clipper's configuration and state as plain, JSON-serialisable data.
 
         The result holds only dicts, lists, strings, numbers, bools and None, so it can be saved
         with ``json.dump`` or ``torch.save`` and read back with ``torch.load(weights_only=True)``.
+
+        Args:
+            state: A state from the pure API (:meth:`init`/:meth:`update`, an optax or Keras
+                adapter) to save instead of the one this object keeps.
 
         Returns:
             ``{"format": "gradclip", "version": 1, "clipper": name, "config": {...},
@@ -431,27 +538,8 @@ class Clipper:
             ``norm_type=inf`` appear as the strings ``"inf"``/``"-inf"``), so the whole result
             passes strict JSON (``json.dumps(..., allow_nan=False)``).
         """
-        self._refresh_from_held()
-        if self._pending_state is not None:
-            state = dict(self._pending_state)
-        elif self._state is None or not self.state_type._fields:
-            state = None if self._state is None and self.state_type._fields else {}
-        else:
-            # Only to_list is needed, which takes any array of the backend: pick the backend by
-            # type alone. Binding it to the fields themselves refused NumPy scalars, which is what
-            # 0-d NumPy arithmetic (state.count + 1) returns, with a BackendError.
-            first = [v for v in self._state if hasattr(v, "shape")][:1]
-            ops = get_ops(
-                [], framework=framework_of(first[0]) if first else None, where=f"{type(self).__name__}.state_dict"
-            )
-            state = {name: ops.to_list(getattr(self._state, name)) for name in self.state_type._fields}
-        return {
-            "format": "gradclip",
-            "version": STATE_FORMAT_VERSION,
-            "clipper": self.name,
-            "config": plain_config(self.config()),
-            "state": state,
-        }
+        plain = self._kept.plain(self) if state is None else state_to_plain(self, state)
+        return checkpoint(self, plain)
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Restore state saved by :meth:`state_dict`.
@@ -468,54 +556,37 @@ class Clipper:
                 configuration, missing or extra fields, or values of the wrong type or out of
                 their dtype's range.
         """
-        where = f"{type(self).__name__}.load_state_dict"
-        check_header(where, state_dict, self.name, self.config())
-        state = state_dict.get("state")
-        if state is None:
-            self._state, self._pending_state, self._last_seen = None, None, None
-            self._sync_held()
-            return
-        if not isinstance(state, Mapping) or set(state) != set(self.state_type._fields):
-            raise StateError(
-                f"{where}: state fields must be {sorted(self.state_type._fields)}, got "
-                f"{sorted(state) if isinstance(state, Mapping) else type(state).__name__}"
-            )
-        for name in self.state_type._fields:
-            _check_plain(where, name, state[name], self.state_dtypes.get(name))
-        self._validate_state(where, state)
-        self._last_seen = None
-        if not self.state_type._fields:
-            self._state, self._pending_state = EmptyState(), None
-            return
-        self._state, self._pending_state = None, dict(state)
-        self._sync_held()
+        validate_checkpoint(self, state_dict)
+        self._kept.load(self, state_dict["state"])
 
-    def _validate_state(self, where: str, state: Mapping[str, Any]) -> None:
-        """Hook for methods with extra invariants on their state (lengths, ranges)."""
+    def state_from_dict(self, state_dict: Mapping[str, Any], like: Any = None) -> Any:
+        """Validate a checkpoint and return its state for the pure API, changing nothing here.
+
+        Args:
+            state_dict: A mapping as returned by :meth:`state_dict`.
+            like: Gradients (any structure) fixing the backend and device of the arrays and the
+                initial state of parts saved before their first step; None gives NumPy arrays.
+
+        Returns:
+            A state NamedTuple (:meth:`init` for ``like`` when the checkpoint holds none).
+
+        Raises:
+            StateError: As for :meth:`load_state_dict`.
+        """
+        validate_checkpoint(self, state_dict)
+        leaves = [] if like is None else [g for g in flatten(like)[0] if g is not None]
+        ops = get_ops(leaves, where=f"{type(self).__name__}.state_from_dict")
+        plain = state_dict["state"]
+        return self.init_state(ops, leaves) if plain is None else state_from_plain(self, ops, plain, leaves)
 
     def reset(self) -> None:
         """Forget all state; the next step starts as the first did."""
-        self._state = None
-        self._pending_state = None
-        self._last_seen = None
-        self._sync_held()
-
-    def __repr__(self) -> str:
-        arguments = ", ".join(f"{k}={v!r}" for k, v in self.config().items())
-        return f"{type(self).__name__}({arguments})"
-
-
-def _finish_info(ops: Ops, info: ClipInfo) -> ClipInfo:
-    """Let the backend complete the info of a whole call (optional hook, looked up with getattr):
-    the torch backend makes ``clipped`` agree across a process group, where per-tensor and
-    element-wise methods decide it from each rank's own tensors."""
-    hook = getattr(ops, "finish_info", None)
-    return info if hook is None else hook(info)
+        self._kept.reset(self)
 
 
 class _SharedGroup:
     """Holds a clipper's process group; copies of the clipper share it (a ProcessGroup cannot be
-    deep-copied, and ``ClippedOptimizer`` probes clippers on deep copies)."""
+    deep-copied)."""
 
     __slots__ = ("group",)
 
@@ -530,118 +601,3 @@ class _SharedGroup:
 
     def __repr__(self) -> str:
         return f"_SharedGroup({self.group!r})"
-
-
-#: The top-level keys of every checkpoint, no more and no fewer.
-HEADER_KEYS = frozenset({"format", "version", "clipper", "config", "state"})
-
-
-def plain_config(value: Any) -> Any:
-    """A clipper's :meth:`~Clipper.config` as strict-JSON data.
-
-    ``float("inf")`` is a valid argument value (``norm_type=inf``, a one-sided ``Value``
-    range) but not valid JSON: ``json.dumps(..., allow_nan=False)`` refuses it and other JSON
-    readers choke on the ``Infinity`` token Python writes by default. ±inf become the strings
-    ``"inf"``/``"-inf"`` and tuples become lists (what a JSON round trip gives back anyway).
-    Checkpoints written before this encoding (with float inf) normalise to the same data, so
-    they still load.
-    """
-    if isinstance(value, float) and math.isinf(value):
-        return "inf" if value > 0 else "-inf"
-    if isinstance(value, Mapping):
-        return {key: plain_config(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [plain_config(item) for item in value]
-    return value
-
-
-def check_keys(where: str, mapping: Mapping[str, Any], expected: frozenset[str], what: str) -> None:
-    """Refuse a checkpoint mapping whose keys are not exactly ``expected``.
-
-    Raises:
-        StateError: Naming the unexpected and the missing keys.
-    """
-    keys = set(mapping)
-    if keys != expected:
-        unexpected = sorted(map(repr, keys - expected))
-        missing = sorted(expected - keys)
-        raise StateError(
-            f"{where}: {what} has exactly the keys {sorted(expected)}; "
-            f"unexpected: {', '.join(unexpected) or 'none'}; missing: {', '.join(missing) or 'none'}"
-        )
-
-
-def check_header(where: str, state_dict: Any, name: str, config: Mapping[str, Any]) -> None:
-    """Validate everything of a checkpoint but its ``state``; raise before anything changes.
-
-    Args:
-        where: ``"Class.load_state_dict"``, for the message.
-        state_dict: What the caller passed.
-        name: The loading clipper's registry name.
-        config: The loading clipper's :meth:`~Clipper.config`.
-
-    Raises:
-        StateError: Not a mapping, unexpected or missing top-level keys, a format other than
-            ``"gradclip"``, a version that is not the int :data:`STATE_FORMAT_VERSION` (``True``
-            and ``1.0`` compare equal to 1 in Python, and are refused), another clipper's name,
-            or another configuration.
-    """
-    if not isinstance(state_dict, Mapping):
-        raise StateError(f"{where}: expected a mapping from state_dict(), got {type(state_dict).__name__}")
-    check_keys(where, state_dict, HEADER_KEYS, "a checkpoint")
-    version = state_dict["version"]
-    if state_dict["format"] != "gradclip" or type(version) is not int or version != STATE_FORMAT_VERSION:
-        raise StateError(
-            f"{where}: not a gradclip state (format={state_dict['format']!r}, version={version!r} of "
-            f"type {type(version).__name__}; expected format 'gradclip' and the int {STATE_FORMAT_VERSION})"
-        )
-    if state_dict["clipper"] != name:
-        raise StateError(f"{where}: state belongs to clipper {state_dict['clipper']!r}, not {name!r}")
-    if plain_config(state_dict["config"]) != plain_config(config):
-        raise StateError(
-            f"{where}: state was saved with config {state_dict['config']!r}, but this "
-            f"clipper has {plain_config(config)!r}"
-        )
-
-
-#: The largest finite value of each float dtype a state field may be stored in.
-_INT_RANGE = {"int64": (-(2**63), 2**63 - 1), "int32": (-(2**31), 2**31 - 1)}
-
-
-def _check_plain(where: str, name: str, value: Any, dtype: str | None = None) -> None:
-    """Accept only numbers, bools and (nested) lists of them, of the field's declared dtype:
-    nothing that could run code, and nothing its array would silently change.
-
-    ``dtype`` is the field's entry in ``state_dtypes``: ``"bool"`` fields take bools only,
-    integer fields ints (not bools) within the dtype's range, float fields ints or floats (not
-    bools) whose magnitude the dtype holds (1e300 would become inf in fp32). NaN and inf pass
-    here; methods that need finite values refuse them in ``_validate_state``.
-    """
-    if isinstance(value, list):
-        for item in value:
-            _check_plain(where, name, item, dtype)
-        return
-    if not isinstance(value, (bool, int, float)):
-        raise StateError(
-            f"{where}: state field {name!r} must hold numbers or lists of numbers, got {type(value).__name__}"
-        )
-    if dtype is None:
-        return
-    if dtype == "bool":
-        ok = isinstance(value, bool)
-    elif dtype in _INT_RANGE:
-        low, high = _INT_RANGE[dtype]
-        ok = isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
-    else:
-        limit = largest_finite(dtype)
-        if isinstance(value, bool):
-            ok = False
-        elif isinstance(value, int):  # exact: math.isfinite(10**400) would overflow
-            ok = abs(value) <= limit
-        else:
-            ok = not math.isfinite(value) or abs(value) <= limit
-    if not ok:
-        raise StateError(
-            f"{where}: state field {name!r} is stored as {dtype}, which cannot hold {value!r} "
-            f"of type {type(value).__name__}"
-        )

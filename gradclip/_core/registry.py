@@ -3,22 +3,34 @@
 Names are the class names in snake case as written in API.md (``global_norm``, ``zclip``...).
 ``get(name)`` with no keyword arguments builds a usable default for every method: each class
 declares its own ``defaults`` for the arguments that have no default in its signature.
+:func:`from_config` rebuilds any clipper, nested ones included, from ``{"clipper": name,
+"config": {...}}`` (what ``config()`` and checkpoints hold): Keras, ``Subset`` and the CLI use it.
+
+The built-in methods register themselves when :mod:`gradclip.clippers` is imported, which
+``import gradclip`` does; this module imports no clipper.
 """
 
 from __future__ import annotations
 
-import importlib
+import inspect
+from collections.abc import Mapping
 from typing import Any
 
 from gradclip._core.errors import InvalidArgumentError, UnknownNameError
 
-__all__ = ["register", "get", "available", "registered_class"]
+__all__ = ["register", "get", "available", "registered_class", "from_config"]
 
 _REGISTRY: dict[str, type] = {}
+#: Registered names left out of :func:`available` (composites built by a function: ``chain``).
+_UNLISTED: set[str] = set()
 
 
-def register(name: str):
+def register(name: str, *, listed: bool = True):
     """Class decorator adding a clipper class to the registry under ``name``.
+
+    Args:
+        name: The registry name.
+        listed: Whether :func:`available` lists it (``chain`` is only rebuilt from configs).
 
     Raises:
         InvalidArgumentError: ``name`` is already taken by another class.
@@ -32,20 +44,16 @@ def register(name: str):
             )
         cls.name = name
         _REGISTRY[name] = cls
+        if not listed:
+            _UNLISTED.add(name)
         return cls
 
     return decorate
 
 
-def _load_all() -> None:
-    # Importing the clippers package registers every built-in method.
-    importlib.import_module("gradclip.clippers")
-
-
 def available() -> list[str]:
     """Return the registered method names, sorted."""
-    _load_all()
-    return sorted(_REGISTRY)
+    return sorted(set(_REGISTRY) - _UNLISTED)
 
 
 def registered_class(name: str) -> type:
@@ -54,10 +62,9 @@ def registered_class(name: str) -> type:
     Raises:
         UnknownNameError: The name is not registered; the message lists every valid name.
     """
-    _load_all()
     if not isinstance(name, str) or name not in _REGISTRY:
         raise UnknownNameError(
-            f"gradclip.get: unknown clipper name {name!r}; valid names: {', '.join(sorted(_REGISTRY))}"
+            f"gradclip.get: unknown clipper name {name!r}; valid names: {', '.join(available())}"
         )
     return _REGISTRY[name]
 
@@ -85,3 +92,49 @@ def get(name: str, **kwargs: Any):
     if group is not None:
         clipper.process_group = group
     return clipper
+
+
+def _decode(value: Any) -> Any:
+    """A config value as the constructor takes it: nested clipper configs rebuilt, the strings
+    ``"inf"``/``"-inf"`` of :func:`~gradclip._core.checkpoint.plain_config` as floats."""
+    if isinstance(value, Mapping) and isinstance(value.get("clipper"), str) and set(value) <= {"clipper", "config"}:
+        return from_config(value)
+    if isinstance(value, list) and value and all(isinstance(v, Mapping) and "clipper" in v for v in value):
+        return [from_config(v) for v in value]
+    if value == "inf" or value == "-inf":
+        return float(value)
+    return value
+
+
+def from_config(spec: Any):
+    """Build a clipper from ``{"clipper": name, "config": {...}}`` (or a bare registry name).
+
+    The inverse of ``{"clipper": c.name, "config": c.config()}``, recursively: wrapped clippers
+    (``Chain`` links, ``Subset``'s clipper) are rebuilt the same way.
+
+    Args:
+        spec: The mapping, or a name (then the method's registry defaults apply).
+
+    Returns:
+        A new clipper instance.
+
+    Raises:
+        UnknownNameError: An unknown clipper name.
+        InvalidArgumentError: ``spec`` is not of that form, or a constructor refuses a value.
+    """
+    if isinstance(spec, str):
+        return get(spec)
+    if not isinstance(spec, Mapping) or not isinstance(spec.get("clipper"), str):
+        raise InvalidArgumentError(
+            f"from_config: expected {{'clipper': name, 'config': {{...}}}} or a registry name, got {spec!r}"
+        )
+    config = spec.get("config") or {}
+    if not isinstance(config, Mapping):
+        raise InvalidArgumentError(f"from_config: clipper['config'] must be a mapping, got {config!r}")
+    cls = registered_class(spec["clipper"])
+    arguments = {key: _decode(value) for key, value in config.items()}
+    parameters = inspect.signature(cls.__init__).parameters.values()
+    positional = next((p.name for p in parameters if p.kind is inspect.Parameter.VAR_POSITIONAL), None)
+    if positional is not None:
+        return cls(*arguments.pop(positional, ()), **arguments)
+    return cls(**arguments)

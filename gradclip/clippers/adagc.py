@@ -38,12 +38,12 @@ import math
 from typing import Any, NamedTuple
 
 from gradclip._core.clipper import Clipper, make_info
+from gradclip._core.contract import NO_SIGNALS, Coefficient, Decision, Measured
 from gradclip._core.errors import StateError
 from gradclip._core.registry import register
 from gradclip._core.validation import check_int, check_number
 from gradclip.clippers._adaptive import accumulation, as_f32, check_field, skip_flag
-from gradclip.clippers.nonfinite import check_policy, measurement
-from gradclip.clippers.norm import clip_coefficient
+from gradclip._core.measure import check_policy
 
 __all__ = ["AdaGC", "AdaGCState"]
 
@@ -85,6 +85,8 @@ class AdaGC(Clipper):
     """
 
     defaults: dict[str, Any] = {}
+    coefficient = Coefficient.PER_TENSOR
+    per_tensor_state = True
     state_type = AdaGCState
     state_dtypes = {"step": "int64", "gamma": "float32", "seen": "bool"}
 
@@ -108,56 +110,21 @@ class AdaGC(Clipper):
         self.eps = check_number(where, "eps", eps, high_inclusive=False)
         self.nonfinite = check_policy(where, nonfinite)
 
-    def config(self):
-        return {
-            "clip_ratio": self.clip_ratio,
-            "beta": self.beta,
-            "start_clip_steps": self.start_clip_steps,
-            "warmup_max_norm": self.warmup_max_norm,
-            "eps": self.eps,
-            "nonfinite": self.nonfinite,
-        }
-
-    def _check_layout(self, names, grads, where):
-        layout = tuple(zip(names, (tuple(g.shape) for g in grads)))
-        known = self.__dict__.get("_layout")
-        has_state = self._state is not None or self._pending_state is not None or self._held is not None
-        if known is not None and has_state and layout != known:
-            changed = next(
-                (i for i, (a, b) in enumerate(zip(layout, known)) if a != b), min(len(layout), len(known))
-            )
-            seen = f"{known[changed][0]} {list(known[changed][1])}" if changed < len(known) else "nothing"
-            given = f"{layout[changed][0]} {list(layout[changed][1])}" if changed < len(layout) else "nothing"
+    def check_fits(self, state, grads):
+        if state.gamma.shape[0] != len(grads):
             raise StateError(
-                f"{where}: AdaGC keeps one threshold per tensor, built for {len(known)} tensor(s); "
-                f"position {changed} held {seen} and now holds {given}. A parameter without a "
-                "gradient this step shifts the others onto its neighbours' thresholds: give it a "
-                "zero gradient, or reset() the clipper. Nothing was changed."
+                f"AdaGC: the state tracks {state.gamma.shape[0]} tensor(s) but {len(grads)} "
+                "gradient(s) were given; AdaGC keeps one threshold per tensor, so pass the same "
+                "tensors every step (or reset() the clipper). Nothing was changed."
             )
-        self._layout = layout
 
-    def reset(self) -> None:
-        super().reset()
-        self._layout = None
-
-    def load_state_dict(self, state_dict) -> None:
-        super().load_state_dict(state_dict)
-        self._layout = None  # a checkpoint names no tensors: its first step defines them
-
-    def _init(self, ops, grads):
+    def init_state(self, ops, grads):
         n = len(grads)
         gamma = ops.cast(ops.arange(n), "float32") * 0.0
         return AdaGCState(ops.scalar(0, "int64"), gamma, gamma > 0)
 
-    def _update(self, ops, grads, state, params, names):
-        where = "AdaGC"
-        if state.gamma.shape[0] != len(grads):
-            raise StateError(
-                f"{where}: the state tracks {state.gamma.shape[0]} tensor(s) but {len(grads)} "
-                "gradient(s) were given; AdaGC keeps one threshold per tensor, so pass the same "
-                "tensors every step (or reset() the clipper). Nothing was changed."
-            )
-        found = measurement(ops, grads, 2.0, self.nonfinite, names, where)
+    def decide(self, ops, measured: Measured, state, signals=NO_SIGNALS):
+        found = measured
         grads, norms, norm, finite = found.grads, found.norms, found.norm, found.finite
         # Coefficients are computed in the norms' dtype (fp64 for fp64 gradients): an fp64 norm
         # compared with its own fp32 rounding would clip by an ulp, and one beyond fp32's range
@@ -175,7 +142,7 @@ class AdaGC(Clipper):
         # Warm-up: one global coefficient; γ is the running minimum of the clipped norms (an
         # unseen tensor's γ is 0, which load_state_dict checks: it takes the clipped norm).
         warm_limit = ops.scalar(self.warmup_max_norm, acc)
-        h = clip_coefficient(ops, total, warm_limit, self.eps)
+        h = ops.clip_coefficient(total, warm_limit, self.eps)
         clipped_warm = as_f32(ops, h * norms)
         gamma_warm = ops.where(seen, ops.minimum(clipped_warm, gamma), clipped_warm)
 
@@ -206,7 +173,6 @@ class AdaGC(Clipper):
         seen = seen | informative
         coefs = ops.where(warming, h, h_each)
         skip = skip_flag(ops, finite, self.nonfinite)
-        grads = ops.scale_each(grads, coefs)
         step = state.step + ops.cast(finite, "int64")
 
         # The effective coefficient: every coef is <= 1, so the clipped global norm is at most the
@@ -216,14 +182,14 @@ class AdaGC(Clipper):
         effective = ops.where(positive, after / ops.where(positive, total, one), one)
         # torch.distributed: combine_norms reduces over the process group, so a rank without
         # gradients must call it too.
-        reduce = len(grads) or getattr(ops, "distributed", False)
+        reduce = len(grads) or ops.distributed
         adaptive_threshold = ops.combine_norms(bounds, 2.0) if reduce else zero
         threshold = ops.where(warming, warm_limit, adaptive_threshold)
         clipped = ops.any(coefs < 1) if len(grads) else ops.scalar(False, "bool")
         info = make_info(ops, norm, threshold, effective, clipped, found.given_finite, skip)
-        return grads, AdaGCState(step, gamma, seen), info
+        return Decision(coefs, AdaGCState(step, gamma, seen), info)
 
-    def _validate_state(self, where, state):
+    def validate_state(self, where, state):
         check_field(where, state, "step", "int", low=0)
         gamma, seen = state["gamma"], state["seen"]
         if not isinstance(gamma, list) or not isinstance(seen, list) or len(gamma) != len(seen):

@@ -29,14 +29,15 @@ from __future__ import annotations
 import fnmatch
 import numbers
 import warnings
-from typing import Any
+from typing import Any, NamedTuple
 
 from gradclip._core.clipper import Clipper, make_info
+from gradclip._core.contract import NO_SIGNALS, Coefficient, Decision, Measured
 from gradclip._core.errors import InvalidArgumentError
+from gradclip._core.measure import check_policy, gradients_finite, raise_if_nonfinite
 from gradclip._core.ops import accumulation
 from gradclip._core.registry import register
 from gradclip._core.validation import check_number
-from gradclip.clippers.nonfinite import _raise_if_nonfinite, check_policy, gradients_finite
 
 __all__ = ["AGC"]
 
@@ -112,6 +113,8 @@ class AGC(Clipper):
     """
 
     defaults: dict[str, Any] = {}
+    coefficient = Coefficient.PER_UNIT
+    needs_params = True
 
     def __init__(
         self,
@@ -129,18 +132,6 @@ class AGC(Clipper):
         self.axis = _check_axis(where, axis)
         self.nonfinite = check_policy(where, nonfinite)
         self._warned_unmatched: set[str] = set()
-
-    def config(self):
-        return {
-            "clip_factor": self.clip_factor,
-            "eps": self.eps,
-            "exclude": list(self.exclude),
-            "axis": None if self.axis is None else list(self.axis),
-            "nonfinite": self.nonfinite,
-        }
-
-    def _uses_params(self) -> bool:
-        return True
 
     def _kept_axes(self, where: str, ops, shape: tuple[int, ...], name: str):
         ndim = len(shape)
@@ -171,7 +162,9 @@ class AGC(Clipper):
                 )
         return flags
 
-    def _update(self, ops, grads, state, params, names):
+    def measure(self, ops, grads, names, params) -> Measured:
+        """Unit-wise gradient norms, laid end to end, and their global norm (reduced over every
+        process that shares a unit); ``extra`` carries the units' layout for decide/apply."""
         where = "AGC"
         if params is None:
             raise InvalidArgumentError(
@@ -210,13 +203,19 @@ class AGC(Clipper):
         (squares,) = ops.unit_totals([all_units * all_units], grads, axes)
         norm = ops.sqrt(squares)
         if self.nonfinite == "raise":
-            _raise_if_nonfinite(ops, grads, norm, names, where)
+            raise_if_nonfinite(ops, grads, norm, names, where)
         finite = ops.isfinite(norm)
+        given_finite = finite if given_finite is None else given_finite
+        layout = _Units(axes, excluded, grad_units, all_units)
+        return Measured(grads, None, norm, finite, given_finite, 2.0, names, params, extra=layout)
+
+    def decide(self, ops, measured: Measured, state, signals=NO_SIGNALS) -> Decision:
+        grads, params, norm, finite = measured.grads, measured.params, measured.norm, measured.finite
+        axes, excluded, grad_units, all_units = measured.extra
         acc = accumulation(norm)
         one = ops.scalar(1.0, acc)
-
         chosen = [i for i, skip in enumerate(excluded) if not skip]
-        grads = list(grads)
+        coefs: list[Any] = []
         if chosen:
             every = len(chosen) == len(grads)
             chosen_units = grad_units if every else [grad_units[i] for i in chosen]
@@ -231,8 +230,6 @@ class AGC(Clipper):
             keep = finite if self.nonfinite == "skip" else ops.isfinite(g_units)
             coef = ops.where(keep, coef, one)
             coefs = ops.split_as(coef, chosen_units)
-            for i, g in zip(chosen, ops.scale_units([grads[i] for i in chosen], coefs)):
-                grads[i] = g
             if every:
                 kept = coef * g_units
                 flags = ops.cast(coef < 1, acc)
@@ -256,12 +253,25 @@ class AGC(Clipper):
         effective = ops.where(ops.isfinite(effective), effective, one)
         skip = (~finite) if self.nonfinite == "skip" else ops.scalar(False, "bool")
         threshold = ops.scalar(self.clip_factor, acc)
-        given_finite = finite if given_finite is None else given_finite
-        return grads, state, make_info(ops, norm, threshold, effective, clipped, given_finite, skip)
+        info = make_info(ops, norm, threshold, effective, clipped, measured.given_finite, skip)
+        return Decision((chosen, coefs), state, info)
 
-    def __repr__(self) -> str:
-        return (
-            f"AGC(clip_factor={self.clip_factor!r}, eps={self.eps!r}, exclude={self.exclude!r}, "
-            f"axis={self.axis!r}, nonfinite={self.nonfinite!r})"
-        )
+    def apply(self, ops, grads, decision):
+        """Scale the units of the tensors not excluded; excluded tensors stay as they are."""
+        chosen, coefs = decision.coef
+        grads = list(grads)
+        if chosen:
+            for i, g in zip(chosen, ops.scale_units([grads[i] for i in chosen], coefs)):
+                grads[i] = g
+        return grads, decision.info
+
+
+class _Units(NamedTuple):
+    """AGC's measurement beside the global norm: per tensor the kept axes and whether it is
+    excluded, the unit norms per tensor and all of them laid end to end."""
+
+    axes: list
+    excluded: list
+    grad_units: list
+    all_units: Any
 

@@ -45,6 +45,7 @@ import math
 from typing import Any, NamedTuple
 
 from gradclip._core.clipper import Clipper, make_info
+from gradclip._core.contract import NO_SIGNALS, Decision, Measured
 from gradclip._core.errors import StateError
 from gradclip._core.registry import register
 from gradclip._core.validation import check_int, check_number
@@ -59,8 +60,7 @@ from gradclip.clippers._adaptive import (
     sketch_insert,
     sketch_percentile,
 )
-from gradclip.clippers.nonfinite import check_policy, measurement, settle
-from gradclip.clippers.norm import clip_coefficient
+from gradclip._core.measure import check_policy, settle
 
 __all__ = ["AutoClip", "AutoClipWindowState", "AutoClipSketchState"]
 
@@ -125,19 +125,17 @@ class AutoClip(Clipper):
             self.state_type = AutoClipWindowState
             self.state_dtypes = {"history": "float32", "count": "int64"}
 
-    def config(self):
-        return {"percentile": self.percentile, "history": self.history, "nonfinite": self.nonfinite}
 
-    def _init(self, ops, grads):
+    def init_state(self, ops, grads):
         count = ops.scalar(0, "int64")
         if self.history is None:
             zero = ops.scalar(0.0, "float32")
             return AutoClipSketchState(ops.cast(ops.arange(SKETCH_SIZE) * 0, "int64"), count, zero, zero, zero)
         return AutoClipWindowState(ops.cast(ops.arange(self.history), "float32") * 0.0, count)
 
-    def _update(self, ops, grads, state, params, names):
-        found = measurement(ops, grads, 2.0, self.nonfinite, names, "AutoClip")
-        grads, norm, finite = found.grads, found.norm, found.finite
+    def decide(self, ops, measured: Measured, state, signals=NO_SIGNALS):
+        found = measured
+        norm, finite = found.norm, found.finite
         f32, acc = "float32", accumulation(norm)
         zero, inf = ops.scalar(0.0, f32), ops.scalar(math.inf, f32)
         measured = as_f32(ops, norm)
@@ -171,12 +169,11 @@ class AutoClip(Clipper):
             # threshold is their own norm rounded down (the first step, percentile 100).
             compared = ops.where(finite, measured, zero)
             bound = ops.where(compared > threshold, ops.cast(threshold, acc), ops.scalar(math.inf, acc))
-        coef, skip = settle(ops, clip_coefficient(ops, norm, bound, _EPS), finite, self.nonfinite)
-        grads = ops.scale(grads, coef)
+        coef, skip = settle(ops, ops.clip_coefficient(norm, bound, _EPS), finite, self.nonfinite)
         info = make_info(ops, norm, ops.cast(threshold, acc), coef, coef < 1, found.given_finite, skip)
-        return grads, new_state, info
+        return Decision(coef, new_state, info)
 
-    def _validate_state(self, where, state):
+    def validate_state(self, where, state):
         check_field(where, state, "count", "int", low=0)
         if self.history is None:
             check_field(where, state, "bins", "int", (SKETCH_SIZE,), low=0)

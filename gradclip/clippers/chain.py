@@ -2,32 +2,39 @@
 
 from __future__ import annotations
 
-import copy
-from collections.abc import Mapping
 from typing import Any, NamedTuple
 
-from gradclip._core.clipper import Clipper, check_header, make_info
-from gradclip._core.errors import InvalidArgumentError, StateError
-from gradclip._core.ops import out_of_place
+from gradclip._core.checkpoint import CHILDREN
+from gradclip._core.clipper import Clipper, make_info
+from gradclip._core.contract import NO_SIGNALS, Coefficient, Decision, Measured, Signals
+from gradclip._core.errors import InvalidArgumentError
+from gradclip._core.registry import register
 
-__all__ = ["Chain", "chain"]
+__all__ = ["Chain", "ChainState", "chain"]
 
 
 class ChainState(NamedTuple):
     """One state per link, in order."""
 
-    states: tuple
+    links: tuple
 
 
+@register("chain", listed=False)
 class Chain(Clipper):
     """Apply clippers one after the other; built by :func:`chain`.
 
     The combined :class:`~gradclip.ClipInfo` reports the first link's norm (the gradients as they
     came in), the last link's threshold, the product of the coefficients, and ``clipped``/``skip``
     if any link clipped/asked to skip; ``finite`` is the first link's.
+
+    A chain composes its links' whole steps (each link measures what the previous one wrote).
+    When every link decides one scalar, the chain does too, and folds: the links are then
+    measured once per norm order, each seeing the measurement scaled by the coefficients before
+    it, and no gradient is written.
     """
 
-    name = "chain"
+    state_type = ChainState
+    state_dtypes = {"links": CHILDREN}
 
     def __init__(self, *clippers: Clipper):
         super().__init__()
@@ -40,94 +47,98 @@ class Chain(Clipper):
                 )
         self.clippers = tuple(clippers)
 
-    def config(self):
-        return {"clippers": [{"clipper": c.name, "config": c.config()} for c in self.clippers]}
+    # -- capabilities: those of the links ---------------------------------------------------------
+    def children(self) -> tuple[Clipper, ...]:
+        return self.clippers
 
-    def _uses_params(self) -> bool:
-        return any(c._uses_params() for c in self.clippers)
+    @property
+    def needs_params(self) -> bool:  # type: ignore[override]
+        return any(c.needs_params for c in self.clippers)
 
-    def _stateful(self) -> bool:
-        # The chain's own state is only a tuple of its links' states.
-        return any(c._stateful() for c in self.clippers)
+    @property
+    def per_tensor_state(self) -> bool:  # type: ignore[override]
+        return any(c.per_tensor_state for c in self.clippers)
 
-    def _init(self, ops, grads):
-        return ChainState(tuple(c._init(ops, grads) for c in self.clippers))
+    @property
+    def one_coefficient(self) -> bool:
+        return all(c.one_coefficient for c in self.clippers)
 
-    def _update(self, ops, grads, state, params, names):
+    @property
+    def coefficient(self) -> str:  # type: ignore[override]
+        return Coefficient.SCALAR if self.one_coefficient else Coefficient.ELEMENTWISE
+
+    def cannot_fold_reason(self) -> str | None:
+        return next((r for r in (c.cannot_fold_reason() for c in self.clippers) if r is not None), None)
+
+    # -- the steps ----------------------------------------------------------------------------------
+    def init_state(self, ops, grads):
+        return ChainState(tuple(c.init_state(ops, grads) for c in self.clippers))
+
+    def check_fits(self, state, grads):
+        for clipper, link_state in zip(self.clippers, state.links):
+            clipper.check_fits(link_state, grads)
+
+    def run(self, ops, grads, state, params=None, names=None, signals: Signals = NO_SIGNALS):
+        if names is None:
+            names = [f"#{i}" for i in range(len(grads))]
+        self.check_fits(state, grads)
         # In place, a later link may still raise (a "raise" policy on non-finite values, AGC
-        # without parameters, AdaGC state for other tensors) after an earlier link has already
-        # written into the gradients: the call would fail with the gradients half clipped. So
-        # with two or more links the links work out of place and the result is written back once,
-        # after the last link has succeeded: one more copy pass, and up to two gradient-sized
-        # temporaries (a link's input and output) while the links run.
+        # without parameters) after an earlier link has written into the gradients, leaving them
+        # half clipped. So with two or more links the links work out of place and the result is
+        # written back once, after the last link has succeeded: one more copy pass, and up to two
+        # gradient-sized temporaries (a link's input and output) while the links run.
         targets = None
         link_ops = ops
-        if getattr(ops, "inplace", False) and len(self.clippers) > 1 and grads:
-            targets, link_ops = grads, out_of_place(ops)
+        if ops.inplace and len(self.clippers) > 1 and grads:
+            targets, link_ops = grads, ops.out_of_place()
         infos = []
         new_states = []
-        for clipper, link_state in zip(self.clippers, state.states):
-            grads, link_state, info = clipper._update(link_ops, grads, link_state, params, names)
+        for clipper, link_state in zip(self.clippers, state.links):
+            grads, link_state, info = clipper.run(link_ops, grads, link_state, params, names, signals)
             new_states.append(link_state)
             infos.append(info)
         if targets is not None:
             grads = ops.write_back(targets, grads)
-        coef = infos[0].coef
-        clipped, skip = infos[0].clipped, infos[0].skip
-        for info in infos[1:]:
-            coef = coef * info.coef
-            clipped = clipped | info.clipped
-            skip = skip | info.skip
-        combined = make_info(ops, infos[0].norm, infos[-1].threshold, coef, clipped, infos[0].finite, skip)
-        return grads, ChainState(tuple(new_states)), combined
+        return grads, ChainState(tuple(new_states)), _combined(ops, infos)
 
-    # A chain's checkpoint is its links' checkpoints, so each link validates its own part.
-    def state_dict(self) -> dict[str, Any]:
-        base = super().state_dict()
-        if self._state is not None:
-            for clipper, link_state in zip(self.clippers, self._state.states):
-                clipper._state = link_state
-        base["state"] = {"links": [c.state_dict() for c in self.clippers]}
-        return base
+    def measure(self, ops, grads, names, params) -> Measured:
+        """The first link's measurement (used when the chain folds: every link is one scalar)."""
+        return self.clippers[0].measure(ops, grads, names, params)
 
-    def load_state_dict(self, state_dict) -> None:
-        where = "Chain.load_state_dict"
-        # Header checks (keys, format, version, name, config) first; they change nothing.
-        check_header(where, state_dict, self.name, self.config())
-        # A non-mapping "state" (e.g. a list) used to fail with AttributeError, not StateError.
-        state = state_dict["state"]
-        links = state.get("links") if isinstance(state, Mapping) and set(state) == {"links"} else None
-        if not isinstance(links, list) or len(links) != len(self.clippers):
-            raise StateError(f"{where}: expected {len(self.clippers)} link states under state['links']")
-        # Validate everything first, into scratch copies, so a bad link loses nothing.
-        scratch = [copy.copy(c) for c in self.clippers]
-        for clipper, link in zip(scratch, links):
-            clipper.load_state_dict(link)
-        # Only now, every part valid, is anything changed.
-        self._last_seen = None
-        for clipper, loaded in zip(self.clippers, scratch):
-            # Everything the load set on the copy (state, and what it forgets, such as AdaGC's
-            # remembered tensor layout), as if the original had loaded it.
-            vars(clipper).update(vars(loaded))
-        self._state = None
-        self._pending_state = None
-        self._links_loaded = True
-        self._sync_held()  # TensorFlow: the links' state goes into the chain's variables now
+    def decide(self, ops, measured: Measured, state, signals: Signals = NO_SIGNALS) -> Decision:
+        """Each link decides on the measurement scaled by the coefficients before it; a link
+        measuring another norm order measures the (unwritten) gradients once more."""
+        if not self.one_coefficient:
+            raise InvalidArgumentError(f"{self!r}: decide() without apply needs links that decide one scalar each")
+        coef = None
+        infos, new_states = [], []
+        first = measured
+        for clipper, link_state in zip(self.clippers, state.links):
+            seen = first
+            # The first measurement serves every link of its norm order; another order, or a
+            # "raise" policy the first link does not have, measures the gradients again.
+            raising = clipper.nonfinite == "raise" and self.clippers[0].nonfinite != "raise"
+            if clipper.norm_type != first.norm_type or raising:
+                seen = clipper.measure(ops, first.grads, first.names, first.params)
+                if first.factor is not None:
+                    seen = seen.scaled(ops, first.factor)
+            if coef is not None:
+                seen = seen.scaled(ops, coef)
+            decision = clipper.decide(ops, seen, link_state, signals)
+            coef = decision.info.coef if coef is None else coef * decision.info.coef
+            new_states.append(decision.state)
+            infos.append(decision.info)
+        return Decision(coef, ChainState(tuple(new_states)), _combined(ops, infos))
 
-    def _has_python_state(self) -> bool:
-        return getattr(self, "_links_loaded", False) or super()._has_python_state()
 
-    def _current_state(self, ops, grads):
-        if getattr(self, "_links_loaded", False):
-            self._links_loaded = False
-            self._state = ChainState(tuple(c._current_state(ops, grads) for c in self.clippers))
-        return super()._current_state(ops, grads)
-
-    def reset(self) -> None:
-        self._links_loaded = False
-        super().reset()
-        for clipper in self.clippers:
-            clipper.reset()
+def _combined(ops, infos):
+    coef = infos[0].coef
+    clipped, skip = infos[0].clipped, infos[0].skip
+    for info in infos[1:]:
+        coef = coef * info.coef
+        clipped = clipped | info.clipped
+        skip = skip | info.skip
+    return make_info(ops, infos[0].norm, infos[-1].threshold, coef, clipped, infos[0].finite, skip)
 
 
 def chain(*clippers: Clipper) -> Chain:

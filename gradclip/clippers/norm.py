@@ -20,35 +20,21 @@ import math
 from typing import Any
 
 from gradclip._core.clipper import Clipper, make_info
+from gradclip._core.contract import NO_SIGNALS, Coefficient, Decision, Measured
 from gradclip._core.errors import InvalidArgumentError
+from gradclip._core.measure import check_policy, settle
 from gradclip._core.ops import Ops, accumulation, dtype_label, largest_finite
 from gradclip._core.registry import register
 from gradclip._core.validation import check_norm_type, check_number
-from gradclip.clippers.nonfinite import check_policy, measurement, settle
 
 __all__ = ["GlobalNorm", "Norm", "AverageNorm", "BlockRMS", "NormSign", "clip_coefficient"]
 
 
 def clip_coefficient(ops: Ops, norm: Any, threshold: Any, eps: float = 0.0) -> Any:
-    """``threshold / (norm + eps)`` where ``norm > threshold``, else exactly 1.
-
-    Comparing before dividing (rather than torch's ``clamp(max_norm / (norm + eps), max=1)``)
-    keeps coef exactly 1 for every norm at or under the threshold, and gives 1, not NaN, for
-    ``threshold = inf``.
-
-    The quotient is formed as ``threshold * (1 / (norm + eps))`` because that is what torch
-    computes: ``max_norm / tensor`` is ``tensor.reciprocal() * max_norm`` in torch, and a true
-    division differs from it by one ulp about half the time, which broke bit-for-bit parity
-    with ``clip_grad_norm_``. The divisor is replaced by 1 wherever the coefficient is not
-    used, so a zero norm (zero or empty tensors, eps = 0) never divides by zero (NumPy warned).
-    """
-    fused = getattr(ops, "clip_coefficient", None)  # a backend's shorter equivalent (torch)
-    if fused is not None:
-        return fused(norm, threshold, eps)
-    one = ops.scalar(1.0, accumulation(norm))
-    above = norm > threshold
-    divisor = ops.where(above, norm + eps, one)
-    return ops.where(above, threshold * (1.0 / divisor), one)
+    """``threshold / (norm + eps)`` where ``norm > threshold``, else exactly 1: the backend's
+    :meth:`~gradclip._core.ops.Ops.clip_coefficient` (the formula and why it is written so are
+    documented there)."""
+    return ops.clip_coefficient(norm, threshold, eps)
 
 
 @register("global_norm")
@@ -93,16 +79,11 @@ class GlobalNorm(Clipper):
         self.eps = check_number(where, "eps", eps, high=math.inf, high_inclusive=False)
         self.nonfinite = check_policy(where, nonfinite)
 
-    def config(self):
-        return {"max_norm": self.max_norm, "norm_type": self.norm_type, "eps": self.eps, "nonfinite": self.nonfinite}
-
-    def _update(self, ops, grads, state, params, names):
-        found = measurement(ops, grads, self.norm_type, self.nonfinite, names, "GlobalNorm")
-        grads, norm, finite = found.grads, found.norm, found.finite
+    def decide(self, ops, measured: Measured, state, signals=NO_SIGNALS):
+        norm, finite = measured.norm, measured.finite
         threshold = ops.scalar(self.max_norm, accumulation(norm))
-        coef, skip = settle(ops, clip_coefficient(ops, norm, threshold, self.eps), finite, self.nonfinite)
-        grads = ops.scale(grads, coef)
-        return grads, state, make_info(ops, norm, threshold, coef, coef < 1, found.given_finite, skip)
+        coef, skip = settle(ops, ops.clip_coefficient(norm, threshold, self.eps), finite, self.nonfinite)
+        return Decision(coef, state, make_info(ops, norm, threshold, coef, coef < 1, measured.given_finite, skip))
 
 
 class _PerTensorNorm(Clipper):
@@ -113,8 +94,8 @@ class _PerTensorNorm(Clipper):
     """
 
     where = "Norm"
-    norm_type = 2.0
     argument = "max_norm"
+    coefficient = Coefficient.PER_TENSOR
 
     def __init__(self, threshold: float, nonfinite: str, process_group: Any = None):
         super().__init__()
@@ -122,24 +103,19 @@ class _PerTensorNorm(Clipper):
         self.threshold = check_number(self.where, self.argument, threshold)
         self.nonfinite = check_policy(self.where, nonfinite)
 
-    def config(self):
-        return {self.argument: self.threshold, "nonfinite": self.nonfinite}
-
     def _divisors(self, ops: Ops, grads: list[Any]) -> list[float]:
         return [1.0] * len(grads)
 
-    def _update(self, ops, grads, state, params, names):
-        found = measurement(ops, grads, self.norm_type, self.nonfinite, names, self.where)
-        grads, norms, norm, finite = found.grads, found.norms, found.norm, found.finite
+    def decide(self, ops, measured: Measured, state, signals=NO_SIGNALS):
+        grads, norms, norm, finite = measured.grads, measured.norms, measured.norm, measured.finite
         dtype = accumulation(norm)
         threshold = ops.scalar(self.threshold, dtype)
         # Empty tensors have divisor 0; their statistic is defined as 0 (nothing to clip).
         divisors = ops.array([d if d > 0 else 1.0 for d in self._divisors(ops, grads)], dtype)
-        coefs = clip_coefficient(ops, norms / divisors if len(grads) else norms, threshold)
+        coefs = ops.clip_coefficient(norms / divisors if len(grads) else norms, threshold)
         # A tensor with NaN/inf keeps coef 1 under "propagate"; "skip" leaves every tensor alone.
         per_tensor_finite = ops.isfinite(norms)
         coefs, skip = settle(ops, coefs, finite if self.nonfinite == "skip" else per_tensor_finite, self.nonfinite)
-        grads = ops.scale_each(grads, coefs)
         after = ops.combine_norms(coefs * norms, self.norm_type)
         one = ops.scalar(1.0, dtype)
         # Divide only by a finite, positive norm: inf / inf warned under NumPy ("invalid value")
@@ -148,7 +124,7 @@ class _PerTensorNorm(Clipper):
         effective = ops.where(usable, after / ops.where(usable, norm, one), one)
         effective = ops.where(ops.isfinite(effective), effective, one)
         clipped = ops.any(coefs < 1)
-        return grads, state, make_info(ops, norm, threshold, effective, clipped, found.given_finite, skip)
+        return Decision(coefs, state, make_info(ops, norm, threshold, effective, clipped, measured.given_finite, skip))
 
 
 @register("norm")
@@ -179,9 +155,6 @@ class Norm(_PerTensorNorm):
     ):
         super().__init__(max_norm, nonfinite, process_group)
         self.norm_type = check_norm_type(self.where, norm_type)
-
-    def config(self):
-        return {"max_norm": self.threshold, "norm_type": self.norm_type, "nonfinite": self.nonfinite}
 
     @property
     def max_norm(self) -> float:
@@ -278,10 +251,9 @@ class NormSign(Clipper):
         self.threshold = check_number("NormSign", "threshold", threshold)
         self.nonfinite = check_policy("NormSign", nonfinite)
 
-    def config(self):
-        return {"threshold": self.threshold, "nonfinite": self.nonfinite}
+    coefficient = Coefficient.ELEMENTWISE
 
-    def _update(self, ops, grads, state, params, names):
+    def measure(self, ops, grads, names, params):
         # ε·sign(g) must be representable: NormSign(1e5) on fp16 gradients would write inf into
         # every element of a clipped step. The dtypes are metadata: checked before anything.
         # Each dtype once, in order of first appearance (the first offending tensor is named).
@@ -294,20 +266,29 @@ class NormSign(Clipper):
                     f"gradient {name} (largest finite value {largest:g}); a clipped step would write inf. "
                     f"Use a threshold in [0, {largest:g}] or clip in a wider dtype. Nothing was changed."
                 )
-        found = measurement(ops, grads, 2.0, self.nonfinite, names, "NormSign")
-        grads, norm, finite = found.grads, found.norm, found.finite
+        return super().measure(ops, grads, names, params)
+
+    def decide(self, ops, measured: Measured, state, signals=NO_SIGNALS):
+        norm, finite = measured.norm, measured.finite
         dtype = accumulation(norm)
         threshold = ops.scalar(self.threshold, dtype)
         # settle() applies the policy the same way as for the other methods (the skip flag).
         # Whether to take the sign step is decided by comparing, not by coef < 1: the
         # coefficient threshold * (1 / norm) can round to exactly 1 for a norm one ulp above the
         # threshold, and formula (2) must still apply there. Non-finite norms never sign-clip.
-        _coef, skip = settle(ops, clip_coefficient(ops, norm, threshold), finite, self.nonfinite)
+        _coef, skip = settle(ops, ops.clip_coefficient(norm, threshold), finite, self.nonfinite)
         clipped = (norm > threshold) & finite
+        one = ops.scalar(1.0, dtype)
+        return Decision(clipped, state, make_info(ops, norm, threshold, one, clipped, measured.given_finite, skip))
+
+    def apply(self, ops, grads, decision):
+        """The sign step where the decision says so; the info's coef is the effective scale."""
+        info = decision.info
+        clipped, norm = decision.coef, info.norm
         grads = ops.sign_where(grads, self.threshold, clipped)
         after = ops.global_norm(grads, 2.0)
-        one = ops.scalar(1.0, dtype)
+        one = ops.scalar(1.0, accumulation(norm))
         # clipped implies a finite norm > threshold >= 0; the inner where keeps inf / inf (a
         # NumPy "invalid value" warning) out of the steps whose result is discarded.
         effective = ops.where(clipped, after / ops.where(clipped, norm, one), one)
-        return grads, state, make_info(ops, norm, threshold, effective, clipped, found.given_finite, skip)
+        return grads, info._replace(coef=effective)

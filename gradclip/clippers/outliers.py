@@ -6,16 +6,15 @@ large is treated as noise, not as a too-long step in the right direction.
 
 from __future__ import annotations
 
-from gradclip._core.clipper import Clipper
 from gradclip._core.registry import register
 from gradclip._core.validation import check_number
-from gradclip.clippers.value import elementwise_info
+from gradclip.clippers.value import ElementwiseBound
 
 __all__ = ["ZeroOutliers"]
 
 
 @register("zero_outliers")
-class ZeroOutliers(Clipper):
+class ZeroOutliers(ElementwiseBound):
     """Set every gradient element with ``|g| > threshold`` to 0.
 
     Seed 004: ``∇L ← 0`` where ``|∇L| > ε``. Elements equal to the threshold are kept. NaN
@@ -34,17 +33,8 @@ class ZeroOutliers(Clipper):
         super().__init__()
         self.threshold = check_number("ZeroOutliers", "threshold", threshold)
 
-    def config(self):
-        return {"threshold": self.threshold}
+    def _bounds(self):
+        return -self.threshold, self.threshold
 
-    def _update(self, ops, grads, state, params, names):
-        norm = ops.global_norm(grads, 2.0)
-        highs, lows = ops.extrema(grads)
-        clipped = (
-            ops.any((highs > self.threshold) | (lows < -self.threshold))
-            if len(grads)
-            else ops.scalar(False, "bool")
-        )
-        grads = ops.zero_above(grads, self.threshold)
-        threshold = ops.scalar(self.threshold, "float32")
-        return grads, state, elementwise_info(ops, norm, grads, threshold, clipped)
+    def _rewrite(self, ops, grads):
+        return ops.zero_above(grads, self.threshold)

@@ -21,13 +21,12 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 from gradclip._core.clipper import Clipper, make_info
-from gradclip._core.errors import InvalidArgumentError
-from gradclip._core.ops import accumulation, framework_of
+from gradclip._core.contract import NO_SIGNALS, Decision, Measured
+from gradclip._core.measure import check_policy, settle
+from gradclip._core.ops import accumulation
 from gradclip._core.registry import register
 from gradclip._core.validation import check_number
 from gradclip.clippers._adaptive import as_f32, check_field
-from gradclip.clippers.nonfinite import check_policy, measurement, settle
-from gradclip.clippers.norm import clip_coefficient
 
 __all__ = ["QuantileNorm", "QuantileNormState"]
 
@@ -85,78 +84,19 @@ class QuantileNorm(Clipper):
         self.max_norm = check_number(where, "max_norm", max_norm, low=self.min_norm, low_inclusive=False, high_inclusive=False)
         self.initial_norm = check_number(where, "initial_norm", initial_norm, low=self.min_norm, high=self.max_norm)
         self.nonfinite = check_policy(where, nonfinite)
-        self._sample_norms: Any = None
 
-    def config(self):
-        return {
-            "target_quantile": self.target_quantile,
-            "learning_rate": self.learning_rate,
-            "initial_norm": self.initial_norm,
-            "min_norm": self.min_norm,
-            "max_norm": self.max_norm,
-            "nonfinite": self.nonfinite,
-        }
 
-    # -- per-sample norms ride along with one call ---------------------------------------------
-    def clip(self, grads: Any, params: Any = None, *, allow_repeat: bool = False, sample_norms: Any = None):
-        """As :meth:`Clipper.clip`, with optional per-sample norms (see the class docstring)."""
-        with self._with_samples(sample_norms):
-            return super().clip(grads, params, allow_repeat=allow_repeat)
-
-    def clip_(self, parameters: Any, *, allow_repeat: bool = False, sample_norms: Any = None):
-        """As :meth:`Clipper.clip_`, with optional per-sample norms (see the class docstring)."""
-        with self._with_samples(sample_norms):
-            return super().clip_(parameters, allow_repeat=allow_repeat)
-
-    def update(self, grads: Any, state: Any, params: Any = None, *, sample_norms: Any = None):
-        """As :meth:`Clipper.update`, with optional per-sample norms (see the class docstring)."""
-        with self._with_samples(sample_norms):
-            return super().update(grads, state, params)
-
-    def _with_samples(self, sample_norms: Any):
-        clipper = self
-
-        class _Scope:
-            def __enter__(self):
-                clipper._sample_norms = sample_norms
-                return self
-
-            def __exit__(self, *exc):
-                clipper._sample_norms = None
-                return False
-
-        return _Scope()
-
-    def _check_samples(self, ops, grads) -> Any:
-        samples = self._sample_norms
-        if samples is None:
-            return None
-        where = "QuantileNorm"
-        shape = getattr(samples, "shape", None)
-        if shape is None or len(shape) != 1 or shape[0] < 1:
-            raise InvalidArgumentError(
-                f"{where}: sample_norms must be a non-empty 1-D array of per-sample gradient norms, "
-                f"got {type(samples).__name__} with shape {shape!r}; nothing was changed"
-            )
-        if framework_of(samples) != ops.name:
-            raise InvalidArgumentError(
-                f"{where}: sample_norms is a {framework_of(samples)} array but the gradients are "
-                f"{ops.name} arrays; nothing was changed"
-            )
-        return samples
-
-    def _init(self, ops, grads):
+    def init_state(self, ops, grads):
         return QuantileNormState(ops.scalar(self.initial_norm, "float32"))
 
-    def _update(self, ops, grads, state, params, names):
-        samples = self._check_samples(ops, grads)
-        found = measurement(ops, grads, 2.0, self.nonfinite, names, "QuantileNorm")
-        grads, norm, finite = found.grads, found.norm, found.finite
+    def decide(self, ops, measured: Measured, state, signals=NO_SIGNALS):
+        samples = signals.sample_norms
+        found = measured
+        norm, finite = found.norm, found.finite
         bound = state.norm
         acc = accumulation(norm)
         threshold = ops.cast(bound, acc)
-        coef, skip = settle(ops, clip_coefficient(ops, norm, threshold, _EPS), finite, self.nonfinite)
-        grads = ops.scale(grads, coef)
+        coef, skip = settle(ops, ops.clip_coefficient(norm, threshold, _EPS), finite, self.nonfinite)
 
         if samples is None:
             # Compared in the norm's dtype, as the clip decision above is: an fp64 norm just
@@ -178,7 +118,7 @@ class QuantileNorm(Clipper):
         moved = ops.minimum(moved, ops.scalar(self.max_norm, "float32"))
         new_bound = ops.where(informative, moved, bound)
         info = make_info(ops, norm, threshold, coef, coef < 1, found.given_finite, skip)
-        return grads, QuantileNormState(new_bound), info
+        return Decision(coef, QuantileNormState(new_bound), info)
 
-    def _validate_state(self, where, state):
+    def validate_state(self, where, state):
         check_field(where, state, "norm", "float", low=self.min_norm * (1 - 1e-6), high=self.max_norm * (1 + 1e-6))

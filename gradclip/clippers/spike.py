@@ -39,6 +39,7 @@ import math
 from typing import Any, NamedTuple
 
 from gradclip._core.clipper import Clipper, make_info
+from gradclip._core.contract import NO_SIGNALS, Coefficient, Decision, Measured
 from gradclip._core.errors import InvalidArgumentError, StateError
 from gradclip._core.registry import register
 from gradclip._core.validation import check_int, check_number
@@ -77,6 +78,8 @@ class SkipOnSpike(Clipper):
     """
 
     defaults: dict[str, Any] = {}
+    coefficient = Coefficient.NONE
+    may_skip = True
     state_type = SkipOnSpikeState
     state_dtypes = {"window": "float32", "count": "int64", "skipped": "int64"}
 
@@ -92,17 +95,14 @@ class SkipOnSpike(Clipper):
             )
         self.std_floor = check_number(where, "std_floor", std_floor, high_inclusive=False)
 
-    def config(self):
-        return {"window": self.window, "sigma": self.sigma, "min_history": self.min_history, "std_floor": self.std_floor}
 
-    def _init(self, ops, grads):
+    def init_state(self, ops, grads):
         zero = ops.scalar(0, "int64")
         return SkipOnSpikeState(ops.cast(ops.arange(self.window), "float32") * 0.0, zero, zero)
 
-    def _update(self, ops, grads, state, params, names):
+    def decide(self, ops, measured: Measured, state, signals=NO_SIGNALS):
         f32 = "float32"
-        norm = ops.global_norm(grads, 2.0)
-        finite = ops.isfinite(norm)
+        norm, finite = measured.norm, measured.finite
         acc = accumulation(norm)
         zero, one, inf = ops.scalar(0.0, f32), ops.scalar(1.0, f32), ops.scalar(math.inf, f32)
         # Non-finite, and beyond fp32's range (an fp64 norm), are both flagged.
@@ -131,9 +131,9 @@ class SkipOnSpike(Clipper):
         skipped = state.skipped + ops.cast(spike, "int64")
         coef = one if acc == f32 else ops.scalar(1.0, acc)
         info = make_info(ops, norm, ops.cast(threshold, acc), coef, ops.scalar(False, "bool"), finite, spike)
-        return grads, SkipOnSpikeState(window, count, skipped), info
+        return Decision(coef, SkipOnSpikeState(window, count, skipped), info)
 
-    def _validate_state(self, where, state):
+    def validate_state(self, where, state):
         check_field(where, state, "window", "float", (self.window,), low=0.0)
         check_field(where, state, "count", "int", low=0)
         check_field(where, state, "skipped", "int", low=0)

@@ -17,15 +17,16 @@ the gradients).
 
 from __future__ import annotations
 
-import copy
 import secrets
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
-from gradclip._core.clipper import STATE_FORMAT_VERSION, Clipper, check_header, make_info, plain_config
+from gradclip._core.checkpoint import CHILD
+from gradclip._core.clipper import Clipper, make_info
+from gradclip._core.contract import NO_SIGNALS, Coefficient, Signals
 from gradclip._core.errors import InvalidArgumentError, StateError
-from gradclip._core.ops import accumulation, framework_of, get_ops, out_of_place
-from gradclip._core.registry import get, register, registered_class
+from gradclip._core.ops import accumulation
+from gradclip._core.registry import from_config, register
 from gradclip._core.validation import check_choice, check_int, check_number
 
 __all__ = ["Subset", "SubsetState"]
@@ -45,13 +46,8 @@ class SubsetState(NamedTuple):
 def _build_inner(where: str, clipper: Any) -> Clipper:
     if isinstance(clipper, Clipper):
         return clipper
-    if isinstance(clipper, str):
-        return get(clipper)
-    if isinstance(clipper, Mapping) and isinstance(clipper.get("clipper"), str):
-        config = clipper.get("config") or {}
-        if not isinstance(config, Mapping):
-            raise InvalidArgumentError(f"{where}: clipper['config'] must be a mapping, got {config!r}")
-        return registered_class(clipper["clipper"])(**config)
+    if isinstance(clipper, str) or (isinstance(clipper, Mapping) and isinstance(clipper.get("clipper"), str)):
+        return from_config(clipper)
     raise InvalidArgumentError(
         f"{where}: clipper must be a gradclip clipper, a registry name or "
         f"{{'clipper': name, 'config': {{...}}}}, got {clipper!r}"
@@ -82,7 +78,7 @@ class Subset(Clipper):
 
     defaults = {"clipper": "value", "fraction": 0.5}
     state_type = SubsetState
-    state_dtypes = {"key": "int64", "step": "int64"}
+    state_dtypes = {"key": "int64", "step": "int64", "inner": CHILD}
 
     def __init__(self, clipper: Any, fraction: float, by: str = "element", seed: int | None = None):
         super().__init__()
@@ -94,37 +90,37 @@ class Subset(Clipper):
         if self.seed is not None and self.seed >= _KEY_LIMIT:
             raise InvalidArgumentError(f"{where}: seed must be None or an int in [0, 2**62), got {seed!r}")
 
-    def config(self):
-        return {
-            "clipper": {"clipper": self.clipper.name, "config": self.clipper.config()},
-            "fraction": self.fraction,
-            "by": self.by,
-            "seed": self.seed,
-        }
+    coefficient = Coefficient.ELEMENTWISE
 
-    def _uses_params(self) -> bool:
-        return self.clipper._uses_params()
+    def children(self) -> tuple[Clipper, ...]:
+        return (self.clipper,)
 
-    def _stateful(self) -> bool:
-        return True  # the random stream advances every call
+    @property
+    def needs_params(self) -> bool:  # type: ignore[override]
+        return self.clipper.needs_params
 
-    def _init(self, ops, grads):
-        world_size = getattr(ops, "world_size", None)
-        if self.seed is None and world_size is not None and world_size() > 1:
+    @property
+    def per_tensor_state(self) -> bool:  # type: ignore[override]
+        return self.clipper.per_tensor_state
+
+    def init_state(self, ops, grads):
+        if self.seed is None and ops.world_size() > 1:
             # Each rank would draw its own key: different subsets per rank (DDP replicas would
             # drift apart, DTensor shards would use different masks).
             raise InvalidArgumentError(
                 "Subset: seed=None draws a random key per process, but torch.distributed runs "
-                f"{world_size()} processes; pass seed= (the same int on every rank) so every rank "
+                f"{ops.world_size()} processes; pass seed= (the same int on every rank) so every rank "
                 "draws the same subsets"
             )
         key = self.seed if self.seed is not None else secrets.randbelow(_KEY_LIMIT)
-        return SubsetState(ops.scalar(key, "int64"), ops.scalar(0, "int64"), self.clipper._init(ops, grads))
+        return SubsetState(ops.scalar(key, "int64"), ops.scalar(0, "int64"), self.clipper.init_state(ops, grads))
 
-    def _update(self, ops, grads, state, params, names):
+    def check_fits(self, state, grads):
+        self.clipper.check_fits(state.inner, grads)
+
+    def run(self, ops, grads, state, params=None, names=None, signals: Signals = NO_SIGNALS):
         # The wrapped clipper computes out of place: its result is merged into a subset below.
-        inner_ops = out_of_place(ops)
-        new, inner_state, info = self.clipper._update(inner_ops, list(grads), state.inner, params, names)
+        new, inner_state, info = self.clipper.run(ops.out_of_place(), list(grads), state.inner, params, names, signals)
         if self.by == "tensor":
             chosen = ops.uniform(state.key, state.step, [(len(grads),)])[0] < self.fraction
             masks = [chosen[i] for i in range(len(grads))]
@@ -145,68 +141,9 @@ class Subset(Clipper):
         new_state = SubsetState(state.key, state.step + 1, inner_state)
         return merged, new_state, make_info(ops, norm, info.threshold, effective, clipped, info.finite, info.skip)
 
-    # -- checkpoints: the key and step, and the wrapped clipper's own checkpoint ----------------
-    def state_dict(self) -> dict[str, Any]:
-        """As :meth:`Clipper.state_dict`; ``state`` is ``{"key", "step", "inner"}`` with ``inner``
-        the wrapped clipper's own ``state_dict()``."""
-        self._refresh_from_held()  # TensorFlow: the state lives in tf.Variables
-        if self._pending_state is not None:
-            state = copy.deepcopy(self._pending_state)
-        elif self._state is None:
-            state = None
-        else:
-            # By type alone: 0-d NumPy arithmetic yields NumPy scalars, which get_ops refuses.
-            ops = get_ops([], framework=framework_of(self._state.key), where="Subset.state_dict")
-            self.clipper._state, self.clipper._pending_state = self._state.inner, None
-            state = {
-                "key": int(ops.to_list(self._state.key)),
-                "step": int(ops.to_list(self._state.step)),
-                "inner": self.clipper.state_dict(),
-            }
-        return {
-            "format": "gradclip",
-            "version": STATE_FORMAT_VERSION,
-            "clipper": self.name,
-            "config": plain_config(self.config()),
-            "state": state,
-        }
-
-    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        """As :meth:`Clipper.load_state_dict`: everything is validated (the wrapped clipper's
-        part by the wrapped clipper, on a copy) before anything changes."""
-        where = "Subset.load_state_dict"
-        # Header checks (keys, format, version, name, config) first; they change nothing.
-        check_header(where, state_dict, self.name, self.config())
-        state = state_dict["state"]
-        if state is None:
-            self.reset()
-            return
-        if not isinstance(state, Mapping) or set(state) != {"key", "step", "inner"}:
-            raise StateError(
-                f"{where}: state fields must be ['inner', 'key', 'step'], got "
-                f"{sorted(state) if isinstance(state, Mapping) else type(state).__name__}"
-            )
-        for name, limit in (("key", _KEY_LIMIT), ("step", 2**63)):  # both are stored in int64
+    def validate_state(self, where, state):
+        # Both are stored in int64; the key is drawn below 2**62.
+        for name, limit in (("key", _KEY_LIMIT), ("step", 2**63)):
             value = state[name]
             if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < limit:
                 raise StateError(f"{where}: state field {name!r} must be an int in [0, {limit}), got {value!r}")
-        copy.deepcopy(self.clipper).load_state_dict(state["inner"])  # validates, or raises
-        self.clipper.load_state_dict(state["inner"])
-        self._state, self._last_seen = None, None
-        self._pending_state = {"key": state["key"], "step": state["step"], "inner": copy.deepcopy(state["inner"])}
-        self._sync_held()  # TensorFlow: into the variables a traced tf.function reads
-
-    def _current_state(self, ops, grads):
-        if self._pending_state is not None:
-            plain = self._pending_state
-            inner = self.clipper._current_state(ops, grads)
-            self._state = SubsetState(ops.scalar(plain["key"], "int64"), ops.scalar(plain["step"], "int64"), inner)
-            self._pending_state = None
-        if self._state is None:
-            self._state = self._init(ops, grads)
-        return self._state
-
-    def reset(self) -> None:
-        super().reset()
-        self.clipper.reset()
-

@@ -12,12 +12,13 @@ import math
 from typing import Any
 
 from gradclip._core.clipper import Clipper, make_info
+from gradclip._core.contract import NO_SIGNALS, Coefficient, Decision, Measured
 from gradclip._core.errors import InvalidArgumentError
 from gradclip._core.ops import Ops, accumulation
 from gradclip._core.registry import register
 from gradclip._core.validation import check_number, check_range_pair
 
-__all__ = ["Value", "elementwise_info"]
+__all__ = ["Value", "ElementwiseBound", "elementwise_info"]
 
 
 def elementwise_info(ops: Ops, before_norm: Any, after: list[Any], threshold: Any, clipped: Any):
@@ -34,8 +35,42 @@ def elementwise_info(ops: Ops, before_norm: Any, after: list[Any], threshold: An
     return make_info(ops, before_norm, threshold, coef, clipped, ops.isfinite(before_norm))
 
 
+class ElementwiseBound(Clipper):
+    """Shared steps of the methods that bound elements by value (:class:`Value`,
+    :class:`~gradclip.ZeroOutliers`): measure the global norm and the extrema, decide whether any
+    element lies outside ``[low, high]``, apply the subclass's rule (:meth:`_rewrite`)."""
+
+    coefficient = Coefficient.ELEMENTWISE
+
+    def _bounds(self) -> tuple[float, float]:
+        raise NotImplementedError
+
+    def _rewrite(self, ops: Ops, grads: list[Any]) -> list[Any]:
+        raise NotImplementedError
+
+    def measure(self, ops, grads, names, params):
+        norm = ops.global_norm(grads, 2.0)
+        finite = ops.isfinite(norm)
+        return Measured(grads, None, norm, finite, finite, 2.0, names, params, extra=ops.extrema(grads))
+
+    def decide(self, ops, measured: Measured, state, signals=NO_SIGNALS):
+        low, high = self._bounds()
+        highs, lows = measured.extra
+        grads = measured.grads
+        clipped = ops.any((highs > high) | (lows < low)) if len(grads) else ops.scalar(False, "bool")
+        largest = max(abs(low), abs(high))
+        threshold = ops.scalar(largest if math.isfinite(low) or math.isfinite(high) else math.inf, "float32")
+        one = ops.scalar(1.0, accumulation(measured.norm))
+        return Decision(clipped, state, make_info(ops, measured.norm, threshold, one, clipped, measured.finite))
+
+    def apply(self, ops, grads, decision):
+        info = decision.info
+        grads = self._rewrite(ops, grads)
+        return grads, elementwise_info(ops, info.norm, grads, info.threshold, info.clipped)
+
+
 @register("value")
-class Value(Clipper):
+class Value(ElementwiseBound):
     """Clamp every gradient element into ``[min_value, max_value]``.
 
     Either give both bounds (asymmetric ranges allowed, as seed 000's ``(0.5, 1.5)``), or one
@@ -53,6 +88,7 @@ class Value(Clipper):
     """
 
     defaults = {"clip_value": 1.0}
+    settings = ("min_value", "max_value")  # clip_value is another spelling of the same range
 
     @classmethod
     def with_defaults(cls, given):
@@ -79,15 +115,8 @@ class Value(Clipper):
                 )
             self.min_value, self.max_value = check_range_pair("Value", min_value, max_value)
 
-    def config(self):
-        return {"min_value": self.min_value, "max_value": self.max_value}
+    def _bounds(self):
+        return self.min_value, self.max_value
 
-    def _update(self, ops, grads, state, params, names):
-        norm = ops.global_norm(grads, 2.0)
-        highs, lows = ops.extrema(grads)
-        clipped = ops.any((highs > self.max_value) | (lows < self.min_value)) if len(grads) else ops.scalar(False, "bool")
-        grads = ops.clamp(grads, self.min_value, self.max_value)
-        threshold = ops.scalar(max(abs(self.min_value), abs(self.max_value)), "float32")
-        if not math.isfinite(self.min_value) and not math.isfinite(self.max_value):
-            threshold = ops.scalar(math.inf, "float32")
-        return grads, state, elementwise_info(ops, norm, grads, threshold, clipped)
+    def _rewrite(self, ops, grads):
+        return ops.clamp(grads, self.min_value, self.max_value)

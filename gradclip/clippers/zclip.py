@@ -53,12 +53,12 @@ import math
 from typing import Any, NamedTuple
 
 from gradclip._core.clipper import Clipper, make_info
+from gradclip._core.contract import NO_SIGNALS, Decision, Measured
 from gradclip._core.errors import InvalidArgumentError, StateError
 from gradclip._core.registry import register
 from gradclip._core.validation import check_choice, check_int, check_number
 from gradclip.clippers._adaptive import accumulation, as_f32, check_field, ring_write, skip_flag
-from gradclip.clippers.nonfinite import check_policy, measurement, settle
-from gradclip.clippers.norm import clip_coefficient
+from gradclip._core.measure import check_policy, settle
 
 __all__ = ["ZClip", "ZClipState"]
 
@@ -142,29 +142,16 @@ class ZClip(Clipper):
         self.std_floor = check_number(where, "std_floor", std_floor, high_inclusive=False)
         self.nonfinite = check_policy(where, nonfinite)
 
-    def config(self):
-        return {
-            "alpha": self.alpha,
-            "z_thresh": self.z_thresh,
-            "max_grad_norm": self.max_grad_norm,
-            "warmup_steps": self.warmup_steps,
-            "mode": self.mode,
-            "clip_option": self.clip_option,
-            "clip_factor": self.clip_factor,
-            "skip_update_on_spike": self.skip_update_on_spike,
-            "std_floor": self.std_floor,
-            "nonfinite": self.nonfinite,
-        }
 
-    def _init(self, ops, grads):
+    def init_state(self, ops, grads):
         zero = ops.scalar(0.0, "float32")
         return ZClipState(
             ops.scalar(0, "int64"), ops.cast(ops.arange(self.warmup_steps), "float32") * 0.0, zero, zero
         )
 
-    def _update(self, ops, grads, state, params, names):
-        found = measurement(ops, grads, 2.0, self.nonfinite, names, "ZClip")
-        grads, norm, finite = found.grads, found.norm, found.finite
+    def decide(self, ops, measured: Measured, state, signals=NO_SIGNALS):
+        found = measured
+        norm, finite = found.norm, found.finite
         f32, acc = "float32", accumulation(norm)
         zero, one, inf = ops.scalar(0.0, f32), ops.scalar(1.0, f32), ops.scalar(math.inf, f32)
         x = ops.where(finite, as_f32(ops, norm), zero)
@@ -242,13 +229,12 @@ class ZClip(Clipper):
             cap = ops.scalar(self.max_grad_norm, acc)
             bound = ops.minimum(bound, cap)
             reported = ops.minimum(reported, cap)
-        coef = clip_coefficient(ops, norm, bound, _EPS)
+        coef = ops.clip_coefficient(norm, bound, _EPS)
         if self.max_grad_norm is None:
             # The bound is inf except on a spike, which is finite: coef is 1 on non-finite steps.
             skip = skip_flag(ops, finite, self.nonfinite)
         else:
             coef, skip = settle(ops, coef, finite, self.nonfinite)
-        grads = ops.scale(grads, coef)
 
         # -- the EMA, with the clipped value and the updated mean. A spike's value is its
         # (finite) target; a quiet norm must be usable. (A spike is adaptive and finite, a usable
@@ -265,9 +251,9 @@ class ZClip(Clipper):
         var = ops.where(update, ema_var, ops.where(initialise, first_var, old_var))
         step = state.step + ops.cast(usable, "int64")
         new_state = ZClipState(step, warmup, mean, var)
-        return grads, new_state, make_info(ops, norm, reported, coef, coef < 1, found.given_finite, skip)
+        return Decision(coef, new_state, make_info(ops, norm, reported, coef, coef < 1, found.given_finite, skip))
 
-    def _validate_state(self, where, state):
+    def validate_state(self, where, state):
         check_field(where, state, "step", "int", low=0)
         check_field(where, state, "warmup", "float", (self.warmup_steps,), low=0.0)
         check_field(where, state, "mean", "float", low=0.0)

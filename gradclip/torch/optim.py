@@ -63,195 +63,23 @@ non-fused optimizer synchronises once per step on its own, as it always does.
 
 from __future__ import annotations
 
-import copy
-import inspect
-import warnings
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 
 from gradclip._core.clipper import Clipper, check_keys
+from gradclip._core.contract import Coefficient
 from gradclip._core.errors import InvalidArgumentError, StateError
-from gradclip._core.ops import get_ops
-from gradclip._core.tree import collect_gradients
 from gradclip._core.types import ClipInfo
+from gradclip.torch.scaling import fold_unsupported_reason, scaler_enabled, scaler_stage, step_flags
 
-__all__ = ["ClippedOptimizer", "fold_unsupported_reason"]
+__all__ = ["ClippedOptimizer", "fold_unsupported_reason", "scaler_enabled", "scaler_stage"]
 
 _FORMAT = "gradclip.ClippedOptimizer"
 _FORMAT_VERSION = 1
 #: The top-level keys of a ClippedOptimizer checkpoint, no more and no fewer.
 _STATE_KEYS = frozenset({"format", "version", "optimizer", "clipper", "micro_step"})
-
-
-class _CannotFold(Exception):
-    """Raised by :class:`_MeasureOps` when a clipper needs to rewrite gradients element-wise."""
-
-    def __init__(self, operation: str):
-        super().__init__(operation)
-        self.operation = operation
-
-
-# Ops methods that only touch scalars: they pass through unchanged.
-_SCALAR_METHODS = frozenset(
-    {
-        "context", "scalar", "where", "minimum", "maximum", "sqrt", "exp", "log", "isfinite",
-        "stack", "any", "to_host", "array", "to_list", "combine_norms", "numel", "sum", "arange",
-        "cast", "floor", "sort", "take", "cumsum", "uniform",
-        # Reads host-side version counters of the gradients, never their values.
-        "version_token",
-    }
-)
-# Ops methods that must rewrite gradients element-wise or per tensor: no single coefficient.
-_REWRITING_METHODS = frozenset(
-    {"scale_each", "clamp", "zero_above", "sign_where", "zero_nonfinite", "scale_units", "select", "unit_norms"}
-)
-
-
-class _MeasureOps:
-    """Ops that measure the gradients without rewriting them, for folding.
-
-    Wraps the torch backend. ``scale(grads, coef)`` records ``coef`` instead of multiplying, and
-    later measurements see the gradients as if they had been scaled (``norm * coef``); measured
-    values are divided by the AMP scale ``S`` when the gradients are still scaled. Any operation
-    that would rewrite gradients other than by one global factor raises :class:`_CannotFold`
-    before anything is modified.
-    """
-
-    def __init__(self, inner: Any, amp_scale: torch.Tensor | None):
-        self._inner = inner
-        self._amp_scale = amp_scale
-        #: Product of every coefficient the clipper asked to apply (None: none was applied).
-        self.coef: torch.Tensor | None = None
-        #: Per-tensor norms of the unscaled, unclipped gradients, from the first measurement,
-        #: and the order of that norm.
-        self.first_norms: torch.Tensor | None = None
-        self.first_norm_type: float | None = None
-        self.name = inner.name
-        self.inplace = False
-
-    def _adjust(self, values: torch.Tensor, norm_type: float | None = None) -> torch.Tensor:
-        if self._amp_scale is not None:
-            values = values / self._amp_scale.to(values.device, values.dtype)
-        if norm_type is not None and self.first_norms is None and self.coef is None:
-            self.first_norms, self.first_norm_type = values, float(norm_type)
-        if self.coef is not None:
-            values = values * self.coef.to(values.device, values.dtype)
-        return values
-
-    def norms(self, grads, norm_type):
-        return self._adjust(self._inner.norms(grads, norm_type), norm_type)
-
-    def global_norm(self, grads, norm_type):
-        return self._inner.combine_norms(self.norms(grads, norm_type), norm_type)
-
-    def extrema(self, grads):
-        highs, lows = self._inner.extrema(grads)
-        return self._adjust(highs), self._adjust(lows)
-
-    def finite_each(self, grads):
-        return self._inner.finite_each(grads)  # scale-invariant
-
-    def scale(self, grads, coef):
-        coef = torch.as_tensor(coef, device=self._inner.device)
-        self.coef = coef if self.coef is None else self.coef * coef
-        return grads
-
-    def __getattr__(self, name: str):
-        if name in _REWRITING_METHODS:
-            def refuse(*args, **kwargs):
-                raise _CannotFold(name)
-
-            return refuse
-        attribute = getattr(self._inner, name)
-        if not callable(attribute) or name in _SCALAR_METHODS:
-            return attribute
-
-        # An operation this wrapper does not know: refuse it when it takes a list of gradients.
-        def guarded(*args, **kwargs):
-            if args and isinstance(args[0], (list, tuple)):
-                raise _CannotFold(name)
-            return attribute(*args, **kwargs)
-
-        return guarded
-
-
-def fold_unsupported_reason(optimizer: torch.optim.Optimizer) -> str | None:
-    """Say why a clip coefficient cannot be folded into ``optimizer``'s step (None: it can).
-
-    An optimizer can take the coefficient when it reads ``grad_scale``/``found_inf`` in its step
-    (``_step_supports_amp_scaling``, set by torch's fused Adam, AdamW, SGD and Adagrad).
-    """
-    name = type(optimizer).__name__
-    if not getattr(optimizer, "_step_supports_amp_scaling", False):
-        return (
-            f"{name} does not read a gradient scale in its step; construct it with fused=True "
-            "(torch.optim.Adam, AdamW, SGD and Adagrad support it)"
-        )
-    try:
-        parameters = inspect.signature(optimizer.step).parameters
-    except (TypeError, ValueError):
-        parameters = {}
-    if "grad_scaler" in parameters:
-        return f"{name}.step takes the older grad_scaler= argument instead of reading grad_scale"
-    if any(group.get("fused", True) is False for group in optimizer.param_groups):
-        return f"a parameter group of {name} has fused=False"
-    return None
-
-
-def _may_skip(clipper: Clipper) -> bool:
-    """Whether ``clipper`` can ever set ``info.skip`` (decided from its type and configuration)."""
-    explicit = getattr(clipper, "may_skip", None)
-    if isinstance(explicit, bool):
-        return explicit
-    if callable(explicit):
-        return bool(explicit())
-    if getattr(clipper, "name", "") == "skip_on_spike":
-        return True
-    links = getattr(clipper, "clippers", None)
-    if isinstance(links, (list, tuple)) and links and all(isinstance(c, Clipper) for c in links):
-        return any(_may_skip(c) for c in links)
-    inner = getattr(clipper, "clipper", None)
-    if isinstance(inner, Clipper) and inner is not clipper and _may_skip(inner):
-        return True
-
-    def mentions_skip(value: Any) -> bool:
-        if isinstance(value, str):
-            return value == "skip"
-        if isinstance(value, dict):
-            return any(mentions_skip(v) for v in value.values())
-        if isinstance(value, (list, tuple)):
-            return any(mentions_skip(v) for v in value)
-        return False
-
-    try:
-        if mentions_skip(clipper.config()):
-            return True
-    except Exception:  # noqa: BLE001 - an odd config: be conservative
-        return True
-    # A clipper defined outside gradclip may do anything: assume it can ask to skip.
-    return not type(clipper).__module__.startswith("gradclip.")
-
-
-def _scaler_enabled(scaler: Any) -> bool:
-    if scaler is None:
-        return False
-    is_enabled = getattr(scaler, "is_enabled", None)
-    return bool(is_enabled()) if callable(is_enabled) else True
-
-
-def _scaler_stage(scaler: Any, optimizer: torch.optim.Optimizer) -> str | None:
-    """``"ready"``, ``"unscaled"`` or ``"stepped"`` for this optimizer; None if unknowable."""
-    states = getattr(scaler, "_per_optimizer_states", None)
-    if not isinstance(states, dict):
-        return None
-    state = states.get(id(optimizer))  # .get: a defaultdict must not grow an entry here
-    if state is None:
-        return "ready"
-    stage = getattr(state.get("stage"), "name", None)
-    return {"READY": "ready", "UNSCALED": "unscaled", "STEPPED": "stepped"}.get(stage or "", None)
 
 
 class ClippedOptimizer(torch.optim.Optimizer):
@@ -331,11 +159,9 @@ class ClippedOptimizer(torch.optim.Optimizer):
         self._micro = 0
         # The last optimizer-step boundary raised: the next zero_grad() discards its gradients.
         self._failed_boundary = False
-        self._may_skip = _may_skip(clipper)
+        self._may_skip = clipper.may_skip
         self._optimizer_reason = fold_unsupported_reason(optimizer)
-        self._clipper_reason: str | None = None
-        if fold is not False and self._optimizer_reason is None:
-            self._clipper_reason = _probe_clipper(clipper)
+        self._clipper_reason = clipper.cannot_fold_reason()
         if fold is True:
             reason = self._optimizer_reason or self._clipper_reason
             if reason is not None:
@@ -439,7 +265,7 @@ class ClippedOptimizer(torch.optim.Optimizer):
         repeat with :class:`~gradclip.StateError`), or call :meth:`zero_grad`, which discards the
         step's gradients and starts a new accumulation.
         """
-        if closure is not None and _scaler_enabled(self.scaler):
+        if closure is not None and scaler_enabled(self.scaler):
             raise InvalidArgumentError(
                 "ClippedOptimizer.step: closures are not supported together with a GradScaler "
                 "(torch.amp.GradScaler.step does not support them either)"
@@ -474,26 +300,16 @@ class ClippedOptimizer(torch.optim.Optimizer):
             self.folded = False
             return self.optimizer.step(self._clipping_closure(closure))
         if self._fold_active:
-            try:
-                result = self._folded_step()
-            except _CannotFold as refused:
-                reason = _cannot_fold_message(self.clipper, refused.operation)
-                if self.fold is True:
-                    raise InvalidArgumentError(
-                        f"ClippedOptimizer.step: fold=True, but the clip cannot be folded: {reason}"
-                    ) from None
-                self._fold_active = False
-                self._clipper_reason = reason
-            else:
-                self.folded = True
-                return result
+            result = self._folded_step()
+            self.folded = True
+            return result
         self.folded = False
         return self._unfolded_step()
 
     def _check_scaler_not_stepped(self) -> None:
         """Refuse a second optimizer step before ``scaler.update()``, as ``GradScaler.step`` would
         (but before the gradients are unscaled or clipped, so that nothing has changed)."""
-        if _scaler_enabled(self.scaler) and _scaler_stage(self.scaler, self.optimizer) == "stepped":
+        if scaler_enabled(self.scaler) and scaler_stage(self.scaler, self.optimizer) == "stepped":
             raise StateError(
                 "ClippedOptimizer.step: the GradScaler already stepped this optimizer since its last "
                 "update(); call scaler.update() once after every optimizer step (nothing was changed)"
@@ -529,9 +345,9 @@ class ClippedOptimizer(torch.optim.Optimizer):
                 self.monitor.observe(info, layer_norms=layer_norms)
 
     def _unscale_once(self) -> None:
-        if not _scaler_enabled(self.scaler):
+        if not scaler_enabled(self.scaler):
             return
-        if _scaler_stage(self.scaler, self.optimizer) == "unscaled":
+        if scaler_stage(self.scaler, self.optimizer) == "unscaled":
             return
         try:
             self.scaler.unscale_(self.optimizer)
@@ -554,84 +370,29 @@ class ClippedOptimizer(torch.optim.Optimizer):
             if bool(skip):
                 return None
             skip = None
-        with self._step_flags(divisor, skip):
-            if _scaler_enabled(self.scaler):
+        with step_flags(self.optimizer, divisor, skip):
+            if scaler_enabled(self.scaler):
                 return self.scaler.step(self.optimizer)
             return self.optimizer.step()
 
-    @contextmanager
-    def _step_flags(self, divisor: torch.Tensor | None, skip: torch.Tensor | None) -> Iterator[None]:
-        """Have the optimizer's step divide gradients by ``divisor`` and skip where ``skip``.
-
-        A step pre-hook combines them with whatever ``GradScaler.step`` set on the optimizer just
-        before calling its step (``grad_scale = S``, ``found_inf``); without a scaler the
-        attributes it creates are removed after the step, as ``GradScaler`` does.
-        """
-        if divisor is None and skip is None:
-            yield
-            return
-        created: list[str] = []
-
-        def hook(optimizer, args, kwargs):
-            if divisor is not None:
-                current = getattr(optimizer, "grad_scale", None)
-                if current is None:
-                    optimizer.grad_scale = divisor
-                    created.append("grad_scale")
-                else:
-                    optimizer.grad_scale = current * divisor.to(current.device, current.dtype)
-            if skip is not None:
-                flag = skip.to(torch.float32)
-                current = getattr(optimizer, "found_inf", None)
-                if current is None:
-                    optimizer.found_inf = flag
-                    created.append("found_inf")
-                else:
-                    # A logical or: fused kernels skip only where found_inf == 1 exactly.
-                    optimizer.found_inf = torch.maximum(current, flag.to(current.device, current.dtype))
-            return None
-
-        handle = self.optimizer.register_step_pre_hook(hook)
-        try:
-            yield
-        finally:
-            handle.remove()
-            for name in created:
-                if name in self.optimizer.__dict__:
-                    delattr(self.optimizer, name)
-
     def _folded_step(self) -> Any:
         named = self._named_parameters()
-        collected = collect_gradients(named)
-        where = "ClippedOptimizer.step"
-        group = self.clipper._distributed_group()
-        if not collected.grads and group is None:
-            warnings.warn(
-                f"{where}: found no gradients among {collected.seen} parameter(s); was it called "
-                "before backward()? Nothing was clipped.",
-                RuntimeWarning,
-                stacklevel=3,
-            )
         amp_scale = None
-        if _scaler_enabled(self.scaler) and collected.grads:
-            if _scaler_stage(self.scaler, self.optimizer) != "unscaled":
+        if scaler_enabled(self.scaler) and scaler_stage(self.scaler, self.optimizer) != "unscaled":
+            grads = [p.grad for _, p in named if p.grad is not None]
+            if grads:
                 # GradScaler.scale of a 1 gives the current scale as a device tensor, without a sync.
-                one = torch.ones((), dtype=torch.float32, device=collected.grads[0].device)
+                one = torch.ones((), dtype=torch.float32, device=grads[0].device)
                 amp_scale = self.scaler.scale(one)
-        # torch.distributed: DTensor gradients and process_group= reduce norms as in clip_.
-        inner = get_ops(collected.grads, inplace=False, framework="torch", where=where, process_group=group)
-        ops = _MeasureOps(inner, amp_scale)
-        info = _measure_with(self.clipper, ops, inner, collected, where)
-        coef = ops.coef
+        # measure → decide without writing a gradient; the optimizer's step applies the scalar.
+        folded = self.clipper.fold_(named, divide_by=amp_scale, where="ClippedOptimizer.step")
+        measured, coef = folded.measured, folded.coef
         layer_norms = None
-        if ops.first_norm_type == 2.0 and len(collected.names) == len(ops.first_norms):
-            post = ops.first_norms if coef is None else ops.first_norms * coef.to(ops.first_norms.dtype)
-            layer_norms = (list(collected.names), post)
-        self._observe(info, layer_norms)
-        divisor = None
-        if coef is not None:
-            divisor = torch.reciprocal(coef.to(torch.float32))
-        return self._inner_step(info, divisor=divisor)
+        if measured.norm_type == 2.0 and measured.norms is not None and len(measured.names) == len(measured.norms):
+            layer_norms = (list(measured.names), measured.norms * coef.to(measured.norms.dtype))
+        self._observe(folded.info, layer_norms)
+        divisor = None if self.clipper.coefficient == Coefficient.NONE else torch.reciprocal(coef.to(torch.float32))
+        return self._inner_step(folded.info, divisor=divisor)
 
     def _clipping_closure(self, closure: Callable[[], Any]) -> Callable[[], Any]:
         def clipped():
@@ -738,57 +499,3 @@ def _describe(value: Any) -> str:
     if isinstance(value, Mapping):
         return f"a mapping with keys {sorted(map(str, value))}"
     return type(value).__name__
-
-
-def _measure_with(clipper: Clipper, ops: _MeasureOps, inner: Any, collected: Any, where: str) -> ClipInfo:
-    """Run one step of ``clipper`` through measure-only ``ops``: the sequence of ``Clipper.clip_``.
-
-    Refuses a repeated call on unchanged gradients, reads and commits the clipper's own state
-    exactly as ``clip_`` does (the hooks are looked up so that older cores work too).
-    """
-    grads = collected.grads
-    params = collected.params if clipper._uses_params() else None
-    guard = getattr(clipper, "_guard_repeat", None)
-    if guard is not None:
-        guard(inner, grads, where, False)
-    own_state = getattr(clipper, "_own_state", None) or clipper._current_state
-    commit = getattr(clipper, "_commit_state", None)
-    with ops.context():
-        state = own_state(ops, grads)
-        _, new_state, info = clipper._update(ops, grads, state, params, collected.names)
-        finish = getattr(inner, "finish_info", None)  # torch.distributed process groups
-        if finish is not None:
-            info = finish(info)
-        if commit is not None:
-            commit(ops, new_state, where)
-        else:
-            clipper._state = new_state
-    remember = getattr(clipper, "_remember_grads", None)
-    if remember is not None:
-        remember(inner, grads)
-    return info
-
-
-def _probe_clipper(clipper: Clipper) -> str | None:
-    """Try the clipper on a copy with small gradients: why it cannot be folded, or None."""
-    grads = [torch.ones(2, 2), torch.ones(3)]
-    params = [torch.ones(2, 2), torch.ones(3)]
-    inner = get_ops(grads, inplace=False, framework="torch", where="ClippedOptimizer")
-    ops = _MeasureOps(inner, None)
-    try:
-        probe = copy.deepcopy(clipper)
-        probe.reset()
-        with ops.context():
-            probe._update(ops, grads, probe._init(ops, grads), params if probe._uses_params() else None, ["a", "b"])
-    except _CannotFold as refused:
-        return _cannot_fold_message(clipper, refused.operation)
-    except Exception:  # noqa: BLE001 - undecidable here; the first real step decides
-        return None
-    return None
-
-
-def _cannot_fold_message(clipper: Clipper, operation: str) -> str:
-    return (
-        f"{clipper!r} works per tensor or per element (it needs ops.{operation}), so no single "
-        "coefficient can be passed to the optimizer; use fold=None or False"
-    )
