@@ -34,28 +34,29 @@ compose their children's whole steps in :meth:`Clipper.run`.
 from __future__ import annotations
 
 import inspect
-import warnings
 from collections.abc import Mapping
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, ClassVar
 
+from gradclip._core.calls import CallsMixin, Folded
 from gradclip._core.checkpoint import (
     CHILD,
     CHILDREN,
     STATE_FORMAT_VERSION,
     check_header,
     check_keys,
-    checkpoint,
     plain_config,
-    state_from_plain,
-    state_to_plain,
-    validate_checkpoint,
 )
-from gradclip._core.contract import NO_SIGNALS, Coefficient, Decision, Measured, Signals, signals_from
+from gradclip._core.contract import (
+    NO_SIGNALS,
+    Coefficient,
+    Decision,
+    Measured,
+    Signals,
+)
 from gradclip._core.errors import InvalidArgumentError
 from gradclip._core.keeping import KeptState
 from gradclip._core.measure import measurement
-from gradclip._core.ops import Ops, get_ops
-from gradclip._core.tree import collect_gradients, flatten, flatten_like
+from gradclip._core.ops import Ops
 from gradclip._core.types import ClipInfo, EmptyState
 
 __all__ = ["Clipper", "Folded", "STATE_FORMAT_VERSION", "make_info", "plain_config", "check_header", "check_keys"]
@@ -66,14 +67,6 @@ def make_info(ops: Ops, norm, threshold, coef, clipped, finite, skip=None) -> Cl
     if skip is None:
         skip = ops.scalar(False, "bool")
     return ClipInfo(norm=norm, threshold=threshold, coef=coef, clipped=clipped, finite=finite, skip=skip)
-
-
-class Folded(NamedTuple):
-    """What :meth:`Clipper.fold_` decided without writing a gradient."""
-
-    coef: Any  # the one scalar coefficient (device, accumulation dtype)
-    info: ClipInfo
-    measured: Measured  # the measurement the decision came from (AMP scale divided out)
 
 
 _SETTING_NAMES: dict[type, tuple[str, ...]] = {}
@@ -105,7 +98,7 @@ def _plain_setting(value: Any) -> Any:
     return value
 
 
-class Clipper:
+class Clipper(CallsMixin):
     """Base class of every clipping method (see the module documentation for the contract).
 
     Subclasses validate their constructor arguments and keep each under its parameter's name;
@@ -304,285 +297,6 @@ class Clipper:
         decision = self.decide(ops, measured, state, signals)
         grads, info = self.apply(ops, measured.grads, decision)
         return grads, decision.state, info
-
-    # -- the pure interface ---------------------------------------------------------------------
-    def init(self, grads: Any) -> Any:
-        """Return the initial state for gradients shaped like ``grads``.
-
-        Args:
-            grads: An array or a list/tuple/dict of arrays (None entries are ignored; the same
-                array twice counts once, as in :meth:`update`).
-
-        Returns:
-            A NamedTuple of arrays on the gradients' device.
-        """
-        leaves, _, _ = flatten(grads)
-        present = list({id(g): g for g in leaves if g is not None}.values())
-        return self.init_state(get_ops(present, where=f"{type(self).__name__}.init"), present)
-
-    def update(self, grads: Any, state: Any, params: Any = None, **signals: Any):
-        """Clip ``grads`` without modifying them and return the new state.
-
-        Args:
-            grads: An array or a list/tuple/dict of arrays; ``None`` entries are passed through.
-            state: The state from :meth:`init` or a previous :meth:`update`.
-            params: The parameters, in the same structure, for methods that need them (AGC).
-            **signals: Optional ``loss=``, ``step=``, ``sample_norms=``, ``optimizer_state=``
-                (see :class:`~gradclip._core.contract.Signals`).
-
-        Returns:
-            ``(clipped_grads, new_state, info)``: clipped gradients in the input's structure, the
-            next state, and a :class:`~gradclip.ClipInfo`.
-        """
-        return self._run_tree(grads, state, params, signals, inplace=False)
-
-    # -- the stateful conveniences ------------------------------------------------------------
-    def clip(self, grads: Any, params: Any = None, *, allow_repeat: bool = False, **signals: Any):
-        """Clip gradients functionally (new arrays), advancing this clipper's own state.
-
-        Args:
-            grads: An array or a list/tuple/dict of arrays (torch, NumPy, ...).
-            params: The matching parameters, for methods that need them.
-            allow_repeat: Let a stateful clipper advance again on the very gradients of its
-                previous call (see :meth:`clip_`).
-            **signals: As for :meth:`update`.
-
-        Returns:
-            ``(clipped_grads, info)``.
-
-        Raises:
-            StateError: A stateful clipper called again on the same, unchanged gradients.
-        """
-        clipped, _, info = self._run_tree(
-            grads, None, params, signals, inplace=False, own_state=True, allow_repeat=allow_repeat
-        )
-        return clipped, info
-
-    def clip_(self, parameters: Any, *, allow_repeat: bool = False, **signals: Any) -> ClipInfo:
-        """Clip gradients in place and return what was measured and done.
-
-        Adaptive state advances exactly once per optimizer step (DESIGN.md rule 6). A stateful
-        clipper remembers the gradient arrays it clipped (weak references) and their version
-        token (torch: each tensor's ``_version`` counter, bumped by every in-place write; NumPy:
-        a fingerprint of the bytes). Called again on the same arrays, unchanged since, it raises
-        :class:`~gradclip.StateError` before touching gradients or state: the second call would
-        count one step's gradient twice in the statistics. New gradients from the next
-        ``backward()`` (fresh tensors, or the old ones written or zeroed) pass. The check reads
-        host-side counters only, never a device value. Stateless clippers never check.
-
-        Args:
-            parameters: A ``torch.nn.Module``, an iterable of parameters (their ``.grad`` is
-                clipped), optimizer parameter groups, or NumPy arrays (clipped themselves).
-            allow_repeat: Skip that check, for a deliberate second update on the same
-                gradients (e.g. replaying one fixed gradient in a test).
-            **signals: Optional ``loss=``, ``step=``, ``sample_norms=``, ``optimizer_state=``.
-
-        Returns:
-            A :class:`~gradclip.ClipInfo` whose fields stay on the gradients' device.
-
-        Raises:
-            StateError: A stateful clipper called again on the same, unchanged gradients.
-        """
-        where = f"{type(self).__name__}.clip_"
-        collected, ops, params = self._collect(parameters, where, inplace=True, stacklevel=3)
-        signal_values = signals_from(where, signals, ops.name)
-        self._before_own_step(ops, collected, where, allow_repeat)
-        with ops.context():
-            state = self._kept.current(self, ops, collected.grads)
-            _, new_state, info = self.run(ops, collected.grads, state, params, collected.names, signal_values)
-            info = ops.finish_info(info)
-            self._kept.commit(ops, new_state, where)
-        self._kept.remember(self, ops, collected.grads)
-        return info
-
-    def fold_(
-        self, parameters: Any, *, divide_by: Any = None, allow_repeat: bool = False, where: str | None = None, **signals: Any
-    ) -> Folded:
-        """Measure and decide one step without writing any gradient, advancing the state as
-        :meth:`clip_` would: the coefficient for a fused optimizer's step.
-
-        Args:
-            parameters: As for :meth:`clip_`.
-            divide_by: A positive device scalar the gradients are still multiplied by (an AMP
-                loss scale): the measurement is divided by it, no gradient is read twice.
-            allow_repeat: As for :meth:`clip_`.
-            where: The public entry point, for messages (default ``"Class.fold_"``).
-            **signals: As for :meth:`clip_`.
-
-        Returns:
-            A :class:`Folded`: the scalar coefficient, the info and the measurement.
-
-        Raises:
-            InvalidArgumentError: The clipper's decisions are not one scalar (:attr:`one_coefficient`).
-            StateError: As for :meth:`clip_`.
-        """
-        where = where or f"{type(self).__name__}.fold_"
-        reason = self.cannot_fold_reason()
-        if reason is not None:
-            raise InvalidArgumentError(f"{where}: the clip cannot be folded: {reason}")
-        collected, ops, params = self._collect(parameters, where, inplace=False, stacklevel=4)
-        signal_values = signals_from(where, signals, ops.name)
-        self._before_own_step(ops, collected, where, allow_repeat)
-        with ops.context():
-            state = self._kept.current(self, ops, collected.grads)
-            self.check_fits(state, collected.grads)
-            measured = self.measure(ops, collected.grads, collected.names, params)
-            if divide_by is not None:
-                measured = measured.scaled(ops, 1.0 / divide_by)
-            decision = self.decide(ops, measured, state, signal_values)
-            info = ops.finish_info(decision.info)
-            self._kept.commit(ops, decision.state, where)
-        self._kept.remember(self, ops, collected.grads)
-        return Folded(decision.coef, info, measured)
-
-    def as_optax(self):
-        """This clipper as an ``optax.GradientTransformation`` (JAX).
-
-        Its state is a pytree (the clipper's state plus the last :class:`~gradclip.ClipInfo`),
-        so it works inside ``jax.jit`` and ``optax.chain``; read the info for logging with
-        :func:`gradclip.optax.clip_info`. See :func:`gradclip.optax.as_optax`.
-
-        Raises:
-            ImportError: optax or jax is not installed.
-        """
-        # The one import from a higher layer (an adapter) in the core: a convenience method on
-        # the core type, importing the adapter (and jax) only when called.
-        from gradclip.optax import as_optax
-
-        return as_optax(self)
-
-    # -- the machinery of the entry points ----------------------------------------------------------
-    def _collect(self, parameters: Any, where: str, *, inplace: bool, stacklevel: int):
-        collected = collect_gradients(parameters, where)
-        group = self.distributed_group()
-        # With a process group, ranks without gradients are expected (pipeline stages, uneven
-        # partitions): they still join the reduction, silently.
-        if not collected.grads and group is None:
-            warnings.warn(
-                f"{where}: found no gradients among {collected.seen} parameter(s); was it called "
-                "before backward()? Nothing was clipped.",
-                RuntimeWarning,
-                stacklevel=stacklevel,
-            )
-        # With no gradient at all, the parameters seen still fix the backend (a torch module
-        # before backward() gets a torch ClipInfo); collected.params only holds those with one.
-        framework = collected.framework if not collected.grads else None
-        ops = get_ops(collected.grads, inplace=inplace, framework=framework, where=where, process_group=group)
-        params = collected.params if self.needs_params else None
-        return collected, ops, params
-
-    def _before_own_step(self, ops: Ops, collected: Any, where: str, allow_repeat: bool) -> None:
-        if not allow_repeat:
-            self._kept.guard_repeat(self, ops, collected.grads, where)
-        self._kept.check_layout(self, collected.names, collected.grads, where)
-
-    def _run_tree(self, grads, state, params, signals, *, inplace: bool, own_state: bool = False, allow_repeat: bool = False):
-        where = f"{type(self).__name__}.{'clip' if own_state else 'update'}"
-        leaves, unflatten, names = flatten(grads)
-        # The same array given twice (tied weights passed as grads) is clipped and counted once;
-        # every position it held gets the one result.
-        first: dict[int, int] = {}
-        positions = []
-        for i, g in enumerate(leaves):
-            if g is not None and id(g) not in first:
-                first[id(g)] = i
-                positions.append(i)
-        repeats = [(i, first[id(g)]) for i, g in enumerate(leaves) if g is not None and first[id(g)] != i]
-        present = [leaves[i] for i in positions]
-        present_names = [names[i] for i in positions]
-        param_leaves = None
-        if params is not None:
-            flat_params = flatten_like(params, grads)  # dict entries paired by key
-            if len(flat_params) != len(leaves):
-                raise InvalidArgumentError(
-                    f"{where}: params must have the same structure as grads; got {len(flat_params)} "
-                    f"parameter(s) for {len(leaves)} gradient(s)"
-                )
-            param_leaves = [flat_params[i] for i in positions]
-        ops = get_ops(present, inplace=inplace, where=where, process_group=self.distributed_group())
-        signal_values = signals_from(where, signals, ops.name)
-        if own_state:
-            if not allow_repeat:
-                self._kept.guard_repeat(self, ops, present, where)
-            self._kept.check_layout(self, present_names, present, where)
-            state = self._kept.current(self, ops, present)
-        elif state is None:
-            state = self.init_state(ops, present)
-        new, new_state, info = self.run(ops, present, state, param_leaves, present_names, signal_values)
-        info = ops.finish_info(info)
-        if own_state:
-            self._kept.commit(ops, new_state, where)
-            self._kept.remember(self, ops, present)
-        out = list(leaves)
-        for position, value in zip(positions, new):
-            out[position] = value
-        for position, original in repeats:
-            out[position] = out[original]
-        return unflatten(out), new_state, info
-
-    # -- checkpoints ----------------------------------------------------------------------------
-    def state_dict(self, state: Any = None) -> dict[str, Any]:
-        """Return the clipper's configuration and state as plain, JSON-serialisable data.
-
-        The result holds only dicts, lists, strings, numbers, bools and None, so it can be saved
-        with ``json.dump`` or ``torch.save`` and read back with ``torch.load(weights_only=True)``.
-
-        Args:
-            state: A state from the pure API (:meth:`init`/:meth:`update`, an optax or Keras
-                adapter) to save instead of the one this object keeps.
-
-        Returns:
-            ``{"format": "gradclip", "version": 1, "clipper": name, "config": {...},
-            "state": {...} or None}``; ``state`` is None before the first step. The config is
-            :func:`plain_config` of :meth:`config` (infinite arguments such as
-            ``norm_type=inf`` appear as the strings ``"inf"``/``"-inf"``), so the whole result
-            passes strict JSON (``json.dumps(..., allow_nan=False)``).
-        """
-        plain = self._kept.plain(self) if state is None else state_to_plain(self, state)
-        return checkpoint(self, plain)
-
-    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        """Restore state saved by :meth:`state_dict`.
-
-        The data is validated completely before anything changes: on error the clipper keeps
-        its current state. Arrays are rebuilt on the device of the next gradients seen.
-
-        Args:
-            state_dict: A mapping as returned by :meth:`state_dict`.
-
-        Raises:
-            StateError: Wrong format or version (an ``int``; ``True`` or ``1.0`` are refused),
-                unexpected top-level keys, another clipper's state, a different
-                configuration, missing or extra fields, or values of the wrong type or out of
-                their dtype's range.
-        """
-        validate_checkpoint(self, state_dict)
-        self._kept.load(self, state_dict["state"])
-
-    def state_from_dict(self, state_dict: Mapping[str, Any], like: Any = None) -> Any:
-        """Validate a checkpoint and return its state for the pure API, changing nothing here.
-
-        Args:
-            state_dict: A mapping as returned by :meth:`state_dict`.
-            like: Gradients (any structure) fixing the backend and device of the arrays and the
-                initial state of parts saved before their first step; None gives NumPy arrays.
-
-        Returns:
-            A state NamedTuple (:meth:`init` for ``like`` when the checkpoint holds none).
-
-        Raises:
-            StateError: As for :meth:`load_state_dict`.
-        """
-        validate_checkpoint(self, state_dict)
-        leaves = [] if like is None else [g for g in flatten(like)[0] if g is not None]
-        ops = get_ops(leaves, where=f"{type(self).__name__}.state_from_dict")
-        plain = state_dict["state"]
-        return self.init_state(ops, leaves) if plain is None else state_from_plain(self, ops, plain, leaves)
-
-    def reset(self) -> None:
-        """Forget all state; the next step starts as the first did."""
-        self._kept.reset(self)
-
 
 class _SharedGroup:
     """Holds a clipper's process group; copies of the clipper share it (a ProcessGroup cannot be

@@ -40,10 +40,10 @@ from typing import Any, NamedTuple
 from gradclip._core.clipper import Clipper, make_info
 from gradclip._core.contract import NO_SIGNALS, Coefficient, Decision, Measured
 from gradclip._core.errors import StateError
+from gradclip._core.measure import check_policy
 from gradclip._core.registry import register
 from gradclip._core.validation import check_int, check_number
 from gradclip.clippers._adaptive import accumulation, as_f32, check_field, skip_flag
-from gradclip._core.measure import check_policy
 
 __all__ = ["AdaGC", "AdaGCState"]
 

@@ -47,6 +47,7 @@ from typing import Any, NamedTuple
 from gradclip._core.clipper import Clipper, make_info
 from gradclip._core.contract import NO_SIGNALS, Decision, Measured
 from gradclip._core.errors import StateError
+from gradclip._core.measure import check_policy, settle
 from gradclip._core.registry import register
 from gradclip._core.validation import check_int, check_number
 from gradclip.clippers._adaptive import (
@@ -60,7 +61,6 @@ from gradclip.clippers._adaptive import (
     sketch_insert,
     sketch_percentile,
 )
-from gradclip._core.measure import check_policy, settle
 
 __all__ = ["AutoClip", "AutoClipWindowState", "AutoClipSketchState"]
 

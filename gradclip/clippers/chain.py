@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 from gradclip._core.checkpoint import CHILDREN
 from gradclip._core.clipper import Clipper, make_info

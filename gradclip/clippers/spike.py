@@ -43,7 +43,13 @@ from gradclip._core.contract import NO_SIGNALS, Coefficient, Decision, Measured
 from gradclip._core.errors import InvalidArgumentError, StateError
 from gradclip._core.registry import register
 from gradclip._core.validation import check_int, check_number
-from gradclip.clippers._adaptive import accumulation, as_f32, check_field, fp32_finite, ring_write
+from gradclip.clippers._adaptive import (
+    accumulation,
+    as_f32,
+    check_field,
+    fp32_finite,
+    ring_write,
+)
 
 __all__ = ["SkipOnSpike", "SkipOnSpikeState"]
 

@@ -55,10 +55,16 @@ from typing import Any, NamedTuple
 from gradclip._core.clipper import Clipper, make_info
 from gradclip._core.contract import NO_SIGNALS, Decision, Measured
 from gradclip._core.errors import InvalidArgumentError, StateError
+from gradclip._core.measure import check_policy, settle
 from gradclip._core.registry import register
 from gradclip._core.validation import check_choice, check_int, check_number
-from gradclip.clippers._adaptive import accumulation, as_f32, check_field, ring_write, skip_flag
-from gradclip._core.measure import check_policy, settle
+from gradclip.clippers._adaptive import (
+    accumulation,
+    as_f32,
+    check_field,
+    ring_write,
+    skip_flag,
+)
 
 __all__ = ["ZClip", "ZClipState"]
 

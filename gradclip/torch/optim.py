@@ -72,7 +72,12 @@ from gradclip._core.clipper import Clipper, check_keys
 from gradclip._core.contract import Coefficient
 from gradclip._core.errors import InvalidArgumentError, StateError
 from gradclip._core.types import ClipInfo
-from gradclip.torch.scaling import fold_unsupported_reason, scaler_enabled, scaler_stage, step_flags
+from gradclip.torch.scaling import (
+    fold_unsupported_reason,
+    scaler_enabled,
+    scaler_stage,
+    step_flags,
+)
 
 __all__ = ["ClippedOptimizer", "fold_unsupported_reason", "scaler_enabled", "scaler_stage"]
 
