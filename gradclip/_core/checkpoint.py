@@ -58,8 +58,7 @@ def plain_config(value: Any) -> Any:
     range) but not valid JSON: ``json.dumps(..., allow_nan=False)`` refuses it and other JSON
     readers choke on the ``Infinity`` token Python writes by default. ±inf become the strings
     ``"inf"``/``"-inf"`` and tuples become lists (what a JSON round trip gives back anyway).
-    Checkpoints written before this encoding (with float inf) normalise to the same data, so
-    they still load.
+    A config holding float inf and one holding the strings normalise to the same data.
     """
     if isinstance(value, float) and math.isinf(value):
         return "inf" if value > 0 else "-inf"

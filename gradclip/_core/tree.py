@@ -275,9 +275,9 @@ def collect_gradients(target: Any, where: str = "gradclip") -> Collected:
         raise BackendError(
             f"{where}: {names[position]} is a {type(params[position]).__qualname__}, not a parameter or array"
         )
-    # Check the frameworks of every array seen, not only of the gradients found: in
-    # [numpy_array, torch_tensor] the tensor's .grad is None, and it used to be dropped silently
-    # while the NumPy array was clipped. Mixed frameworks raise BackendError, naming both.
+    # The frameworks of every array seen, not only of the gradients found: in
+    # [numpy_array, torch_tensor] the tensor's .grad is None, and the call must still refuse the
+    # mix rather than clip the NumPy array alone. Mixed frameworks raise BackendError, naming both.
     arrays_seen = objects if _all_arrays(objects) else [item for item in objects if _is_array(item)]
     framework = backend_name_of(arrays_seen + grads, where) if arrays_seen or grads else None
     return Collected(grads, params, names, len(objects), framework)

@@ -51,9 +51,7 @@ class GlobalNorm(Clipper):
         eps: Added to the norm in the divisor, as torch does (``1e-6``), so the clipped norm is
             ``max_norm · norm / (norm + eps)``, just under ``max_norm``; ``>= 0``.
         nonfinite: Non-finite policy, see :mod:`gradclip.clippers.nonfinite`.
-        process_group: torch only: the ``torch.distributed`` group over which plain-tensor
-            gradients are sharded (keyword only; see ``Clipper.process_group``). Leave None for
-            one process, DDP and DTensor gradients (FSDP2, tensor parallel).
+        process_group: Keyword only; see :attr:`gradclip.Clipper.process_group`.
 
     Raises:
         InvalidArgumentError: A negative/NaN ``max_norm`` or ``eps``, ``norm_type <= 0``, or an
@@ -139,9 +137,7 @@ class Norm(_PerTensorNorm):
         norm_type: The p of the per-tensor p-norm (any p > 0, or ``inf``).
         nonfinite: Non-finite policy; under ``"propagate"`` only the tensors with non-finite
             values are left unclipped.
-        process_group: torch only: the ``torch.distributed`` group over which plain-tensor
-            gradients are sharded (keyword only; see ``Clipper.process_group``). Leave None for
-            one process, DDP and DTensor gradients (FSDP2, tensor parallel).
+        process_group: Keyword only; see :attr:`gradclip.Clipper.process_group`.
 
     Raises:
         InvalidArgumentError: Negative or NaN ``max_norm``, ``norm_type <= 0``, unknown policy.
@@ -171,9 +167,7 @@ class AverageNorm(_PerTensorNorm):
     Args:
         max_norm: Largest allowed average norm per tensor, ``>= 0``.
         nonfinite: Non-finite policy.
-        process_group: torch only: the ``torch.distributed`` group over which plain-tensor
-            gradients are sharded (keyword only; see ``Clipper.process_group``). Leave None for
-            one process, DDP and DTensor gradients (FSDP2, tensor parallel).
+        process_group: Keyword only; see :attr:`gradclip.Clipper.process_group`.
 
     Raises:
         InvalidArgumentError: Negative or NaN ``max_norm``, unknown policy.
@@ -203,9 +197,7 @@ class BlockRMS(_PerTensorNorm):
     Args:
         threshold: Largest allowed RMS per tensor, ``>= 0``.
         nonfinite: Non-finite policy.
-        process_group: torch only: the ``torch.distributed`` group over which plain-tensor
-            gradients are sharded (keyword only; see ``Clipper.process_group``). Leave None for
-            one process, DDP and DTensor gradients (FSDP2, tensor parallel).
+        process_group: Keyword only; see :attr:`gradclip.Clipper.process_group`.
 
     Raises:
         InvalidArgumentError: Negative or NaN ``threshold``, unknown policy.
@@ -233,9 +225,7 @@ class NormSign(Clipper):
     Args:
         threshold: ε, ``>= 0``.
         nonfinite: Non-finite policy.
-        process_group: torch only: the ``torch.distributed`` group over which plain-tensor
-            gradients are sharded (keyword only; see ``Clipper.process_group``). Leave None for
-            one process, DDP and DTensor gradients (FSDP2, tensor parallel).
+        process_group: Keyword only; see :attr:`gradclip.Clipper.process_group`.
 
     Raises:
         InvalidArgumentError: Negative or NaN ``threshold``, unknown policy; at call time, a
