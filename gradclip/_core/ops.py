@@ -32,8 +32,8 @@ __all__ = [
     "backend_name_of",
     "check_floating",
     "dtype_label",
-    "get_ops",
     "framework_of",
+    "get_ops",
     "largest_finite",
     "out_of_place",
 ]

@@ -1,0 +1,241 @@
+"""DTensor layouts and ``torch.distributed`` collectives for the torch backend's Reducer.
+
+Helpers only: which gradients are DTensors, their local shards and metadata, the process groups
+of a mesh, and all-reduces that keep NaN. A DTensor can only exist once
+``torch.distributed.tensor`` is imported, so nothing here imports it to answer "is this a
+DTensor?". Collectives run on device tensors, never on host values.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import torch
+import torch.distributed as dist
+
+from gradclip._core.errors import BackendError, InvalidArgumentError
+
+__all__ = [
+    "any_dtensor",
+    "is_dtensor",
+    "local_tensor",
+    "resolve_process_group",
+]
+
+
+# -- DTensor helpers -------------------------------------------------------------------------------
+def _dtensor_type() -> type | None:
+    # A DTensor can only exist once torch.distributed.tensor is imported: never import it here.
+    module = sys.modules.get("torch.distributed.tensor")
+    return None if module is None else getattr(module, "DTensor", None)
+
+
+def is_dtensor(x: Any) -> bool:
+    """Whether ``x`` is a ``torch.distributed.tensor.DTensor`` (never imports DTensor)."""
+    if type(x) is torch.Tensor:
+        return False
+    cls = _dtensor_type()
+    return cls is not None and isinstance(x, cls)
+
+
+def any_dtensor(arrays: Sequence[Any]) -> bool:
+    """Whether any of ``arrays`` is a DTensor (cheap: one type check per array)."""
+    cls = _dtensor_type()
+    if cls is None:
+        return False
+    return any(type(a) is not torch.Tensor and isinstance(a, cls) for a in arrays)
+
+
+def local_tensor(x: torch.Tensor) -> torch.Tensor:
+    """The local shard of a DTensor (the storage itself, so in-place writes reach the DTensor);
+    a plain tensor is returned as it is."""
+    if not is_dtensor(x):
+        return x
+    with torch.no_grad():
+        local = x.to_local()
+    wait = getattr(local, "wait", None)
+    if type(local).__name__ == "AsyncCollectiveTensor" and callable(wait):
+        local = wait()
+    return local
+
+
+def _is_replicate(placement: Any) -> bool:
+    return placement.is_replicate()
+
+
+def _is_partial(placement: Any) -> bool:
+    return placement.is_partial()
+
+
+def _shard_dim(placement: Any) -> int | None:
+    """The tensor dimension a sharding placement splits (``Shard``, ``_StridedShard``), else None."""
+    if placement.is_replicate() or placement.is_partial():
+        return None
+    dim = getattr(placement, "dim", None)
+    if dim is None:
+        raise BackendError(
+            f"gradclip: unsupported DTensor placement {placement!r}; supported are Shard, "
+            "Replicate and Partial (and torch's _StridedShard)"
+        )
+    return dim
+
+
+class _Meta(NamedTuple):
+    """What is needed to reduce over a DTensor's shards and to rebuild it from a local tensor."""
+
+    mesh: Any
+    placements: tuple
+    shape: torch.Size
+    stride: tuple
+
+
+def _meta(x: Any) -> _Meta | None:
+    if not is_dtensor(x):
+        return None
+    return _Meta(x.device_mesh, tuple(x.placements), x.shape, x.stride())
+
+
+def _readable(x: Any, meta: _Meta) -> tuple[torch.Tensor, tuple]:
+    """The local tensor to read norms/extrema from, with ``Partial`` placements reduced first."""
+    placements = meta.placements
+    if any(_is_partial(p) for p in placements):
+        from torch.distributed.tensor import Replicate
+
+        with torch.no_grad():
+            x = x.redistribute(meta.mesh, [Replicate() if _is_partial(p) else p for p in placements])
+        placements = tuple(x.placements)
+    return local_tensor(x), placements
+
+
+def _rewrap(local: torch.Tensor, meta: _Meta):
+    from torch.distributed.tensor import DTensor
+
+    return DTensor.from_local(
+        local, meta.mesh, list(meta.placements), run_check=False, shape=meta.shape, stride=meta.stride
+    )
+
+
+def _mesh_groups(mesh: Any) -> list[Any]:
+    """The process group of every mesh dimension of size > 1, in dimension order."""
+    return [mesh.get_group(d) for d in range(mesh.ndim) if mesh.size(d) > 1]
+
+
+def _replicated_size(mesh: Any, placements: Sequence[Any], also: Any = None) -> int:
+    """Product of the sizes of the mesh dimensions on which the tensor is replicated (Replicate,
+    or Partial already reduced to Replicate), and of those for which ``also(placement)`` holds."""
+    size = 1
+    for d, placement in enumerate(placements):
+        if _is_replicate(placement) or _is_partial(placement) or (also is not None and also(placement)):
+            size *= mesh.size(d)
+    return size
+
+
+#: Device vectors of ``1 / replicated size`` per layout, built once: creating one from a Python
+#: list is a host-to-device copy, which would synchronise a CUDA stream on every step.
+_WEIGHTS: dict[tuple, torch.Tensor] = {}
+
+
+def _weights(sizes: Sequence[int], like: torch.Tensor) -> torch.Tensor | None:
+    """``1 / size`` per entry on ``like``'s device and dtype (None when every size is 1)."""
+    if all(size == 1 for size in sizes):
+        return None
+    key = (like.device, like.dtype, tuple(sizes))
+    weights = _WEIGHTS.get(key)
+    if weights is None:
+        if len(_WEIGHTS) >= 64:
+            _WEIGHTS.clear()
+        weights = torch.tensor([1.0 / size for size in sizes], dtype=like.dtype).to(like.device)
+        _WEIGHTS[key] = weights
+    return weights
+
+
+def _by_mesh(metas: Sequence[_Meta | None]) -> list[tuple[Any, list[int]]]:
+    """Indices of the DTensors grouped by mesh, meshes in order of first appearance."""
+    groups: dict[Any, list[int]] = {}
+    for index, meta in enumerate(metas):
+        if meta is not None:
+            groups.setdefault(meta.mesh, []).append(index)
+    return list(groups.items())
+
+
+def _unit_count(local: torch.Tensor, kept) -> int:
+    """How many units ``unit_norms`` finds in a (local) tensor."""
+    if kept is None:
+        return 1
+    count = 1
+    for d in kept:
+        count *= local.shape[d]
+    return count if kept else local.numel()
+
+
+# -- collectives -------------------------------------------------------------------------------
+def _sum_(tensor: torch.Tensor, groups: Sequence[Any]) -> torch.Tensor:
+    for group in groups:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
+    return tensor
+
+
+def _max(values: torch.Tensor, groups: Sequence[Any]) -> torch.Tensor:
+    """All-reduce MAX that keeps NaN (backends' max may drop it): NaN flags travel beside."""
+    if not groups:
+        return values
+    flat = values.reshape(-1)
+    nan = torch.isnan(flat)
+    packed = torch.cat([torch.where(nan, torch.full_like(flat, -math.inf), flat), nan.to(flat.dtype)])
+    for group in groups:
+        dist.all_reduce(packed, op=dist.ReduceOp.MAX, group=group)
+    n = flat.numel()
+    out = torch.where(packed[n:] > 0, torch.full_like(flat, math.nan), packed[:n])
+    return out.reshape(values.shape)
+
+
+def resolve_process_group(group: Any, where: str = "gradclip") -> tuple:
+    """The process groups to all-reduce plain-tensor norms over, in order.
+
+    Args:
+        group: ``None`` (nothing to reduce), a ``ProcessGroup`` (e.g. ``dist.group.WORLD`` or
+            one from ``dist.new_group``), or a ``DeviceMesh`` (every dimension of it).
+
+    Raises:
+        InvalidArgumentError: torch.distributed is not initialised, or ``group`` is neither.
+    """
+    if group is None:
+        return ()
+    if not (dist.is_available() and dist.is_initialized()):
+        raise InvalidArgumentError(
+            f"{where}: process_group={group!r} was given but torch.distributed is not initialised; "
+            "call torch.distributed.init_process_group first (or pass process_group=None)"
+        )
+    from torch.distributed.device_mesh import DeviceMesh
+
+    if isinstance(group, DeviceMesh):
+        return tuple(_mesh_groups(group))
+    if isinstance(group, dist.ProcessGroup):
+        return (group,)
+    raise InvalidArgumentError(
+        f"{where}: process_group must be None, a torch.distributed.ProcessGroup or a DeviceMesh, "
+        f"got {type(group).__qualname__}"
+    )
+
+
+def _group_device(groups: Sequence[Any], fallback: torch.device) -> torch.device:
+    """A device the group can reduce on, for a rank that has no gradient to take it from."""
+    try:
+        capability = list(dist.distributed_c10d._device_capability(groups[0]))
+    except Exception:  # noqa: BLE001 - private helper; CPU works with gloo, the common case
+        return fallback
+    # Prefer the accelerator: with "cpu:gloo,cuda:nccl" the ranks holding CUDA gradients reduce
+    # through NCCL, and this rank must use the same backend.
+    for kind in capability:
+        if kind == "cpu":
+            continue
+        module = getattr(torch, kind, None)
+        try:
+            if module is not None and module.is_available():
+                return torch.device(kind, module.current_device())
+        except Exception:  # noqa: BLE001 - an accelerator module without these functions
+            continue
+    return torch.device("cpu")
