@@ -28,6 +28,7 @@ import numpy as np
 
 from gradclip._core.errors import BackendError
 from gradclip._core.ops import Ops
+from gradclip.backends._hashing import Words, hash_streams
 
 __all__ = ["JaxOps", "BACKEND"]
 
@@ -269,10 +270,6 @@ class JaxOps(Ops):
         x = jnp.asarray(x)
         return jnp.cumsum(x, dtype=x.dtype)
 
-    def version_token(self, grads):
-        del grads  # JAX arrays are immutable: a second clip of the same arrays is harmless
-        return None
-
     def unit_norms(self, arrays, axes):
         out = []
         for array, kept in zip(arrays, axes):
@@ -310,7 +307,7 @@ class JaxOps(Ops):
     def uniform(self, key, counter, shapes):
         return [
             (h >> jnp.uint32(8)).astype(jnp.float32) * jnp.float32(2.0**-24)
-            for h in _hash_streams_u32(key, counter, shapes)
+            for h in hash_streams(key, counter, shapes, _WORDS)
         ]
 
     def select(self, grads, replacements, masks):
@@ -329,45 +326,35 @@ class JaxOps(Ops):
             )
 
 
-def _lowbias32(x):
-    """Chris Wellons' lowbias32 on uint32 arrays (multiplication wraps modulo 2**32)."""
-    x = x ^ (x >> jnp.uint32(16))
-    x = x * jnp.uint32(0x7FEB352D)
-    x = x ^ (x >> jnp.uint32(15))
-    x = x * jnp.uint32(0x846CA68B)
-    return x ^ (x >> jnp.uint32(16))
+class _Uint32Words(Words):
+    """32-bit words in uint32 arrays: multiplication wraps modulo 2**32, and the same numbers
+    come out with or without ``jax_enable_x64``."""
+
+    def xor(self, a, b):
+        return a ^ b
+
+    def shr(self, x, bits):
+        return x >> jnp.uint32(bits)
+
+    def mul(self, x, constant):
+        return x * jnp.uint32(constant)
+
+    def const(self, value, like):
+        del like
+        return jnp.uint32(value)
+
+    def index(self, n):
+        return jnp.arange(n, dtype=jnp.uint32)
+
+    def halves(self, x):
+        # Without jax_enable_x64 integers are 32-bit, so the high word is 0.
+        x = jnp.asarray(x)
+        if x.dtype.itemsize == 8:
+            return (x & 0xFFFFFFFF).astype(jnp.uint32), (x >> 32).astype(jnp.uint32)
+        return x.astype(jnp.uint32), jnp.zeros((), jnp.uint32)
 
 
-def _split64(x):
-    """A non-negative integer array as its (low, high) 32-bit halves, uint32.
-
-    Without ``jax_enable_x64`` integers are 32-bit, so the high half is 0.
-    """
-    x = jnp.asarray(x)
-    if x.dtype.itemsize == 8:
-        return (x & 0xFFFFFFFF).astype(jnp.uint32), (x >> 32).astype(jnp.uint32)
-    return x.astype(jnp.uint32), jnp.zeros((), jnp.uint32)
-
-
-def _hash_streams_u32(key, counter, shapes):
-    """The hashes of ``Ops.uniform`` (same formula as ``gradclip.backends._hashing``), uint32.
-
-    ``_hashing.hash_streams`` needs int64 arithmetic, which JAX has only with x64 enabled;
-    uint32 arithmetic wraps modulo 2**32 and gives the same numbers either way.
-    """
-    m = _lowbias32
-    key_lo, key_hi = _split64(key)
-    counter_lo, counter_hi = _split64(counter)
-    s = m(m(key_lo ^ m(key_hi)) ^ m(counter_lo ^ m(counter_hi)))
-    out = []
-    for position, shape in enumerate(shapes):
-        count = 1
-        for size in shape:
-            count *= int(size)
-        t = m(s ^ m(jnp.uint32((position + 0x9E3779B9) & 0xFFFFFFFF)))
-        h = m(t ^ jnp.arange(count, dtype=jnp.uint32))
-        out.append(h.reshape(tuple(int(d) for d in shape)))
-    return out
+_WORDS = _Uint32Words()
 
 
 BACKEND = JaxOps

@@ -16,7 +16,7 @@ import numpy as np
 
 from gradclip._core.errors import BackendError, ReadOnlyArrayError
 from gradclip._core.ops import Ops
-from gradclip.backends._hashing import hash_streams
+from gradclip.backends._hashing import Int64Words, hash_streams
 
 __all__ = ["NumpyOps", "BACKEND"]
 
@@ -303,7 +303,7 @@ class NumpyOps(Ops):
     def uniform(self, key, counter, shapes):
         return [
             (h >> np.int64(8)).astype(np.float32) * np.float32(2.0**-24)
-            for h in hash_streams(key, counter, shapes, lambda n: np.arange(n, dtype=np.int64))
+            for h in hash_streams(key, counter, shapes, Int64Words(lambda n: np.arange(n, dtype=np.int64)))
         ]
 
     def select(self, grads, replacements, masks):

@@ -27,6 +27,8 @@ import tensorflow as tf
 
 from gradclip._core.errors import BackendError, SparseGradientError
 from gradclip._core.ops import Ops
+from gradclip.backends._hashing import Words, hash_streams
+from gradclip.backends.tensorflow_state import StateStore
 
 try:  # Keep autograph out of gradclip's code: it has no Python control flow on tensor values.
     from tensorflow.python.autograph.core import config as _autograph_config
@@ -335,10 +337,6 @@ class TensorFlowOps(Ops):
     def cumsum(self, x):
         return tf.cumsum(x)
 
-    def version_token(self, grads):
-        del grads  # tf.Tensor is immutable and tf.Variable has no write counter
-        return None
-
     def unit_norms(self, arrays, axes):
         out = []
         for array, kept in zip(arrays, axes):
@@ -382,7 +380,7 @@ class TensorFlowOps(Ops):
     def uniform(self, key, counter, shapes):
         return [
             tf.cast(tf.bitwise.right_shift(h, tf.constant(8, tf.uint32)), tf.float32) * (2.0**-24)
-            for h in _hash_streams_u32(key, counter, shapes)
+            for h in hash_streams(key, counter, shapes, _WORDS)
         ]
 
     def select(self, grads, replacements, masks):
@@ -402,134 +400,37 @@ def _u32(value: int):
     return tf.constant(value & 0xFFFFFFFF, tf.uint32)
 
 
-def _lowbias32(x):
-    """Chris Wellons' lowbias32 on uint32 tensors (multiplication wraps modulo 2**32)."""
-    xor, shift = tf.bitwise.bitwise_xor, tf.bitwise.right_shift
-    x = xor(x, shift(x, _u32(16)))
-    x = x * _u32(0x7FEB352D)
-    x = xor(x, shift(x, _u32(15)))
-    x = x * _u32(0x846CA68B)
-    return xor(x, shift(x, _u32(16)))
+class _Uint32Words(Words):
+    """32-bit words in uint32 tensors (multiplication wraps modulo 2**32); TensorFlow's bitwise
+    operators on them are functions of ``tf.bitwise``."""
+
+    def xor(self, a, b):
+        return tf.bitwise.bitwise_xor(a, b)
+
+    def shr(self, x, bits):
+        return tf.bitwise.right_shift(x, _u32(bits))
+
+    def mul(self, x, constant):
+        return x * _u32(constant)
+
+    def const(self, value, like):
+        del like
+        return _u32(value)
+
+    def index(self, n):
+        return tf.cast(tf.range(n, dtype=tf.int64), tf.uint32)
+
+    def halves(self, x):
+        x = tf.cast(x, tf.int64)
+        low = tf.cast(tf.bitwise.bitwise_and(x, tf.constant(0xFFFFFFFF, tf.int64)), tf.uint32)
+        high = tf.cast(tf.bitwise.right_shift(x, tf.constant(32, tf.int64)), tf.uint32)
+        return low, high
+
+    def reshape(self, x, shape):
+        return tf.reshape(x, shape)
 
 
-def _split64(x):
-    """A non-negative integer tensor as its (low, high) 32-bit halves, uint32."""
-    x = tf.cast(x, tf.int64)
-    low = tf.cast(tf.bitwise.bitwise_and(x, tf.constant(0xFFFFFFFF, tf.int64)), tf.uint32)
-    high = tf.cast(tf.bitwise.right_shift(x, tf.constant(32, tf.int64)), tf.uint32)
-    return low, high
-
-
-def _hash_streams_u32(key, counter, shapes):
-    """The hashes of ``Ops.uniform`` (same formula as ``gradclip.backends._hashing``), uint32."""
-    m, xor = _lowbias32, tf.bitwise.bitwise_xor
-    key_lo, key_hi = _split64(key)
-    counter_lo, counter_hi = _split64(counter)
-    s = m(xor(m(xor(key_lo, m(key_hi))), m(xor(counter_lo, m(counter_hi)))))
-    out = []
-    for position, shape in enumerate(shapes):
-        count = 1
-        for size in shape:
-            count *= int(size)
-        t = m(xor(s, m(_u32(position + 0x9E3779B9))))
-        h = m(xor(t, tf.cast(tf.range(count, dtype=tf.int64), tf.uint32)))
-        out.append(tf.reshape(h, tuple(int(d) for d in shape)))
-    return out
-
-
-class StateStore:
-    """A clipper's state kept in ``tf.Variable``\\ s, one per array of the state.
-
-    Created on the clipper's first TensorFlow step (in ``tf.init_scope``, so also on the first
-    trace of a ``tf.function``). Each step reads the state with :meth:`read` and writes the next
-    one with :meth:`write`, both as graph ops: a traced function keeps advancing the same
-    variables on every call. ``ready`` is False until the first write (and again after
-    ``reset()``), and :meth:`read` then returns the freshly initialised state instead.
-
-    Args:
-        template: The clipper's initial state (a NamedTuple, possibly nested); its tensor leaves
-            fix the shapes and dtypes of the variables.
-    """
-
-    #: The backend whose Ops rebuild checkpoints for this store.
-    framework = "tensorflow"
-
-    def __init__(self, template):
-        leaves = tf.nest.flatten(template)
-        self._slots = [i for i, leaf in enumerate(leaves) if tf.is_tensor(leaf)]
-        # The structure alone (tensor leaves dropped: they may belong to a graph being traced).
-        self._like = tf.nest.map_structure(lambda x: None if tf.is_tensor(x) else x, template)
-        self._variables: list[tf.Variable] = []
-        self._ready = None
-        if not self._slots:
-            return  # a stateless clipper: nothing to keep
-        with tf.init_scope():
-            self._ready = tf.Variable(False, trainable=False, name="gradclip_state_ready")
-            for i in self._slots:
-                leaf = leaves[i]
-                self._variables.append(
-                    tf.Variable(
-                        tf.zeros(leaf.shape, leaf.dtype),
-                        trainable=False,
-                        shape=leaf.shape,
-                        name="gradclip_state",
-                    )
-                )
-
-    @property
-    def variables(self) -> list[tf.Variable]:
-        """The variables, in the order of the state's tensor leaves."""
-        return list(self._variables)
-
-    def _pack(self, like, values):
-        leaves = list(tf.nest.flatten(like))
-        for slot, value in zip(self._slots, values):
-            leaves[slot] = value
-        return tf.nest.pack_sequence_as(like, leaves)
-
-    def read(self, fresh):
-        """The current state: the variables' values once written, else ``fresh``."""
-        if not self._slots:
-            return fresh
-        leaves = tf.nest.flatten(fresh)
-        values = [tf.where(self._ready, v, leaves[i]) for v, i in zip(self._variables, self._slots)]
-        return self._pack(fresh, values)
-
-    def current(self):
-        """The state structure with the variables in place of its arrays."""
-        return self._pack(self._like, self._variables)
-
-    @staticmethod
-    def eager_scope():
-        """Where checkpoints are rebuilt and loaded: outside any graph being traced."""
-        return tf.init_scope()
-
-    def write(self, new_state) -> None:
-        """Store the next state (graph ops inside ``tf.function``, immediate eagerly)."""
-        if not self._slots:
-            return
-        leaves = tf.nest.flatten(new_state)
-        for variable, i in zip(self._variables, self._slots):
-            variable.assign(tf.cast(leaves[i], variable.dtype))
-        self._ready.assign(True)
-
-    def load(self, state) -> None:
-        """Overwrite the variables with ``state`` now (eagerly), and mark them ready."""
-        with tf.init_scope():
-            self.write(state)
-
-    def reset(self) -> None:
-        """Forget the stored state: the next step starts from a fresh initial state."""
-        if self._ready is not None:
-            with tf.init_scope():
-                self._ready.assign(False)
-
-    def is_ready(self) -> bool:
-        """Whether a state has been written since creation or the last reset (reads a flag)."""
-        if self._ready is None:
-            return True
-        with tf.init_scope():
-            return bool(self._ready.numpy())
+_WORDS = _Uint32Words()
 
 
 BACKEND = TensorFlowOps

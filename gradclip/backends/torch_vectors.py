@@ -14,7 +14,7 @@ import math
 import torch
 
 from gradclip._core.ops import Ops
-from gradclip.backends._hashing import hash_streams
+from gradclip.backends._hashing import Int64Words, hash_streams
 
 __all__ = ["TorchVectorOps"]
 
@@ -190,10 +190,8 @@ class TorchVectorOps(Ops):
     def uniform(self, key, counter, shapes):
         key = key.to(self.device)
         counter = counter.to(self.device)
-        arange = lambda n: torch.arange(n, dtype=torch.int64, device=self.device)
-        return [
-            (h >> 8).to(torch.float32) * (2.0**-24) for h in hash_streams(key, counter, shapes, arange)
-        ]
+        words = Int64Words(lambda n: torch.arange(n, dtype=torch.int64, device=self.device))
+        return [(h >> 8).to(torch.float32) * (2.0**-24) for h in hash_streams(key, counter, shapes, words)]
 
     def unit_totals(self, values, arrays, axes):
         if self.distributed:
