@@ -17,7 +17,6 @@ an error that points to ``clipper.clip`` and ``clipper.as_optax()``.
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -27,10 +26,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from gradclip._core.errors import BackendError
-from gradclip._core.ops import Ops
-from gradclip.backends._hashing import Words, hash_streams
+from gradclip.backends._array_api import ArrayApiOps
+from gradclip.backends._hashing import Words
 
-__all__ = ["JaxOps", "BACKEND"]
+__all__ = ["BACKEND", "JaxOps"]
 
 
 def _dtype(name: str):
@@ -64,7 +63,7 @@ def _is_tracer(x: Any) -> bool:
     return isinstance(x, jax.core.Tracer)
 
 
-class JaxOps(Ops):
+class JaxOps(ArrayApiOps):
     """Ops over lists of ``jax.Array``.
 
     Args:
@@ -82,6 +81,7 @@ class JaxOps(Ops):
     #: JAX/Flax weights are input-major (``(in, out)`` dense kernels, ``HWIO`` convolutions):
     #: output units index the last axis, as optax's AGC assumes (see ``Ops.unit_axis``).
     unit_axis = -1
+    xp = jnp
 
     def __init__(
         self,
@@ -100,44 +100,21 @@ class JaxOps(Ops):
             )
         self.acc = jnp.float64 if any(a.dtype == jnp.float64 for a in arrays) else jnp.float32
 
-    def context(self):
-        """Nothing to guard: JAX has no autograd tape to keep clipping out of."""
-        return contextlib.nullcontext()
+    def _dtype(self, name):
+        return _dtype(name)
+
+    def _out(self, grad, result):
+        del grad  # never in place
+        return result
+
+    def _words(self):
+        return _WORDS
 
     # -- scalars ------------------------------------------------------------------------------
     def scalar(self, value, dtype: str = "float32"):
         if dtype == "int64":
             return jnp.asarray(_host_value(value, dtype))
         return jnp.asarray(value, dtype=_dtype(dtype))
-
-    def where(self, cond, a, b):
-        return jnp.where(cond, a, b)
-
-    def minimum(self, a, b):
-        return jnp.minimum(a, b)
-
-    def maximum(self, a, b):
-        return jnp.maximum(a, b)
-
-    def sqrt(self, x):
-        return jnp.sqrt(x)
-
-    def exp(self, x):
-        return jnp.exp(x)
-
-    def log(self, x):
-        return jnp.log(x)
-
-    def isfinite(self, x):
-        return jnp.isfinite(x)
-
-    def stack(self, xs):
-        if len(xs) == 0:
-            return jnp.zeros((0,), self.acc)
-        return jnp.stack([jnp.asarray(x) for x in xs])
-
-    def any(self, x):
-        return jnp.any(x)
 
     def to_host(self, x):
         if _is_tracer(x):
@@ -183,9 +160,6 @@ class JaxOps(Ops):
             return jnp.sqrt(jnp.sum(jnp.square(norms)))
         return jnp.sum(norms**norm_type) ** (1.0 / norm_type)
 
-    def global_norm(self, grads, norm_type):
-        return self.combine_norms(self.norms(grads, norm_type), norm_type)
-
     @staticmethod
     def _mul(grad, coef):
         # Multiply in fp32 (fp64 when the gradient or the coefficient is fp64) and round once
@@ -212,108 +186,12 @@ class JaxOps(Ops):
             out.append(value)
         return out
 
-    def zero_above(self, grads, threshold):
-        return [jnp.where(jnp.abs(g) > threshold, jnp.zeros_like(g), g) for g in grads]
-
-    def sign_where(self, grads, magnitude, cond):
-        return [jnp.where(cond, jnp.sign(g) * jnp.asarray(magnitude, g.dtype), g) for g in grads]
-
-    def zero_nonfinite(self, grads):
-        return [jnp.where(jnp.isfinite(g), g, jnp.zeros_like(g)) for g in grads]
-
-    def finite_each(self, grads):
-        if len(grads) == 0:
-            return jnp.zeros((0,), dtype=bool)
-        return jnp.stack([jnp.all(jnp.isfinite(g)) for g in grads])
-
-    def extrema(self, grads):
-        if not grads:
-            empty = jnp.zeros((0,), jnp.float32)
-            return empty, empty
-        highs, lows = [], []
-        for g in grads:
-            if g.size == 0:
-                highs.append(jnp.asarray(-math.inf, jnp.float32))
-                lows.append(jnp.asarray(math.inf, jnp.float32))
-            else:
-                values = g.astype(jnp.float32)
-                highs.append(jnp.max(values))
-                lows.append(jnp.min(values))
-        return jnp.stack(highs), jnp.stack(lows)
-
-    def numel(self, grad):
-        return int(grad.size)
-
     # -- small-vector math for adaptive state -------------------------------------------------
-    def sum(self, x):
-        x = jnp.asarray(x)
-        if x.dtype == jnp.bool_ or jnp.issubdtype(x.dtype, jnp.integer):
-            return jnp.sum(x, dtype=_dtype("int64"))
-        return jnp.sum(x, dtype=x.dtype)
-
-    def arange(self, n, dtype="int64"):
-        return jnp.arange(n, dtype=_dtype(dtype))
-
-    def cast(self, x, dtype):
-        return jnp.asarray(x).astype(_dtype(dtype))
-
-    def floor(self, x):
-        return jnp.floor(x)
-
     def sort(self, x):
         return jnp.sort(x, stable=True)
 
-    def take(self, x, index):
-        return jnp.asarray(x)[index]
-
-    def cumsum(self, x):
-        x = jnp.asarray(x)
-        return jnp.cumsum(x, dtype=x.dtype)
-
-    def unit_norms(self, arrays, axes):
-        out = []
-        for array, kept in zip(arrays, axes):
-            acc = _accumulation_dtype(array.dtype)
-            values = array.astype(acc)
-            if kept is None:
-                if array.size == 0:
-                    out.append(jnp.zeros((1,) * array.ndim, acc))
-                else:
-                    out.append(jnp.sqrt(jnp.sum(jnp.square(values))).reshape((1,) * array.ndim))
-                continue
-            reduce = tuple(d for d in range(array.ndim) if d not in kept)
-            if not reduce:
-                out.append(jnp.abs(values))
-                continue
-            out.append(jnp.sqrt(jnp.sum(jnp.square(values), axis=reduce, keepdims=True)))
-        return out
-
     def scale_units(self, grads, coefs):
         return [self._mul(g, c) for g, c in zip(grads, coefs)]
-
-    def write_back(self, targets, values):
-        return list(values)  # JAX arrays are immutable: these Ops are never in place
-
-    def flat_concat(self, arrays):
-        if not arrays:
-            return jnp.zeros((0,), self.acc)
-        return jnp.concatenate([jnp.ravel(a) for a in arrays])
-
-    def split_as(self, vector, like):
-        shapes = [jnp.shape(a) for a in like]
-        offsets = np.cumsum([math.prod(shape) for shape in shapes])[:-1].tolist()  # static under jit
-        return [piece.reshape(shape) for piece, shape in zip(jnp.split(vector, offsets), shapes)]
-
-    def uniform(self, key, counter, shapes):
-        return [
-            (h >> jnp.uint32(8)).astype(jnp.float32) * jnp.float32(2.0**-24)
-            for h in hash_streams(key, counter, shapes, _WORDS)
-        ]
-
-    def select(self, grads, replacements, masks):
-        return [
-            jnp.where(m, jnp.asarray(r).astype(g.dtype), g) for g, r, m in zip(grads, replacements, masks)
-        ]
 
     # -- optional capabilities ------------------------------------------------------------------
     def check_state(self, state, where: str) -> None:

@@ -7,7 +7,6 @@ favours clarity; it is still vectorised per tensor. Low-precision inputs (float1
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -15,10 +14,10 @@ from typing import Any
 import numpy as np
 
 from gradclip._core.errors import BackendError, ReadOnlyArrayError
-from gradclip._core.ops import Ops
-from gradclip.backends._hashing import Int64Words, hash_streams
+from gradclip.backends._array_api import ArrayApiOps
+from gradclip.backends._hashing import Int64Words
 
-__all__ = ["NumpyOps", "BACKEND"]
+__all__ = ["BACKEND", "NumpyOps"]
 
 
 def _accumulation_dtype(array: np.ndarray) -> np.dtype:
@@ -48,12 +47,13 @@ def _check_writeable(arrays: Sequence[np.ndarray], where: str) -> None:
         )
 
 
-class NumpyOps(Ops):
+class NumpyOps(ArrayApiOps):
     """Ops over lists of ``numpy.ndarray``."""
 
     name = "numpy"
     #: NumPy follows torch's output-major weight layout for AGC (see ``Ops.unit_axis``).
     unit_axis = 0
+    xp = np
 
     def __init__(
         self,
@@ -75,44 +75,19 @@ class NumpyOps(Ops):
                 )
         if inplace:
             _check_writeable(arrays, where)
-        self._acc = np.dtype(np.float64) if any(
+        self.acc = np.dtype(np.float64) if any(
             getattr(a, "dtype", None) == np.float64 for a in arrays
         ) else np.dtype(np.float32)
 
-    def context(self):
-        """Nothing to guard: NumPy has no autograd."""
-        return contextlib.nullcontext()
+    def _quiet(self):
+        return np.errstate(over="ignore", invalid="ignore")
+
+    def _words(self):
+        return Int64Words(lambda n: np.arange(n, dtype=np.int64))
 
     # -- scalars ------------------------------------------------------------------------------
     def scalar(self, value, dtype: str = "float32"):
         return np.asarray(value, dtype=np.dtype(dtype))
-
-    def where(self, cond, a, b):
-        return np.where(cond, a, b)
-
-    def minimum(self, a, b):
-        return np.minimum(a, b)
-
-    def maximum(self, a, b):
-        return np.maximum(a, b)
-
-    def sqrt(self, x):
-        return np.sqrt(x)
-
-    def exp(self, x):
-        return np.exp(x)
-
-    def log(self, x):
-        return np.log(x)
-
-    def isfinite(self, x):
-        return np.isfinite(x)
-
-    def stack(self, xs):
-        return np.stack([np.asarray(x) for x in xs]) if len(xs) else np.zeros((0,), self._acc)
-
-    def any(self, x):
-        return np.any(x)
 
     def to_host(self, x):
         return np.asarray(x).item()
@@ -141,22 +116,19 @@ class NumpyOps(Ops):
 
     def norms(self, grads, norm_type):
         return np.asarray(
-            [self._norm(g, norm_type).astype(self._acc) for g in grads], dtype=self._acc
+            [self._norm(g, norm_type).astype(self.acc) for g in grads], dtype=self.acc
         ).reshape(len(grads))
 
     def combine_norms(self, norms, norm_type):
-        norms = np.asarray(norms, dtype=self._acc)
+        norms = np.asarray(norms, dtype=self.acc)
         if norms.size == 0:
-            return np.zeros((), self._acc)
+            return np.zeros((), self.acc)
         with np.errstate(over="ignore", invalid="ignore"):
             if norm_type == math.inf:
-                return np.asarray(norms.max(), self._acc)
+                return np.asarray(norms.max(), self.acc)
             if norm_type == 2.0:
-                return np.asarray(np.sqrt(np.dot(norms, norms)), self._acc)
-            return np.asarray(np.sum(norms**norm_type) ** (1.0 / norm_type), self._acc)
-
-    def global_norm(self, grads, norm_type):
-        return self.combine_norms(self.norms(grads, norm_type), norm_type)
+                return np.asarray(np.sqrt(np.dot(norms, norms)), self.acc)
+            return np.asarray(np.sum(norms**norm_type) ** (1.0 / norm_type), self.acc)
 
     def _out(self, grad: np.ndarray, result: np.ndarray) -> np.ndarray:
         result = np.asarray(result).astype(grad.dtype, copy=False)
@@ -171,14 +143,14 @@ class NumpyOps(Ops):
         out = []
         for g in grads:
             with np.errstate(invalid="ignore", over="ignore"):
-                out.append(self._out(g, g.astype(self._acc, copy=False) * coef))
+                out.append(self._out(g, g.astype(self.acc, copy=False) * coef))
         return out
 
     def scale_each(self, grads, coefs):
         out = []
         for g, c in zip(grads, np.asarray(coefs)):
             with np.errstate(invalid="ignore", over="ignore"):
-                out.append(self._out(g, g.astype(self._acc, copy=False) * c))
+                out.append(self._out(g, g.astype(self.acc, copy=False) * c))
         return out
 
     def clamp(self, grads, low, high):
@@ -193,63 +165,9 @@ class NumpyOps(Ops):
                 out.append(self._out(g, np.clip(g, low, high)))
         return out
 
-    def zero_above(self, grads, threshold):
-        return [self._out(g, np.where(np.abs(g) > threshold, np.zeros_like(g), g)) for g in grads]
-
-    def sign_where(self, grads, magnitude, cond):
-        return [
-            self._out(g, np.where(cond, (magnitude * np.sign(g)).astype(g.dtype), g)) for g in grads
-        ]
-
-    def zero_nonfinite(self, grads):
-        return [self._out(g, np.where(np.isfinite(g), g, np.zeros_like(g))) for g in grads]
-
-    def finite_each(self, grads):
-        return np.asarray([bool(np.isfinite(g).all()) for g in grads], dtype=bool).reshape(len(grads))
-
-    def extrema(self, grads):
-        highs, lows = [], []
-        for g in grads:
-            if g.size == 0:
-                highs.append(-np.inf)
-                lows.append(np.inf)
-            else:
-                values = np.asarray(g).astype(np.float32, copy=False)
-                highs.append(values.max())
-                lows.append(values.min())
-        return np.asarray(highs, np.float32).reshape(len(grads)), np.asarray(lows, np.float32).reshape(
-            len(grads)
-        )
-
-    def numel(self, grad):
-        return int(np.size(grad))
-
     # -- small-vector math for adaptive state -------------------------------------------------
-    def sum(self, x):
-        x = np.asarray(x)
-        if x.dtype == np.bool_ or np.issubdtype(x.dtype, np.integer):
-            return np.asarray(x.sum(dtype=np.int64))
-        return np.asarray(x.sum(dtype=x.dtype))
-
-    def arange(self, n, dtype="int64"):
-        return np.arange(n, dtype=np.dtype(dtype))
-
-    def cast(self, x, dtype):
-        with np.errstate(invalid="ignore", over="ignore"):
-            return np.asarray(x).astype(np.dtype(dtype))
-
-    def floor(self, x):
-        return np.floor(x)
-
     def sort(self, x):
         return np.sort(np.asarray(x), kind="stable")
-
-    def take(self, x, index):
-        return np.asarray(x)[np.asarray(index)]
-
-    def cumsum(self, x):
-        x = np.asarray(x)
-        return np.cumsum(x, dtype=x.dtype)
 
     def version_token(self, grads):
         # NumPy arrays have no version counter; a XOR of their 64-bit words changes with any
@@ -263,51 +181,12 @@ class NumpyOps(Ops):
             token.append((g.shape, str(g.dtype), int(words), tail))
         return tuple(token)
 
-    def unit_norms(self, arrays, axes):
-        out = []
-        for array, kept in zip(arrays, axes):
-            x = np.asarray(array)
-            values = x.astype(_accumulation_dtype(x), copy=False)
-            with np.errstate(over="ignore", invalid="ignore"):
-                if kept is None:
-                    squares = np.sum(values * values, keepdims=True) if x.size else np.zeros((1,) * x.ndim)
-                    out.append(np.sqrt(np.asarray(squares, values.dtype)))
-                    continue
-                reduce = tuple(d for d in range(x.ndim) if d not in kept)
-                if not reduce:
-                    out.append(np.abs(values))
-                    continue
-                out.append(np.sqrt(np.sum(values * values, axis=reduce, keepdims=True)))
-        return out
-
     def scale_units(self, grads, coefs):
         out = []
         for g, c in zip(grads, coefs):
             with np.errstate(invalid="ignore", over="ignore"):
-                out.append(self._out(g, g.astype(self._acc, copy=False) * c))
+                out.append(self._out(g, g.astype(self.acc, copy=False) * c))
         return out
-
-    def write_back(self, targets, values):
-        return [self._out(t, v) for t, v in zip(targets, values)]
-
-    def flat_concat(self, arrays):
-        if not arrays:
-            return np.zeros((0,), self._acc)
-        return np.concatenate([np.asarray(a).reshape(-1) for a in arrays])
-
-    def split_as(self, vector, like):
-        shapes = [np.shape(a) for a in like]
-        offsets = np.cumsum([math.prod(shape) for shape in shapes])[:-1]
-        return [piece.reshape(shape) for piece, shape in zip(np.split(vector, offsets), shapes)]
-
-    def uniform(self, key, counter, shapes):
-        return [
-            (h >> np.int64(8)).astype(np.float32) * np.float32(2.0**-24)
-            for h in hash_streams(key, counter, shapes, Int64Words(lambda n: np.arange(n, dtype=np.int64)))
-        ]
-
-    def select(self, grads, replacements, masks):
-        return [self._out(g, np.where(m, r, g)) for g, r, m in zip(grads, replacements, masks)]
 
 
 BACKEND = NumpyOps

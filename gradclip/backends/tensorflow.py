@@ -41,7 +41,7 @@ try:  # Keep autograph out of gradclip's code: it has no Python control flow on 
 except Exception:  # noqa: BLE001 - an internal module; without it autograph merely converts us
     pass
 
-__all__ = ["TensorFlowOps", "StateStore", "BACKEND"]
+__all__ = ["BACKEND", "StateStore", "TensorFlowOps"]
 
 _DTYPES = {
     "float16": tf.float16,
