@@ -7,13 +7,11 @@ from the type of the arrays it is given, and its framework is imported only then
 
 Conventions every backend keeps:
 
-* "Scalars" are 0-d arrays of the backend on the gradients' device. Nothing here converts them
-  to Python numbers except :meth:`Ops.to_host`, which exists for the paths that must read a value
-  (the ``"raise"`` policy) and is never called on the default path (DESIGN.md rule 1).
+* "Scalars" are 0-d arrays on the gradients' device; only :meth:`Ops.to_host` reads one on the
+  host, never on the default path (the ``"raise"`` policy; DESIGN.md rule 1).
 * Norms accumulate in fp32 whatever the gradient dtype, fp64 for fp64 gradients (rule 2).
-* Multi-tensor operations take and return lists of arrays. An ``Ops`` built with
-  ``inplace=True`` writes the results into the input arrays and returns them; otherwise it
-  returns new arrays and leaves its inputs alone.
+* Multi-tensor operations take and return lists of arrays; built with ``inplace=True`` an
+  ``Ops`` writes the results into its inputs and returns them, else it leaves them alone.
 """
 
 from __future__ import annotations
@@ -44,10 +42,9 @@ Array = Any
 class Ops:
     """Multi-tensor primitives, implemented once per framework: the base of every backend.
 
-    What a backend must provide (the base raises :class:`NotImplementedError` for each): the
-    class attribute :attr:`name`, and every method of the sections "scalars", "multi-tensor"
-    and "small-vector math" below. What is optional has a default here, correct for a
-    single-process backend that keeps clipper state as Python attributes:
+    A backend must provide :attr:`name` and every method of the sections marked "required"
+    below (the base raises :class:`NotImplementedError`). The rest has a default, correct for
+    a single-process backend that keeps clipper state as Python attributes:
 
     ==========================  =================================================================
     ``inplace``                 False (set by the constructor from its ``inplace`` argument)
@@ -74,22 +71,16 @@ class Ops:
     name: str = "ops"
     #: Whether multi-tensor operations write into their inputs.
     inplace: bool = False
-    #: The axis that indexes output units in this framework's weight layout, used by AGC when
-    #: no ``axis`` is given: 0 for torch (``nn.Linear`` is ``(out, in)``, ``ConvNd`` is
-    #: ``(out, in, *k)``) and for NumPy (which follows torch's layout); -1 for TensorFlow/Keras
-    #: and JAX/Flax (``(in, out)`` dense kernels, ``HWIO`` convolutions).
+    #: The axis indexing output units in the framework's weight layout (AGC's default): 0 for
+    #: torch and NumPy (``(out, in, *k)``), -1 for TensorFlow/Keras and JAX/Flax (``HWIO``).
     unit_axis: int = 0
-    #: Whether :meth:`state_store` returns a store (state kept in framework variables, so that a
-    #: traced function advances it); False: state is kept as Python attributes.
+    #: Whether clipper state lives in framework variables (so a traced function advances it):
+    #: then ``state_store(template)`` builds the store for a state shaped like ``template``.
+    #: Elsewhere ``state_store`` is None and clippers keep their state as Python attributes.
     holds_state: bool = False
-    #: ``state_store(template) -> store``: on a backend that keeps clipper state in framework
-    #: variables (:attr:`holds_state`), builds the store for a state shaped like ``template``;
-    #: None on the others (the default), whose clippers keep their state as Python attributes.
-    #: Call it only where ``holds_state`` is True.
     state_store: Callable[[Any], Any] | None = None
-    #: Whether norms are reduced across processes (torch with a process group or DTensors).
-    #: Clippers that read per-tensor statistics of their own take totals through
-    #: :meth:`unit_totals` and :meth:`combine_norms`, which reduce; they never branch on it.
+    #: Whether norms are reduced across processes (torch with a process group or DTensors);
+    #: :meth:`combine_norms` and :meth:`unit_totals` reduce, so algorithms never branch on it.
     distributed: bool = False
 
     def _missing(self, what: str) -> NotImplementedError:
@@ -216,15 +207,10 @@ class Ops:
         raise self._missing("cumsum")
 
     def version_token(self, grads: list[Array]) -> Any:
-        """A hashable host-side token that changes whenever any of ``grads`` is written, or None
-        when the backend cannot tell (then repeated-call detection is off; the default).
-
-        Used by :class:`~gradclip.Clipper` to detect a second ``clip_`` on gradients unchanged
-        since the last one. It must never read a device value: torch returns the tensors'
-        version counters (``tensor._version``, host integers bumped by every in-place write);
-        NumPy, whose arrays live on the host, returns a 64-bit XOR fingerprint of their bytes.
-        Immutable arrays (JAX) and backends without counters return None.
-        """
+        """A hashable host-side token that changes whenever any of ``grads`` is written (to
+        detect a second ``clip_`` of unchanged gradients), read without touching the device:
+        torch's version counters, NumPy's XOR fingerprint of the bytes. None (the default): the
+        backend cannot tell (immutable arrays), and repeated-call detection is off."""
         del grads
         return None
 
@@ -265,11 +251,8 @@ class Ops:
     def flat_concat(self, arrays: list[Array]) -> Array:
         """Every element of ``arrays`` in one 1-D array, in order (row-major within each), in
         their common (widest) dtype; an empty list gives an empty accumulation-dtype array.
-
-        With :meth:`split_as`, lets per-unit arithmetic over many small arrays (AGC's unit norms)
-        run as a few operations on one vector instead of a few per array: on a GPU each is a
-        kernel launch.
-        """
+        With :meth:`split_as`, per-unit arithmetic over many small arrays runs as a few
+        operations on one vector (on a GPU each is a kernel launch)."""
         raise self._missing("flat_concat")
 
     def split_as(self, vector: Array, like: list[Array]) -> list[Array]:
@@ -283,12 +266,8 @@ class Ops:
         A pure function of ``(key, counter, tensor position, element position)`` — no generator
         state — so a clipper's randomness is checkpointed by two integers and is identical on
         every backend and device. ``key`` and ``counter`` are int64 0-d device arrays >= 0.
-        Element ``j`` (row-major) of shape ``i`` is ``(h >> 8) * 2**-24`` with, in 32-bit
-        unsigned arithmetic, ``m(x) = lowbias32(x)`` (``x ^= x >> 16; x *= 0x7FEB352D;
-        x ^= x >> 15; x *= 0x846CA68B; x ^= x >> 16``) and
-        ``s = m(m(key_lo ^ m(key_hi)) ^ m(counter_lo ^ m(counter_hi)))``,
-        ``t_i = m(s ^ m(i + 0x9E3779B9))``, ``h = m(t_i ^ j)``
-        (:mod:`gradclip.backends._hashing` writes it once for every backend).
+        Element ``j`` (row-major) of shape ``i`` is ``(h >> 8) * 2**-24`` for the 32-bit hash
+        ``h`` that :mod:`gradclip.backends._hashing` defines (once, for every backend).
         """
         raise self._missing("uniform")
 
@@ -299,12 +278,9 @@ class Ops:
 
     # -- optional capabilities, with their defaults --------------------------------------------
     def clip_coefficient(self, norm: Array, threshold: Array, eps: float = 0.0) -> Array:
-        """``threshold / (norm + eps)`` where ``norm > threshold``, else exactly 1.
-
-        Formed as ``threshold * (1 / divisor)``, the way torch computes ``max_norm / tensor``,
-        so the torch backend's shorter override gives the same bits. The divisor is 1 wherever
-        the coefficient is not used, so a zero norm never divides by zero.
-        """
+        """``threshold / (norm + eps)`` where ``norm > threshold``, else exactly 1: formed as
+        ``threshold * (1 / divisor)`` as torch does (torch's override gives the same bits), with
+        the divisor 1 wherever the coefficient is not used (a zero norm never divides by 0)."""
         one = self.scalar(1.0, accumulation(norm))
         above = norm > threshold
         divisor = self.where(above, norm + eps, one)
@@ -321,19 +297,15 @@ class Ops:
         Called once per clipper call, on every rank."""
         return info
 
-
     def check_state(self, state: Any, where: str) -> None:
         """Refuse a state that cannot be kept on the Python object (JAX: tracers inside
         ``jit``); accepts everything by default."""
         del state, where
 
     def out_of_place(self) -> Ops:
-        """An Ops like this one that returns new arrays instead of writing into its inputs.
-
-        ``self`` when it is not in place; else a shallow copy with ``inplace=False``, built
-        without touching this object (caches made by the constructor are shared: they depend
-        only on the arrays, never on ``inplace``).
-        """
+        """An Ops like this one that returns new arrays: ``self`` when not in place, else a
+        shallow copy with ``inplace=False``, built without touching this object (caches made by
+        the constructor are shared: they depend on the arrays, never on ``inplace``)."""
         if not self.inplace:
             return self
         twin = copy.copy(self)
@@ -343,12 +315,8 @@ class Ops:
 
 # Maps the top-level module of an array type to the backend module that handles it.
 _FRAMEWORK_OF_MODULE = {
-    "numpy": "numpy",
-    "torch": "torch",
-    "tensorflow": "tensorflow",
-    "keras": "tensorflow",
-    "jax": "jax",
-    "jaxlib": "jax",
+    "numpy": "numpy", "torch": "torch", "tensorflow": "tensorflow", "keras": "tensorflow",
+    "jax": "jax", "jaxlib": "jax",
 }
 _framework_cache: dict[type, str] = {}
 _backend_cache: dict[str, type] = {}
@@ -397,19 +365,13 @@ def accumulation(x: Any) -> str:
 
 
 def check_floating(arrays: Sequence[Any], where: str = "gradclip") -> None:
-    """Refuse arrays whose dtype is not floating point, before anything reads or writes them.
-
-    Clipping an integer array would truncate (a coefficient of 0.4 turns every element into 0)
-    and a complex one would lose its imaginary part, so every backend refuses them up front,
-    with the same message.
-
-    Args:
-        arrays: The arrays about to be clipped.
-        where: The public entry point, for the message.
+    """Refuse arrays whose dtype is not floating point, before anything reads or writes them:
+    clipping would truncate integers (a coefficient of 0.4 turns every element into 0) and drop
+    imaginary parts, so every backend refuses them up front, with the same message.
 
     Raises:
-        BackendError: An array of an integer, bool or complex dtype (the message names its
-            position, its dtype and the valid dtypes). A ``TypeError``, as NumPy would raise.
+        BackendError: An integer, bool or complex array (the message names its position, its
+            dtype and the valid dtypes; ``where`` names the entry point). A ``TypeError``.
     """
     # One test per distinct dtype (a model has a handful), not per array.
     dtypes = {getattr(array, "dtype", None) for array in arrays}
@@ -489,12 +451,10 @@ def get_ops(
             only the torch backend has a multi-tensor fast path.
         framework: Force a backend by name (used when the list may be empty).
         where: The public entry point, for error messages.
-        process_group: torch only: the ``torch.distributed`` group (or ``DeviceMesh``) over
-            which plain tensors are sharded; norms are then all-reduced over it (see
-            :mod:`gradclip.torch.distributed`). DTensors need none: their mesh is used.
-        torch_kernels: torch only: keep torch's own norm kernels on every device and size (the
-            drop-ins of :mod:`gradclip.torch.clip` promise torch's results bit for bit); other
-            backends have no alternative kernels and ignore it.
+        process_group: torch only: the group (or ``DeviceMesh``) over which plain tensors are
+            sharded (:mod:`gradclip.torch.distributed`); DTensors need none.
+        torch_kernels: torch only: torch's own norm kernels everywhere (the drop-ins' promise
+            of torch's bits); other backends have no alternative kernels and ignore it.
 
     Returns:
         An :class:`Ops`, bound to the device of the first array.

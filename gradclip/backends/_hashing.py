@@ -1,5 +1,10 @@
 """The counter-based random numbers behind ``Ops.uniform``, written once for every backend.
 
+Element ``j`` (row-major) of shape ``i`` gets the hash ``h = m(t_i ^ j)``, in 32-bit unsigned
+arithmetic, with ``m(x) = lowbias32(x)`` (``x ^= x >> 16; x *= 0x7FEB352D; x ^= x >> 15;
+x *= 0x846CA68B; x ^= x >> 16``), ``s = m(m(key_lo ^ m(key_hi)) ^ m(counter_lo ^ m(counter_hi)))``
+and ``t_i = m(s ^ m(i + 0x9E3779B9))``; ``Ops.uniform`` returns ``(h >> 8) * 2**-24``.
+
 The hash (see ``Ops.uniform`` for the formula) is written against :class:`Words`, a tiny set of
 operations on arrays of 32-bit words: xor, right shift, multiplication modulo 2**32, a constant,
 ``[0, n)``, the two halves of a 64-bit integer, and reshape. Two implementations cover every

@@ -3,7 +3,7 @@
 Tensors are grouped by (device, dtype) with torch's own grouping helper, the same one
 ``torch.nn.utils.clip_grad_norm_`` uses, and each group goes through one foreach kernel. Every
 reduction accumulates in fp32 (fp64 for fp64 gradients) through the kernels' ``dtype`` argument, so
-fp16 gradients above 65504 no longer overflow to inf (the torch bug listed in DESIGN.md).
+fp16 gradients above 65504 have a finite norm (torch's own overflows to inf; see DESIGN.md).
 
 No function here reads a tensor value on the host except :meth:`TorchOps.to_host`: scalars are
 0-d tensors on the gradients' device, and conditions are applied with ``torch.where``, so a
@@ -186,8 +186,8 @@ class TorchOps(TorchVectorOps):
             BackendError: ``foreach=True`` on a device without foreach kernels.
         """
         if not grads:
-            # torch's grouping helper fails on an empty list; no tensors, no groups (reached by
-            # clip_ on a module before backward(), which now gets a torch ClipInfo).
+            # torch's grouping helper fails on an empty list; no tensors, no groups (clip_ on a
+            # module before backward() still gets a torch ClipInfo).
             return []
         cached = self._memo.get("grouping")
         if (

@@ -10,7 +10,7 @@ reduced per row (rows are shared among the cores; each row's sum is accurate) an
 norms combined. fp16/bf16 tensors are widened to fp32 :data:`CHUNK`
 elements at a time into one scratch buffer and reduced there in rows of
 :data:`LOW_PRECISION_ROW`: torch's upcasting reduction allocates a full fp32 copy of the
-tensor on every call, and its page faults made bf16 slower per element than fp32. Smaller
+tensor on every call, whose page faults make bf16 slower per element than fp32. Smaller
 tensors keep the one foreach call, whose cost per tensor is dispatch, not reading; tensors
 with gaps (slices with steps) keep torch's kernel. CUDA keeps ``torch._foreach_norm`` (one
 fused multi-tensor kernel). ``foreach=True`` and ``False`` keep torch's kernels, bit-for-bit

@@ -152,4 +152,4 @@ def test_chain_links_with_different_groups_raise(world_of_one):
     with pytest.raises(gradclip.InvalidArgumentError, match="different process groups"):
         chained.clip_([_param([1.0])])
     same = gradclip.chain(gradclip.NonFinite("zero"), gradclip.GlobalNorm(1.0, process_group=world_of_one))
-    assert same._distributed_group() is world_of_one
+    assert same.distributed_group() is world_of_one
