@@ -33,6 +33,7 @@ compose their children's whole steps in :meth:`Clipper.run`.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Mapping
 from typing import Any, ClassVar
@@ -143,9 +144,10 @@ class Clipper(CallsMixin):
         """The clippers this one wraps, in order (``Chain`` links, ``Subset``'s clipper)."""
         return ()
 
-    @property
+    @functools.cached_property
     def keeps_state(self) -> bool:
-        """Whether a call advances state (then a repeated call on the same gradients is refused)."""
+        """Whether a call advances state (then a repeated call on the same gradients is refused).
+        Fixed at construction (state type and children), so computed once."""
         own = any(self.state_dtypes.get(f) not in (CHILD, CHILDREN) for f in self.state_type._fields)
         return own or any(child.keeps_state for child in self.children())
 
@@ -234,8 +236,7 @@ class Clipper(CallsMixin):
         Raises:
             NonFiniteError: Under ``nonfinite="raise"``, when a value is not finite.
         """
-        found = measurement(ops, grads, self.norm_type, self.nonfinite, names, type(self).__name__)
-        return found._replace(params=params)
+        return measurement(ops, grads, self.norm_type, self.nonfinite, names, type(self).__name__, params)
 
     def decide(self, ops: Ops, measured: Measured, state: Any, signals: Signals = NO_SIGNALS) -> Decision:
         """Step 2: the coefficient, the next state and the info, from the measurement alone.

@@ -118,6 +118,7 @@ def measurement(
     policy: str,
     names: list[str],
     where: str,
+    params: list[Any] | None = None,
 ) -> Measured:
     """Apply the pre-measurement part of the policy and measure the gradients.
 
@@ -128,6 +129,7 @@ def measurement(
         policy: One of :data:`POLICIES`.
         names: One name per gradient, for ``"raise"`` messages.
         where: The public entry point, for messages.
+        params: The parameters, carried along for ``decide`` (AGC-like methods).
 
     Returns:
         A :class:`~gradclip._core.contract.Measured`. Under ``"zero"`` its gradients have their non-finite elements
@@ -148,7 +150,7 @@ def measurement(
         raise_if_nonfinite(ops, grads, norm, names, where, norm_type)
     finite = ops.isfinite(norm)
     return Measured(
-        grads, norms, norm, finite, finite if given_finite is None else given_finite, float(norm_type), names
+        grads, norms, norm, finite, finite if given_finite is None else given_finite, norm_type, names, params
     )
 
 
