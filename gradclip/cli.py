@@ -1,17 +1,21 @@
 """The ``gradclip`` command line: ``compare``, ``suggest``, ``report``, ``bench``.
 
 ``gradclip compare`` is the product's main job: train one task under several clippers and seeds,
-in parallel, and report side by side. With no arguments it runs a default comparison on the
-adding problem that finishes in one to two minutes on two cores.
+in parallel, and report side by side, opening with a verdict (the best fixed threshold in
+hindsight and how far each adaptive clipper landed from it). With no arguments it runs a default
+comparison on the adding problem that finishes in one to two minutes on two cores. ``--task``
+takes a built-in task or your own (``path/to/file.py:factory``, ``package.module:factory``),
+``--sweep`` a range of thresholds, ``--backend ray`` a Ray cluster.
 
-Exit codes: 0 success, 2 usage error (unknown task or clipper, bad parameter, unwritable
-output directory), 1 anything else.
+Exit codes: 0 success, 2 usage error (unknown task or clipper, a task that cannot be imported or
+breaks the contract, bad parameter, unwritable output directory, a missing optional
+dependency), 1 anything else.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
+import importlib.util
 import json
 import math
 import os
@@ -21,12 +25,9 @@ from typing import Any
 
 from gradclip._core.errors import GradClipError
 
-__all__ = ["main", "build_parser", "DEFAULT_CLIPPERS"]
+__all__ = ["main", "build_parser", "DEFAULT_CLIPPERS", "EXTRAS"]
 
-#: The clippers of the default comparison: none, the fixed global norm of Pascanu et al., value
-#: clipping, and two adaptive thresholds. ZClip gets a ``max_grad_norm`` cap because its first
-#: ``warmup_steps`` only gather statistics: uncapped, the RNN diverges before ZClip starts to act
-#: (run ``--clipper zclip`` to see it).
+#: The clippers of the default comparison (see :data:`gradclip.experiments.compare.DEFAULT_CLIPPERS`).
 DEFAULT_CLIPPERS = (
     "none",
     "global_norm:max_norm=1.0",
@@ -35,9 +36,49 @@ DEFAULT_CLIPPERS = (
     "autoclip",
 )
 
+#: The extra (``pip install 'gradclip[EXTRA]'``) that brings each optional module.
+EXTRAS = {
+    "rich": "cli",
+    "matplotlib": "cli",
+    "sklearn": "cli",
+    "torch": "torch",
+    "tensorflow": "tf",
+    "keras": "tf",
+    "jax": "jax",
+    "optax": "jax",
+    "ray": "ray",
+    "transformers": "transformers",
+    "accelerate": "transformers",
+    "lightning": "lightning",
+    "tensorboard": "tensorboard",
+}
+
+#: The optional modules each command needs whatever it is asked to do.
+_NEEDS = {"compare": ("rich", "matplotlib"), "suggest": ("matplotlib",), "report": ("matplotlib",), "bench": ("torch",)}
+#: Built-in tasks' own needs (digits and spikes load scikit-learn's bundled digits).
+_TASK_NEEDS = {"digits": ("sklearn",), "spikes": ("sklearn",)}
+
 
 class UsageError(Exception):
     """A problem with the command line; exits with status 2."""
+
+
+def _missing(modules) -> UsageError | None:
+    """A one-line usage error naming the extras to install, or None when every module is there."""
+    absent = [m for m in modules if importlib.util.find_spec(m) is None]
+    if not absent:
+        return None
+    extras = sorted({EXTRAS.get(m, m) for m in absent}, key=lambda e: (e != "cli", e))
+    return UsageError(
+        f"this needs {', '.join(absent)}, which {'is' if len(absent) == 1 else 'are'} not installed: "
+        f"pip install 'gradclip[{','.join(extras)}]'"
+    )
+
+
+def _require(*modules: str) -> None:
+    error = _missing(modules)
+    if error is not None:
+        raise error
 
 
 def available_cores() -> int:
@@ -57,21 +98,46 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gradclip", description="Gradient clipping experiments and tools.")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    compare = commands.add_parser("compare", help="train one task under several clippers and compare")
-    compare.add_argument("--task", default="adding", help="adding, temporal-order, digits, spikes, charlm")
+    compare = commands.add_parser(
+        "compare", help="train one task under several clippers and compare",
+        description="Train one task under several clippers and seeds and compare them; the table and the "
+        "reports open with a verdict: the best fixed threshold in hindsight and each adaptive clipper's "
+        "distance from it.",
+    )
+    compare.add_argument(
+        "--task", default="adding", metavar="TASK",
+        help="adding, temporal-order, digits, spikes, charlm, gpt, or your own: path/to/file.py:factory or "
+        "package.module:factory naming a gradclip.experiments.Task subclass, a TrainTask, a "
+        "train(clipper, seed, steps, report) function, or a function returning one (default: adding)",
+    )
     compare.add_argument(
         "--clipper",
         action="append",
         metavar="SPEC",
         help="clipper spec, e.g. global_norm:max_norm=1.0 or value:min_value=-0.5,max_value=0.5 "
-        "or zclip or none (repeatable; default: %s)" % " ".join(DEFAULT_CLIPPERS),
+        "or zclip or none (repeatable; default: the task's list, for adding: %s)" % " ".join(DEFAULT_CLIPPERS),
+    )
+    compare.add_argument(
+        "--sweep", action="append", metavar="SPEC",
+        help="a clipper with a list of values: global_norm:max_norm=0.1,0.3,1,3,10 or "
+        "global_norm:max_norm=logspace(0.1,10,5) (repeatable; any numeric argument)",
     )
     compare.add_argument("--seeds", type=int, default=3, help="seeds per clipper (default 3)")
     compare.add_argument("--steps", type=int, help="optimizer steps per run (default: the task's)")
     compare.add_argument("--lr", type=float, help="learning rate (default: the task's)")
     compare.add_argument("--optimizer", choices=("sgd", "adam", "adamw"), help="default: the task's (sgd = momentum 0.9)")
-    compare.add_argument("--seq-len", type=int, help="sequence length for adding, temporal-order, charlm")
+    compare.add_argument("--seq-len", type=int, help="sequence length for adding, temporal-order, charlm, gpt")
+    compare.add_argument(
+        "--task-option", action="append", metavar="KEY=VALUE", default=[],
+        help="a keyword argument of the task's constructor, e.g. layers=4 for gpt (repeatable)",
+    )
     compare.add_argument("--jobs", type=int, default=available_cores(), help="parallel processes (default: usable cores)")
+    compare.add_argument("--backend", choices=("local", "ray"), default="local",
+                         help="local processes (default) or Ray tasks (needs gradclip[ray])")
+    compare.add_argument("--ray-address", metavar="ADDRESS",
+                         help="--backend ray: the cluster, as for ray.init(address=...) (default: a local Ray)")
+    compare.add_argument("--resources", metavar="NAME=AMOUNT,...",
+                         help="--backend ray: what each run asks for, e.g. cpu=2,gpu=1 (default cpu=1)")
     compare.add_argument("--out", type=Path, help="run directory (default: runs/compare-TASK-TIME)")
     compare.add_argument("--quick", action="store_true", help="tiny smoke run (few steps, at most 2 seeds)")
     compare.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -116,57 +182,79 @@ def _check_writable_file(path: Path) -> Path:
     return path
 
 
-def _compare(args: argparse.Namespace) -> int:
-    from gradclip.experiments.spec import parse_spec
-    from gradclip.experiments.tasks import TASKS, check_options, task_names
+def _task_options(items: list[str]) -> dict[str, Any]:
+    from gradclip.experiments.spec import _parse_value
 
-    if args.task not in TASKS:
-        raise UsageError(f"unknown task {args.task!r}; valid tasks: {', '.join(task_names())}")
+    options = {}
+    for item in items:
+        key, equals, value = item.partition("=")
+        if not equals or not key.strip():
+            raise UsageError(f"--task-option expects KEY=VALUE, got {item!r}")
+        options[key.strip()] = _parse_value(value)
+    return options
+
+
+def _compare(args: argparse.Namespace) -> int:
+    import datetime as _dt
+
+    _require(*_NEEDS["compare"])
     for name, value, low in (("--seeds", args.seeds, 1), ("--jobs", args.jobs, 1), ("--steps", args.steps, 1)):
         if value is not None and value < low:
             raise UsageError(f"{name} must be an integer >= {low}, got {value}")
     if args.lr is not None and not (math.isfinite(args.lr) and args.lr > 0):
         raise UsageError(f"--lr must be a finite number > 0, got {args.lr}")
-    options = {"seq_len": args.seq_len} if args.seq_len is not None else {}
+    if args.backend != "ray" and (args.ray_address or args.resources):
+        raise UsageError("--ray-address and --resources apply to --backend ray")
+    if args.backend == "ray":
+        _require("ray")
+    options = _task_options(args.task_option)
+    if args.seq_len is not None:
+        options["seq_len"] = args.seq_len
+
+    from gradclip.experiments.compare import plan_comparison, run_comparison
+    from gradclip.experiments.loading import load_task
+
     try:
-        check_options(args.task, options)
+        loaded = load_task(args.task)
     except GradClipError as error:
-        raise UsageError(str(error).replace("seq_len", "--seq-len")) from error
-    specs = []
-    for text in args.clipper or DEFAULT_CLIPPERS:
-        try:
-            spec = parse_spec(text)
-        except GradClipError as error:
-            raise UsageError(str(error)) from error
-        specs.append(spec)
-    task = TASKS[args.task]
-    steps = args.steps or (task.defaults.quick_steps if args.quick else task.defaults.steps)
-    seeds = min(args.seeds, 2) if args.quick else args.seeds
-    lr = args.lr or task.defaults.lr
-    optimizer = args.optimizer or task.defaults.optimizer
+        raise UsageError(str(error)) from error
+    _require(*_TASK_NEEDS.get(loaded.label if loaded.source.kind == "builtin" else "", ()))
+    if not loaded.is_train_function:
+        _require("torch")
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    out = _check_writable(args.out or Path("runs") / f"compare-{args.task}-{stamp}")
+    target, _, attribute = loaded.label.rpartition(":")
+    name = loaded.label if loaded.source.kind == "builtin" else f"{Path(target).stem.split('.')[-1]}-{attribute}"
+    try:
+        plan = plan_comparison(
+            loaded,
+            args.clipper, sweep=args.sweep, seeds=min(args.seeds, 2) if args.quick else args.seeds,
+            steps=args.steps, lr=args.lr, optimizer=args.optimizer, quick=args.quick, task_options=options,
+            jobs=args.jobs, backend=args.backend, ray_address=args.ray_address, resources=args.resources,
+            out=args.out or Path("runs") / f"compare-{name}-{stamp}",
+        )
+    except GradClipError as error:
+        message = str(error).replace("seq_len", "--seq-len")
+        raise UsageError(message) from error
+    show = not args.no_progress
+    try:
+        result = _run_with_progress(plan, run_comparison, show)
+    except GradClipError as error:
+        raise UsageError(str(error)) from error
+    _print_verdict(result.verdict)
+    _print_summary(result.rows, result.meta)
+    from gradclip.experiments.report import divergence_note, failure_lines
 
-    from gradclip.experiments.report import divergence_note, summarise, write_outputs
-    from gradclip.experiments.runner import RunConfig
-
-    configs = [
-        RunConfig(args.task, spec.text, seed, steps, lr, optimizer, options) for spec in specs for seed in range(seeds)
-    ]
-    meta = {"task": args.task, "steps": steps, "lr": lr, "optimizer": optimizer, "seeds": seeds, **options}
-    records = _run_with_progress(configs, max(1, min(args.jobs, len(configs))), not args.no_progress)
-    files = write_outputs(records, out, meta)
-    _print_summary(summarise(records), meta)
-    print(divergence_note(records))
-    print(f"\nwrote {', '.join(p.name for p in files.values())} to {out}")
+    print(divergence_note(result.records))
+    for line in failure_lines(result.records):
+        print(f"failed run: {line}")
+    print(f"\nwrote {', '.join(p.name for p in result.files.values())} to {result.out}")
     return 0
 
 
-def _run_with_progress(configs, jobs: int, show: bool):
-    from gradclip.experiments.runner import run_many
-
+def _run_with_progress(plan, run_comparison, show: bool):
+    configs = plan.configs
     if not show:
-        return run_many(configs, jobs=jobs)
+        return run_comparison(plan, out_label="--out")
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
@@ -180,14 +268,25 @@ def _run_with_progress(configs, jobs: int, show: bool):
             progress.update(bars[index], completed=done, visible=True)
 
         def on_done(index: int, record: dict[str, Any]) -> None:
-            status = "[red]diverged" if record["diverged"] else ("[green]solved" if record["solved"] else "done")
+            if record.get("status") in ("failed", "killed"):
+                status = f"[red]{record['status']}"
+            else:
+                status = "[red]diverged" if record["diverged"] else ("[green]solved" if record["solved"] else "done")
             progress.update(
                 bars[index], completed=configs[index].steps, visible=True,
                 description=f"{configs[index].clipper} seed {configs[index].seed} {status}",
             )
             progress.advance(overall)
 
-        return run_many(configs, jobs=jobs, on_progress=on_progress, on_done=on_done)
+        return run_comparison(plan, on_progress=on_progress, on_done=on_done, out_label="--out")
+
+
+def _print_verdict(verdict) -> None:
+    # Plain lines, not a rich panel: they are read, copied and grepped.
+    print("Verdict")
+    for line in verdict.lines():
+        print(f"  {line}")
+    print()
 
 
 def _print_summary(rows, meta) -> None:
@@ -195,24 +294,29 @@ def _print_summary(rows, meta) -> None:
     from rich.table import Table
 
     metric = rows[0]["metric_name"] if rows else "metric"
-    table = Table(title=f"gradclip compare — {meta['task']} ({meta['optimizer']}, lr={meta['lr']}, {meta['steps']} steps)")
-    # Skipped steps (SkipOnSpike, nonfinite="skip") get a column only when some run skipped.
+    training = f"{meta['optimizer']}, lr={meta['lr']}" if meta.get("optimizer") else "its own optimizer"
+    table = Table(title=f"gradclip compare — {meta['task']} ({training}, {meta['steps']} steps)")
+    # Skipped steps (SkipOnSpike, nonfinite="skip") and failed runs get a column only when present.
     skips = any(row["skip_rate_mean"] > 0 for row in rows)
-    columns = ["clipper", metric, "solved", "diverged", "eval loss (median)", "clip rate"]
-    columns += ["skip rate"] * skips + ["wall time (s)"]
+    failures = any(row["failed"] for row in rows)
+    columns = ["clipper", metric, "solved", "diverged"] + ["failed"] * failures
+    columns += ["eval loss (median)", "clip rate"] + ["skip rate"] * skips + ["wall time (s)"]
     for column in columns:
         table.add_column(column, justify="left" if column == "clipper" else "right")
+
+    def number(value: float, text: str) -> str:
+        return "—" if value is None or math.isnan(value) else text.format(value)
+
     for row in rows:
-        loss = row["eval_loss_median"]
         cells = [
             row["clipper"],
-            f"{row['metric_mean']:.3f}",
+            number(row["metric_mean"], "{:.3f}"),
             f"{row['solved']}/{row['runs']}",
             f"{row['diverged']}/{row['runs']}",
-            "—" if math.isnan(loss) else f"{loss:.4g}",
-            f"{row['clip_rate_mean']:.1%}",
         ]
-        cells += [f"{row['skip_rate_mean']:.1%}"] * skips + [f"{row['wall_time_mean']:.1f}"]
+        cells += [f"{row['failed']}/{row['runs']}"] * failures
+        cells += [number(row["eval_loss_median"], "{:.4g}"), number(row["clip_rate_mean"], "{:.1%}")]
+        cells += [number(row["skip_rate_mean"], "{:.1%}")] * skips + [number(row["wall_time_mean"], "{:.1f}")]
         table.add_row(*cells)
     # Outside a terminal rich assumes 80 columns and would truncate the clipper specs.
     Console(width=None if sys.stdout.isatty() else 140).print(table)
@@ -243,6 +347,7 @@ def _read_log(path: Path) -> list[dict[str, Any]]:
 
 
 def _suggest(args: argparse.Namespace) -> int:
+    _require(*_NEEDS["suggest"])
     # The library's range: a quantile of 1 (the largest norm seen) is a valid, if loose, choice.
     if not (0.0 < args.quantile <= 1.0):
         raise UsageError(f"--quantile must be in (0, 1], got {args.quantile}")
@@ -265,6 +370,7 @@ def _suggest(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
+    _require(*_NEEDS["report"])
     records = _read_log(args.log)
     out = _check_writable(args.out or args.log.parent)
     from gradclip.experiments.plots import plot_logged_run
@@ -275,6 +381,7 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
+    _require(*_NEEDS["bench"])
     from gradclip.bench import main as bench_main
 
     return bench_main(list(args.options))
@@ -289,11 +396,28 @@ def main(argv: list[str] | None = None) -> int:
     elif rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     handlers = {"compare": _compare, "suggest": _suggest, "report": _report, "bench": _bench}
+    if args.command == "compare":
+        # Before PyTorch is imported: the same threads and kernels on every machine
+        # (gradclip.experiments.environment says why); worker processes inherit them.
+        from gradclip.experiments.environment import apply_pinned_environment
+
+        apply_pinned_environment()
     try:
         return handlers[args.command](args)
     except UsageError as error:
-        print(f"gradclip {args.command}: error: {error}", file=sys.stderr)
+        print(f"gradclip {args.command}: error: {_one_line(error)}", file=sys.stderr)
         return 2
+    except ModuleNotFoundError as error:
+        # An optional dependency imported deeper than the checks above: name its extra.
+        root = (error.name or "").split(".")[0]
+        if root not in EXTRAS:
+            raise
+        print(f"gradclip {args.command}: error: {_one_line(_missing([root]))}", file=sys.stderr)
+        return 2
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split())
 
 
 if __name__ == "__main__":  # pragma: no cover - python -m gradclip.cli

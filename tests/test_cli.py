@@ -130,9 +130,12 @@ def test_compare_summary_comes_from_the_runs(quick_compare):
         tails = [r["history"]["loss"][-max(1, r["steps_run"] // 20):] for r in stable]
         expected = {
             "clipper": clipper,
+            "kind": "none" if clipper == "none" else "fixed",
             "runs": len(runs),
             "metric_name": "accuracy",
             "metric_mean": statistics.fmean(r["metric"] for r in runs),
+            "metric_sd": statistics.stdev(r["metric"] for r in runs),
+            "failed": 0,
             "solved": sum(not r["diverged"] and r["metric"] >= 0.9 for r in runs),
             "diverged": sum(r["diverged"] for r in runs),
             "eval_loss_median": median_of_stable([r["eval_loss"] for r in stable]),
@@ -514,5 +517,5 @@ def test_compare_shows_skip_rate_when_steps_were_skipped(tmp_path):
     record = json.loads((tmp_path / "s" / "results.jsonl").read_text())
     assert record["skip_rate"] > 0
     assert record["skip_rate"] == sum(record["history"]["skipped"]) / record["steps_run"]
-    row = next(line for line in result.stdout.splitlines() if "skip_on_spike" in line)
+    row = next(line for line in result.stdout.splitlines() if line.startswith("│ skip_on_spike"))
     assert "skip rate" in result.stdout and f"{record['skip_rate']:.1%}" in row

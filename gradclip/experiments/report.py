@@ -2,7 +2,13 @@
 
 Every number in the summary is computed here from the run records (nothing is typed in), and
 every file can be parsed back: ``results.jsonl`` one run per line, ``summary.csv`` one clipper
-per row, ``report.html`` self-contained with the plots embedded as base64 PNG.
+per row, ``report.html`` self-contained with the plots embedded as base64 PNG. The reports open
+with the verdict (:mod:`~gradclip.experiments.verdict`).
+
+Plots stay readable for any number of clippers: every clipper gets its own pair of colour and
+line style (10 colours x 4 styles, then markers), and the gradient norms are small multiples,
+one panel per clipper. With a sweep, ``sweep.png`` draws the metric against the swept value,
+with each adaptive clipper as a horizontal band.
 """
 
 from __future__ import annotations
@@ -31,17 +37,22 @@ __all__ = [
     "loss_figure",
     "norms_figure",
     "clip_rate_figure",
+    "sweep_figure",
+    "line_styles",
     "threshold_scope",
     "divergence_note",
 ]
 
 SUMMARY_FIELDS = (
     "clipper",
+    "kind",
     "runs",
     "metric_name",
     "metric_mean",
+    "metric_sd",
     "solved",
     "diverged",
+    "failed",
     "eval_loss_median",
     "final_train_loss_median",
     "clip_rate_mean",
@@ -55,34 +66,55 @@ def _median(values: Sequence[float]) -> float:
     return statistics.median(finite) if finite else math.nan
 
 
+def _mean(values: Sequence[float]) -> float:
+    numbers = [v for v in values if v is not None and not math.isnan(v)]
+    return statistics.fmean(numbers) if numbers else math.nan
+
+
+def _finished(record: dict[str, Any]) -> bool:
+    return record.get("status", "ok") in ("ok", "diverged")
+
+
 def summarise(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """Aggregate run records per clipper, in the order clippers first appear.
 
     Returns:
-        One dict per clipper with the keys of :data:`SUMMARY_FIELDS`. The medians
-        (``eval_loss_median``, ``final_train_loss_median``) are over the runs that did not
-        diverge (NaN when every run diverged): a blown-up run's loss says only that it blew up,
-        and ``diverged`` counts those. Means are over every run; a diverged run's metric is 0.
+        One dict per clipper with the keys of :data:`SUMMARY_FIELDS`. ``kind`` is ``fixed``,
+        ``adaptive``, ``none`` or ``other`` (:func:`~gradclip.experiments.verdict.clipper_kind`).
+        The metric's mean and standard deviation are over the runs that finished (a diverged
+        run counts with the task's diverged metric, 0 for accuracy); ``failed`` counts runs that
+        failed or were killed, which count as unsolved. The medians (``eval_loss_median``,
+        ``final_train_loss_median``) are over the finished runs that did not diverge (NaN when
+        there is none): a blown-up run's loss says only that it blew up, and ``diverged``
+        counts those. The rates and wall time are means over the finished runs.
     """
+    from gradclip.experiments.verdict import clipper_kind
+
     by_clipper: dict[str, list[dict[str, Any]]] = {}
     for record in records:
         by_clipper.setdefault(record["clipper"], []).append(record)
+    named = [r["metric_name"] for r in records if r.get("metric_name")]
     rows = []
     for clipper, runs in by_clipper.items():
-        stable = [r for r in runs if not r["diverged"]]
+        finished = [r for r in runs if _finished(r)]
+        stable = [r for r in finished if not r["diverged"]]
+        metrics = [r["metric"] for r in finished if r["metric"] is not None and not math.isnan(r["metric"])]
         rows.append(
             {
                 "clipper": clipper,
+                "kind": clipper_kind(clipper),
                 "runs": len(runs),
-                "metric_name": runs[0]["metric_name"],
-                "metric_mean": statistics.fmean(r["metric"] for r in runs),
+                "metric_name": named[0] if named else "metric",
+                "metric_mean": statistics.fmean(metrics) if metrics else math.nan,
+                "metric_sd": statistics.stdev(metrics) if len(metrics) > 1 else (0.0 if metrics else math.nan),
                 "solved": sum(bool(r["solved"]) for r in runs),
                 "diverged": sum(bool(r["diverged"]) for r in runs),
+                "failed": len(runs) - len(finished),
                 "eval_loss_median": _median([r["eval_loss"] for r in stable]),
                 "final_train_loss_median": _median([r["final_train_loss"] for r in stable]),
-                "clip_rate_mean": statistics.fmean(r["clip_rate"] for r in runs),
-                "skip_rate_mean": statistics.fmean(r["skip_rate"] for r in runs),
-                "wall_time_mean": statistics.fmean(r["wall_time"] for r in runs),
+                "clip_rate_mean": _mean([r["clip_rate"] for r in finished]),
+                "skip_rate_mean": _mean([r["skip_rate"] for r in finished]),
+                "wall_time_mean": _mean([r["wall_time"] for r in finished]),
             }
         )
     return rows
@@ -95,30 +127,59 @@ def _by_clipper(records):
     return groups
 
 
+def _with_history(runs):
+    return [r for r in runs if r.get("history") and r["history"].get("loss")]
+
+
+_COLOURS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple",
+            "tab:brown", "tab:pink", "tab:gray", "tab:olive", "tab:cyan")
+_DASHES = ("-", "--", ":", "-.")
+_MARKERS = (None, "o", "s", "^", "v", "D", "x", "+")
+
+
+def line_styles(count: int) -> list[dict[str, Any]]:
+    """``count`` distinct line styles (colour, dash pattern, marker), for plotting that many
+    clippers on one axis: 10 colours x 4 dash patterns, then markers, so no two clippers look
+    alike for any count.
+
+    Returns:
+        Keyword dicts for ``axis.plot``: ``color``, ``linestyle`` and, past 40, ``marker``.
+    """
+    styles = []
+    for index in range(count):
+        colour = _COLOURS[index % len(_COLOURS)]
+        dash = _DASHES[(index // len(_COLOURS)) % len(_DASHES)]
+        marker = _MARKERS[(index // (len(_COLOURS) * len(_DASHES))) % len(_MARKERS)]
+        style = {"color": colour, "linestyle": dash}
+        if marker is not None:
+            style.update(marker=marker, markevery=0.1, markersize=4)
+        styles.append(style)
+    return styles
+
+
 def _percentile_band(series: list[list[float]]):
     """Median and 25-75 % band over seeds, step by step, over the runs still going."""
+    import warnings
+
     import numpy as np
 
     length = max(len(s) for s in series)
     padded = np.full((len(series), length), np.nan)
     for row, values in enumerate(series):
-        padded[row, : len(values)] = values
-    with np.errstate(all="ignore"):
-        import warnings
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            return (
-                np.nanmedian(padded, axis=0),
-                np.nanpercentile(padded, 25, axis=0),
-                np.nanpercentile(padded, 75, axis=0),
-            )
+        padded[row, : len(values)] = [np.nan if v is None else v for v in values]
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return (
+            np.nanmedian(padded, axis=0),
+            np.nanpercentile(padded, 25, axis=0),
+            np.nanpercentile(padded, 75, axis=0),
+        )
 
 
 def _smooth(values, window: int):
     import numpy as np
 
-    values = np.asarray(values, dtype=float)
+    values = np.asarray([np.nan if v is None else v for v in values], dtype=float)
     if window <= 1 or len(values) < window:
         return values
     kernel = np.ones(window) / window
@@ -133,25 +194,41 @@ def _save(figure, path: Path) -> Path:
     return path
 
 
+def _legend(axis, count: int) -> None:
+    # Beyond a handful of clippers the legend goes beside the plot, where it hides no line.
+    if count > 6:
+        axis.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    else:
+        axis.legend(fontsize=8)
+
+
 def loss_figure(records, title: str):
     """The training-loss figure: per clipper the median over seeds with the 25-75 % band (log
-    scale); the legend counts diverged runs. Returns the matplotlib figure (not yet saved)."""
+    scale), each clipper in its own colour and line style; the legend counts diverged and failed
+    runs. Returns the matplotlib figure (not yet saved)."""
     plt = _pyplot()
-    figure, axis = plt.subplots(figsize=(8, 4.5))
-    for clipper, runs in _by_clipper(records).items():
-        window = max(1, max(len(r["history"]["loss"]) for r in runs) // 100)
-        series = [list(_smooth(r["history"]["loss"], window)) for r in runs]
+    groups = _by_clipper(records)
+    figure, axis = plt.subplots(figsize=(10 if len(groups) > 6 else 8, 4.5))
+    for style, (clipper, runs) in zip(line_styles(len(groups)), groups.items()):
+        drawn = _with_history(runs)
+        diverged = sum(bool(r["diverged"]) for r in runs)
+        failed = sum(not _finished(r) for r in runs)
+        notes = [f"{diverged}/{len(runs)} diverged"] * bool(diverged) + [f"{failed}/{len(runs)} failed"] * bool(failed)
+        label = clipper + (f" ({', '.join(notes)})" if notes else "")
+        if not drawn:
+            axis.plot([], [], label=label + " — no trace", **style)
+            continue
+        window = max(1, max(len(r["history"]["loss"]) for r in drawn) // 100)
+        series = [list(_smooth(r["history"]["loss"], window)) for r in drawn]
         median, low, high = _percentile_band(series)
         steps = range(len(median))
-        diverged = sum(r["diverged"] for r in runs)
-        label = f"{clipper}" + (f" ({diverged}/{len(runs)} diverged)" if diverged else "")
-        (line,) = axis.plot(steps, median, label=label)
-        axis.fill_between(steps, low, high, color=line.get_color(), alpha=0.2)
+        axis.plot(steps, median, label=label, **style)
+        axis.fill_between(steps, low, high, color=style["color"], alpha=0.12)
     axis.set_yscale("log")
     axis.set_xlabel("step")
     axis.set_ylabel("training loss (smoothed)")
     axis.set_title(title)
-    axis.legend(fontsize=8)
+    _legend(axis, len(groups))
     return figure
 
 
@@ -196,11 +273,14 @@ def norms_figure(records, title: str):
     the threshold dashed where it bounds the global norm (for per-element or per-tensor bounds
     the panel title says what the threshold bounds instead). Returns the figure."""
     plt = _pyplot()
-    groups = _by_clipper(records)
-    figure, axes = plt.subplots(len(groups), 1, figsize=(8, 1.9 * len(groups) + 0.8), sharex=True, squeeze=False)
+    groups = {clipper: _with_history(runs) for clipper, runs in _by_clipper(records).items()}
+    groups = {clipper: runs for clipper, runs in groups.items() if runs}
+    count = max(1, len(groups))
+    figure, axes = plt.subplots(count, 1, figsize=(8, 1.9 * count + 0.8), sharex=True, squeeze=False)
     for axis, (clipper, runs) in zip(axes[:, 0], groups.items()):
         history = runs[0]["history"]
-        axis.plot(history["norm"], lw=0.8, label="global gradient norm (pre-clip)")
+        norms = [math.nan if n is None else n for n in history["norm"]]
+        axis.plot(norms, lw=0.8, label="global gradient norm (pre-clip)")
         thresholds = [t if t is not None and math.isfinite(t) else math.nan for t in history["threshold"]]
         scope = threshold_scope(clipper)
         note = ""
@@ -208,7 +288,8 @@ def norms_figure(records, title: str):
             note = f"; threshold {scope}, not drawn"
         elif any(math.isfinite(t) for t in thresholds):
             axis.plot(thresholds, "--", lw=1.0, color="tab:red", label="threshold")
-        axis.set_yscale("log")
+        if any(n > 0 for n in norms if math.isfinite(n)):
+            axis.set_yscale("log")
         axis.set_title(f"{clipper} (seed {runs[0]['seed']}{note})", fontsize=9)
         axis.legend(fontsize=7, loc="upper right")
     axes[-1, 0].set_xlabel("step")
@@ -222,20 +303,25 @@ def plot_norms(records, path: Path, title: str) -> Path:
 
 
 def clip_rate_figure(records, title: str):
-    """Fraction of steps clipped over training (rolling window, median over seeds). Returns the
-    figure."""
+    """Fraction of steps clipped over training (rolling window, median over seeds), each
+    clipper in its own colour and line style. Returns the figure."""
     plt = _pyplot()
-    figure, axis = plt.subplots(figsize=(8, 4))
-    for clipper, runs in _by_clipper(records).items():
-        window = max(1, max(len(r["history"]["clipped"]) for r in runs) // 20)
-        series = [list(_smooth([float(c) for c in r["history"]["clipped"]], window)) for r in runs]
+    groups = _by_clipper(records)
+    figure, axis = plt.subplots(figsize=(10 if len(groups) > 6 else 8, 4))
+    for style, (clipper, runs) in zip(line_styles(len(groups)), groups.items()):
+        drawn = _with_history(runs)
+        if not drawn:
+            axis.plot([], [], label=clipper + " — no trace", **style)
+            continue
+        window = max(1, max(len(r["history"]["clipped"]) for r in drawn) // 20)
+        series = [list(_smooth([float(c) for c in r["history"]["clipped"]], window)) for r in drawn]
         median, _, _ = _percentile_band(series)
-        axis.plot(median, label=clipper)
+        axis.plot(median, label=clipper, **style)
     axis.set_ylim(-0.02, 1.02)
     axis.set_xlabel("step")
     axis.set_ylabel("fraction of steps clipped (rolling)")
     axis.set_title(title)
-    axis.legend(fontsize=8)
+    _legend(axis, len(groups))
     return figure
 
 
@@ -244,17 +330,87 @@ def plot_clip_rate(records, path: Path, title: str) -> Path:
     return _save(clip_rate_figure(records, title), path)
 
 
+def _sweeps(verdict) -> dict[tuple, list[tuple[float, Any]]]:
+    """Fixed clippers that differ in one numeric argument: ``{(name, key, others): [(value, standing)]}``."""
+    from gradclip.experiments.spec import parse_spec
+
+    families: dict[tuple, list[tuple[float, Any]]] = {}
+    for standing in verdict.standings:
+        if standing.kind != "fixed" or not standing.finished:
+            continue
+        spec = parse_spec(standing.clipper)
+        for key, value in spec.kwargs.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                others = tuple(sorted((k, str(v)) for k, v in spec.kwargs.items() if k != key))
+                families.setdefault((spec.name, key, others), []).append((float(value), standing))
+    return {family: sorted(points, key=lambda p: p[0]) for family, points in families.items() if len(points) >= 2}
+
+
+def sweep_figure(verdict, title: str):
+    """The metric against each swept argument (mean over seeds, bars from the worst to the best
+    seed, log scale), with every adaptive clipper and ``none`` as a horizontal band (mean, and
+    the range over seeds). Returns the figure, or None when nothing was swept."""
+    families = _sweeps(verdict)
+    if not families:
+        return None
+    plt = _pyplot()
+    figure, axes = plt.subplots(1, len(families), figsize=(8 * len(families), 4.5), squeeze=False)
+    flat = [s for s in verdict.standings if s.kind in ("adaptive", "none") and s.finished]
+    styles = line_styles(len(families) + len(flat))
+    for axis, ((name, key, others), points) in zip(axes[0], families.items()):
+        values = [p[0] for p in points]
+        means = [p[1].metric_mean for p in points]
+        low = [p[1].metric_mean - p[1].metric_min for p in points]
+        high = [p[1].metric_max - p[1].metric_mean for p in points]
+        label = f"{name}:{key}" + (f" ({', '.join(f'{k}={v}' for k, v in others)})" if others else "")
+        axis.errorbar(values, means, yerr=[low, high], marker="o", capsize=3, label=label, color="black", lw=1.5)
+        if all(v > 0 for v in values):
+            axis.set_xscale("log")
+        for style, standing in zip(styles[len(families):], flat):
+            axis.axhline(standing.metric_mean, label=standing.clipper, color=style["color"], linestyle=style["linestyle"], lw=1.2)
+            axis.axhspan(standing.metric_min, standing.metric_max, color=style["color"], alpha=0.08)
+        if verdict.best_fixed is not None and any(p[1] is verdict.best_fixed for p in points):
+            best = next(p for p in points if p[1] is verdict.best_fixed)
+            axis.annotate("best fixed", (best[0], best[1].metric_mean), textcoords="offset points", xytext=(0, 10),
+                          ha="center", fontsize=8)
+        axis.set_xlabel(key)
+        axis.set_ylabel(f"{verdict.metric_name} (mean over seeds; bars: worst to best seed)")
+        axis.set_title(title)
+        _legend(axis, 1 + len(flat))
+    return figure
+
+
 def divergence_note(records: Sequence[dict[str, Any]]) -> str:
     """One sentence saying what "diverged" meant for these runs (their task's limit)."""
+    judged = [r for r in records if r.get("divergence_limit") is not None and not math.isnan(r["divergence_limit"])]
     if not records:
         return ""
-    first = records[0]
+    if not judged:
+        return (
+            "A run diverged when its training or held-out loss became non-finite (the task names no reference "
+            "loss, so there is no finite limit); a diverged run counts as unsolved and is left out of the loss medians."
+        )
+    first = judged[0]
+    if math.isinf(first["divergence_limit"]):
+        return (
+            "A run diverged when its training or held-out loss became non-finite (the task names no reference "
+            "loss, so there is no finite limit); a diverged run counts as unsolved and is left out of the loss medians."
+        )
     return (
         f"A run diverged when its training or held-out loss became non-finite or exceeded "
         f"{first['divergence_limit']:.4g}, i.e. {DIVERGENCE_FACTOR:g} x {first['reference_loss']:.4g}, "
         f"the loss of {first['reference_text']}. Training stops at such a loss; a diverged run "
         f"counts as unsolved and is left out of the loss medians."
     )
+
+
+def failure_lines(records: Sequence[dict[str, Any]]) -> list[str]:
+    """One line per run that failed or was killed: clipper, seed, status, error."""
+    return [
+        f"{r['clipper']} seed {r['seed']}: {r.get('status')} — {r.get('error')}"
+        for r in records
+        if not _finished(r)
+    ]
 
 
 def _format(value: Any) -> str:
@@ -272,17 +428,28 @@ def _markdown_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join([header, rule, *body])
 
 
-def write_outputs(records: Sequence[dict[str, Any]], out: Path, meta: dict[str, Any]) -> dict[str, Path]:
+def title_of(meta: dict[str, Any]) -> str:
+    """The figures' title: task, optimizer and learning rate (or "its own optimizer"), steps, seeds."""
+    training = f"{meta['optimizer']} lr={meta['lr']}" if meta.get("optimizer") else "its own optimizer"
+    return f"{meta['task']} — {training}, {meta['steps']} steps, {meta['seeds']} seed(s)"
+
+
+def write_outputs(records: Sequence[dict[str, Any]], out: Path, meta: dict[str, Any], verdict=None) -> dict[str, Path]:
     """Write every output file of a comparison into ``out``.
 
     Args:
         records: Run records from :func:`gradclip.experiments.runner.run_many`.
         out: The run directory (exists and is writable).
         meta: The comparison's settings (task, steps, lr...) for the reports' header.
+        verdict: The :class:`~gradclip.experiments.verdict.Verdict` (computed from ``records``
+            when not given).
 
     Returns:
         A dict naming each file written.
     """
+    from gradclip.experiments.verdict import judge
+
+    verdict = verdict if verdict is not None else judge(records)
     out = Path(out)
     files: dict[str, Path] = {}
     files["results"] = out / "results.jsonl"
@@ -296,14 +463,23 @@ def write_outputs(records: Sequence[dict[str, Any]], out: Path, meta: dict[str, 
         writer = csv.DictWriter(handle, fieldnames=SUMMARY_FIELDS)
         writer.writeheader()
         writer.writerows(rows)
-    title = f"{meta['task']} — {meta['optimizer']} lr={meta['lr']}, {meta['steps']} steps, {meta['seeds']} seed(s)"
+    title = title_of(meta)
     files["loss_plot"] = plot_loss(records, out / "loss.png", title)
     files["norm_plot"] = plot_norms(records, out / "grad_norm.png", "gradient norm and threshold")
     files["clip_rate_plot"] = plot_clip_rate(records, out / "clip_rate.png", "clip rate")
-    settings = ", ".join(f"{k}={v}" for k, v in meta.items())
     plots = [("Training loss", "loss.png"), ("Gradient norm", "grad_norm.png"), ("Clip rate", "clip_rate.png")]
+    figure = sweep_figure(verdict, f"{meta['task']}: {verdict.metric_name} against the swept threshold")
+    if figure is not None:
+        files["sweep_plot"] = _save(figure, out / "sweep.png")
+        plots.insert(0, ("Sweep", "sweep.png"))
+    settings = ", ".join(f"{k}={v}" for k, v in meta.items())
+    failures = failure_lines(records)
     markdown = [
         f"# gradclip compare: {meta['task']}",
+        "",
+        "## Verdict",
+        "",
+        *[f"- {line.strip()}" for line in verdict.lines()],
         "",
         f"Settings: {settings}",
         "",
@@ -311,6 +487,7 @@ def write_outputs(records: Sequence[dict[str, Any]], out: Path, meta: dict[str, 
         "",
         divergence_note(records),
         "",
+        *(["## Failed runs", "", *[f"- {line}" for line in failures], ""] if failures else []),
         *[f"## {name}\n\n![{name}]({png})\n" for name, png in plots],
     ]
     files["report_md"] = out / "report.md"
@@ -324,12 +501,20 @@ def write_outputs(records: Sequence[dict[str, Any]], out: Path, meta: dict[str, 
         f"src='data:image/png;base64,{base64.b64encode((out / png).read_bytes()).decode()}'/>"
         for name, png in plots
     )
+    verdict_html = "".join(f"<li>{html.escape(line.strip())}</li>" for line in verdict.lines())
+    failures_html = (
+        "<h2>Failed runs</h2><ul>" + "".join(f"<li>{html.escape(line)}</li>" for line in failures) + "</ul>"
+        if failures else ""
+    )
     files["report_html"] = out / "report.html"
     files["report_html"].write_text(
         "<!doctype html><html><head><meta charset='utf-8'><title>gradclip compare</title>"
-        "<style>body{font-family:sans-serif;max-width:960px;margin:auto}"
-        "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 8px}</style></head><body>"
-        f"<h1>gradclip compare: {html.escape(meta['task'])}</h1><p>{html.escape(settings)}</p>"
-        f"<table><tr>{cells}</tr>{body}</table><p>{html.escape(divergence_note(records))}</p>{images}</body></html>"
+        "<style>body{font-family:sans-serif;max-width:1100px;margin:auto}img{max-width:100%}"
+        "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 8px}"
+        ".verdict{background:#f4f8ff;border:1px solid #b8cff5;padding:4px 16px}</style></head><body>"
+        f"<h1>gradclip compare: {html.escape(meta['task'])}</h1>"
+        f"<div class='verdict'><h2>Verdict</h2><ul>{verdict_html}</ul></div><p>{html.escape(settings)}</p>"
+        f"<table><tr>{cells}</tr>{body}</table><p>{html.escape(divergence_note(records))}</p>"
+        f"{failures_html}{images}</body></html>"
     )
     return files

@@ -1,32 +1,48 @@
-"""Running experiments: one training run, and many in parallel with progress bars.
+"""Running experiments: one training run, and many on local processes or a Ray cluster.
 
 A run trains one task under one clipper for one seed and records, per step, the training loss,
 the pre-clip gradient norm, the threshold used, whether clipping acted and whether the optimizer
-step was skipped. The gradient norm is measured even without clipping (``"none"``), so the
-traces are comparable. A run stops early when it diverges: a non-finite parameter, or a loss the
-task calls diverged (:meth:`~gradclip.experiments.tasks.Task.is_diverged`: non-finite or above
-1000 times the trivial predictor's loss); the held-out loss at the end is judged the same way.
-Runs are independent processes (spawned, one torch thread each) so ``--jobs`` uses the cores
-without contention.
+step was skipped. The gradient norm is measured even without clipping (``"none"`` runs under
+``GlobalNorm(max_norm=inf)``, which never changes a gradient), so the traces are comparable. A
+run stops early when it diverges: a non-finite parameter, or a loss the task calls diverged
+(:meth:`~gradclip.experiments.Task.is_diverged`: non-finite or above 1000 times the trivial
+predictor's loss); the held-out loss at the end is judged the same way.
+
+Every run ends in a record with a ``status``: ``"ok"``, ``"diverged"``, ``"failed"`` (the task
+raised; the record holds the error and its traceback) or ``"killed"`` (its process or Ray worker
+died). A task that breaks the contract (a loss that is not a scalar, metrics without the
+metric) raises :class:`~gradclip.experiments.TaskError` instead, which stops the comparison.
+
+Runs are pinned to one thread and to the same kernels on every x86-64 machine
+(:mod:`~gradclip.experiments.environment`); ``jobs > 1`` runs them in separate processes, one
+run per process at a time, so a run that kills its process is reported and the others go on.
 """
 
 from __future__ import annotations
 
 import math
-import multiprocessing
-import queue as queue_module
 import time
+import traceback
 from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
+from gradclip._core.errors import InvalidArgumentError, NonFiniteError
+from gradclip.experiments.environment import cpu_capability, pinned_torch
+from gradclip.experiments.loading import TaskSource, resolve_source
 from gradclip.experiments.spec import parse_spec
-from gradclip.experiments.tasks import make_task
+from gradclip.experiments.tasks import TASKS, check_task_options
+from gradclip.experiments.tasks.base import OPTIMIZERS, Task, TaskError
+from gradclip.experiments.train import Diverged, Report, TrainTask
 
-__all__ = ["RunConfig", "run_one", "run_many", "OPTIMIZERS"]
+__all__ = ["RunConfig", "run_one", "run_many", "failed_record", "OPTIMIZERS", "BACKENDS", "STATUSES"]
 
-OPTIMIZERS = ("sgd", "adam", "adamw")
+#: Where runs execute: local processes, or tasks on a Ray cluster.
+BACKENDS = ("local", "ray")
+#: How a run can end.
+STATUSES = ("ok", "diverged", "failed", "killed")
+
+_HISTORY_KEYS = ("loss", "norm", "threshold", "clipped", "skipped", "spike")
 
 
 @dataclass(frozen=True)
@@ -34,32 +50,245 @@ class RunConfig:
     """Everything that determines one run (a run is reproducible from its config).
 
     Attributes:
-        task: Task name.
+        task: The task's label: a built-in name, or the reference it was loaded from.
         clipper: Clipper spec text (``"global_norm:max_norm=1.0"``, ``"none"``).
         seed: Seed for the model, the data and any random clipping.
         steps: Optimizer steps.
-        lr: Learning rate.
-        optimizer: ``"sgd"`` (momentum 0.9), ``"adam"`` or ``"adamw"``.
+        lr: Learning rate (None for a train function, which picks its own).
+        optimizer: ``"sgd"`` (momentum 0.9), ``"adam"`` or ``"adamw"`` (None for a train
+            function).
         task_options: Task keyword options (``seq_len``...).
+        source: Where a worker finds a task that is not built in (None: ``task`` is a
+            built-in name).
     """
 
     task: str
     clipper: str
     seed: int
     steps: int
-    lr: float
-    optimizer: str
+    lr: float | None
+    optimizer: str | None
     task_options: dict[str, Any] = field(default_factory=dict)
+    source: TaskSource | None = field(default=None, repr=False, compare=False)
+
+    def public(self) -> dict[str, Any]:
+        """The config as plain data, as it appears in every record (``source`` left out)."""
+        return {
+            "task": self.task,
+            "clipper": self.clipper,
+            "seed": self.seed,
+            "steps": self.steps,
+            "lr": self.lr,
+            "optimizer": self.optimizer,
+            "task_options": dict(self.task_options),
+        }
 
 
-def _optimizer(name: str, parameters, lr: float):
+# Task lookups are cached per process: a worker runs many configs of one task, and a task
+# file is executed once, not once per run.
+_RESOLVED: dict[tuple, Any] = {}
+
+
+def _target(config: RunConfig) -> Any:
+    if config.source is None:
+        if config.task not in TASKS:
+            raise TaskError(f"unknown task {config.task!r}; valid tasks: {', '.join(TASKS)}")
+        return TASKS[config.task]
+    source = config.source
+    key = (source.kind, source.reference, source.path, source.code, source.attribute, id(source.obj))
+    if key not in _RESOLVED:
+        _RESOLVED[key] = resolve_source(source)
+    return _RESOLVED[key]
+
+
+def _clipper(config: RunConfig):
+    spec = parse_spec(config.clipper)
+    clipper = spec.build()
+    if clipper is None:
+        import gradclip
+
+        # Measures the norm, never changes a gradient: "none" runs through the same code path.
+        return gradclip.GlobalNorm(max_norm=math.inf)
+    if "seed" in clipper.config() and clipper.config()["seed"] is None:
+        clipper = parse_spec(f"{spec.text}{',' if spec.kwargs else ':'}seed={config.seed}").build()
+    return clipper
+
+
+def _summary_fields(history: dict[str, list], started: float) -> dict[str, Any]:
+    steps_run = len(history["loss"])
+    tail = history["loss"][-max(1, steps_run // 20):]
+    finite_tail = [x for x in tail if x is not None]
+    return {
+        "final_train_loss": sum(finite_tail) / len(finite_tail) if finite_tail else math.nan,
+        "steps_run": steps_run,
+        "clip_rate": sum(history["clipped"]) / max(1, steps_run),
+        "skip_rate": sum(history["skipped"]) / max(1, steps_run),
+        "wall_time": time.perf_counter() - started,
+        "history": history,
+    }
+
+
+def failed_record(config: RunConfig, status: str, error: str, trace: str | None = None, **known: Any) -> dict[str, Any]:
+    """The record of a run that did not finish: ``status`` ``"failed"`` or ``"killed"``.
+
+    Args:
+        config: The run's config.
+        status: ``"failed"`` (the task raised) or ``"killed"`` (its process died).
+        error: One line saying what happened.
+        trace: The traceback, when there is one.
+        **known: Fields already known (``metric_name``, ``history``...).
+
+    Returns:
+        A record with the keys of :func:`run_one`'s, the metric and losses NaN.
+    """
+    history = known.pop("history", None) or {key: [] for key in _HISTORY_KEYS}
+    record = {
+        **config.public(),
+        "metric_name": None,
+        "greater_is_better": True,
+        "metric": math.nan,
+        "solved": False,
+        "diverged": False,
+        "divergence_limit": math.nan,
+        "reference_loss": math.nan,
+        "reference_text": "",
+        "eval_loss": math.nan,
+        "status": status,
+        "error": error,
+        "traceback": trace,
+        "cpu_capability": cpu_capability(),
+        **_summary_fields(history, time.perf_counter()),
+        "wall_time": known.pop("wall_time", 0.0),
+    }
+    record.update(known)
+    return record
+
+
+def _check_loss(task_name: str, loss: Any) -> None:
+    """A Task's loss must be a scalar tensor that backward() can start from."""
     import torch
 
-    if name == "sgd":
-        return torch.optim.SGD(parameters, lr=lr, momentum=0.9)
-    if name == "adam":
-        return torch.optim.Adam(parameters, lr=lr)
-    return torch.optim.AdamW(parameters, lr=lr)
+    if not isinstance(loss, torch.Tensor):
+        raise TaskError(f"task {task_name!r}: loss() returned {type(loss).__name__}; it must return a scalar torch tensor")
+    if loss.ndim != 0:
+        raise TaskError(
+            f"task {task_name!r}: loss() returned a tensor of shape {tuple(loss.shape)}; it must be a scalar "
+            "(0-d): reduce it, e.g. with .mean()"
+        )
+
+
+def _run_task(cls: type[Task], config: RunConfig, report: Callable[[int], None] | None) -> dict[str, Any]:
+    import torch
+
+    started = time.perf_counter()
+    torch.manual_seed(config.seed)
+    check_task_options(cls, config.task_options)
+    task = cls(config.seed, **config.task_options)
+    model = task.model()
+    optimizer = task.configure_optimizer(model.parameters(), config.optimizer, config.lr)
+    clipper = _clipper(config)
+    history: dict[str, list] = {key: [] for key in _HISTORY_KEYS}
+    diverged = False
+    try:
+        for step in range(config.steps):
+            batch = task.batch(step)
+            optimizer.zero_grad(set_to_none=True)
+            loss = task.loss(model, batch)
+            _check_loss(config.task, loss)
+            loss.backward()
+            spike = task.perturb(model, step)
+            # Reading the info every step syncs; on a CPU that costs nothing and the traces need it.
+            info = clipper.clip_(model).to_dict()
+            loss_value = float(loss.detach())
+            history["loss"].append(loss_value)
+            history["norm"].append(info["norm"])
+            history["threshold"].append(info["threshold"])
+            history["clipped"].append(bool(info["clipped"]))
+            history["skipped"].append(bool(info["skip"]))
+            history["spike"].append(spike)
+            if not info["skip"]:
+                optimizer.step()
+            if task.is_diverged(loss_value) or not all(torch.isfinite(p).all() for p in model.parameters()):
+                diverged = True
+                break
+            if report is not None and (step + 1) % 10 == 0:
+                report(step + 1)
+    except NonFiniteError:
+        # A clipper with nonfinite="raise" met NaN/inf gradients: the run blew up.
+        diverged = True
+    evaluation = task.evaluate(model)
+    if not isinstance(evaluation, dict) or task.metric_name not in evaluation or "loss" not in evaluation:
+        raise TaskError(
+            f"task {config.task!r}: evaluate() returned {evaluation!r:.80}; it must return a dict with "
+            f"'loss' and {task.metric_name!r}"
+        )
+    # A model whose training loss stayed in range can still be wild on held-out data.
+    eval_loss = float(evaluation["loss"])
+    diverged = diverged or task.is_diverged(eval_loss)
+    metric = float(evaluation[task.metric_name])
+    if diverged or not math.isfinite(metric):
+        metric = task.diverged_metric
+    if report is not None:
+        report(config.steps)
+    return {
+        **config.public(),
+        "metric_name": task.metric_name,
+        "greater_is_better": task.greater_is_better,
+        "metric": metric,
+        "solved": bool(task.solved(metric)) and not diverged,
+        "diverged": diverged,
+        "divergence_limit": task.divergence_limit,
+        "reference_loss": task.reference_loss,
+        "reference_text": task.reference_text,
+        "eval_loss": eval_loss,
+        "status": "diverged" if diverged else "ok",
+        "error": None,
+        "traceback": None,
+        "cpu_capability": cpu_capability(),
+        **_summary_fields(history, started),
+    }
+
+
+def _run_train(task: TrainTask, config: RunConfig, report: Callable[[int], None] | None) -> dict[str, Any]:
+    started = time.perf_counter()
+    if config.task_options:
+        raise TaskError(f"task {config.task!r} is a train function: it takes no options, got {sorted(config.task_options)}")
+    tracker = Report(task.divergence_limit, report)
+    diverged, metrics = False, None
+    try:
+        metrics = task(_clipper(config), config.seed, config.steps, tracker)
+    except Diverged:
+        diverged = True
+    except NonFiniteError:
+        diverged = True
+    if metrics is not None:
+        metric_name, greater, metric, eval_loss = task.metric_of(metrics)
+    else:
+        metric_name, greater = task.metric_name or "metric", task.greater_is_better
+        metric, eval_loss = math.nan, math.nan
+    if not diverged and math.isfinite(eval_loss) and eval_loss > task.divergence_limit:
+        diverged = True
+    if diverged or not math.isfinite(metric):
+        metric = task.diverged_metric(greater)
+    if report is not None:
+        report(config.steps)
+    return {
+        **config.public(),
+        "metric_name": metric_name,
+        "greater_is_better": greater,
+        "metric": metric,
+        "solved": task.solved(metric, greater) and not diverged,
+        "diverged": diverged,
+        "divergence_limit": task.divergence_limit,
+        "reference_loss": math.nan if task.reference_loss is None else float(task.reference_loss),
+        "reference_text": task.reference_text if task.reference_loss is not None else "",
+        "eval_loss": eval_loss,
+        "status": "diverged" if diverged else "ok",
+        "error": None,
+        "traceback": None,
+        "cpu_capability": cpu_capability(),
+        **_summary_fields(tracker.history, started),
+    }
 
 
 def run_one(config: RunConfig, report: Callable[[int], None] | None = None) -> dict[str, Any]:
@@ -70,96 +299,34 @@ def run_one(config: RunConfig, report: Callable[[int], None] | None = None) -> d
         report: Called with the number of steps done, every few steps (progress bars).
 
     Returns:
-        A JSON-serialisable dict: the config, ``metric_name``/``metric`` (0 for a diverged
-        run), ``solved``, ``diverged``, ``divergence_limit`` and ``reference_loss`` (see
-        :class:`~gradclip.experiments.tasks.Task`), ``eval_loss`` (held-out, NaN when the model
-        is not finite), ``final_train_loss`` (mean of the last 5 % of the steps run),
-        ``steps_run``, ``clip_rate``, ``skip_rate``, ``wall_time`` and per-step ``history``
-        lists (``loss``, ``norm``, ``threshold``, ``clipped``, ``skipped``, ``spike``).
+        A JSON-serialisable dict: the config, ``metric_name``/``metric`` (the task's
+        ``diverged_metric`` for a diverged run), ``greater_is_better``, ``solved``,
+        ``diverged``, ``status`` (``"ok"``, ``"diverged"``, ``"failed"``), ``error`` and
+        ``traceback`` (a failed run's), ``divergence_limit`` and ``reference_loss`` (see
+        :class:`~gradclip.experiments.Task`), ``eval_loss`` (held-out, NaN when unknown),
+        ``final_train_loss`` (mean of the last 5 % of the steps run), ``steps_run``,
+        ``clip_rate``, ``skip_rate``, ``wall_time``, ``cpu_capability`` (the kernels PyTorch
+        ran) and per-step ``history`` lists (``loss``, ``norm``, ``threshold``, ``clipped``,
+        ``skipped``, ``spike``).
+
+    Raises:
+        TaskError: The task cannot be found or breaks the contract (a loss that is not a
+            scalar, an evaluation or metrics without the metric).
     """
-    import torch
-
-    import gradclip
-
-    torch.manual_seed(config.seed)
-    task = make_task(config.task, config.seed, **config.task_options)
-    model = task.model()
-    optimizer = _optimizer(config.optimizer, model.parameters(), config.lr)
-    spec = parse_spec(config.clipper)
-    clipper = spec.build()
-    if clipper is not None and "seed" in clipper.config() and clipper.config()["seed"] is None:
-        clipper = parse_spec(f"{spec.text}{',' if spec.kwargs else ':'}seed={config.seed}").build()
-    history: dict[str, list] = {"loss": [], "norm": [], "threshold": [], "clipped": [], "skipped": [], "spike": []}
-    diverged = False
     started = time.perf_counter()
-    for step in range(config.steps):
-        batch = task.batch(step)
-        optimizer.zero_grad(set_to_none=True)
-        loss = task.loss(model, batch)
-        loss.backward()
-        spike = task.perturb(model, step)
-        if clipper is None:
-            norm = float(gradclip.global_norm([p.grad for p in model.parameters() if p.grad is not None]))
-            threshold, clipped, skip = math.inf, False, False
-        else:
-            # Reading the info every step syncs; on a CPU that costs nothing and the traces need it.
-            info = clipper.clip_(model).to_dict()
-            norm, threshold, clipped, skip = info["norm"], info["threshold"], info["clipped"], info["skip"]
-        loss_value = float(loss.detach())
-        history["loss"].append(loss_value)
-        history["norm"].append(norm)
-        history["threshold"].append(threshold)
-        history["clipped"].append(bool(clipped))
-        history["skipped"].append(bool(skip))
-        history["spike"].append(spike)
-        if not skip:
-            optimizer.step()
-        if task.is_diverged(loss_value) or not all(torch.isfinite(p).all() for p in model.parameters()):
-            diverged = True
-            break
-        if report is not None and (step + 1) % 10 == 0:
-            report(step + 1)
-    evaluation = task.evaluate(model)
-    # A model whose training loss stayed in range can still be wild on held-out data.
-    diverged = diverged or task.is_diverged(evaluation["loss"])
-    metric = evaluation[task.metric_name]
-    if diverged or not math.isfinite(metric):
-        metric = 0.0
-    steps_run = len(history["loss"])
-    tail = history["loss"][-max(1, steps_run // 20):]
-    if report is not None:
-        report(config.steps)
-    return {
-        **asdict(config),
-        "metric_name": task.metric_name,
-        "metric": metric,
-        "solved": bool(task.solved(metric)) and not diverged,
-        "diverged": diverged,
-        "divergence_limit": task.divergence_limit,
-        "reference_loss": task.reference_loss,
-        "reference_text": task.reference_text,
-        "eval_loss": evaluation["loss"],
-        "final_train_loss": sum(tail) / len(tail),
-        "steps_run": steps_run,
-        "clip_rate": sum(history["clipped"]) / max(1, steps_run),
-        "skip_rate": sum(history["skipped"]) / max(1, steps_run),
-        "wall_time": time.perf_counter() - started,
-        "history": history,
-    }
-
-
-def _worker_init() -> None:
-    # One thread per process: --jobs processes share the cores instead of oversubscribing them.
-    import torch
-
-    torch.set_num_threads(1)
-
-
-def _run_in_worker(index: int, config: RunConfig, progress) -> tuple[int, dict[str, Any]]:
-    def report(done: int) -> None:
-        progress.put((index, done))
-
-    return index, run_one(config, report)
+    target = _target(config)
+    with pinned_torch():
+        try:
+            if isinstance(target, TrainTask):
+                return _run_train(target, config, report)
+            return _run_task(target, config, report)
+        except (TaskError, KeyboardInterrupt):
+            raise
+        except Exception as error:  # the task itself failed: reported, never dropped
+            return failed_record(
+                config, "failed", f"{type(error).__name__}: {error}", traceback.format_exc(),
+                wall_time=time.perf_counter() - started,
+            )
 
 
 def run_many(
@@ -167,52 +334,49 @@ def run_many(
     jobs: int = 1,
     on_progress: Callable[[int, int], None] | None = None,
     on_done: Callable[[int, dict[str, Any]], None] | None = None,
+    *,
+    backend: str = "local",
+    ray_address: str | None = None,
+    resources: dict[str, float] | None = None,
 ) -> list[dict[str, Any]]:
-    """Run every config, ``jobs`` at a time, and return the records in config order.
+    """Run every config and return the records in config order.
 
     Args:
         configs: The runs.
-        jobs: Processes to use; 1 runs in this process.
+        jobs: ``backend="local"``: processes to use (1 runs in this process); ignored by Ray,
+            which schedules by ``resources``.
         on_progress: Called with ``(run index, steps done)`` as runs advance.
-        on_done: Called with ``(run index, record)`` when a run finishes.
+        on_done: Called with ``(run index, record)`` as each run ends, in the order they end.
+        backend: ``"local"`` or ``"ray"``.
+        ray_address: ``backend="ray"``: the cluster's address for ``ray.init(address=...)``
+            (None: a running local instance, or a new one).
+        resources: ``backend="ray"``: what each run asks for: ``{"cpu": 1, "gpu": 0.5,
+            "memory": 2e9, "my_resource": 1}``.
 
     Returns:
-        One record per config (see :func:`run_one`), in the order of ``configs``.
-    """
-    results: list[dict[str, Any] | None] = [None] * len(configs)
-    if jobs <= 1:
-        import torch
+        One record per config (see :func:`run_one`), in the order of ``configs``; runs that
+        failed or were killed have records with that ``status``.
 
-        # One thread, as in the worker processes (same numbers either way), then the caller's
-        # setting back: a library call must not leave the process slower than it found it.
-        threads = torch.get_num_threads()
-        _worker_init()
-        try:
-            for index, config in enumerate(configs):
-                results[index] = run_one(config, (lambda done, i=index: on_progress(i, done)) if on_progress else None)
-                if on_done:
-                    on_done(index, results[index])
-        finally:
-            torch.set_num_threads(threads)
-        return results  # type: ignore[return-value]
-    context = multiprocessing.get_context("spawn")
-    with context.Manager() as manager:
-        progress = manager.Queue()
-        with ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_worker_init) as pool:
-            futures = [pool.submit(_run_in_worker, i, c, progress) for i, c in enumerate(configs)]
-            pending = set(futures)
-            while pending:
-                for future in [f for f in pending if f.done()]:
-                    pending.discard(future)
-                    index, record = future.result()
-                    results[index] = record
-                    if on_done:
-                        on_done(index, record)
-                try:
-                    while True:
-                        index, done = progress.get(timeout=0.1)
-                        if on_progress:
-                            on_progress(index, done)
-                except queue_module.Empty:
-                    pass
-    return results  # type: ignore[return-value]
+    Raises:
+        TaskError: A task broke the contract; the other runs were stopped.
+        InvalidArgumentError: A bad ``jobs`` or ``backend``.
+    """
+    if backend not in BACKENDS:
+        raise InvalidArgumentError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise InvalidArgumentError(f"jobs must be an integer >= 1, got {jobs!r}")
+    if backend == "ray":
+        from gradclip.experiments.ray_backend import run_ray
+
+        return run_ray(configs, address=ray_address, resources=resources, on_progress=on_progress, on_done=on_done)
+    if jobs > 1 and len(configs) > 1:
+        from gradclip.experiments.pool import run_pool
+
+        return run_pool(configs, min(jobs, len(configs)), on_progress=on_progress, on_done=on_done)
+    results: list[dict[str, Any]] = []
+    for index, config in enumerate(configs):
+        progress = (lambda done, i=index: on_progress(i, done)) if on_progress else None
+        results.append(run_one(config, progress))
+        if on_done:
+            on_done(index, results[-1])
+    return results

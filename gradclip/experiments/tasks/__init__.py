@@ -9,6 +9,8 @@
   failure adaptive clippers (ZClip, AutoClip, SkipOnSpike) are built for.
 * ``charlm`` — a small character-level LSTM language model trained on source text that ships
   with Python's standard library (so nothing is downloaded).
+* ``gpt`` — a small decoder-only transformer on the same text, trained with AdamW at a learning
+  rate where unclipped runs spike: the setting of ZClip and AdaGC.
 
 A task builds its model for a seed, hands out batches for a step, computes the loss, and
 evaluates a metric at the end. Every random draw comes from generators seeded by the run's seed,
@@ -19,7 +21,9 @@ Divergence is judged on each task's own scale (:mod:`~gradclip.experiments.tasks
 Layout: :mod:`~gradclip.experiments.tasks.base` (the :class:`Task` contract and divergence),
 :mod:`~gradclip.experiments.tasks.rnn` (``adding``, ``temporal-order``),
 :mod:`~gradclip.experiments.tasks.digits` (``digits``, ``spikes``),
-:mod:`~gradclip.experiments.tasks.charlm` (``charlm``); this module holds the registry.
+:mod:`~gradclip.experiments.tasks.charlm` (``charlm``), :mod:`~gradclip.experiments.tasks.gpt`
+(``gpt``); this module holds the registry. Your own tasks need no registration: see
+:class:`~gradclip.experiments.Task` and ``gradclip compare --task path/to/file.py:factory``.
 """
 
 from __future__ import annotations
@@ -28,15 +32,26 @@ import inspect
 from typing import Any
 
 from gradclip._core.errors import InvalidArgumentError, UnknownNameError
-from gradclip.experiments.tasks.base import DIVERGENCE_FACTOR, Task, TaskDefaults
+from gradclip.experiments.tasks.base import DIVERGENCE_FACTOR, Task, TaskDefaults, TaskError
 from gradclip.experiments.tasks.charlm import CharLMTask, _stdlib_text
 from gradclip.experiments.tasks.digits import DigitsTask, SpikesTask
+from gradclip.experiments.tasks.gpt import GPTTask
 from gradclip.experiments.tasks.rnn import AddingTask, TemporalOrderTask
 
-__all__ = ["Task", "TASKS", "check_options", "make_task", "task_names", "TaskDefaults", "DIVERGENCE_FACTOR"]
+__all__ = [
+    "Task",
+    "TASKS",
+    "check_options",
+    "check_task_options",
+    "make_task",
+    "task_names",
+    "TaskDefaults",
+    "TaskError",
+    "DIVERGENCE_FACTOR",
+]
 
 TASKS: dict[str, type[Task]] = {
-    task.name: task for task in (AddingTask, TemporalOrderTask, DigitsTask, SpikesTask, CharLMTask)
+    task.name: task for task in (AddingTask, TemporalOrderTask, DigitsTask, SpikesTask, CharLMTask, GPTTask)
 }
 
 
@@ -79,7 +94,17 @@ def check_options(name: str, options: dict[str, Any]) -> None:
     """
     if name not in TASKS:
         raise UnknownNameError(f"unknown task {name!r}; valid tasks: {', '.join(TASKS)}")
-    cls = TASKS[name]
+    check_task_options(TASKS[name], options)
+
+
+def check_task_options(cls: type[Task], options: dict[str, Any]) -> None:
+    """Validate options against a :class:`Task` subclass's constructor (built in or yours).
+
+    Raises:
+        InvalidArgumentError: An option the constructor does not take, or a ``seq_len`` below
+            the task's :attr:`~Task.min_seq_len`.
+    """
+    name = cls.name
     accepted = sorted(set(inspect.signature(cls.__init__).parameters) - {"self", "seed"})
     for key, value in options.items():
         if key not in accepted:

@@ -1,5 +1,6 @@
 """The task contract: :class:`Task` (model, batches, loss, held-out metric for a seed), its tuned
-:class:`TaskDefaults`, and how divergence is judged.
+:class:`TaskDefaults`, how divergence is judged, and :class:`TaskError` for a task that breaks
+the contract.
 
 Divergence is judged on each task's own scale. Every task names the loss of a trivial predictor
 (:attr:`Task.reference_loss`: predicting the mean target, or uniform class probabilities); a
@@ -15,7 +16,9 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["Task", "TaskDefaults", "DIVERGENCE_FACTOR"]
+from gradclip._core.errors import InvalidArgumentError
+
+__all__ = ["Task", "TaskDefaults", "TaskError", "DIVERGENCE_FACTOR", "OPTIMIZERS", "make_optimizer"]
 
 #: A run diverged when a loss exceeds this many times the task's :attr:`Task.reference_loss`.
 #: An untrained model starts within about 10x of it (an adding RNN that outputs 0 has MSE 7/6);
@@ -24,10 +27,27 @@ __all__ = ["Task", "TaskDefaults", "DIVERGENCE_FACTOR"]
 #: from both.
 DIVERGENCE_FACTOR = 1000.0
 
+#: The optimizers the runner builds for a :class:`Task` (``--optimizer``).
+OPTIMIZERS = ("sgd", "adam", "adamw")
+
+
+class TaskError(InvalidArgumentError):
+    """A task that cannot be used: it cannot be imported, its factory returns the wrong thing,
+    or it breaks the contract while running (a loss that is not a scalar, metrics without the
+    metric). ``gradclip compare`` prints its one-line message and exits with status 2; a
+    comparison that meets one stops and leaves nothing in its run directory."""
+
 
 @dataclass(frozen=True)
 class TaskDefaults:
-    """Training settings a task is tuned for (overridable on the command line)."""
+    """Training settings a task is tuned for (overridable on the command line).
+
+    Attributes:
+        steps: Optimizer steps of a full run.
+        lr: Learning rate.
+        optimizer: ``"sgd"`` (momentum 0.9), ``"adam"`` or ``"adamw"``.
+        quick_steps: Optimizer steps of a ``--quick`` smoke run.
+    """
 
     steps: int
     lr: float
@@ -35,18 +55,72 @@ class TaskDefaults:
     quick_steps: int
 
 
-class Task(ABC):
-    """One training problem.
+def make_optimizer(name: str, parameters: Any, lr: float) -> Any:
+    """The runner's optimizers: ``sgd`` (momentum 0.9), ``adam``, ``adamw`` (PyTorch defaults).
 
-    Subclasses define the model, the data, the loss and the metric. ``metric_name`` is
-    ``"accuracy"`` or ``"success"``; ``solved`` tells whether the metric meets the task's
-    success criterion. ``reference_loss`` is the loss of a trivial predictor (described by
-    ``reference_text``); :meth:`is_diverged` compares losses against
-    :data:`DIVERGENCE_FACTOR` times it.
+    Args:
+        name: One of :data:`OPTIMIZERS`.
+        parameters: The model's parameters.
+        lr: Learning rate.
+
+    Returns:
+        A ``torch.optim.Optimizer``.
+
+    Raises:
+        InvalidArgumentError: An unknown name.
+    """
+    import torch
+
+    if name == "sgd":
+        return torch.optim.SGD(parameters, lr=lr, momentum=0.9)
+    if name == "adam":
+        return torch.optim.Adam(parameters, lr=lr)
+    if name == "adamw":
+        return torch.optim.AdamW(parameters, lr=lr)
+    raise InvalidArgumentError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {name!r}")
+
+
+class Task(ABC):
+    """One training problem, trained by the runner's own PyTorch loop.
+
+    Subclass it to compare clippers on your own model (``gradclip compare --task
+    my_task.py:MyTask``). The runner builds one instance per run, ``MyTask(seed)``, then::
+
+        model = task.model()
+        optimizer = task.configure_optimizer(model.parameters(), optimizer_name, lr)
+        for step in range(steps):
+            loss = task.loss(model, task.batch(step))     # a scalar tensor
+            loss.backward()
+            task.perturb(model, step)                      # optional fault injection
+            info = clipper.clip_(model)                    # the clipper under comparison
+            optimizer.step()                               # skipped when info.skip
+        metrics = task.evaluate(model)                     # {"loss": ..., metric_name: ...}
+
+    and stops early when a loss diverges (:meth:`is_diverged`). Draw every random number from
+    generators seeded by ``seed`` (``self.generator`` is one): runs are then reproducible and
+    the clippers see the same data.
+
+    A run's clipper is never ``None``: for ``none`` it is ``GlobalNorm(max_norm=inf)``, which
+    measures the gradient norm and leaves every gradient bit for bit unchanged.
+
+    Class attributes:
+        name: The task's name in reports.
+        metric_name: The key of :meth:`evaluate`'s result that the comparison ranks by.
+        greater_is_better: Whether a larger metric is better (accuracy: yes; a loss or
+            perplexity metric: no).
+        defaults: The :class:`TaskDefaults` the task is tuned for.
+        description: One line for ``--help`` and reports.
+        reference_loss: The loss of a trivial predictor, the scale divergence is judged on
+            (uniform class probabilities: ``ln(classes)``).
+        reference_text: What that trivial predictor is, for reports.
+        default_clippers: The clipper specs ``gradclip compare`` runs when none are given
+            (None: the command's own default list).
+        min_seq_len: The shortest ``seq_len`` option the task accepts (sequence tasks only).
     """
 
     name: str = "task"
     metric_name: str = "accuracy"
+    greater_is_better: bool = True
     defaults = TaskDefaults(steps=500, lr=0.1, optimizer="sgd", quick_steps=30)
     description: str = ""
     #: The shortest ``seq_len`` the task accepts (sequence tasks only).
@@ -55,6 +129,8 @@ class Task(ABC):
     reference_loss: float = 1.0
     #: What that trivial predictor is, for reports.
     reference_text: str = "a trivial predictor"
+    #: Clipper specs ``gradclip compare`` runs on this task by default (None: the CLI's own).
+    default_clippers: tuple[str, ...] | None = None
 
     def __init__(self, seed: int):
         import torch
@@ -65,23 +141,42 @@ class Task(ABC):
 
     @abstractmethod
     def model(self) -> Any:
-        """Build the model (parameters initialised from the run's seed)."""
+        """Build the model (a ``torch.nn.Module``, parameters initialised from the run's seed)."""
 
     @abstractmethod
-    def batch(self, step: int) -> tuple[Any, Any]:
-        """The training batch of ``step``."""
+    def batch(self, step: int) -> Any:
+        """The training batch of ``step`` (anything :meth:`loss` accepts)."""
 
     @abstractmethod
-    def loss(self, model: Any, batch: tuple[Any, Any]) -> Any:
-        """The scalar training loss on a batch."""
+    def loss(self, model: Any, batch: Any) -> Any:
+        """The training loss on a batch: a scalar (0-d) tensor that ``backward()`` is called on."""
 
     @abstractmethod
     def evaluate(self, model: Any) -> dict[str, float]:
-        """Held-out evaluation: ``{"loss": ..., metric_name: ...}``."""
+        """Held-out evaluation after training: ``{"loss": ..., metric_name: ...}`` as floats."""
 
     def solved(self, metric: float) -> bool:
-        """Whether ``metric`` meets the task's success criterion."""
+        """Whether ``metric`` meets the task's success criterion (default: accuracy >= 0.9)."""
         return metric >= 0.9
+
+    def configure_optimizer(self, parameters: Any, name: str, lr: float) -> Any:
+        """Build the optimizer of a run (override for other settings, e.g. AdamW's betas).
+
+        Args:
+            parameters: ``model.parameters()``.
+            name: The optimizer chosen (``--optimizer`` or :attr:`defaults`).
+            lr: The learning rate chosen.
+
+        Returns:
+            A ``torch.optim.Optimizer``.
+        """
+        return make_optimizer(name, parameters, lr)
+
+    @property
+    def diverged_metric(self) -> float:
+        """The metric a diverged run counts with: 0 when greater is better, else
+        :attr:`reference_loss` (the trivial predictor's score)."""
+        return 0.0 if self.greater_is_better else self.reference_loss
 
     @property
     def divergence_limit(self) -> float:
