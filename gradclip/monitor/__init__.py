@@ -49,15 +49,25 @@ With ``per_layer=True`` and a model, also:
     policy, so under ``nonfinite="zero"`` (which replaced the bad values by 0) this is 0; the
     step's ``finite`` is False then, and ``summary()["nonfinite_steps"]`` counts it.
 
+With ``updates=True`` (``Monitor.before_step``/``after_step`` around each optimizer step; the
+``ClippedOptimizer`` and the trainer callbacks call them), also:
+
+``param_norms``, ``update_norms``, ``update_ratios`` (objects: parameter name -> float)
+    Per layer, the parameter norm ``‖W‖`` after the step, the norm of the update ``‖ΔW‖`` the
+    optimizer step made (0 on a skipped step) and their ratio ``‖ΔW‖ / ‖W‖`` (0 when the update
+    is 0; inf for an update of a zero parameter). Measured on the device, fetched with the step.
+
 Non-finite floats are written as ``null`` in JSON Lines (strict JSON has no NaN), as ``nan`` /
 ``inf`` in CSV and as themselves in TensorBoard. Readers should ignore keys they do not know: new
 keys may be added, existing ones keep their meaning. :func:`read_log` reads a log back.
 
 The CSV is a wide table with one fixed header (``pandas.read_csv`` reads it directly): ``step``,
-the scalar fields, ``nonfinite_layers``, then ``layer_norm/<name>`` for every layer the monitor
+the scalar fields, ``nonfinite_layers``, then ``layer_norm/<name>`` (and with updates
+``param_norm/<name>``, ``update_norm/<name>``, ``update_ratio/<name>``) for every layer the monitor
 tracks, in the model's order, so a layer whose gradient first appears late still has its column;
 an empty cell is a value not recorded that step (pandas: NaN). TensorBoard gets one tag per field
-(``gradclip/norm``, ``gradclip/nonfinite_layers``, ``gradclip/layer_norm/<name>``...).
+(``gradclip/norm``, ``gradclip/nonfinite_layers``, ``gradclip/layer_norm/<name>``,
+``gradclip/update_ratio/<name>``...).
 """
 
 from gradclip.monitor._monitor import ClipRateWarning, Monitor

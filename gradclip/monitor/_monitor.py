@@ -89,6 +89,12 @@ class Monitor:
         window: The number of recent steps the clip rate and its warning look at, ``>= 1``.
         warn: Emit :class:`ClipRateWarning` when more than half of the last ``window`` steps were
             clipped (once, and again only after the rate has fallen back to half or less).
+        updates: Also record, per layer, the parameter norm ``‖W‖``, the norm of the optimizer's
+            update ``‖ΔW‖`` and their ratio ``‖ΔW‖ / ‖W‖`` (the learning-rate health signal:
+            ~1e-3 is typical, a jump flags a bad step). Needs :meth:`before_step` before and
+            :meth:`after_step` after each optimizer step (``ClippedOptimizer`` and the Lightning and
+            transformers callbacks call them); costs one copy of the parameters per step and two
+            reads. torch models only.
 
     Raises:
         InvalidArgumentError: A bad argument.
@@ -104,6 +110,7 @@ class Monitor:
         history: int = 10_000,
         window: int = 100,
         warn: bool = True,
+        updates: bool = False,
     ):
         where = "Monitor"
         if model is not None and not callable(getattr(model, "named_parameters", None)):
@@ -128,7 +135,15 @@ class Monitor:
         self.history = _check_int(where, "history", history, 1)
         self.window = _check_int(where, "window", window, 1)
         self.warn = bool(warn)
-        self._pending: list[tuple[int, Any]] = []
+        if not isinstance(updates, bool):
+            raise InvalidArgumentError(f"{where}: updates must be True or False, got {updates!r}")
+        if updates and model is None:
+            raise InvalidArgumentError(f"{where}: updates=True needs the model (its parameters are measured)")
+        self.updates = updates
+        self._snapshot: list[Any] | None = None
+        self._awaiting_update = False
+        # (step, row, sections): the device row and which per-layer sections follow its scalars.
+        self._pending: list[tuple[int, Any, tuple[str, ...]]] = []
         self._next_step = 0
         self._layer_names: list[str] | None = None
         self._layer_params: list[Any] = []
@@ -189,15 +204,67 @@ class Monitor:
         if layer_norms is not None:
             _check_layer_norms(where, layer_norms)
         self._resolve_layers()
+        sections: tuple[str, ...] = ()
         if _is_torch(info.norm):
             row = self._torch_row(info, layer_norms)
+            if self._layer_names and row.numel() > len(_ROW):
+                sections = ("layers",)
         else:
             row = ("host", tuple(info), None)
         # Only now, with the row built, does anything change.
         self._next_step = step + 1
-        self._pending.append((step, row))
+        self._pending.append((step, row, sections))
+        # With updates, the step's row waits for after_step() to add the update norms.
+        self._awaiting_update = self.updates and not isinstance(row, tuple)
+        if len(self._pending) >= self.every and not self._awaiting_update:
+            self.flush()
+
+    # -- parameter updates ---------------------------------------------------------------------------
+    def before_step(self) -> None:
+        """Remember the parameters before the optimizer step (with ``updates=True``; else nothing).
+
+        Call it after :meth:`observe` and before ``optimizer.step()``.
+        """
+        if not self.updates or self._closed:
+            return
+        self._resolve_layers()
+        self._snapshot = [p.detach().clone() for p in self._layer_params]
+
+    def after_step(self) -> Any:
+        """Measure the update the optimizer step made (with ``updates=True``; else None).
+
+        Adds each layer's ``‖W‖``, ``‖ΔW‖`` and ``‖ΔW‖ / ‖W‖`` to the step last observed (device
+        values, fetched with it), then writes when ``every`` steps are pending.
+
+        Returns:
+            ``(names, param_norms, update_norms, ratios)`` with 1-D fp32 device tensors, one entry
+            per layer (for loggers: no synchronisation), or None when nothing was measured
+            (``updates=False``, or :meth:`before_step` was not called).
+        """
+        if not self.updates or self._snapshot is None or self._closed:
+            return None
+        import torch
+
+        snapshot, self._snapshot = self._snapshot, None
+        params = [p.detach() for p in self._layer_params]
+        from gradclip._core.ops import get_ops
+
+        ops = get_ops(params, framework="torch", where="Monitor.after_step")
+        deltas = torch._foreach_sub(params, snapshot)
+        param_norms = ops.norms(params, 2.0).to(torch.float32)
+        update_norms = ops.norms(deltas, 2.0).to(torch.float32)
+        # ‖ΔW‖ / ‖W‖; a zero parameter norm gives 0 for no update and inf for any update.
+        positive = param_norms > 0
+        ratios = torch.where(positive, update_norms / torch.where(positive, param_norms, 1.0), update_norms * math.inf)
+        ratios = torch.where(update_norms == 0, torch.zeros_like(ratios), ratios)
+        if self._pending and self._awaiting_update:
+            step, row, sections = self._pending[-1]
+            extra = torch.cat([param_norms, update_norms, ratios]).to(row.device)
+            self._pending[-1] = (step, torch.cat([row, extra]), (*sections, "updates"))
+        self._awaiting_update = False
         if len(self._pending) >= self.every:
             self.flush()
+        return list(self._layer_names or []), param_norms, update_norms, ratios
 
     def _torch_row(self, info: Any, layer_norms: Any):
         import torch
@@ -257,7 +324,7 @@ class Monitor:
         if not self._pending:
             return
         pending, self._pending = self._pending, []
-        torch_rows = [row for _, row in pending if not isinstance(row, tuple)]
+        torch_rows = [row for _, row, _ in pending if not isinstance(row, tuple)]
         if torch_rows:
             import torch
 
@@ -269,14 +336,14 @@ class Monitor:
                 fetched = [r.cpu().tolist() for r in torch_rows]
             fetched_iter = iter(fetched)
         records = []
-        for step, row in pending:
+        for step, row, sections in pending:
             if isinstance(row, tuple):
                 norm, threshold, coef, clipped, finite, skip = (np.asarray(v).item() for v in row[1][:6])
                 values = [float(norm), float(norm) * float(coef), float(threshold), float(coef),
                           float(bool(clipped)), float(bool(finite)), float(bool(skip))]
             else:
                 values = next(fetched_iter)
-            records.append(self._record(step, values))
+            records.append(self._record(step, values, sections))
         if not self._announced_layers:
             # Before the first write: a CSV lays out a column for every layer, including those
             # whose gradient first appears late in the run.
@@ -289,7 +356,7 @@ class Monitor:
             writer.write(records)
         self._check_rate()
 
-    def _record(self, step: int, values: list[float]) -> dict[str, Any]:
+    def _record(self, step: int, values: list[float], sections: tuple[str, ...] = ()) -> dict[str, Any]:
         record: dict[str, Any] = {"step": step}
         for key, value in zip(_ROW, values[: len(_ROW)]):
             record[key] = bool(value) if key in ("clipped", "finite", "skip") else float(value)
@@ -302,7 +369,14 @@ class Monitor:
         if math.isfinite(record["threshold"]):
             self._last_threshold = record["threshold"]
         record["clip_rate"] = sum(self._recent_clipped) / len(self._recent_clipped)
-        layer_values = values[len(_ROW):]
+        count = len(self._layer_names or [])
+        rest = values[len(_ROW):]
+        layer_values = rest[:count] if "layers" in sections else []
+        if "updates" in sections:
+            updates = rest[count if "layers" in sections else 0 :]
+            names = self._layer_names or []
+            for offset, key in enumerate(("param_norms", "update_norms", "update_ratios")):
+                record[key] = dict(zip(names, updates[offset * count : (offset + 1) * count]))
         if self._layer_names and layer_values:
             layers = {}
             nonfinite = 0
@@ -403,4 +477,7 @@ class Monitor:
         self.close()
 
     def __repr__(self) -> str:
-        return f"Monitor(every={self.every}, per_layer={self.per_layer}, writers={len(self.writers)}, steps={self.steps})"
+        return (
+            f"Monitor(every={self.every}, per_layer={self.per_layer}, updates={self.updates}, "
+            f"writers={len(self.writers)}, steps={self.steps})"
+        )

@@ -23,12 +23,20 @@ from typing import Any, NoReturn
 
 from gradclip._core.errors import InvalidArgumentError
 
-__all__ = ["JsonlWriter", "CsvWriter", "TensorBoardWriter", "read_log", "SCALAR_KEYS"]
+__all__ = ["JsonlWriter", "CsvWriter", "TensorBoardWriter", "read_log", "SCALAR_KEYS", "LAYER_GROUPS"]
 
 #: The per-step scalar fields, in the order CSV columns and TensorBoard tags use.
 SCALAR_KEYS = ("norm", "norm_after", "threshold", "coef", "clipped", "finite", "skip", "clip_rate")
 # The per-layer count a record has when per-layer norms are recorded; after SCALAR_KEYS in CSV.
 _COUNT_KEY = "nonfinite_layers"
+#: The per-layer groups a record may hold (record key -> column/tag stem): gradient norms, and with
+#: ``Monitor(updates=True)`` parameter norms, update norms and their ratio.
+LAYER_GROUPS = (
+    ("layer_norms", "layer_norm"),
+    ("param_norms", "param_norm"),
+    ("update_norms", "update_norm"),
+    ("update_ratios", "update_ratio"),
+)
 
 
 def _check_path(where: str, name: str, path: Any) -> str:
@@ -102,7 +110,8 @@ class CsvWriter:
     """A wide table, one row per step, under one fixed header: ``pandas.read_csv(path)`` reads it as is.
 
     Columns: ``step``, the scalar fields (:data:`SCALAR_KEYS`), ``nonfinite_layers``, then one
-    ``layer_norm/<name>`` column per layer. With a :class:`~gradclip.Monitor` the layer columns
+    ``layer_norm/<name>`` column per layer (and, once a record brings them, one
+    ``param_norm/<name>``, ``update_norm/<name>`` and ``update_ratio/<name>`` column per layer). With a :class:`~gradclip.Monitor` the layer columns
     are every layer the monitor tracks, in the model's order, known before the first row (the
     monitor calls :meth:`set_layer_names`): a layer whose gradient first appears late in the run
     has its column from the start, empty until then. Used on its own, a record that brings a layer
@@ -125,6 +134,8 @@ class CsvWriter:
         self._file: Any = None
         self._writer: Any = None
         self._layers: list[str] = []
+        # The per-layer groups with columns: gradient norms always, update groups once seen.
+        self._groups: list[tuple[str, str]] = [LAYER_GROUPS[0]]
         self._closed = False
 
     def set_layer_names(self, names: Sequence[str]) -> None:
@@ -141,7 +152,7 @@ class CsvWriter:
         self._add_layers(names)
 
     def _header(self) -> list[str]:
-        return ["step", *SCALAR_KEYS, _COUNT_KEY, *(f"layer_norm/{n}" for n in self._layers)]
+        return ["step", *SCALAR_KEYS, _COUNT_KEY, *(f"{stem}/{n}" for _, stem in self._groups for n in self._layers)]
 
     def _add_layers(self, names: Any) -> None:
         known = set(self._layers)
@@ -153,21 +164,24 @@ class CsvWriter:
             self._rewrite_with_header()
 
     def _rewrite_with_header(self) -> None:
-        """Rewrite the file under the current header, padding earlier rows with empty cells.
+        """Rewrite the file under the current header; earlier rows get empty cells in new columns.
 
         A CSV header cannot grow in place; the rewrite goes through a temporary file and
         ``os.replace``, so a crash in the middle leaves the old file whole.
         """
         self._file.close()
         with open(self.path, encoding="utf-8", newline="") as old:
-            rows = list(csv.reader(old))[1:]
+            rows = list(csv.reader(old))
+        old_header, rows = rows[0], rows[1:]
         header = self._header()
+        # Cells move by column name: new columns may sit between old ones (one block per group).
+        where = {name: index for index, name in enumerate(old_header)}
         temporary = self.path + ".tmp"
         with open(temporary, "w", encoding="utf-8", newline="") as new:
             writer = csv.writer(new)
             writer.writerow(header)
             for row in rows:
-                writer.writerow(row + [""] * (len(header) - len(row)))
+                writer.writerow([row[where[name]] if name in where and where[name] < len(row) else "" for name in header])
         os.replace(temporary, self.path)
         self._file = open(self.path, "a", encoding="utf-8", newline="")  # noqa: SIM115
         self._writer = csv.writer(self._file)
@@ -183,8 +197,18 @@ class CsvWriter:
         if not records:
             return
         brought: dict[str, None] = {}
+        groups = list(self._groups)
         for record in records:
-            brought.update(dict.fromkeys(record.get("layer_norms") or {}))
+            for group in LAYER_GROUPS:
+                values = record.get(group[0])
+                if values:
+                    brought.update(dict.fromkeys(values))
+                    if group not in groups:
+                        groups.append(group)
+        grew = len(groups) != len(self._groups)
+        self._groups = [group for group in LAYER_GROUPS if group in groups]
+        if grew and self._file is not None and not set(brought) - set(self._layers):
+            self._rewrite_with_header()
         self._add_layers(brought)  # before any row: at most one rewrite per batch
         if self._file is None:
             parent = os.path.dirname(os.path.abspath(self.path))
@@ -193,12 +217,13 @@ class CsvWriter:
             self._writer = csv.writer(self._file)
             self._writer.writerow(self._header())
         for record in records:
-            layer_norms = record.get("layer_norms") or {}
             row = [record.get("step")]
             for key in (*SCALAR_KEYS, _COUNT_KEY):
                 value = record.get(key)
                 row.append(int(value) if isinstance(value, bool) else value)
-            row.extend(layer_norms.get(name, "") for name in self._layers)
+            for key, _ in self._groups:
+                values = record.get(key) or {}
+                row.extend(values.get(name, "") for name in self._layers)
             self._writer.writerow(row)
         self._file.flush()
 
@@ -215,7 +240,8 @@ class TensorBoardWriter:
     Scalars ``<prefix>norm``, ``<prefix>norm_after``, ``<prefix>threshold``, ``<prefix>coef``,
     ``<prefix>clipped``, ``<prefix>finite``, ``<prefix>skip``, ``<prefix>clip_rate`` and, with
     per-layer norms, ``<prefix>nonfinite_layers`` and ``<prefix>layer_norm/<name>`` (a layer
-    without a gradient that step has no point there). Needs the ``tensorboard`` package (not
+    without a gradient that step has no point there); with ``Monitor(updates=True)`` also
+    ``<prefix>param_norm/<name>``, ``<prefix>update_norm/<name>`` and ``<prefix>update_ratio/<name>``. Needs the ``tensorboard`` package (not
     TensorFlow, not torch).
 
     Args:
@@ -272,11 +298,12 @@ class TensorBoardWriter:
                 value = record.get(key)
                 if value is not None:
                     values.append(summary_pb2.Summary.Value(tag=self.prefix + key, simple_value=float(value)))
-            for name, value in (record.get("layer_norms") or {}).items():
-                if value is not None:
-                    values.append(
-                        summary_pb2.Summary.Value(tag=f"{self.prefix}layer_norm/{name}", simple_value=float(value))
-                    )
+            for key, stem in LAYER_GROUPS:
+                for name, value in (record.get(key) or {}).items():
+                    if value is not None:
+                        values.append(
+                            summary_pb2.Summary.Value(tag=f"{self.prefix}{stem}/{name}", simple_value=float(value))
+                        )
             event = self._event_pb2.Event(
                 wall_time=time.time(), step=int(record["step"]), summary=summary_pb2.Summary(value=values)
             )
