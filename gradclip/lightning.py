@@ -53,7 +53,10 @@ class GradClipCallback(_Callback):
     Args:
         clipper: Any gradclip clipper.
         monitor: A :class:`gradclip.Monitor`, observed after each clip with the trainer's global
-            step; flushed when fitting ends (closing it stays yours).
+            step; flushed when fitting ends (closing it stays yours). With
+            ``Monitor(updates=True)`` the callback also brackets each optimizer step with
+            ``before_step``/``after_step`` and, with ``log``, logs ``update_ratio/<name>`` (each
+            parameter's ``‖ΔW‖ / ‖W‖``).
         log: Log ``grad_norm`` (pre-clip), ``grad_norm_clipped``, ``clip_coef`` and ``clipped`` to
             the Lightning loggers through ``pl_module.log`` (values stay tensors: Lightning fetches
             them when it logs).
@@ -111,6 +114,9 @@ class GradClipCallback(_Callback):
         self.last_info = info
         if self.monitor is not None:
             self.monitor.observe(info, step=int(trainer.global_step))
+            before_step = getattr(self.monitor, "before_step", None)  # a duck-typed monitor may lack it
+            if callable(before_step):
+                before_step()
         if self.log:
             norm = info.norm.detach().float()
             coef = info.coef.detach().float()
@@ -128,6 +134,18 @@ class GradClipCallback(_Callback):
         if self._may_skip and bool(info.skip):
             for _, param in named:
                 param.grad = None
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        after_step = getattr(self.monitor, "after_step", None)
+        measured = after_step() if callable(after_step) else None
+        if measured is not None and self.log:
+            names, _, _, ratios = measured
+            pl_module.log_dict(
+                {f"update_ratio/{name}": ratio for name, ratio in zip(names, ratios.unbind())},
+                on_step=True,
+                on_epoch=False,
+                batch_size=1,
+            )
 
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
         if self.monitor is not None and callable(getattr(self.monitor, "flush", None)):

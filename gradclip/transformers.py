@@ -22,7 +22,9 @@ Logging: every time the Trainer logs, the callback adds ``grad_norm`` (pre-clip 
 last step, measured by gradclip), ``grad_norm_clipped``, ``clip_coef``, ``clip_threshold`` and
 ``clip_rate`` (fraction of the steps since the previous log that were clipped) to the logs and to
 ``trainer.state.log_history``. The values stay on the device between logs and are fetched in one
-batch then. The Trainer runs reporting callbacks (TensorBoard, W&B...) before callbacks passed in
+batch then. With a ``Monitor(updates=True)`` the callback brackets each optimizer step with the
+monitor's ``before_step``/``after_step`` and adds ``update_ratio/<name>`` (each parameter's
+``‖ΔW‖ / ‖W‖`` at the last step) to the logs. The Trainer runs reporting callbacks (TensorBoard, W&B...) before callbacks passed in
 ``callbacks=``; to have them receive these keys too, add the callback with
 :meth:`GradClipCallback.attach` instead.
 
@@ -92,6 +94,7 @@ class GradClipCallback(_TrainerCallback):
         self.last_info = None
         self._may_skip = clipper.may_skip
         self._pending: list[Any] = []
+        self._last_update: tuple[list[str], Any] | None = None
 
     def attach(self, trainer: Any) -> GradClipCallback:
         """Add this callback to ``trainer`` ahead of the others, so reporting callbacks see its logs.
@@ -127,6 +130,9 @@ class GradClipCallback(_TrainerCallback):
         self.last_info = info
         if self.monitor is not None:
             self.monitor.observe(info, step=int(state.global_step))
+            before_step = getattr(self.monitor, "before_step", None)  # a duck-typed monitor may lack it
+            if callable(before_step):
+                before_step()
         import torch
 
         norm = info.norm.detach().to(torch.float32)
@@ -166,6 +172,12 @@ class GradClipCallback(_TrainerCallback):
             if "already been called" not in str(error):
                 raise
 
+    def on_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        after_step = getattr(self.monitor, "after_step", None)
+        measured = after_step() if callable(after_step) else None
+        if measured is not None:
+            self._last_update = (measured[0], measured[3])
+
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
         if not self._pending or logs is None or "loss" not in logs:
             return  # only training logs carry the clipping values
@@ -181,6 +193,10 @@ class GradClipCallback(_TrainerCallback):
             "clip_threshold": threshold,
             "clip_rate": sum(r[4] for r in rows) / len(rows),
         }
+        if self._last_update is not None:
+            names, ratios = self._last_update
+            self._last_update = None
+            added.update({f"update_ratio/{n}": float(r) for n, r in zip(names, ratios.cpu().tolist())})
         logs.update(added)
         history = getattr(state, "log_history", None)
         if history and history[-1].get("step") == state.global_step and "loss" in history[-1]:

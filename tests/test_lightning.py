@@ -269,3 +269,37 @@ def test_bad_arguments():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         GradClipCallback(gradclip.GlobalNorm(1.0), log=False)
+
+
+class LoggedKeys(L.Callback):
+    """The metrics Lightning received from the callback, step by step."""
+
+    def __init__(self):
+        self.keys = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.keys.append(set(trainer.callback_metrics))
+
+
+def test_a_monitor_with_updates_measures_every_step_and_logs_its_ratio(tmp_path):
+    model = Tiny(lr=1.0)
+    log = tmp_path / "updates.jsonl"
+    monitor = gradclip.Monitor(model, updates=True, warn=False, writers=[gradclip.monitor.JsonlWriter(log)])
+    recorder = GradRecorder()
+    keys = LoggedKeys()
+    _fit(model, [GradClipCallback(gradclip.GlobalNorm(0.01), monitor=monitor), recorder, keys], tmp_path, steps=3)
+    monitor.close()
+    names = [n for n, _ in model.named_parameters()]
+    assert {f"update_ratio/{n}" for n in names} <= keys.keys[-1]
+    # SGD at lr=1 with the gradient clipped to 0.01: each update has norm 0.01, as the monitor saw.
+    params = recorder.params + [_snapshot(model)]
+    moves = [_distance_between(a, b) for a, b in zip(params, params[1:])]
+    records = gradclip.monitor.read_log(log)
+    assert len(records) == 3
+    assert moves == pytest.approx([0.01] * 3, rel=1e-3)
+    for record, move in zip(records, moves):
+        assert math.sqrt(sum(v * v for v in record["update_norms"].values())) == pytest.approx(move, rel=1e-4)
+
+
+def _distance_between(a, b):
+    return math.sqrt(sum(float(((x - y) ** 2).sum()) for x, y in zip(a, b)))

@@ -227,3 +227,24 @@ def test_version_requirement_and_bad_arguments(monkeypatch):
     monkeypatch.setattr(transformers, "__version__", "4.44.2")
     with pytest.raises(RuntimeError, match=r"transformers >= 4.45"):
         GradClipCallback(gradclip.GlobalNorm(1.0))
+
+
+def test_a_monitor_with_updates_gets_each_step_update_and_the_logs_its_ratio(tmp_path):
+    model = _model()
+    log = tmp_path / "updates.jsonl"
+    monitor = gradclip.Monitor(model, updates=True, warn=False, writers=[gradclip.monitor.JsonlWriter(log)])
+    meter = StepMeter()
+    trainer = _trainer(model, [GradClipCallback(gradclip.GlobalNorm(0.01), monitor=monitor), meter], tmp_path)
+    trainer.train()
+    monitor.close()
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    names = [n for n, _ in model.named_parameters()]
+    records = gradclip.monitor.read_log(log)
+    assert len(logs) == len(records) == 4
+    for entry, record, move in zip(logs, records, meter.moves):
+        # The Trainer's logs carry each parameter's ratio; the monitor's update norms are the moves.
+        assert {f"update_ratio/{n}" for n in names} <= set(entry)
+        for name in names:
+            assert entry[f"update_ratio/{name}"] == pytest.approx(record["update_ratios"][name], rel=1e-6)
+        total = math.sqrt(sum(v * v for v in record["update_norms"].values()))
+        assert total == pytest.approx(move, rel=1e-4)
