@@ -38,11 +38,13 @@ import warnings
 from typing import Any
 
 from gradclip._core.clipper import Clipper
-from gradclip._core.errors import InvalidArgumentError
+from gradclip._core.errors import InvalidArgumentError, StateError
+from gradclip._core.registry import from_config
 
 try:
     import transformers as _transformers
     from transformers import TrainerCallback as _TrainerCallback
+    from transformers.trainer_callback import ExportableState as _ExportableState
 except ImportError as error:  # pragma: no cover - depends on the environment
     raise ImportError("gradclip.transformers needs transformers >= 4.45: pip install 'transformers>=4.45'") from error
 
@@ -60,11 +62,18 @@ def _version_tuple(version: str) -> tuple[int, ...]:
     return tuple(parts)
 
 
-class GradClipCallback(_TrainerCallback):
+class GradClipCallback(_TrainerCallback, _ExportableState):
     """Clip gradients with a gradclip clipper before every optimizer step of ``Trainer.train``.
 
+    The clipper's state is part of every Trainer checkpoint (transformers' ``ExportableState``:
+    ``trainer_state.json``, under ``stateful_callbacks``) and comes back with
+    ``trainer.train(resume_from_checkpoint=...)``: by default this callback object, with your
+    clipper and monitor, loads it when training begins; with
+    ``TrainingArguments(restore_callback_states_from_checkpoint=True)`` the Trainer rebuilds the
+    callback from the saved configuration and state instead (a monitor is not carried over then).
+
     Args:
-        clipper: Any gradclip clipper.
+        clipper: Any gradclip clipper, or its configuration ``{"clipper": name, "config": {...}}``.
         monitor: A :class:`gradclip.Monitor`, observed after each clip with the Trainer's global
             step; flushed when training ends (closing it stays yours).
 
@@ -80,6 +89,8 @@ class GradClipCallback(_TrainerCallback):
                 f"gradclip.transformers.GradClipCallback needs transformers >= 4.45 (the Trainer event "
                 f"on_pre_optimizer_step); found {version}"
             )
+        if isinstance(clipper, dict) and "clipper" in clipper:
+            clipper = from_config(clipper)  # the Trainer rebuilding this callback from a checkpoint
         if not isinstance(clipper, Clipper):
             raise InvalidArgumentError(
                 f"GradClipCallback: clipper must be a gradclip clipper, got {type(clipper).__qualname__}"
@@ -90,6 +101,8 @@ class GradClipCallback(_TrainerCallback):
             )
 
         self.clipper = clipper
+        # A clipper checkpoint to load when training begins (set by the Trainer's restore).
+        self.clipper_state: dict[str, Any] | None = None
         self.monitor = monitor
         self.last_info = None
         self._may_skip = clipper.may_skip
@@ -108,7 +121,50 @@ class GradClipCallback(_TrainerCallback):
         callbacks.insert(0, self)
         return self
 
+    # -- checkpoints (transformers' ExportableState) ------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        """What the Trainer writes into ``trainer_state.json`` for this callback.
+
+        Returns:
+            ``{"args": {"clipper": {"clipper": name, "config": {...}}}, "attributes":
+            {"clipper_state": clipper.state_dict()}}`` (plain JSON data).
+        """
+        return {
+            "args": {"clipper": {"clipper": self.clipper.name, "config": self.clipper.config()}},
+            "attributes": {"clipper_state": self.clipper.state_dict()},
+        }
+
+    def _restore(self, state: Any) -> None:
+        """Load the clipper state saved in a resumed checkpoint's ``stateful_callbacks``.
+
+        Raises:
+            StateError: The saved state does not fit this clipper (another clipper, another
+                configuration, bad values); the clipper is unchanged.
+        """
+        saved = self.clipper_state
+        if saved is None:
+            if getattr(state, "global_step", 0) == 0:
+                return  # not a resumed run: the entry is this callback's own state at Trainer creation
+            entries = (getattr(state, "stateful_callbacks", None) or {}).get(type(self).__name__)
+            entries = entries if isinstance(entries, list) else [entries] if entries else []
+            mine = {"clipper": self.clipper.name, "config": self.clipper.config()}
+            # Several callbacks of this class: the entry saved for a clipper of this configuration.
+            matching = [e for e in entries if isinstance(e, dict) and e.get("args", {}).get("clipper") == mine]
+            if not matching:
+                if entries:
+                    raise StateError(
+                        f"GradClipCallback: the checkpoint being resumed holds the state of "
+                        f"{[e.get('args', {}).get('clipper') for e in entries if isinstance(e, dict)]}, not of "
+                        f"{mine}; resume with the clipper the run was trained with"
+                    )
+                return
+            saved = matching[0].get("attributes", {}).get("clipper_state")
+        self.clipper_state = None
+        if saved is not None:
+            self.clipper.load_state_dict(saved)
+
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._restore(state)
         max_grad_norm = getattr(args, "max_grad_norm", None)
         if max_grad_norm is not None and max_grad_norm > 0:
             warnings.warn(

@@ -248,3 +248,44 @@ def test_a_monitor_with_updates_gets_each_step_update_and_the_logs_its_ratio(tmp
             assert entry[f"update_ratio/{name}"] == pytest.approx(record["update_ratios"][name], rel=1e-6)
         total = math.sqrt(sum(v * v for v in record["update_norms"].values()))
         assert total == pytest.approx(move, rel=1e-4)
+
+
+def _resumable_trainer(model, callback, tmp_path, steps, **overrides):
+    return _trainer(model, [callback], tmp_path, steps=steps, save_strategy="steps", save_steps=2, **overrides)
+
+
+def _zclip():
+    return gradclip.ZClip(warmup_steps=2)
+
+
+@pytest.mark.parametrize("rebuild", [False, True], ids=["this_callback_loads", "trainer_rebuilds"])
+def test_adaptive_state_survives_resume_from_checkpoint(rebuild, tmp_path):
+    """Train 4 steps straight; train 2, save, resume from the checkpoint for 2 more: the clipper
+    ends in the same state (and gives the same parameters) as the uninterrupted run."""
+    straight_model, straight = _model(), GradClipCallback(_zclip())
+    _resumable_trainer(straight_model, straight, tmp_path / "straight", steps=4).train()
+
+    first_model = _model()
+    _resumable_trainer(first_model, GradClipCallback(_zclip()), tmp_path / "run", steps=2).train()
+    checkpoint = tmp_path / "run" / "checkpoint-2"
+    assert checkpoint.is_dir()
+    resumed_callback = GradClipCallback(_zclip())
+    trainer = _resumable_trainer(
+        _model(), resumed_callback, tmp_path / "run", steps=4, restore_callback_states_from_checkpoint=rebuild
+    )
+    trainer.train(resume_from_checkpoint=str(checkpoint))
+    live = [cb for cb in trainer.callback_handler.callbacks if isinstance(cb, GradClipCallback)]
+    assert len(live) == 1 and (live[0] is not resumed_callback) == rebuild
+    assert live[0].clipper.state_dict() == straight.clipper.state_dict()
+    assert live[0].clipper.state_dict()["state"]["step"] == 4
+    for a, b in zip(trainer.model.parameters(), straight_model.parameters()):
+        torch.testing.assert_close(a, b)
+
+
+def test_resuming_with_another_clipper_is_refused(tmp_path):
+    _resumable_trainer(_model(), GradClipCallback(_zclip()), tmp_path, steps=2).train()
+    other = GradClipCallback(gradclip.ZClip(warmup_steps=3))
+    trainer = _resumable_trainer(_model(), other, tmp_path, steps=4)
+    with pytest.raises(gradclip.StateError, match="resume with the clipper the run was trained with"):
+        trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+    assert other.clipper.state_dict()["state"] is None
