@@ -197,7 +197,6 @@ def _task_options(items: list[str]) -> dict[str, Any]:
 def _compare(args: argparse.Namespace) -> int:
     import datetime as _dt
 
-    _require(*_NEEDS["compare"])
     for name, value, low in (("--seeds", args.seeds, 1), ("--jobs", args.jobs, 1), ("--steps", args.steps, 1)):
         if value is not None and value < low:
             raise UsageError(f"{name} must be an integer >= {low}, got {value}")
@@ -205,8 +204,6 @@ def _compare(args: argparse.Namespace) -> int:
         raise UsageError(f"--lr must be a finite number > 0, got {args.lr}")
     if args.backend != "ray" and (args.ray_address or args.resources):
         raise UsageError("--ray-address and --resources apply to --backend ray")
-    if args.backend == "ray":
-        _require("ray")
     options = _task_options(args.task_option)
     if args.seq_len is not None:
         options["seq_len"] = args.seq_len
@@ -218,9 +215,13 @@ def _compare(args: argparse.Namespace) -> int:
         loaded = load_task(args.task)
     except GradClipError as error:
         raise UsageError(str(error)) from error
-    _require(*_TASK_NEEDS.get(loaded.label if loaded.source.kind == "builtin" else "", ()))
-    if not loaded.is_train_function:
-        _require("torch")
+    # Everything this comparison needs, named at once (one pip command fixes it): the report's
+    # libraries, PyTorch for a Task (the runner's loop), scikit-learn's digits, Ray.
+    needs = list(_NEEDS["compare"])
+    needs += ["torch"] * (not loaded.is_train_function)
+    needs += list(_TASK_NEEDS.get(loaded.label, ())) if loaded.source.kind == "builtin" else []
+    needs += ["ray"] * (args.backend == "ray")
+    _require(*needs)
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     target, _, attribute = loaded.label.rpartition(":")
     name = loaded.label if loaded.source.kind == "builtin" else f"{Path(target).stem.split('.')[-1]}-{attribute}"

@@ -28,8 +28,9 @@ class GPTTask(Task):
 
     AdamW (betas 0.9/0.95, weight decay 0.1, no warm-up) at a learning rate of 1e-2: unclipped
     runs meet gradient spikes of 10-100x the median norm and stall after each. Metric:
-    next-character accuracy on the last 10 % of the text; "solved" at 45 % (a unigram model gets
-    about 15 %, the same model with pre-LN blocks about 51 % in these 400 steps). Uniform
+    next-character accuracy on the last 10 % of the text; "solved" at 40 % (a unigram model gets
+    about 15 %; the same model with pre-LN blocks reaches about 51 % in these 400 steps, unclipped
+    post-LN runs about 33 %). Uniform
     probabilities give ln(vocabulary size) ≈ 4.4 nats; a run diverged above 1000 times that (or
     at a non-finite loss).
 
@@ -163,4 +164,4 @@ class GPTTask(Task):
         }
 
     def solved(self, metric):
-        return metric >= 0.45
+        return metric >= 0.40
