@@ -7,9 +7,11 @@ expected). The drop-ins give the same results as ``torch.nn.utils.clip_grad_norm
 
 from gradclip.torch.clip import clip_grad_norm_, clip_grad_value_, get_total_norm
 from gradclip.torch.optim import ClippedOptimizer, fold_unsupported_reason
+from gradclip.torch.per_sample import PerSample
 
 __all__ = [
     "ClippedOptimizer",
+    "PerSample",
     "clip_grad_norm_",
     "clip_grad_value_",
     "fold_unsupported_reason",

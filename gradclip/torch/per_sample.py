@@ -1,0 +1,382 @@
+"""Per-example gradient clipping for PyTorch models: ``PerSample(model, clipper, mode)``.
+
+``ps.backward(per_example_losses)`` leaves ``p.grad = Σ_i c_i ∇_i`` — every example's gradient
+scaled by its own coefficient, summed (not averaged: :class:`~gradclip.torch.DPOptimizer` or the
+caller normalises) — and returns a :class:`~gradclip.ClipInfo` with one entry per example. The
+clipper decides the coefficients exactly as it decides one for a whole batch (the
+measure → decide → apply contract, ``docs/architecture.md``), on per-example measurements:
+``GlobalNorm(C)`` bounds each example's whole gradient (Abadi et al. 2016, "Deep learning with
+differential privacy"), ``Norm(C)`` each example's gradient of each parameter (per-layer clipping,
+McMahan et al. 2018), ``QuantileNorm`` adapts ``C`` to a quantile of the per-example norms
+(Andrew et al. 2021).
+
+Modes (how the per-example norms and the clipped sum are computed):
+
+* ``"bk"`` — book-keeping (Bu et al. 2023, ICML): one backward pass to the layers' outputs; per
+  layer the per-example norm by ghost norm or instantiation, whichever is cheaper; then one
+  weight-gradient matmul per layer on the rescaled output gradients.
+* ``"ghost"`` — ghost clipping (Li et al. 2022): a first backward pass measures norms only
+  (ghost norms, never a per-example gradient of a Linear/Conv/Embedding weight), a second ordinary
+  backward of ``Σ_i c_i ℓ_i`` writes the clipped sum. Least memory.
+* ``"instantiate"`` — per-example gradients kept in ``p.grad_sample`` (``(B, *p.shape)``, as
+  Opacus' hooks mode), then summed with the coefficients.
+* ``"vmap"`` — every module through ``torch.func`` (``vmap`` of ``vjp``, in chunks): any module
+  whose examples are independent.
+* ``"auto"`` — ``"bk"``, with the ``torch.func`` rule for modules without a dedicated one.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from gradclip._core.contract import NO_SIGNALS, Measured, Signals
+from gradclip._core.errors import InvalidArgumentError
+from gradclip._core.ops import get_ops
+from gradclip._core.types import ClipInfo
+from gradclip.clippers import AdaGC, AutoClip, GlobalNorm, Norm, QuantileNorm, ZClip
+from gradclip.torch.per_sample_func import batch_dim_of, func_contributions, owned_parameters
+from gradclip.torch.per_sample_hooks import Recorder, check_graph
+from gradclip.torch.per_sample_rules import Direct, contributions, refusal, rule_for
+
+__all__ = ["PerSample", "MODES"]
+
+MODES = ("auto", "bk", "ghost", "instantiate", "vmap")
+_NORM_HOW = {"bk": "auto", "auto": "auto", "ghost": "ghost", "instantiate": "instantiate", "vmap": "auto"}
+
+
+class _Unit:
+    """A hooked module and the parameters its rule differentiates."""
+
+    __slots__ = ("name", "module", "rule", "params")
+
+    def __init__(self, name: str, module: nn.Module, rule: Any, params: list[tuple[str, torch.Tensor]]):
+        self.name, self.module, self.rule, self.params = name, module, rule, params
+
+
+def check_clipper(where: str, clipper: Any) -> str:
+    """``"global"`` or ``"layer"``: how a clipper bounds each example; refuses the others.
+
+    Raises:
+        InvalidArgumentError: A clipper without a per-example meaning (element-wise, AGC, spike
+            skipping) or an adaptive one whose threshold follows private data without noise
+            (ZClip, AutoClip, AdaGC: their threshold would leak it under differential privacy).
+    """
+    if isinstance(clipper, (ZClip, AutoClip, AdaGC)):
+        raise InvalidArgumentError(
+            f"{where}: {type(clipper).__name__} sets its threshold from the (private) gradient norms without "
+            "noise, which breaks differential privacy; use GlobalNorm(C), Norm(C) or QuantileNorm (whose "
+            "count DPOptimizer noises). Nothing was changed."
+        )
+    if isinstance(clipper, (GlobalNorm, QuantileNorm, Norm)):
+        if getattr(clipper, "norm_type", 2.0) != 2.0:
+            raise InvalidArgumentError(
+                f"{where}: per-example clipping bounds L2 norms; got norm_type={clipper.norm_type!r}. "
+                "Nothing was changed."
+            )
+        if clipper.nonfinite not in ("propagate", "skip"):
+            raise InvalidArgumentError(
+                f"{where}: nonfinite={clipper.nonfinite!r} is not supported per example; use 'propagate' or "
+                "'skip'. Nothing was changed."
+            )
+        return "layer" if isinstance(clipper, Norm) else "global"
+    raise InvalidArgumentError(
+        f"{where}: clipper must be GlobalNorm(C), Norm(C) or QuantileNorm(...) for per-example clipping, got "
+        f"{type(clipper).__name__}. Nothing was changed."
+    )
+
+
+class PerSample:
+    """Per-example clipping of a model's gradients (see the module docstring for the modes).
+
+    Args:
+        model: The model. Forward hooks are put on its modules that own trainable parameters
+            (removed by :meth:`remove`); nothing else about it changes.
+        clipper: ``GlobalNorm(C)``, ``Norm(C)`` (per parameter) or ``QuantileNorm(...)``.
+        mode: ``"auto"``, ``"bk"``, ``"ghost"``, ``"instantiate"`` or ``"vmap"``.
+        chunk_size: Examples per vectorized chunk of the ``torch.func`` rule (None: all).
+        check_graph: Walk the autograd graph each step to refuse parameters used outside the
+            calls of their modules (cheap; turn off only for a model known to be clean).
+
+    Raises:
+        InvalidArgumentError: An unknown mode; an unsupported clipper; a module that mixes
+            examples (BatchNorm), a recurrent layer, an Embedding with ``max_norm``, or (in
+            ``bk``/``ghost``/``instantiate``) a module with trainable parameters and no rule —
+            each named.
+    """
+
+    def __init__(
+        self, model: nn.Module, clipper: Any, mode: str = "auto", *, chunk_size: int | None = 32, check_graph: bool = True
+    ):
+        if mode not in MODES:
+            raise InvalidArgumentError(f"PerSample: mode must be one of {MODES}, got {mode!r}")
+        if not isinstance(model, nn.Module):
+            raise InvalidArgumentError(f"PerSample: model must be a torch.nn.Module, got {type(model).__name__}")
+        if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+            raise InvalidArgumentError(f"PerSample: chunk_size must be an int >= 1 or None, got {chunk_size!r}")
+        self.kind = check_clipper("PerSample", clipper)
+        self.model, self.clipper, self.mode = model, clipper, mode
+        self.chunk_size, self.check_graph = chunk_size, check_graph
+        self._units = self._plan(model, mode)
+        self.parameters: list[tuple[str, torch.Tensor]] = [
+            (n, p) for n, p in model.named_parameters() if p.requires_grad
+        ]
+        self._tracked = {id(p): n for n, p in self.parameters}
+        self._recorder = Recorder({u.module: u for u in self._units})
+        self._state: Any = None
+
+    # -- construction ------------------------------------------------------------------------
+    def _plan(self, model: nn.Module, mode: str) -> list[_Unit]:
+        units: list[_Unit] = []
+        whole: list[str] = []  # modules handled with their subtree (MultiheadAttention)
+        for name, module in model.named_modules():
+            if any(name.startswith(prefix + ".") for prefix in whole):
+                continue
+            reason = refusal(name, module)
+            if reason is not None:
+                raise InvalidArgumentError(f"PerSample: {reason}. Nothing was changed.")
+            if isinstance(module, nn.MultiheadAttention):
+                # Its forward reads out_proj's weight directly (F.multi_head_attention_forward),
+                # never calling out_proj: the whole attention is one torch.func unit.
+                whole.append(name)
+                # Its rule, in every mode, is the torch.func one.
+                params = owned_parameters(module, recurse=True)
+                if params:
+                    units.append(_Unit(name, module, None, params))
+                continue
+            params = owned_parameters(module, recurse=False)
+            if not params:
+                continue
+            rule = None if mode == "vmap" else rule_for(module)
+            if rule is None:
+                self._need_func(mode, name, module)
+            units.append(_Unit(name, module, rule, params))
+        return units
+
+    @staticmethod
+    def _need_func(mode: str, name: str, module: nn.Module) -> None:
+        if mode not in ("auto", "vmap"):
+            raise InvalidArgumentError(
+                f"PerSample: {name or 'the model'} ({type(module).__name__}) has trainable parameters and no "
+                f"per-example rule in mode={mode!r}; use mode='auto' (torch.func for such modules) or "
+                "mode='vmap'. Nothing was changed."
+            )
+
+    def remove(self) -> None:
+        """Remove the hooks: the model is as it was before."""
+        self._recorder.remove()
+
+    @property
+    def state(self) -> Any:
+        """The clipper's state (QuantileNorm's current bound), None before the first step."""
+        return self._state
+
+    # -- the step ----------------------------------------------------------------------------
+    def backward(
+        self,
+        per_example_losses: torch.Tensor,
+        *,
+        loss_scale: Any = None,
+        count_noise: Any = None,
+        expected_batch_size: int | None = None,
+    ) -> ClipInfo:
+        """Clip each example's gradient and write their sum into ``p.grad``.
+
+        Args:
+            per_example_losses: 1-D tensor, one loss per example of the batch the model saw.
+            loss_scale: The factor the losses were multiplied by (AMP's ``GradScaler``): norms
+                are divided by it before they are compared with the threshold, so the bound
+                holds for the unscaled gradients; the written sum stays scaled.
+            count_noise: For ``QuantileNorm`` under DP, the noise added to the count of unclipped
+                examples (a 0-d tensor, drawn by :class:`~gradclip.torch.DPOptimizer`).
+            expected_batch_size: The denominator of the noised unclipped fraction (the batch
+                size when None).
+
+        Returns:
+            A ClipInfo whose ``norm``, ``coef``, ``clipped`` and ``finite`` hold one entry per
+            example (``coef`` the effective scale ``‖c ⊙ g‖ / ‖g‖`` for ``Norm``).
+
+        Raises:
+            InvalidArgumentError: Losses that are not a 1-D tensor with one entry per example of
+                every recorded call; a parameter whose ``.grad`` is already set (call
+                ``zero_grad(set_to_none=True)`` first); a parameter used outside its module's
+                calls. Gradients are unchanged in every case.
+        """
+        where = "PerSample.backward"
+        losses = per_example_losses
+        if not isinstance(losses, torch.Tensor) or losses.dim() != 1:
+            shape = tuple(losses.shape) if isinstance(losses, torch.Tensor) else type(losses).__name__
+            raise InvalidArgumentError(
+                f"{where}: per_example_losses must be a 1-D tensor with one loss per example (reduction='none'), "
+                f"got {shape}; gradients are unchanged"
+            )
+        stale = [n for n, p in self.parameters if p.grad is not None]
+        if stale:
+            raise InvalidArgumentError(
+                f"{where}: {stale[0]} (and {len(stale) - 1} more) already has a .grad: call "
+                "optimizer.zero_grad(set_to_none=True) between steps (a second backward would mix clipped sums); "
+                "gradients are unchanged"
+            )
+        batch = losses.shape[0]
+        calls = self._recorder.take()
+        if batch == 0:  # an empty Poisson batch: every clipped sum is zero
+            for _, p in self.parameters:
+                p.grad = torch.zeros_like(p)
+            empty = torch.zeros(0, device=losses.device)
+            return ClipInfo(empty, self._threshold(losses.device), empty, empty.bool(), empty.bool(), torch.tensor(False))
+        if losses.grad_fn is None:
+            raise InvalidArgumentError(f"{where}: per_example_losses does not require grad; gradients are unchanged")
+        for call in calls:
+            dim = batch_dim_of(call.unit.module)
+            first = call.args[0] if call.args and isinstance(call.args[0], torch.Tensor) else None
+            if first is not None and (first.dim() <= dim or first.shape[dim] != batch):
+                raise InvalidArgumentError(
+                    f"{where}: per_example_losses has {batch} entries but {call.unit.name or 'the model'} saw an "
+                    f"input of shape {tuple(first.shape)} (examples along dim {dim}); pass one loss per example "
+                    "(reduction='none'); gradients are unchanged"
+                )
+        if self.check_graph:
+            check_graph(losses, calls, self._tracked)
+        outputs = [o for call in calls for o in call.outputs]
+        ghost = self.mode == "ghost" and self.kind == "global"
+        grads = torch.autograd.grad(losses.sum(), outputs, retain_graph=ghost, allow_unused=True)
+        del outputs
+        pieces = self._pieces(calls, list(grads), batch)
+        del grads
+        names = [n for n, p in self.parameters if id(p) in pieces]
+        norms_sq = torch.stack([self._norm_sq(pieces, p) for _, p in self.parameters if id(p) in pieces], 1)
+        norms = norms_sq.sqrt()
+        if loss_scale is not None:
+            norms = norms / torch.as_tensor(loss_scale, dtype=norms.dtype, device=norms.device)
+        coef, info = self._decide(norms, names, count_noise, expected_batch_size)
+        if ghost:
+            del pieces
+            params = [p for _, p in self.parameters if id(p) in self._seen]
+            weights = coef.to(losses.dtype).detach()
+            torch.autograd.backward((losses * weights).sum(), inputs=params)
+        else:
+            self._write(pieces, coef)
+        return info
+
+    def _pieces(self, calls: list, grads: list, batch: int) -> dict[int, list[Any]]:
+        """Every parameter's contributions from every call, ``{id(param): [piece, ...]}``."""
+        pieces: dict[int, list[Any]] = {}
+        at = 0
+        for call in calls:
+            unit, count = call.unit, len(call.outputs)
+            call_grads = grads[at : at + count]
+            at += count
+            if all(g is None for g in call_grads):
+                continue  # a call whose output the loss does not use (another forward's)
+            if unit.rule is not None:
+                made = contributions(unit.module, unit.rule, call.args, tuple(call_grads))
+            else:
+                self._recorder.enabled = False  # the module re-runs under torch.func
+                try:
+                    made = func_contributions(
+                        unit.name, unit.module, unit.params, call.args, call.kwargs, call.outputs, call_grads,
+                        batch, self.chunk_size,
+                    )
+                finally:
+                    self._recorder.enabled = True
+            for piece in made:
+                pieces.setdefault(id(piece.param), []).append(piece)
+        self._seen = set(pieces)
+        return pieces
+
+    def _norm_sq(self, pieces: dict[int, list[Any]], param: torch.Tensor) -> torch.Tensor:
+        found = pieces[id(param)]
+        if len(found) > 1:
+            # A tied parameter (or a module called twice): the example's gradient is the sum of
+            # the contributions, and its norm is not the sum of their norms. Instantiated once.
+            total = sum(piece.grad_sample() for piece in found)
+            for piece in found:
+                piece.release()
+            found[:] = [Direct(param, total)]
+        how = _NORM_HOW[self.mode]
+        return found[0].norm_sq(how)
+
+    def _threshold(self, device: torch.device) -> torch.Tensor:
+        if isinstance(self.clipper, QuantileNorm):
+            value = self._state.norm if self._state is not None else self.clipper.initial_norm
+        else:
+            value = self.clipper.max_norm if isinstance(self.clipper, GlobalNorm) else self.clipper.threshold
+        return torch.as_tensor(value, dtype=torch.float32, device=device)
+
+    def _decide(
+        self, norms: torch.Tensor, names: list[str], count_noise: Any, expected: int | None
+    ) -> tuple[torch.Tensor, ClipInfo]:
+        """The clipper's decide on per-example measurements: one coefficient per example (per
+        example and parameter for ``Norm``)."""
+        total = norms.pow(2).sum(1).sqrt()
+        finite = torch.isfinite(total)
+        ops = get_ops([norms], framework="torch", where="PerSample")
+        if self._state is None:
+            self._state = self.clipper.init_state(ops, [])
+        per_layer = self.kind == "layer"
+        measured = Measured(
+            grads=[p for _, p in self.parameters if _ in names] if per_layer else [],
+            norms=norms if per_layer else None,
+            norm=total,
+            finite=finite,
+            given_finite=finite,
+            norm_type=2.0,
+            names=names,
+        )
+        signals = NO_SIGNALS
+        if isinstance(self.clipper, QuantileNorm):
+            signals = Signals(sample_norms=_noised_sample_norms(total, self._state.norm, count_noise, expected))
+        decision = self.clipper.decide(ops, measured, self._state, signals)
+        self._state = decision.state
+        coef, info = decision.coef, decision.info
+        if per_layer:
+            after = (coef * norms).pow(2).sum(1).sqrt()
+            one = torch.ones_like(total)
+            usable = (total > 0) & finite
+            effective = torch.where(usable, after / torch.where(usable, total, one), one)
+            info = ClipInfo(total, info.threshold, effective, (coef < 1).any(1), finite, info.skip)
+        else:
+            info = info._replace(clipped=coef < 1, finite=finite)
+        return coef, info
+
+    def _write(self, pieces: dict[int, list[Any]], coef: torch.Tensor) -> None:
+        keep = self.mode == "instantiate"
+        for column, (_, p) in enumerate((n, p) for n, p in self.parameters if id(p) in pieces):
+            c = coef[:, column] if coef.dim() == 2 else coef
+            found = pieces[id(p)]
+            grad = sum(piece.weighted(c) for piece in found)
+            if keep:
+                p.grad_sample = sum(piece.grad_sample() for piece in found).to(p.dtype)
+            p.grad = grad.to(p.dtype)
+            for piece in found:
+                piece.release()
+
+    def sensitivity(self) -> Any:
+        """The largest L2 norm one example can add to the clipped sum: ``C`` (the current bound
+        for QuantileNorm), ``C·√P`` for ``Norm`` over ``P`` parameters."""
+        threshold = self._threshold(self.parameters[0][1].device if self.parameters else torch.device("cpu"))
+        if self.kind == "layer":
+            return threshold * math.sqrt(len(self.parameters))
+        return threshold
+
+
+def _noised_sample_norms(total: torch.Tensor, bound: torch.Tensor, count_noise: Any, expected: int | None) -> torch.Tensor:
+    """The sample norms QuantileNorm counts, with the DP count noise folded in.
+
+    QuantileNorm moves C by the fraction of entries ``<= C`` (Andrew et al. 2021); under DP that
+    count is noised: ``b̃ = (Σ_i [‖g_i‖ <= C] + N(0, σ_b²)) / B``. The clipper's decide is reused
+    unchanged by handing it a vector whose fraction below C is ``b̃`` (clamped to [0, 1]) to a
+    resolution of 1e-4, far below the noise.
+    """
+    if count_noise is None:
+        return total.float()
+    resolution = 10_000
+    below = (total <= bound.to(total.dtype)).sum().to(torch.float32)
+    denominator = expected if expected is not None else total.shape[0]
+    fraction = ((below + count_noise.to(torch.float32)) / denominator).clamp(0.0, 1.0)
+    count = (fraction * resolution).round()
+    index = torch.arange(resolution, device=total.device, dtype=torch.float32)
+    return torch.where(index < count, torch.zeros((), device=total.device), torch.full((), 3.0e38, device=total.device))

@@ -1,0 +1,122 @@
+"""Forward hooks that record each module call, and the check that every gradient went through one.
+
+Per-example clipping needs, for every call of a module that owns trainable parameters, what the
+module saw (its inputs) and its outputs (to take their gradients). A forward hook on the user's
+own module records them: no wrapper, the ``state_dict`` keeps its keys, and removing the hooks
+leaves the model as it was.
+
+A parameter that reaches the loss *outside* any recorded call (``x @ model.fc.weight.T`` in a
+parent's forward, a positional-embedding ``nn.Parameter`` added by the parent) would get a
+gradient no rule accounts for: Opacus silently drops it, which breaks the privacy guarantee's
+premise. :func:`check_graph` walks the autograd graph from the loss, stepping over each recorded
+call (from its outputs straight to its inputs), and names any such parameter.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from gradclip._core.errors import InvalidArgumentError
+from gradclip.torch.per_sample_func import floating_outputs
+
+__all__ = ["Call", "Recorder", "check_graph"]
+
+
+class Call:
+    """One recorded call of a hooked module."""
+
+    __slots__ = ("unit", "args", "kwargs", "outputs", "input_nodes", "input_leaves")
+
+    def __init__(self, unit: Any, args: tuple, kwargs: dict, outputs: list[torch.Tensor]):
+        self.unit = unit
+        # Detached: the rules only read values; the graph is reached through ``outputs``.
+        self.args = tuple(x.detach() if isinstance(x, torch.Tensor) else x for x in args)
+        self.kwargs = {k: (v.detach() if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()}
+        self.outputs = outputs
+        tensors = [x for x in (*args, *kwargs.values()) if isinstance(x, torch.Tensor) and x.requires_grad]
+        self.input_nodes = [x.grad_fn for x in tensors if x.grad_fn is not None]
+        self.input_leaves = [x for x in tensors if x.grad_fn is None]
+
+
+class Recorder:
+    """Forward hooks on the modules of the units; records calls while gradients are enabled.
+
+    Args:
+        units: ``{module: unit}`` for every module to hook.
+    """
+
+    def __init__(self, units: dict[nn.Module, Any]):
+        self.calls: list[Call] = []
+        self.enabled = True
+        self._handles = [m.register_forward_hook(self._hook, with_kwargs=True) for m in units]
+        self._units = units
+
+    def _hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        # Off while a rule re-runs a module under torch.func, and under no_grad/inference
+        # (evaluation): nothing will be differentiated, so nothing is kept alive.
+        if not self.enabled or not torch.is_grad_enabled():
+            return
+        outputs = floating_outputs(output)
+        if not any(o.requires_grad for o in outputs):
+            return
+        self.calls.append(Call(self._units[module], args, kwargs, outputs))
+
+    def take(self) -> list[Call]:
+        """The calls recorded since the last take (and forget them)."""
+        calls, self.calls = self.calls, []
+        return calls
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self.calls = []
+
+
+def check_graph(losses: torch.Tensor, calls: list[Call], tracked: dict[int, str]) -> None:
+    """Refuse a loss whose graph reaches a tracked parameter outside every recorded call.
+
+    Args:
+        losses: The per-example losses.
+        calls: The recorded calls that built them.
+        tracked: ``{id(parameter): name}`` of the parameters being clipped.
+
+    Raises:
+        InvalidArgumentError: Naming the parameter(s) that would receive an unclipped gradient.
+    """
+    jumps: dict[Any, list[Any]] = {}
+    offenders: list[str] = []
+    for call in calls:
+        for leaf in call.input_leaves:
+            if id(leaf) in tracked:
+                offenders.append(tracked[id(leaf)])
+        for out in call.outputs:
+            if out.grad_fn is not None:
+                jumps.setdefault(out.grad_fn, []).extend(call.input_nodes)
+    stack = [losses.grad_fn]
+    seen: set[Any] = set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        jump = jumps.get(node)
+        if jump is not None:
+            stack.extend(jump)  # over the recorded call, to its inputs
+            continue
+        variable = getattr(node, "variable", None)  # AccumulateGrad: a leaf
+        if variable is not None and id(variable) in tracked:
+            offenders.append(tracked[id(variable)])
+            continue
+        stack.extend(n for n, _ in node.next_functions)
+    if offenders:
+        names = ", ".join(sorted(set(offenders)))
+        raise InvalidArgumentError(
+            f"PerSample.backward: parameter(s) {names} receive gradients outside the calls of the modules that "
+            "own them (used directly in another module's forward), so their per-example gradients cannot be "
+            "clipped; wrap that use in a module (for example an nn.Linear or a small nn.Module holding the "
+            "parameter, which mode='auto' handles) or freeze the parameter. Gradients are unchanged."
+        )

@@ -1,0 +1,308 @@
+"""Per-example gradient rules: each layer's per-example gradient norms and clipped sum.
+
+A layer's per-example gradient is a function of what the layer saw in the forward pass (its
+input ``a``) and the gradient of the loss with respect to its output (``g``). Writing it that way
+never builds the autograd graph of ``B`` separate backward passes:
+
+* **Outer products** (Linear, Conv as a Linear over unfolded patches, one product per group): the
+  gradient of example ``i`` is ``Σ_t g_it a_itᵀ``. Its squared norm is either the *ghost norm*
+  ``⟨a_i a_iᵀ, g_i g_iᵀ⟩`` (Goodfellow 2015; Li et al. 2022, "Large language models can be strong
+  differentially private learners"), costing ``O(T²(d + p))``, or the norm of the instantiated
+  ``p × d`` matrix, costing ``O(T p d)``; the cheaper is taken per layer (``2T² < pd``: Bu et al.
+  2023, "Differentially private optimization on large model at small cost", ICML, the
+  *book-keeping* rule). The clipped sum is one matmul on the rescaled ``g``: ``Σ_i c_i g_iᵀ a_i``.
+* **Rows** (Embedding): the gradient of example ``i`` adds ``g_it`` to row ``id_it``; its ghost
+  norm is ``Σ_{t,s} [id_it = id_is] ⟨g_it, g_is⟩`` over non-padding positions (any ids, repeated
+  or not, contiguous or not).
+* **Direct** (biases, LayerNorm, GroupNorm, RMSNorm, the ``torch.func`` fallback): the
+  per-example gradient is small or has no structure to exploit; it is instantiated.
+
+Every rule here is checked against ``torch.func`` per-example gradients in fp64
+(``tests/test_per_sample_layers.py``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gradclip._core.errors import InvalidArgumentError
+
+__all__ = ["Outer", "Rows", "Direct", "rule_for", "refusal", "contributions"]
+
+
+def _wide(x: torch.Tensor) -> torch.Tensor:
+    """Half-precision values are widened: per-example norms accumulate in fp32 (DESIGN rule 2)."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+class Outer:
+    """One parameter's gradient per example as ``Σ_t g_t a_tᵀ`` per group.
+
+    Args:
+        param: The parameter.
+        g: Output gradients, ``(B, G, T, p)``.
+        a: Inputs, ``(B, G, T, d)``.
+    """
+
+    def __init__(self, param: torch.Tensor, g: torch.Tensor, a: torch.Tensor):
+        self.param, self.g, self.a = param, g, a
+        self._samples: torch.Tensor | None = None
+
+    def ghost_cheaper(self) -> bool:
+        # Bu et al. 2023 (book-keeping): a ghost norm costs ~2T² per example and group against
+        # p·d to instantiate; the instantiated gradient is then reused by the clipped sum.
+        _, _, t, p = self.g.shape
+        return 2 * t * t < p * self.a.shape[-1]
+
+    def norm_sq(self, how: str = "auto") -> torch.Tensor:
+        if how == "ghost" or (how == "auto" and self.ghost_cheaper()):
+            a, g = _wide(self.a), _wide(self.g)
+            gram_a = a @ a.transpose(-1, -2)
+            gram_g = g @ g.transpose(-1, -2)
+            return (gram_a * gram_g).sum(dim=(1, 2, 3))
+        return self.grad_sample().flatten(1).pow(2).sum(1)
+
+    def grad_sample(self) -> torch.Tensor:
+        if self._samples is None:
+            b = self.g.shape[0]
+            samples = torch.einsum("bgtp,bgtd->bgpd", _wide(self.g), _wide(self.a))
+            self._samples = samples.reshape(b, *self.param.shape)
+        return self._samples
+
+    def weighted(self, c: torch.Tensor) -> torch.Tensor:
+        if self._samples is not None:  # instantiated anyway: B·p·d is less than B·T·p·d
+            return torch.tensordot(c.to(self._samples.dtype), self._samples, dims=1)
+        g = self.g * c.to(self.g.dtype).view(-1, 1, 1, 1)
+        # One weight-gradient matmul per group over all examples and positions.
+        out = torch.einsum("bgtp,bgtd->gpd", g, self.a)
+        return out.reshape(self.param.shape)
+
+    def release(self) -> None:
+        self.g = self.a = self._samples = None  # type: ignore[assignment]
+
+
+class Rows:
+    """An embedding table's gradient per example: ``g_t`` added to row ``ids_t``.
+
+    Args:
+        param: The ``(V, d)`` table.
+        ids: ``(B, T)`` token ids.
+        g: ``(B, T, d)`` output gradients.
+        padding_idx: Row that receives no gradient, or None.
+    """
+
+    def __init__(self, param: torch.Tensor, ids: torch.Tensor, g: torch.Tensor, padding_idx: int | None):
+        self.param, self.ids, self.g = param, ids, g
+        if padding_idx is not None:
+            # Positions holding the padding id get no gradient (nn.Embedding's rule).
+            self.g = g * (ids != padding_idx).unsqueeze(-1).to(g.dtype)
+
+    def norm_sq(self, how: str = "auto") -> torch.Tensor:
+        if how == "instantiate":
+            return self.grad_sample().flatten(1).pow(2).sum(1)
+        g = _wide(self.g)
+        same = (self.ids.unsqueeze(2) == self.ids.unsqueeze(1)).to(g.dtype)
+        return (same * (g @ g.transpose(1, 2))).sum(dim=(1, 2))
+
+    def grad_sample(self) -> torch.Tensor:
+        b, t = self.ids.shape
+        rows, d = self.param.shape
+        g = _wide(self.g)
+        out = torch.zeros(b * rows, d, dtype=g.dtype, device=g.device)
+        offsets = (torch.arange(b, device=g.device) * rows).unsqueeze(1)
+        out.index_add_(0, (self.ids + offsets).reshape(-1), g.reshape(-1, d))
+        return out.view(b, rows, d)
+
+    def weighted(self, c: torch.Tensor) -> torch.Tensor:
+        d = self.param.shape[1]
+        g = self.g * c.to(self.g.dtype).view(-1, 1, 1)
+        out = torch.zeros(self.param.shape, dtype=g.dtype, device=g.device)
+        return out.index_add_(0, self.ids.reshape(-1), g.reshape(-1, d))
+
+    def release(self) -> None:
+        self.ids = self.g = None  # type: ignore[assignment]
+
+
+class Direct:
+    """An instantiated per-example gradient ``(B, *param.shape)``."""
+
+    def __init__(self, param: torch.Tensor, samples: torch.Tensor):
+        self.param, self.samples = param, samples
+
+    def norm_sq(self, how: str = "auto") -> torch.Tensor:
+        return _wide(self.samples).flatten(1).pow(2).sum(1)
+
+    def grad_sample(self) -> torch.Tensor:
+        return _wide(self.samples)
+
+    def weighted(self, c: torch.Tensor) -> torch.Tensor:
+        return torch.tensordot(c.to(self.samples.dtype), self.samples, dims=1)
+
+    def release(self) -> None:
+        self.samples = None  # type: ignore[assignment]
+
+
+# -- the layers ------------------------------------------------------------------------------
+
+
+def _trainable(p: torch.Tensor | None) -> bool:
+    return p is not None and p.requires_grad
+
+
+def _linear(m: nn.Linear, a: torch.Tensor, g: torch.Tensor) -> list[Any]:
+    b = a.shape[0]
+    a3 = a.reshape(b, 1, -1, a.shape[-1])  # any number of leading dims: positions are T
+    g3 = g.reshape(b, 1, -1, g.shape[-1])
+    out: list[Any] = []
+    if _trainable(m.weight):
+        out.append(Outer(m.weight, g3, a3))
+    if _trainable(m.bias):
+        out.append(Direct(m.bias, g3.sum(dim=(1, 2))))
+    return out
+
+
+def _embedding(m: nn.Embedding, ids: torch.Tensor, g: torch.Tensor) -> list[Any]:
+    if not _trainable(m.weight):
+        return []
+    b = ids.shape[0]
+    return [Rows(m.weight, ids.reshape(b, -1), g.reshape(b, -1, g.shape[-1]), m.padding_idx)]
+
+
+def _unfold(m: nn.modules.conv._ConvNd, a: torch.Tensor) -> torch.Tensor:
+    """Patches ``(B, L, C_in·K)`` in the order of ``weight.reshape(C_out, -1)``, for 1-3 spatial
+    dims: padding (any ``padding_mode``, ``'same'`` included), stride and dilation as the
+    convolution applies them."""
+    mode = "constant" if m.padding_mode == "zeros" else m.padding_mode
+    x = F.pad(a, m._reversed_padding_repeated_twice, mode=mode)
+    nd = a.dim() - 2
+    for i in range(nd):
+        k, s, d = m.kernel_size[i], m.stride[i], m.dilation[i]
+        x = x.unfold(2 + i, d * (k - 1) + 1, s)[..., ::d]
+    # (B, C, L1..Ln, k1..kn) -> (B, L1..Ln, C, k1..kn)
+    order = [0, *range(2, 2 + nd), 1, *range(2 + nd, 2 + 2 * nd)]
+    x = x.permute(order)
+    return x.reshape(a.shape[0], -1, a.shape[1] * math.prod(m.kernel_size))
+
+
+def _conv(m: nn.modules.conv._ConvNd, a: torch.Tensor, g: torch.Tensor) -> list[Any]:
+    nd = len(m.kernel_size)
+    if a.dim() != nd + 2:
+        raise InvalidArgumentError(
+            f"PerSample: {type(m).__name__} got an unbatched input of shape {tuple(a.shape)}; per-example "
+            "clipping needs a leading batch dimension"
+        )
+    b, groups = a.shape[0], m.groups
+    out: list[Any] = []
+    if _trainable(m.weight):
+        patches = _unfold(m, a)  # (B, L, C_in K)
+        length = patches.shape[1]
+        patches = patches.view(b, length, groups, -1).transpose(1, 2)  # (B, G, L, C_in/G K)
+        gg = g.reshape(b, groups, m.out_channels // groups, -1).transpose(2, 3)  # (B, G, L, C_out/G)
+        out.append(Outer(m.weight, gg, patches))
+    if _trainable(m.bias):
+        out.append(Direct(m.bias, g.reshape(b, m.out_channels, -1).sum(2)))
+    return out
+
+
+def _affine(m: nn.Module, normalized: torch.Tensor, g: torch.Tensor, keep: int) -> list[Any]:
+    """Weight and bias of a normalization layer: ``Σ g·x̂`` and ``Σ g`` over the dims that the
+    affine parameters broadcast across (all but the batch and the ``keep`` trailing ones, or the
+    channel dim for GroupNorm: ``keep = -1``)."""
+    if keep == -1:  # GroupNorm: parameters per channel, dim 1
+        dims = tuple(range(2, g.dim()))
+    else:
+        dims = tuple(range(1, g.dim() - keep))
+    out: list[Any] = []
+    weight, bias = getattr(m, "weight", None), getattr(m, "bias", None)
+    if _trainable(weight):
+        prod = _wide(g) * _wide(normalized)
+        out.append(Direct(weight, prod.sum(dims) if dims else prod))
+    if _trainable(bias):
+        out.append(Direct(bias, _wide(g).sum(dims) if dims else _wide(g)))
+    return out
+
+
+def _layer_norm(m: nn.LayerNorm, a: torch.Tensor, g: torch.Tensor) -> list[Any]:
+    normalized = F.layer_norm(a, m.normalized_shape, None, None, m.eps)
+    return _affine(m, normalized, g, len(m.normalized_shape))
+
+
+def _rms_norm(m: nn.Module, a: torch.Tensor, g: torch.Tensor) -> list[Any]:
+    normalized = F.rms_norm(a, m.normalized_shape, None, m.eps)
+    return _affine(m, normalized, g, len(m.normalized_shape))
+
+
+def _group_norm(m: nn.GroupNorm, a: torch.Tensor, g: torch.Tensor) -> list[Any]:
+    normalized = F.group_norm(a, m.num_groups, None, None, m.eps)
+    return _affine(m, normalized, g, -1)
+
+
+_RULES: dict[type, Any] = {
+    nn.Linear: _linear,
+    nn.Embedding: _embedding,
+    nn.Conv1d: _conv,
+    nn.Conv2d: _conv,
+    nn.Conv3d: _conv,
+    nn.LayerNorm: _layer_norm,
+    nn.GroupNorm: _group_norm,
+}
+if hasattr(nn, "RMSNorm"):
+    _RULES[nn.RMSNorm] = _rms_norm
+
+
+def rule_for(module: nn.Module) -> Any:
+    """The rule for this module's exact type (a subclass may change ``forward``), or None.
+
+    ``NonDynamicallyQuantizableLinear`` (the output projection of ``nn.MultiheadAttention``) is a
+    Linear in every way that matters here."""
+    rule = _RULES.get(type(module))
+    if rule is None and type(module).__name__ == "NonDynamicallyQuantizableLinear":
+        rule = _linear
+    return rule
+
+
+#: Layers whose output for one example depends on the others in training mode, or whose
+#: per-example gradients are not supported: the reason given in the error.
+_MIXING = (nn.modules.batchnorm._BatchNorm,)
+_RECURRENT = (nn.RNNBase,)
+
+
+def refusal(name: str, module: nn.Module) -> str | None:
+    """Why per-example clipping cannot handle this module (None when it can).
+
+    BatchNorm mixes the examples of a batch (its statistics), so one example's gradient depends
+    on every other example and no per-example bound holds (Opacus refuses it for the same
+    reason); recurrent layers run fused kernels whose per-step inputs are not visible."""
+    label = f"{name or 'the model'} ({type(module).__name__})"
+    if isinstance(module, _MIXING) and any(p.requires_grad for p in module.parameters(recurse=False)):
+        return (
+            f"{label} mixes the examples of a batch (batch statistics), so per-example gradients are not "
+            "defined; replace it with GroupNorm or LayerNorm (or freeze it and use eval mode)"
+        )
+    if isinstance(module, _MIXING) and module.training and module.track_running_stats:
+        return (
+            f"{label} normalizes with batch statistics in training mode, which mixes examples; replace it "
+            "with GroupNorm or LayerNorm, or put it in eval mode"
+        )
+    if isinstance(module, _RECURRENT):
+        return (
+            f"{label} is a fused recurrent layer whose per-step inputs are not visible to hooks; per-example "
+            "clipping does not support it (use opacus.layers.DPLSTM/DPGRU, built from Linear layers)"
+        )
+    if isinstance(module, nn.Embedding) and module.max_norm is not None:
+        return f"{label} has max_norm={module.max_norm}, which rewrites the table during the forward pass"
+    if isinstance(module, nn.Embedding) and module.sparse:
+        return f"{label} has sparse=True; per-example clipping writes dense gradients"
+    if isinstance(module, nn.EmbeddingBag):
+        return f"{label} has no per-example rule (an EmbeddingBag pools examples' rows)"
+    return None
+
+
+def contributions(module: nn.Module, rule: Any, args: tuple, grads: tuple) -> list[Any]:
+    """The per-parameter contributions of one call of a module with a rule."""
+    return rule(module, args[0].detach(), grads[0])
