@@ -51,10 +51,14 @@ _NORM_HOW = {"bk": "auto", "auto": "auto", "ghost": "ghost", "instantiate": "ins
 class _Unit:
     """A hooked module and the parameters its rule differentiates."""
 
-    __slots__ = ("name", "module", "rule", "params")
+    __slots__ = ("name", "module", "rule", "params", "opaque")
 
     def __init__(self, name: str, module: nn.Module, rule: Any, params: list[tuple[str, torch.Tensor]]):
         self.name, self.module, self.rule, self.params = name, module, rule, params
+        # Every parameter its forward touches is its own (a leaf, or MultiheadAttention handled
+        # whole): the graph check may step over its calls. A parent with parameters of its own
+        # runs children and may use their parameters directly, so its body is walked.
+        self.opaque = rule is not None or isinstance(module, nn.MultiheadAttention) or not any(module.children())
 
 
 def check_clipper(where: str, clipper: Any) -> str:
@@ -238,6 +242,11 @@ class PerSample:
                     f"input of shape {tuple(first.shape)} (examples along dim {dim}); pass one loss per example "
                     "(reduction='none'); gradients are unchanged"
                 )
+        if not calls:
+            raise InvalidArgumentError(
+                f"{where}: no module call was recorded for these losses: run the forward pass after creating "
+                "PerSample, with gradients enabled, between backward calls; gradients are unchanged"
+            )
         if self.check_graph:
             check_graph(losses, calls, self._tracked)
         outputs = [o for call in calls for o in call.outputs]
@@ -317,17 +326,21 @@ class PerSample:
         if self._state is None:
             self._state = self.clipper.init_state(ops, [])
         per_layer = self.kind == "layer"
+        quantile = isinstance(self.clipper, QuantileNorm)
+        # QuantileNorm's state update is gated by one "the step is finite" flag, so it gets the
+        # batch's (a non-finite example then propagates into the sum under "propagate" anyway).
+        gate = finite.all() if quantile else finite
         measured = Measured(
             grads=[p for _, p in self.parameters if _ in names] if per_layer else [],
             norms=norms if per_layer else None,
             norm=total,
-            finite=finite,
-            given_finite=finite,
+            finite=gate,
+            given_finite=gate,
             norm_type=2.0,
             names=names,
         )
         signals = NO_SIGNALS
-        if isinstance(self.clipper, QuantileNorm):
+        if quantile:
             signals = Signals(sample_norms=_noised_sample_norms(total, self._state.norm, count_noise, expected))
         decision = self.clipper.decide(ops, measured, self._state, signals)
         self._state = decision.state

@@ -89,10 +89,15 @@ def check_graph(losses: torch.Tensor, calls: list[Call], tracked: dict[int, str]
     """
     jumps: dict[Any, list[Any]] = {}
     offenders: list[str] = []
+    # A parent module's own parameters may appear anywhere in its body (the torch.func rule
+    # differentiates the whole forward); its body is walked, not stepped over.
+    allowed = {id(p) for call in calls if not call.unit.opaque for _, p in call.unit.params}
     for call in calls:
         for leaf in call.input_leaves:
             if id(leaf) in tracked:
                 offenders.append(tracked[id(leaf)])
+        if not call.unit.opaque:
+            continue
         for out in call.outputs:
             if out.grad_fn is not None:
                 jumps.setdefault(out.grad_fn, []).extend(call.input_nodes)
@@ -108,7 +113,7 @@ def check_graph(losses: torch.Tensor, calls: list[Call], tracked: dict[int, str]
             stack.extend(jump)  # over the recorded call, to its inputs
             continue
         variable = getattr(node, "variable", None)  # AccumulateGrad: a leaf
-        if variable is not None and id(variable) in tracked:
+        if variable is not None and id(variable) in tracked and id(variable) not in allowed:
             offenders.append(tracked[id(variable)])
             continue
         stack.extend(n for n, _ in node.next_functions)

@@ -1,0 +1,190 @@
+"""PerSample's contract: hooks, state_dict, clippers, refusals and bad input (gradients unchanged)."""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+from torch import nn  # noqa: E402
+
+import gradclip  # noqa: E402
+import gradclip.torch as gct  # noqa: E402
+from tests._per_sample_models import SmallCNN, clipped_sum, per_example_grads  # noqa: E402
+
+
+def _mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+
+
+def _losses(model: nn.Module, batch: int = 6) -> torch.Tensor:
+    x = torch.randn(batch, 4)
+    return model(x).pow(2).sum(1)
+
+
+def test_hooks_leave_model_unchanged_and_are_removable():
+    model = _mlp()
+    keys = list(model.state_dict())
+    forward_hooks = [len(m._forward_hooks) for m in model.modules()]
+    ps = gct.PerSample(model, gradclip.GlobalNorm(1.0))
+    assert list(model.state_dict()) == keys
+    ps.backward(_losses(model))
+    ps.remove()
+    assert [len(m._forward_hooks) for m in model.modules()] == forward_hooks
+    model.zero_grad(set_to_none=True)
+    model(torch.randn(2, 4)).sum().backward()  # plain training works again
+
+
+def test_eval_under_no_grad_records_nothing():
+    model = _mlp()
+    ps = gct.PerSample(model, gradclip.GlobalNorm(1.0))
+    with torch.no_grad():
+        model(torch.randn(3, 4))
+    assert ps._recorder.calls == []
+
+
+def test_sum_not_mean_and_coefficients():
+    model = _mlp().double()
+    x = torch.randn(5, 4, dtype=torch.float64)
+    ref = per_example_grads(model, lambda out, x: out.pow(2).sum(1), x)
+    norms, want = clipped_sum(ref, 0.5)
+    info = gct.PerSample(model, gradclip.GlobalNorm(0.5)).backward(model(x).pow(2).sum(1))
+    expected_coef = torch.where(norms > 0.5, 0.5 / (norms + 1e-6), torch.ones_like(norms))
+    torch.testing.assert_close(info.coef, expected_coef)
+    torch.testing.assert_close(info.clipped, norms > 0.5)
+    assert bool(info.finite.all()) and not bool(info.skip)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, want[name])
+
+
+def test_quantile_norm_adapts_its_bound():
+    model = _mlp()
+    clipper = gradclip.QuantileNorm(target_quantile=0.5, learning_rate=0.5, initial_norm=1e-3)
+    ps = gct.PerSample(model, clipper)
+    info = ps.backward(_losses(model))
+    assert float(info.threshold) == pytest.approx(1e-3)
+    first = float(ps.state.norm)
+    assert first > 1e-3  # every example was clipped: C grows (Andrew et al. 2021)
+    assert first == pytest.approx(1e-3 * torch.exp(torch.tensor(0.5 * 0.5)).item(), rel=1e-5)
+    model.zero_grad(set_to_none=True)
+    info = ps.backward(_losses(model))
+    assert float(info.threshold) == pytest.approx(first)
+
+
+@pytest.mark.parametrize("name", ["ZClip", "AutoClip", "AdaGC"])
+def test_adaptive_clippers_without_noise_are_refused(name):
+    clipper = getattr(gradclip, name)()
+    with pytest.raises(gradclip.InvalidArgumentError, match=f"{name}.*differential privacy"):
+        gct.PerSample(_mlp(), clipper)
+
+
+def test_other_clippers_and_modes_refused():
+    with pytest.raises(gradclip.InvalidArgumentError, match="GlobalNorm"):
+        gct.PerSample(_mlp(), gradclip.Value(clip_value=1.0))
+    with pytest.raises(gradclip.InvalidArgumentError, match="L2"):
+        gct.PerSample(_mlp(), gradclip.GlobalNorm(1.0, norm_type=1.0))
+    with pytest.raises(gradclip.InvalidArgumentError, match="mode"):
+        gct.PerSample(_mlp(), gradclip.GlobalNorm(1.0), mode="fast")
+
+
+@pytest.mark.parametrize(
+    "layer, pattern",
+    [
+        (nn.BatchNorm1d(4), r"1 \(BatchNorm1d\) mixes the examples"),
+        (nn.LSTM(4, 4), r"1 \(LSTM\) is a fused recurrent layer"),
+        (nn.GRU(4, 4), r"1 \(GRU\) is a fused recurrent layer"),
+        (nn.Embedding(4, 4, max_norm=1.0), r"1 \(Embedding\) has max_norm"),
+    ],
+)
+def test_unsupported_layers_named(layer, pattern):
+    model = nn.Sequential(nn.Linear(4, 4), layer)
+    with pytest.raises(gradclip.InvalidArgumentError, match=pattern):
+        gct.PerSample(model, gradclip.GlobalNorm(1.0))
+    assert all(len(m._forward_hooks) == 0 for m in model.modules())
+
+
+def _grads(model):
+    return [None if p.grad is None else p.grad.clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize(
+    "bad, pattern",
+    [
+        (lambda out: out.pow(2).sum(), "1-D tensor with one loss per example"),
+        (lambda out: out.pow(2).sum(1)[:-1], "has 5 entries but 0 saw an input of shape"),
+        (lambda out: out.pow(2), "1-D tensor"),
+    ],
+)
+def test_losses_not_one_per_example(bad, pattern):
+    model = _mlp()
+    ps = gct.PerSample(model, gradclip.GlobalNorm(1.0))
+    with pytest.raises(gradclip.InvalidArgumentError, match=pattern):
+        ps.backward(bad(model(torch.randn(6, 4))))
+    assert _grads(model) == [None] * 4
+
+
+def test_backward_twice_without_zero_grad():
+    model = _mlp()
+    ps = gct.PerSample(model, gradclip.GlobalNorm(1.0))
+    ps.backward(_losses(model))
+    before = _grads(model)
+    with pytest.raises(gradclip.InvalidArgumentError, match="zero_grad"):
+        ps.backward(_losses(model))
+    for a, b in zip(before, _grads(model)):
+        assert torch.equal(a, b)
+
+
+class Outside(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.pos = nn.Parameter(torch.randn(4))
+
+    def forward(self, x):
+        # fc.weight used outside fc's call; pos added by the parent (a module with a
+        # parameter: handled by torch.func in auto, so only fc.weight is refused).
+        return self.fc(x) + x @ self.fc.weight.t() + self.pos
+
+
+@pytest.mark.parametrize("mode", ["auto", "bk"])
+def test_parameter_used_outside_its_module_is_named(mode):
+    model = Outside()
+    if mode == "bk":
+        with pytest.raises(gradclip.InvalidArgumentError, match=r"the model \(Outside\) has trainable"):
+            gct.PerSample(model, gradclip.GlobalNorm(1.0), mode=mode)
+        return
+    ps = gct.PerSample(model, gradclip.GlobalNorm(1.0), mode=mode)
+    with pytest.raises(gradclip.InvalidArgumentError, match=r"fc\.weight receive gradients outside"):
+        ps.backward(model(torch.randn(3, 4)).sum(1))
+    assert _grads(model) == [None] * 3
+
+
+def test_empty_batch_gives_zero_sum():
+    model = _mlp()
+    ps = gct.PerSample(model, gradclip.GlobalNorm(1.0))
+    info = ps.backward(model(torch.randn(0, 4)).sum(1))
+    assert info.norm.shape == (0,)
+    assert all(torch.equal(p.grad, torch.zeros_like(p)) for p in model.parameters())
+
+
+def test_loss_scale_is_divided_out_of_the_norms():
+    model = SmallCNN()
+    x, y = torch.randn(4, 1, 6, 6), torch.tensor([0, 1, 2, 3])
+    ps = gct.PerSample(model, gradclip.GlobalNorm(0.1))
+    loss = nn.functional.cross_entropy(model(x), y, reduction="none")
+    info = ps.backward(loss * 1024.0, loss_scale=1024.0)
+    scaled = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    ref = ps.backward(nn.functional.cross_entropy(model(x), y, reduction="none"))
+    torch.testing.assert_close(info.norm, ref.norm, rtol=1e-5, atol=1e-7)
+    for a, p in zip(scaled, model.parameters()):
+        torch.testing.assert_close(a / 1024.0, p.grad, rtol=1e-4, atol=1e-7)
+
+
+def test_forward_before_per_sample_is_explained():
+    model = _mlp()
+    losses = _losses(model)  # no hooks yet
+    ps = gct.PerSample(model, gradclip.GlobalNorm(1.0))
+    with pytest.raises(gradclip.InvalidArgumentError, match="no module call was recorded"):
+        ps.backward(losses)
+    assert _grads(model) == [None] * 4
