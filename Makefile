@@ -1,4 +1,6 @@
 # Two entry points (README.md): `make demo` and `make test`. Both create .venv on first use.
+# `make docs` builds the documentation site into build/site (`make test` builds it too, strictly,
+# in tests/test_docs.py, so a broken reference fails the tests).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -7,7 +9,7 @@ PIP := $(PY) -m pip
 INSTALL_INPUTS := requirements/dev.txt requirements/nodeps.txt pyproject.toml
 STAMP := $(VENV)/.installed-$(shell cat $(INSTALL_INPUTS) | cksum | cut -d' ' -f1)
 
-.PHONY: demo test install clean
+.PHONY: demo test docs install clean
 
 $(STAMP): $(INSTALL_INPUTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,6 +29,9 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider
+
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict -d build/site
 
 clean:
 	rm -rf $(VENV) build *.egg-info
