@@ -1,0 +1,182 @@
+"""DPOptimizer, Poisson sampling and accounting (DP-SGD, Abadi et al. 2016)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("opacus")
+from torch import nn  # noqa: E402
+from torch.utils.data import TensorDataset  # noqa: E402
+
+import gradclip  # noqa: E402
+import gradclip.torch as gct  # noqa: E402
+from gradclip.torch.accounting import Accountant, noise_multiplier_for  # noqa: E402
+
+
+def _setup(noise=0.0, batch=8, clipper=None, **kw):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
+    ps = gct.PerSample(model, clipper or gradclip.GlobalNorm(0.5))
+    opt = gct.DPOptimizer(torch.optim.SGD(model.parameters(), lr=1.0), ps, noise, batch, **kw)
+    return model, ps, opt
+
+
+def _loss(model, x):
+    return model(x).pow(2).sum(1)
+
+
+def test_no_noise_is_clipped_sum_over_expected_batch():
+    model, ps, opt = _setup(batch=10)
+    x = torch.randn(8, 6)
+    opt.backward(_loss(model, x))
+    clipped = [p.grad.clone() for p in model.parameters()]
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.step()
+    for b, c, p in zip(before, clipped, model.parameters()):
+        torch.testing.assert_close(p.detach(), b - c / 10)  # divided by the expected size, not 8
+
+
+def test_noise_std_is_sigma_c_over_b_and_seedable():
+    def noise_of(seed, secure=False):
+        torch.manual_seed(0)
+        model = nn.Linear(200, 100)
+        ps = gct.PerSample(model, gradclip.GlobalNorm(2.0))
+        gen = None if secure else torch.Generator().manual_seed(seed)
+        opt = gct.DPOptimizer(torch.optim.SGD(model.parameters(), lr=1.0), ps, 1.5, 4, generator=gen, secure_mode=secure)
+        opt.backward(model(torch.zeros(4, 200)).sum(1) * 0)  # zero gradients: only the noise is left
+        opt.step()
+        return torch.cat([(p.grad).flatten() for p in model.parameters()])
+
+    a, b, c = noise_of(1), noise_of(1), noise_of(2)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    want = 1.5 * 2.0 / 4
+    for noise in (a, noise_of(0, secure=True)):
+        assert abs(noise.mean().item()) < 0.05 * want
+        assert noise.std().item() == pytest.approx(want, rel=0.03)
+
+
+def test_virtual_steps_equal_one_logical_batch():
+    x = torch.randn(8, 6)
+    model, _, opt = _setup(batch=8)
+    opt.backward(_loss(model, x))
+    opt.step()
+    whole = [p.detach().clone() for p in model.parameters()]
+    model, _, opt = _setup(batch=8)
+    opt.backward(_loss(model, x[:3]))
+    opt.virtual_step()
+    assert all(p.grad is None for p in model.parameters())
+    opt.backward(_loss(model, x[3:]))
+    opt.step()
+    for a, p in zip(whole, model.parameters()):
+        torch.testing.assert_close(p.detach(), a)
+
+
+def test_poisson_loader_samples_independently_and_handles_empty_batches():
+    data = TensorDataset(torch.randn(50, 6), torch.arange(50))
+    loader = gct.poisson_loader(data, sample_rate=0.02, steps=200, generator=torch.Generator().manual_seed(0))
+    sizes = [len(batch[1]) for batch in loader]
+    assert len(sizes) == 200 and 0 in sizes
+    assert sum(sizes) / 200 == pytest.approx(1.0, abs=0.3)
+    model, ps, opt = _setup(noise=1.0, batch=1)
+    for x, _ in loader:
+        if len(x) == 0:
+            before = [p.detach().clone() for p in model.parameters()]
+            opt.zero_grad()
+            info = opt.backward(_loss(model, x))
+            assert info.norm.shape == (0,)
+            opt.step()  # noise only, still a step
+            assert all(not torch.equal(b, p) for b, p in zip(before, model.parameters()))
+            break
+
+
+def test_epsilon_equals_opacus_accountant():
+    from opacus.accountants import PRVAccountant, RDPAccountant
+
+    q, sigma, steps, delta = 0.01, 1.1, 30, 1e-5
+    model, _, opt = _setup(noise=sigma, batch=4, sample_rate=q)
+    for _ in range(steps):
+        opt.zero_grad()
+        opt.backward(_loss(model, torch.randn(4, 6)))
+        opt.step()
+    ref = RDPAccountant()
+    for _ in range(steps):
+        ref.step(noise_multiplier=sigma, sample_rate=q)
+    assert opt.epsilon(delta) == pytest.approx(ref.get_epsilon(delta), rel=1e-12)
+    prv, ref_prv = Accountant("prv"), PRVAccountant()
+    prv.step(sigma, q, steps)
+    for _ in range(steps):
+        ref_prv.step(noise_multiplier=sigma, sample_rate=q)
+    assert prv.epsilon(delta) == pytest.approx(ref_prv.get_epsilon(delta), rel=1e-6)
+    restored = Accountant("rdp")
+    restored.load_state_dict(opt.accountant.state_dict())
+    assert restored.steps == steps and restored.epsilon(delta) == opt.epsilon(delta)
+    sigma_for = noise_multiplier_for(3.0, delta, q, 1000)
+    eps = Accountant()
+    eps.step(sigma_for, q, 1000)
+    assert eps.epsilon(delta) <= 3.0 + 1e-6
+
+
+def test_quantile_norm_under_dp_noises_its_count():
+    model, ps, opt = _setup(
+        noise=1.0, batch=8, clipper=gradclip.QuantileNorm(initial_norm=0.01, learning_rate=0.2), count_noise_multiplier=2.0
+    )
+    # The pair (σ_Δ on the sum, σ_b on the count) costs σ = 1 (Andrew et al. 2021).
+    assert opt.grad_noise_multiplier == pytest.approx((1.0 - 1 / 16) ** -0.5)
+    bounds = []
+    for _ in range(5):
+        opt.zero_grad()
+        opt.backward(_loss(model, torch.randn(8, 6)))
+        opt.step()
+        bounds.append(float(ps.state.norm))
+    assert bounds[-1] > 0.01  # every example clipped at 0.01: C grows despite the noise
+    with pytest.raises(gradclip.InvalidArgumentError, match="count_noise_multiplier"):
+        _setup(noise=1.0, clipper=gradclip.QuantileNorm(), count_noise_multiplier=0.4)
+
+
+def test_amp_scaler_scale_divided_out():
+    x = torch.randn(8, 6)
+    model, _, opt = _setup()
+    opt.backward(_loss(model, x))
+    opt.step()
+    plain = [p.detach().clone() for p in model.parameters()]
+    scaler = torch.amp.GradScaler("cpu", init_scale=256.0)
+    model, _, opt = _setup(scaler=scaler)
+    info = opt.backward(_loss(model, x))
+    assert bool((info.coef < 1).any())
+    opt.step()
+    scaler.update()
+    for a, p in zip(plain, model.parameters()):
+        torch.testing.assert_close(p.detach(), a)
+
+
+@pytest.mark.parametrize(
+    "kwargs, pattern",
+    [
+        ({"noise_multiplier": -0.1}, "noise_multiplier must be a finite number >= 0"),
+        ({"noise_multiplier": float("nan")}, "noise_multiplier"),
+        ({"expected_batch_size": 0}, "expected_batch_size must be an int > 0"),
+        ({"expected_batch_size": -3}, "expected_batch_size"),
+        ({"sample_rate": 1.5}, "sample_rate must be in"),
+        ({"secure_mode": True, "generator": torch.Generator()}, "secure_mode"),
+    ],
+)
+def test_bad_arguments(kwargs, pattern):
+    model = nn.Linear(3, 2)
+    ps = gct.PerSample(model, gradclip.GlobalNorm(1.0))
+    args = {"noise_multiplier": 1.0, "expected_batch_size": 4, **kwargs}
+    with pytest.raises(gradclip.InvalidArgumentError, match=pattern):
+        gct.DPOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), ps, **args)
+
+
+def test_accountant_bad_input():
+    acc = Accountant()
+    assert acc.epsilon(1e-5) == 0.0
+    with pytest.raises(gradclip.InvalidArgumentError, match="sample_rate"):
+        acc.step(1.0, 0.0)
+    with pytest.raises(gradclip.InvalidArgumentError, match="delta"):
+        acc.epsilon(0.0)
+    acc.step(0.0, 0.5)
+    assert math.isinf(acc.epsilon(1e-5))
