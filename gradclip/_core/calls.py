@@ -10,6 +10,7 @@ the user's structure. The state such calls keep lives in :class:`~gradclip._core
 
 from __future__ import annotations
 
+import sys
 import warnings
 from collections.abc import Mapping
 from typing import Any, NamedTuple
@@ -190,6 +191,12 @@ class CallsMixin:
     def _collect(self, parameters: Any, where: str, *, inplace: bool, stacklevel: int):
         collected = collect_gradients(parameters, where)
         group = self.distributed_group()
+        if "torch.distributed.fsdp" in sys.modules:
+            # FSDP1's flat parameters imply their shard group; the torch backend reads it from
+            # the module (imported by name, as get_ops imports backends).
+            __import__("gradclip.backends.torch_fsdp")
+            fsdp = sys.modules["gradclip.backends.torch_fsdp"]
+            group = fsdp.implied_group(self, parameters, collected.params, collected.grads, group, where)
         # With a process group, ranks without gradients are expected (pipeline stages, uneven
         # partitions): they still join the reduction, silently.
         if not collected.grads and group is None:

@@ -423,6 +423,8 @@ class TorchOps(TorchVectorOps):
         return torch.stack(highs), torch.stack(lows)
 
     def numel(self, grad):
+        if self.distributed:  # a piece of a tensor split by hand or by FSDP1: the whole count
+            return self.reducer.numel(self, grad)
         return grad.numel()
 
     def version_token(self, grads):

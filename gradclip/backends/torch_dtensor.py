@@ -172,9 +172,24 @@ def _unit_count(local: torch.Tensor, kept) -> int:
 
 
 # -- collectives -------------------------------------------------------------------------------
+def _on_group_device(tensor: torch.Tensor, group: Any) -> torch.Tensor:
+    """``tensor`` on a device ``group`` can reduce on. CPU-offloaded gradients (FSDP2's
+    ``CPUOffloadPolicy``, ZeRO offload) give CPU partial sums, which NCCL cannot reduce ("No
+    backend type associated with device type cpu"): they travel to the group's accelerator for
+    the collective and back after it. Device tensors and CPU-only groups (gloo) stay put."""
+    if tensor.device.type != "cpu":
+        return tensor
+    device = _group_device([group], tensor.device)
+    return tensor if device.type == "cpu" else tensor.to(device)
+
+
 def _sum_(tensor: torch.Tensor, groups: Sequence[Any]) -> torch.Tensor:
+    """All-reduce SUM over ``groups``, in place (on the group's device; see _on_group_device)."""
     for group in groups:
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
+        moved = _on_group_device(tensor, group)
+        dist.all_reduce(moved, op=dist.ReduceOp.SUM, group=group)
+        if moved is not tensor:
+            tensor.copy_(moved)
     return tensor
 
 
@@ -186,7 +201,9 @@ def _max(values: torch.Tensor, groups: Sequence[Any]) -> torch.Tensor:
     nan = torch.isnan(flat)
     packed = torch.cat([torch.where(nan, torch.full_like(flat, -math.inf), flat), nan.to(flat.dtype)])
     for group in groups:
-        dist.all_reduce(packed, op=dist.ReduceOp.MAX, group=group)
+        moved = _on_group_device(packed, group)
+        dist.all_reduce(moved, op=dist.ReduceOp.MAX, group=group)
+        packed = moved.to(packed.device)
     n = flat.numel()
     out = torch.where(packed[n:] > 0, torch.full_like(flat, math.nan), packed[:n])
     return out.reshape(values.shape)

@@ -50,6 +50,7 @@ from gradclip.backends.torch_dtensor import (
     local_tensor,
     resolve_process_group,
 )
+from gradclip.backends.torch_groups import Assign, Assigner, assigned_totals, group_label, slot_reduce
 
 __all__ = ["LOCAL", "DistributedReducer", "Layout", "LocalReducer", "choose_reducer"]
 
@@ -71,16 +72,23 @@ LOCAL = LocalReducer()
 
 
 def choose_reducer(arrays: Sequence[Any], process_group: Any, where: str) -> Any:
-    """:data:`LOCAL` unless a process group is given or a gradient is a DTensor."""
+    """:data:`LOCAL` unless a process group (or an :class:`Assigner`: a reduction spec, FSDP1's
+    layout) is given or a gradient is a DTensor."""
     if process_group is not None or any_dtensor(arrays):
         return DistributedReducer(process_group, where)
     return LOCAL
 
 
 class Layout(NamedTuple):
-    """Per-tensor assignment of a gradient list: each tensor's DTensor metadata (None: plain)."""
+    """Per-tensor assignment of a gradient list: each tensor's DTensor metadata (None: plain),
+    and, under an :class:`Assigner`, each plain tensor's :class:`Assign` (None otherwise)."""
 
     metas: list[_Meta | None]
+    assigns: list[Assign | None] | None = None
+    #: Per tensor, the share of its full ``Σ|g|^p`` held on this rank (tensors split over a
+    #: shard group): ``combine_norms`` sums ``norm**p * share`` over the total group, so the
+    #: whole tensor is counted once however its pieces lie.
+    shares: Any = None
 
     @property
     def plain(self) -> list[int]:
@@ -101,15 +109,29 @@ class DistributedReducer:
     def __init__(self, process_group: Any, where: str):
         self.process_group = process_group
         self.caller = where
+        #: Per-parameter groups (a reduction spec, FSDP1's layout), or None.
+        self.assigner = process_group if isinstance(process_group, Assigner) else None
         #: The groups plain tensors' totals are all-reduced over, in order.
-        self.partition_groups = resolve_process_group(process_group, where)
+        self.partition_groups = () if self.assigner else resolve_process_group(process_group, where)
 
     def local_arrays(self, arrays: Sequence[Any]) -> list[Any]:
         return [local_tensor(a) for a in arrays]
 
     def device(self, fallback: torch.device) -> torch.device:
         """The device of a rank without gradients: one its process group can reduce on."""
-        return _group_device(self.partition_groups, fallback) if self.partition_groups else fallback
+        groups = self.assigner.total_groups if self.assigner else self.partition_groups
+        return _group_device(groups, fallback) if groups else fallback
+
+    def _assigns(self, grads: Sequence[Any], metas: Sequence[_Meta | None]) -> list[Assign | None] | None:
+        """Each plain gradient's assignment under the assigner (None without one)."""
+        if self.assigner is None:
+            return None
+        plain = [i for i, m in enumerate(metas) if m is None]
+        found = self.assigner.assign([grads[i] for i in plain], self.caller)
+        out: list[Assign | None] = [None] * len(grads)
+        for i, a in zip(plain, found):
+            out[i] = a
+        return out
 
     # -- the core reduction ---------------------------------------------------------------------
     def totals(self, ops, partials: torch.Tensor, layout: Layout, op: str = "sum"):
@@ -125,14 +147,17 @@ class DistributedReducer:
         k = partials.shape[0]
         is_max = op == "max"
         plain = layout.plain
-        if plain:
-            part = partials[:, plain]
-            local = part.amax(1) if is_max else part.sum(1)  # amax keeps NaN
+        if self.assigner is not None:
+            total = assigned_totals(self.assigner, partials, layout.plain, layout.assigns, is_max)
         else:
-            local = torch.zeros((k,), dtype=wide, device=ops.device)
-        if self.partition_groups:
-            local = _max(local, self.partition_groups) if is_max else _sum_(local.contiguous(), self.partition_groups)
-        total = local
+            if plain:
+                part = partials[:, plain]
+                local = part.amax(1) if is_max else part.sum(1)  # amax keeps NaN
+            else:
+                local = torch.zeros((k,), dtype=wide, device=ops.device)
+            if self.partition_groups:
+                local = _max(local, self.partition_groups) if is_max else _sum_(local.contiguous(), self.partition_groups)
+            total = local
         others = [i for i, m in enumerate(layout.metas) if m is not None]
         if others:
             part = partials[:, others]
@@ -142,8 +167,12 @@ class DistributedReducer:
     # -- norms -----------------------------------------------------------------------------------
     def norms(self, ops, grads, norm_type):
         metas = [_meta(g) for g in grads]
-        ops._memo["layout"] = Layout(metas)
+        assigns = self._assigns(grads, metas)
+        ops._memo["layout"] = Layout(metas, assigns)
         local = ops._twin
+        if self.assigner is not None and self.assigner.shard_groups:
+            # Every rank joins every shard group's reduction, with or without tensors in it.
+            return self._split_norms(ops, grads, metas, assigns, norm_type)
         if all(m is None for m in metas):
             return local.norms(grads, norm_type)
         out: list[Any] = [None] * len(grads)
@@ -159,6 +188,33 @@ class DistributedReducer:
             for i, value in zip(indices, full.unbind()):
                 out[i] = value
         return ops.stack(out)
+
+    def _split_norms(self, ops, grads, metas, assigns, norm_type):
+        """Norms when plain tensors are split over shard groups: each whole tensor's norm, and
+        each one's local share remembered for :meth:`combine_norms`."""
+        plain = [i for i, m in enumerate(metas) if m is None]
+        others = [i for i, m in enumerate(metas) if m is not None]
+        out = torch.zeros((len(grads),), dtype=torch.float64, device=ops.device)
+        if others:
+            dt = DistributedReducer(None, self.caller).norms(ops, [grads[i] for i in others], norm_type)
+            out = out.index_copy(0, torch.as_tensor(others, device=ops.device), dt.to(torch.float64))
+        values = ops._twin.norms([grads[i] for i in plain], norm_type).to(ops.device, torch.float64) if plain else out[:0]
+        mine = [assigns[i] for i in plain]
+        if norm_type == math.inf:
+            full = slot_reduce(self.assigner, values, mine, "max")
+            share = torch.ones_like(full)
+        else:
+            powered = values if norm_type == 1 else values**norm_type
+            full_p = slot_reduce(self.assigner, powered, mine, "sum")
+            share = torch.where(full_p > 0, powered / full_p, torch.zeros_like(full_p))
+            full = full_p if norm_type == 1 else full_p ** (1.0 / norm_type)
+        shares = torch.ones((len(grads),), dtype=torch.float64, device=ops.device)
+        if plain:
+            index = torch.as_tensor(plain, device=ops.device)
+            out = out.index_copy(0, index, full)
+            shares = shares.index_copy(0, index, share)
+        ops._memo["layout"] = Layout(metas, assigns, shares)
+        return out.to(ops.acc)
 
     def _full_norms(self, ops, values, mesh, placements_list, norm_type, dtype):
         """Per-tensor local norms of DTensors on one mesh -> the full tensors' norms."""
@@ -179,6 +235,12 @@ class DistributedReducer:
         layout = ops._memo.get("layout")
         if layout is not None and len(layout.metas) == n:
             return layout
+        if self.assigner is not None:
+            raise BackendError(
+                f"{self.caller}: combine_norms got {n} norm(s) but the last gradients measured were "
+                f"{0 if layout is None else len(layout.metas)}; with per-parameter reduction groups "
+                "call norms() on the same gradients first"
+            )
         if layout is None or all(m is None for m in layout.metas):
             return Layout([None] * n)
         raise BackendError(
@@ -188,17 +250,42 @@ class DistributedReducer:
         )
 
     def combine_norms(self, ops, norms, norm_type):
-        if not self.partition_groups:
+        if not self.partition_groups and self.assigner is None:
             return ops._twin.combine_norms(norms, norm_type)
         layout = self._layout_for(ops, norms.shape[0])
         values = norms.reshape(1, -1).to(torch.float64)
         if norm_type == math.inf:
             return self.totals(ops, values, layout, op="max")[0].to(ops.acc)
         powered = values if norm_type == 1 else values**norm_type
+        if layout.shares is not None:
+            powered = powered * layout.shares.to(powered.device)
         total = self.totals(ops, powered, layout)[0]
         return (total if norm_type == 1 else total ** (1.0 / norm_type)).to(ops.acc)
 
+    def _refuse_split(self, ops, arrays, operation: str) -> None:
+        """Per-unit statistics of flat or hand-split plain tensors are refused (rows are cut at
+        arbitrary offsets): raise naming the parameter and its group, before anything changes."""
+        if self.assigner is None or not (self.assigner.shard_groups or self.assigner.has_flat):
+            return
+        # Decided from the layout, the same on every rank (not from this rank's tensors): every
+        # rank refuses, so none is left waiting in a collective.
+        metas = [_meta(a) for a in arrays]
+        found = [a for a in self._assigns(list(arrays), metas) or [] if a is not None and (a.flat or a.shard is not None)]
+        for a in found or [None]:
+            if a is None:
+                raise BackendError(
+                    f"{self.caller}: {operation} needs whole units (rows), and the gradients are split "
+                    "over shard groups (FSDP1 flat parameters or views); this rank holds none of them"
+                )
+            kind = "an FSDP1 flat parameter shard" if a.flat else "split over the " + group_label(a.shard)
+            raise BackendError(
+                f"{self.caller}: {operation} needs whole units (rows) of {a.name!r}, which is {kind}; "
+                "use a global-norm or per-tensor clipper here, or FSDP2 (fully_shard: DTensor "
+                "gradients keep their shape). Nothing was clipped."
+            )
+
     def unit_norms(self, ops, arrays, axes):
+        self._refuse_split(ops, arrays, "unit-wise clipping (AGC)")
         out = []
         for array, kept in zip(arrays, axes):
             meta = _meta(array)
@@ -253,12 +340,15 @@ class DistributedReducer:
             if weights is not None:
                 part = part * weights
             partials = partials.index_copy(1, index, _sum_(part.contiguous(), groups))
-        return list(self.totals(ops, partials, Layout(metas)).to(ops.acc).unbind())
+        return list(self.totals(ops, partials, Layout(metas, self._assigns(arrays, metas))).to(ops.acc).unbind())
 
     # -- flags and extrema -------------------------------------------------------------------------
     def finite_each(self, ops, grads):
         metas = [_meta(g) for g in grads]
         local = ops._twin
+        if self.assigner is not None and self.assigner.shard_groups:
+            assigns = self._assigns(grads, metas)
+            return self._split_flags(ops, grads, metas, assigns, local)
         if all(m is None for m in metas):
             return local.finite_each(grads)
         # A shard with NaN/inf makes the whole tensor non-finite: MAX of "bad" over the mesh.
@@ -270,6 +360,17 @@ class DistributedReducer:
             for i, value in zip(indices, (bad == 0).unbind()):
                 flags[i] = value
         return torch.stack(flags)
+
+    def _split_flags(self, ops, grads, metas, assigns, local):
+        """``finite_each`` when plain tensors are split over shard groups: MAX of "bad"."""
+        plain = [i for i, m in enumerate(metas) if m is None]
+        flags = DistributedReducer(None, self.caller).finite_each(ops, grads) if len(plain) < len(grads) else None
+        bad = (~local.finite_each([grads[i] for i in plain])).to(ops.device, torch.float64) if plain else torch.zeros((0,), dtype=torch.float64, device=ops.device)
+        bad = slot_reduce(self.assigner, bad, [assigns[i] for i in plain], "max")
+        out = torch.ones((len(grads),), dtype=torch.bool, device=ops.device) if flags is None else flags
+        if plain:
+            out = out.index_copy(0, torch.as_tensor(plain, device=ops.device), bad == 0)
+        return out
 
     def extrema(self, ops, grads):
         metas = [_meta(g) for g in grads]
@@ -286,6 +387,24 @@ class DistributedReducer:
             for position, i in enumerate(indices):
                 highs[i], lows[i] = packed[position], -packed[n + position]
         return torch.stack(highs), torch.stack(lows)
+
+    def numel(self, ops, grad) -> int:
+        """The whole tensor's element count: a DTensor's global one; under an assigner, that of
+        the tensor a piece belongs to (FSDP1 views), read from the last measured layout."""
+        if self.assigner is None:
+            return grad.numel()
+        found = ops._memo.get("numels")
+        if found is None:
+            # Once per Ops: every gradient it was built for, so n calls cost one pass.
+            arrays = list(ops._arrays)
+            found = ops._memo["numels"] = {
+                id(g): (a.numel if a.numel >= 0 else g.numel())
+                for g, a in zip(arrays, self.assigner.assign(arrays, self.caller))
+            }
+        if id(grad) not in found:
+            (a,) = self.assigner.assign([grad], self.caller)
+            found[id(grad)] = a.numel if a.numel >= 0 else grad.numel()
+        return found[id(grad)]
 
     def version_token(self, ops, grads):
         del ops
@@ -355,9 +474,9 @@ class DistributedReducer:
         """Make ``info.clipped`` agree on every rank of the process group (MAX all-reduce):
         per-tensor and element-wise methods decide it from each rank's own plain tensors.
         Nothing is communicated without a process group (DTensor statistics are reduced)."""
-        if not self.partition_groups:
+        groups = self.assigner.total_groups if self.assigner is not None else self.partition_groups
+        if not groups:
             return info
-        flag = info.clipped.to(ops.device, torch.float32).reshape(1).contiguous()
-        for group in self.partition_groups:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+        flag = info.clipped.to(ops.device, torch.float32).reshape(1)
+        flag = _max(flag, groups)
         return info._replace(clipped=flag[0] > 0)

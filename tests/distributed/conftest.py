@@ -49,10 +49,14 @@ class Run:
         assert not failed, f"{len(failed)} of {len(found)} check(s) under {prefix!r} failed:\n{shown}"
 
 
-def launch(world: int, scenario: str, directory: Path, deadline: float) -> Run:
-    """Start ``world`` worker processes and wait for all of them, at most ``deadline`` seconds."""
+def launch(world: int, scenario: str, directory: Path, deadline: float, worker: Path = WORKER, env_extra: dict | None = None) -> Run:
+    """Start ``world`` worker processes and wait for all of them, at most ``deadline`` seconds.
+
+    ``worker`` is the script each process runs (``_worker.py``, or one registering more
+    scenarios into it); ``env_extra`` adds environment variables (DeepSpeed's accelerator)."""
     env = dict(os.environ)
     env["OMP_NUM_THREADS"] = "1"
+    env.update(env_extra or {})
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     if sys.platform.startswith("linux"):
         env.setdefault("GLOO_SOCKET_IFNAME", "lo")
@@ -65,7 +69,7 @@ def launch(world: int, scenario: str, directory: Path, deadline: float) -> Run:
         logs.append(log)
         procs.append(
             subprocess.Popen(
-                [sys.executable, str(WORKER), str(rank), str(world), str(store), scenario, str(out)],
+                [sys.executable, str(worker), str(rank), str(world), str(store), scenario, str(out)],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env=env,

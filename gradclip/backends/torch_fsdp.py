@@ -1,0 +1,196 @@
+"""FSDP1 (``FullyShardedDataParallel``): the reduction its flat parameters imply.
+
+FSDP1 keeps each wrapped unit's parameters as one ``FlatParameter``, cut evenly (padding at the
+end) over the unit's process group. After ``backward()`` every rank holds its own slice of the
+averaged gradient, so a global norm is the sum over the *shard group* of the local slices'
+``Σ|g|^p`` (FSDP1's own ``clip_grad_norm_`` does the same). Under HSDP (``HYBRID_SHARD``) the
+handle's group is the shard group; the replica groups hold identical slices and are counted
+once by not reducing over them. ``NO_SHARD`` units and parameters FSDP does not manage are whole
+on every rank and counted locally.
+
+* ``use_orig_params=False``: the gradients are the flat slices (``flat=True``): the global norm
+  and element-wise methods work; per-tensor and per-unit methods are refused (a slice mixes
+  pieces of many parameters).
+* ``use_orig_params=True``: each original parameter's gradient is a 1-D view of its part of the
+  slice (empty, or None, where the rank holds none of it). Its whole norm is the sum of its
+  pieces over the shard group: each gets a *slot* in the group's per-tensor vector (see
+  :mod:`gradclip.backends.torch_groups`), so ``Norm``, ``AdaGC`` and ``BlockRMS`` see the whole
+  tensors' norms on every rank.
+
+:func:`implied_group` is called by ``Clipper.clip_``-style entry points with the target they
+were given; it costs one ``sys.modules`` lookup when FSDP is not imported.
+"""
+
+from __future__ import annotations
+
+import sys
+import weakref
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from gradclip._core.contract import Coefficient
+from gradclip._core.errors import InvalidArgumentError
+from gradclip.backends.torch_groups import Assign, Assigner, group_label, local_assign
+
+__all__ = ["FSDPLayout", "fsdp_layout", "implied_group"]
+
+#: Coefficient kinds that need whole tensors (or rows): refused on flat slices.
+_PER_TENSOR = (Coefficient.PER_TENSOR, Coefficient.PER_UNIT)
+
+
+class FSDPLayout(Assigner):
+    """The assignment of an FSDP1 model's gradients (see the module docstring).
+
+    Args:
+        module: A module holding ``FullyShardedDataParallel`` instances (the root, usually).
+
+    Raises:
+        InvalidArgumentError: ``module`` holds no FSDP1 unit.
+    """
+
+    def __init__(self, module: torch.nn.Module):
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        units = [m for m in FSDP.fsdp_modules(module) if getattr(m, "_handle", None) is not None]
+        if not units:
+            raise InvalidArgumentError(
+                f"gradclip.torch.fsdp: {type(module).__qualname__} holds no FullyShardedDataParallel unit with parameters"
+            )
+        self._module = weakref.ref(module)
+        self.handles = [m._handle for m in units]
+        self.total_groups, self.shard_groups, self.slots = [], [], {}
+        self.has_flat = False
+        #: (handle, first slot): original parameters' slots in their group's vector.
+        self._first: list[int] = []
+        for handle in self.handles:
+            group = handle.process_group if handle.uses_sharded_strategy else None
+            if group is not None and group not in self.total_groups:
+                self.total_groups.append(group)
+            if handle._use_orig_params and group is not None:
+                if group not in self.slots:
+                    self.shard_groups.append(group)
+                    self.slots[group] = 0
+                self._first.append(self.slots[group])
+                self.slots[group] += len(handle.flat_param._params)
+            else:
+                self.has_flat = self.has_flat or not handle._use_orig_params
+                self._first.append(-1)
+
+    def _table(self) -> dict[int, Assign]:
+        table: dict[int, Assign] = {}
+        for handle, first in zip(self.handles, self._first):
+            flat = handle.flat_param
+            group = handle.process_group if handle.uses_sharded_strategy else None
+            if not handle._use_orig_params:
+                if flat.grad is not None:
+                    name = ", ".join(flat._fqns[:3]) + (", ..." if len(flat._fqns) > 3 else "")
+                    table[id(flat.grad)] = Assign(group, 1, None, -1, True, f"FlatParameter({name})")
+                continue
+            for k, (param, fqn, numel) in enumerate(zip(flat._params, flat._fqns, flat._numels)):
+                if param.grad is not None:
+                    table[id(param.grad)] = (
+                        Assign(group, 1, group, first + k, False, fqn, numel) if group is not None else local_assign(fqn)
+                    )
+        return table
+
+    def assign(self, grads: Sequence[torch.Tensor], where: str) -> list[Assign]:
+        table = self._table()
+        # Gradients FSDP does not manage (ignored modules) are whole on every rank: local.
+        return [table.get(id(g)) or local_assign(f"#{i}") for i, g in enumerate(grads)]
+
+    def refuse_per_tensor(self, clipper: Any, grads: Sequence[torch.Tensor], where: str) -> None:
+        """Raise before anything is clipped when ``clipper`` needs whole tensors and a gradient
+        is a flat slice.
+
+        Raises:
+            InvalidArgumentError: Naming the flat parameter, its group and the clipper.
+        """
+        if not self.has_flat:
+            return
+        needs = _needs_whole_tensors(clipper)
+        if needs is None:
+            return
+        for a in self.assign(grads, where):
+            if a.flat:
+                raise InvalidArgumentError(
+                    f"{where}: {needs!r} works per tensor, but {a.name} is an FSDP1 flat parameter "
+                    f"({'sharded over the ' + group_label(a.total) if a.total is not None else 'NO_SHARD, whole on this rank'}; "
+                    "use_orig_params=False): it concatenates several parameters. "
+                    "pieces of several parameters. Wrap with FullyShardedDataParallel(..., "
+                    "use_orig_params=True), use FSDP2 (fully_shard), or a global-norm clipper. "
+                    "Nothing was clipped."
+                )
+
+
+def _needs_whole_tensors(clipper: Any) -> Any:
+    """The first clipper (itself or a child) deciding per tensor or per unit, else None."""
+    if getattr(clipper, "coefficient", None) in _PER_TENSOR or getattr(clipper, "per_tensor_state", False):
+        children = list(clipper.children()) if hasattr(clipper, "children") else []
+        for child in children:
+            found = _needs_whole_tensors(child)
+            if found is not None:
+                return found
+        return clipper
+    for child in clipper.children() if hasattr(clipper, "children") else ():
+        found = _needs_whole_tensors(child)
+        if found is not None:
+            return found
+    return None
+
+
+_LAYOUTS: "weakref.WeakKeyDictionary[torch.nn.Module, FSDPLayout | None]" = weakref.WeakKeyDictionary()
+
+
+def fsdp_layout(module: Any) -> FSDPLayout | None:
+    """The :class:`FSDPLayout` of a module holding FSDP1 units (cached per module), else None."""
+    if "torch.distributed.fsdp" not in sys.modules or not isinstance(module, torch.nn.Module):
+        return None
+    try:
+        return _LAYOUTS[module]
+    except KeyError:
+        pass
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    layout = FSDPLayout(module) if any(getattr(m, "_handle", None) is not None for m in FSDP.fsdp_modules(module)) else None
+    _LAYOUTS[module] = layout
+    return layout
+
+
+def implied_group(clipper: Any, target: Any, params: Sequence[Any], grads: Sequence[Any], group: Any, where: str) -> Any:
+    """The reduction for a clipping call under FSDP1: the clipper's own ``group`` when it has
+    one, else the layout FSDP1 implies, else None.
+
+    Args:
+        clipper: The clipper being called (its kinds decide whether flat slices are refused).
+        target: What the call was given (a module, parameters...).
+        params: The parameters whose gradients were collected, and ``grads`` those gradients.
+        group: The clipper's ``distributed_group()``.
+
+    Returns:
+        The group or layout to reduce with, or None.
+
+    Raises:
+        InvalidArgumentError: FSDP1 flat parameters given without their module (their group is
+            unknown), or a per-tensor clipper on flat slices. Nothing was clipped.
+    """
+    if isinstance(group, FSDPLayout):
+        group.refuse_per_tensor(clipper, grads, where)
+        return group
+    if group is not None or "torch.distributed.fsdp" not in sys.modules:
+        return group
+    layout = fsdp_layout(target)
+    if layout is None:
+        from torch.distributed.fsdp._flat_param import FlatParameter
+
+        # FlatParameter's metaclass answers isinstance from the _is_flat_param flag.
+        if any(getattr(p, "_is_flat_param", False) or type(p) is FlatParameter for p in params):
+            raise InvalidArgumentError(
+                f"{where}: got FSDP1 FlatParameters without their FullyShardedDataParallel module, so "
+                "their shard group is unknown; call clip_(fsdp_model), or set "
+                "process_group=gradclip.torch.fsdp.reduction(fsdp_model) on the clipper. Nothing was clipped."
+            )
+        return None
+    layout.refuse_per_tensor(clipper, grads, where)
+    return layout

@@ -1,0 +1,374 @@
+"""Ranks of the sharding runs (FSDP1, per-parameter reduction groups, CPU offload, scale), started
+by ``conftest.launch`` with ``worker=`` this file (not a test module).
+
+The scenarios register into ``_worker.SCENARIOS`` and run through ``_worker.main`` (gloo over a
+FileStore, checks written as JSON, a failing rank exits at once). Every check compares against a
+reference computed in the same process: FSDP1's own ``clip_grad_norm_`` on an identical model,
+or a one-process model holding every parameter whole.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import warnings
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+import _worker
+import gradclip
+from _worker import Checks, same_on_every_rank
+
+warnings.filterwarnings("ignore")
+STEPS = 3
+
+
+def fsdp_model(seed: int = 0) -> nn.Module:
+    """Uneven layers (3 and 1 rows): flat slices cut parameters at arbitrary offsets."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 3), nn.Tanh(), nn.Linear(3, 5))
+
+
+def data(step: int, rank: int, world: int):
+    g = torch.Generator().manual_seed(100 + step)
+    x = torch.randn(4 * world, 8, generator=g)
+    y = torch.randn(4 * world, 5, generator=g) * (30.0 if step == 1 else 1.0)
+    return x[4 * rank : 4 * rank + 4], y[4 * rank : 4 * rank + 4], x, y
+
+
+def wrap(module, use_orig_params, strategy, mesh=None):
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP, ShardingStrategy
+
+    kwargs = {"device_mesh": mesh} if mesh is not None else {}
+    return FSDP(
+        module, use_orig_params=use_orig_params, sharding_strategy=getattr(ShardingStrategy, strategy),
+        device_id=torch.device("cpu"), **kwargs,
+    )
+
+
+def backward(model, step, rank, world):
+    x, y, _, _ = data(step, rank, world)
+    model.zero_grad(set_to_none=True)
+    torch.nn.functional.mse_loss(model(x), y).backward()
+
+
+def reference_grads(step, world):
+    """One process, the whole batch: FSDP averages the ranks' gradients of equal-size batches."""
+    model = fsdp_model()
+    _, _, x, y = data(step, 0, world)
+    torch.nn.functional.mse_loss(model(x), y).backward()
+    return [p.grad.detach().clone() for p in model.parameters()]
+
+
+def orig_views(model):
+    """(gradient view, index of the parameter in the reference, slice of its flattened whole)
+    for every original parameter with a gradient on this rank (use_orig_params=True)."""
+    out = []
+    for handle in [m._handle for m in type(model).fsdp_modules(model) if m._handle is not None]:
+        flat = handle.flat_param
+        for k, (param, info) in enumerate(zip(flat._params, flat._shard_param_infos)):
+            if param.grad is None or not info.in_shard:
+                continue
+            out.append((param.grad, k, slice(info.intra_param_start_idx, info.intra_param_end_idx + 1)))
+    return out
+
+
+def scenario_fsdp1(checks: Checks, rank: int, world: int) -> None:
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    strategies = ["FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD"] + (["HYBRID_SHARD"] if world == 4 else [])
+    for strategy in strategies:
+        mesh = None
+        if strategy == "HYBRID_SHARD":
+            from torch.distributed.device_mesh import init_device_mesh
+
+            mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))
+        for orig in (False, True):
+            tag = f"fsdp1/{strategy}.orig{int(orig)}"
+            ours, theirs = wrap(fsdp_model(), orig, strategy, mesh), wrap(fsdp_model(), orig, strategy, mesh)
+            for p_norm, label in ((2.0, "p2"), (1.0, "p1"), (math.inf, "pinf")):
+                clipper = gradclip.GlobalNorm(0.5, norm_type=p_norm)
+                for step in range(STEPS):
+                    backward(ours, step, rank, world)
+                    backward(theirs, step, rank, world)
+                    info = clipper.clip_(ours)
+                    want = theirs.clip_grad_norm_(0.5, norm_type=p_norm)
+                    checks.close(f"{tag}.{label}.norm_equals_fsdp_clip_grad_norm", info.norm, want, rtol=1e-5)
+                    for a, b in zip(ours.parameters(), theirs.parameters()):
+                        if b.grad is not None:
+                            checks.close(f"{tag}.{label}.clipped_grads_equal", a.grad, b.grad, rtol=1e-5)
+                    ref = reference_grads(step, world)
+                    whole = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g, p_norm) for g in ref]), p_norm)
+                    checks.close(f"{tag}.{label}.norm_equals_one_process", info.norm, whole, rtol=1e-5)
+                    same_on_every_rank(checks, f"{tag}.{label}.same_on_every_rank", float(info.norm))
+            if orig:
+                per_tensor(checks, tag, rank, world, orig, strategy, mesh)
+            else:
+                refused(checks, tag, rank, world, strategy, mesh)
+
+
+def per_tensor(checks, tag, rank, world, orig, strategy, mesh):
+    """Norm, AdaGC, BlockRMS on the original parameters' 1-D views = one process's results."""
+    for name, factory in (
+        ("norm", lambda: gradclip.Norm(0.2)),
+        ("norm.pinf", lambda: gradclip.Norm(0.05, norm_type=math.inf)),
+        ("block_rms", lambda: gradclip.get("block_rms", threshold=0.02)),
+        ("adagc", lambda: gradclip.get("adagc", start_clip_steps=1, warmup_max_norm=0.5)),
+    ):
+        ours, clipper, reference = wrap(fsdp_model(), orig, strategy, mesh), factory(), factory()
+        whole = fsdp_model()
+        for step in range(STEPS):
+            backward(ours, step, rank, world)
+            info = clipper.clip_(ours)
+            whole.zero_grad(set_to_none=True)
+            _, _, x, y = data(step, rank, world)
+            torch.nn.functional.mse_loss(whole(x), y).backward()
+            want = reference.clip_(whole)
+            checks.close(f"{tag}.{name}.info_norm", info.norm, want.norm, rtol=1e-5)
+            grads = [p.grad for p in whole.parameters()]
+            for view, k, part in orig_views(ours):
+                checks.close(f"{tag}.{name}.view_equals_one_process", view.flatten(), grads[k].flatten()[part], rtol=1e-5, atol=1e-7)
+    # AGC needs rows; flat views cut rows at arbitrary offsets: a clear refusal, nothing changed.
+    model = wrap(fsdp_model(), orig, strategy, mesh)
+    backward(model, 0, rank, world)
+    before = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+    try:
+        gradclip.get("agc", clip_factor=0.01).clip_(model)
+        checks.ok(f"{tag}.agc_refused", strategy == "NO_SHARD", "AGC on 1-D flat views was not refused")
+    except gradclip.GradClipError as error:
+        checks.ok(f"{tag}.agc_refused", "whole units" in str(error) and "split over the group of ranks" in str(error), str(error))
+        after = [p.grad for p in model.parameters() if p.grad is not None]
+        checks.ok(f"{tag}.agc_refused.nothing_clipped", all(torch.equal(a, b) for a, b in zip(before, after)))
+
+
+def refused(checks, tag, rank, world, strategy, mesh):
+    """use_orig_params=False: per-tensor clippers refuse flat slices; flat parameters passed
+    without their module refuse; nothing is clipped."""
+    model = wrap(fsdp_model(), False, strategy, mesh)
+    backward(model, 0, rank, world)
+    before = [p.grad.clone() for p in model.parameters()]
+    for label, clipper, target in (
+        ("norm", gradclip.Norm(0.01), model),
+        ("chain_with_adagc", gradclip.Chain(gradclip.get("adagc"), gradclip.GlobalNorm(1.0)), model),
+        ("flat_list_without_module", gradclip.GlobalNorm(0.01), list(model.parameters())),
+    ):
+        try:
+            clipper.clip_(target)
+            checks.ok(f"{tag}.refused.{label}", False, "no error raised")
+        except gradclip.GradClipError as error:
+            text = str(error)
+            expected = "FlatParameter" in text and "Nothing was clipped" in text
+            if label != "flat_list_without_module":
+                expected = expected and ("group of ranks" in text or strategy == "NO_SHARD")
+            checks.ok(f"{tag}.refused.{label}", expected, text)
+        checks.ok(
+            f"{tag}.refused.{label}.nothing_clipped",
+            all(torch.equal(a, p.grad) for a, p in zip(before, model.parameters())),
+        )
+
+
+# -- per-parameter reduction groups: TP=2 (x PP=2 with tied embeddings on 4 processes) ------------
+#: The whole model: name -> (shape, how it lies, TP split dim). "tp": split over TP (dim),
+#: "rep": replicated over TP. Stage s holds layers.s.*; the embedding is tied with the last
+#: stage's output layer (same whole tensor, vocabulary rows split over TP).
+WHOLE = {
+    "embedding.weight": ((10, 8), "tp", 0),
+    **{f"layers.{s}.{n}": spec for s in range(2) for n, spec in {
+        "ln.weight": ((8,), "rep", None),
+        "fc1.weight": ((16, 8), "tp", 0),
+        "fc1.bias": ((16,), "tp", 0),
+        "fc2.weight": ((8, 16), "tp", 1),
+        "fc2.bias": ((8,), "rep", None),
+    }.items()},
+    **{f"experts.{e}.weight": ((6, 8), "expert", None) for e in range(2)},
+}
+
+
+def whole_grads(step: int) -> dict:
+    g = torch.Generator().manual_seed(500 + step)
+    scale = 50.0 if step == 1 else 1.0
+    return {n: torch.randn(shape, generator=g) * scale for n, (shape, _, _) in WHOLE.items()}
+
+
+def build_groups(world: int):
+    """TP groups, embedding groups (first & last stage, same TP rank); every rank creates every
+    group in the same order, as torch requires."""
+    pp = world // 2
+    tp = [dist.new_group([2 * s, 2 * s + 1]) for s in range(pp)]
+    emb = [dist.new_group([t, t + 2]) for t in range(2)] if pp == 2 else None
+    return pp, tp, emb
+
+
+def local_layout(rank: int, world: int, pp: int):
+    """(local name, whole name, slice index or None, attributes) for this rank's parameters."""
+    stage, t = divmod(rank, 2)
+    out = []
+    for name, (shape, how, dim) in WHOLE.items():
+        if name.startswith("layers.") and int(name.split(".")[1]) % pp != stage:
+            continue
+        if pp == 1 and name.startswith("layers.1."):
+            continue
+        if name.startswith("experts."):
+            if int(name.split(".")[1]) == t:  # expert parallel over the TP ranks
+                out.append((name, name, None, {"allreduce": False}))
+            continue
+        if name == "embedding.weight":
+            piece = (dim, t)
+            if stage == 0:
+                out.append((name, name, piece, {"tensor_model_parallel": True, "partition_dim": dim}))
+            if stage == pp - 1:
+                out.append(("output_layer.weight" if pp == 2 else "output_layer.weight", name, piece,
+                            {"tensor_model_parallel": True, "partition_dim": dim, "shared": True}))
+            continue
+        if how == "tp":
+            out.append((name, name, (dim, t), {"tensor_model_parallel": True, "partition_dim": dim, "allreduce": True}))
+        else:
+            out.append((name, name, None, {"allreduce": True} if name.endswith("bias") else {}))
+    return out
+
+
+def piece_of(tensor, piece):
+    if piece is None:
+        return tensor
+    dim, t = piece
+    return tensor.chunk(2, dim=dim)[t]
+
+
+class Local(nn.Module):
+    def __init__(self, layout):
+        super().__init__()
+        for local, whole, piece, attrs in layout:
+            shape = piece_of(torch.zeros(WHOLE[whole][0]), piece).shape
+            param = nn.Parameter(torch.zeros(shape))
+            for k, v in attrs.items():
+                setattr(param, k, v)
+            self.register_parameter(local.replace(".", "__"), param)
+
+    def named(self):
+        return [(n.replace("__", "."), p) for n, p in self.named_parameters()]
+
+
+def set_grads(model, layout, grads):
+    for (local, whole, piece, _), (_, param) in zip(layout, model.named()):
+        param.grad = piece_of(grads[whole], piece).clone()
+
+
+def scenario_groups(checks: Checks, rank: int, world: int) -> None:
+    from gradclip.megatron import reduction_spec
+    from gradclip.torch.reduction import ReductionSpec, expert, replicated, sharded, tied
+
+    pp, tps, embs = build_groups(world)
+    stage, t = divmod(rank, 2)
+    tp = tps[stage]
+    mp = dist.group.WORLD
+    layout = local_layout(rank, world, pp)
+    model = Local(layout)
+    tie = embs[t] if embs else None
+    rules = {
+        "*.ln.weight": replicated(tp), "*.fc2.bias": replicated(tp),
+        "*.fc1.*": sharded(tp), "*.fc2.weight": sharded(tp),
+        "experts.*": expert(tp),
+        "embedding.weight": tied(tie, sharded=tp) if tie is not None else sharded(tp),
+        "output_layer.weight": tied(tie, sharded=tp) if tie is not None else sharded(tp),
+    }
+    if pp == 1:  # both copies on one rank: the output layer's is the duplicate
+        from gradclip.torch.reduction import duplicate
+
+        rules["output_layer.weight"] = duplicate(sharded=tp)
+    specs = {
+        "spec": lambda: ReductionSpec(model.named(), rules, group=mp),
+        "megatron": lambda: reduction_spec(model.named(), tp_group=tp, model_parallel_group=mp, expert_group=tp),
+    }
+    for label, make in specs.items():
+        spec = make()
+        for name, factory, whole_tensors in (
+            ("global_norm.p2", lambda: gradclip.GlobalNorm(1.0), False),
+            ("global_norm.p1", lambda: gradclip.GlobalNorm(1.0, norm_type=1.0), False),
+            ("global_norm.pinf", lambda: gradclip.GlobalNorm(0.5, norm_type=math.inf), False),
+            ("norm", lambda: gradclip.Norm(0.5), True),
+            ("adagc", lambda: gradclip.get("adagc", start_clip_steps=1, warmup_max_norm=1.0), True),
+            ("zclip", lambda: gradclip.get("zclip", warmup_steps=1), False),
+        ):
+            ours, reference = factory(), factory()
+            ours.process_group = spec
+            for step in range(STEPS):
+                grads = whole_grads(step)
+                set_grads(model, layout, grads)
+                info = ours.clip_(model.named())
+                # The one-process model: every parameter some rank holds, once.
+                ref_params = {n: nn.Parameter(torch.zeros(WHOLE[n][0])) for n in WHOLE if pp == 2 or not n.startswith("layers.1.")}
+                for n, p in ref_params.items():
+                    p.grad = grads[n].clone()
+                want = reference.clip_(list(ref_params.items()))
+                tag = f"groups/{label}.{name}"
+                checks.close(f"{tag}.norm_equals_one_process", info.norm, want.norm, rtol=1e-5)
+                for (local, whole, piece, _), (_, param) in zip(layout, model.named()):
+                    checks.close(f"{tag}.grads_equal_one_process", param.grad, piece_of(ref_params[whole].grad, piece), rtol=1e-5, atol=1e-7)
+                same_on_every_rank(checks, f"{tag}.same_on_every_rank", float(info.norm))
+    # Megatron-core's own rule on CPU: the filtered sum of squares over the model-parallel group.
+    for step in range(STEPS):
+        grads = whole_grads(step)
+        set_grads(model, layout, grads)
+        dense = torch.zeros((), dtype=torch.float64)
+        experts = torch.zeros((), dtype=torch.float64)
+        for name, p in model.named():
+            not_tp_duplicate = getattr(p, "tensor_model_parallel", False) or dist.get_rank(tp) == 0
+            if getattr(p, "allreduce", True) is False:
+                experts += p.grad.double().pow(2).sum()
+            elif not_tp_duplicate and not getattr(p, "shared", False):
+                dense += p.grad.double().pow(2).sum()
+        dist.all_reduce(dense, group=mp)
+        dist.all_reduce(experts, group=tp)
+        megatron = (dense + experts).sqrt()
+        info = gradclip.GlobalNorm(1e9, process_group=reduction_spec(model.named(), tp_group=tp, model_parallel_group=mp, expert_group=tp)).clip_(model.named())
+        checks.close("groups/megatron_filtered_sum_of_squares", info.norm, megatron, rtol=1e-6)
+        naive = gradclip.GlobalNorm(1e9, process_group=mp).clip_(model.named())
+        checks.ok("groups/plain_process_group_overcounts", float(naive.norm) > float(megatron) * 1.01, f"{float(naive.norm)} vs {float(megatron)}")
+    bad_input_groups(checks, rank, world, model, layout, rules, tp, tps, mp)
+
+
+def bad_input_groups(checks, rank, world, model, layout, rules, tp, tps, mp):
+    from gradclip.torch.reduction import ReductionSpec, replicated, sharded
+
+    set_grads(model, layout, whole_grads(0))
+    before = [p.grad.clone() for _, p in model.named()]
+    other = dist.new_group([r for r in range(world) if r != rank]) if world > 2 else None
+    groups = [dist.new_group([r]) for r in range(world)]  # every rank creates every group
+    outsider = groups[(rank + 1) % world]
+    cases = {
+        "named_by_two_groups": (lambda: ReductionSpec(model.named(), {**rules, "*.fc1.weight": replicated(tp)}, group=mp), "fc1.weight"),
+        "group_without_this_rank": (lambda: ReductionSpec(model.named(), {**rules, "*.ln.weight": replicated(outsider)}, group=mp), "not in"),
+        "sharded_parameter_unassigned": (lambda: ReductionSpec(model.named(), {k: v for k, v in rules.items() if k != "*.fc2.weight"}, group=mp, default="partitioned"), "fc2.weight"),
+        "parameter_unassigned": (lambda: ReductionSpec(model.named(), {k: v for k, v in rules.items() if k != "*.fc2.bias"}, group=mp), "fc2.bias"),
+        "shard_group_outside_spec_group": (lambda: ReductionSpec(model.named(), {**rules, "*.ln.weight": replicated(tp)}, group=groups[rank]), "not inside"),
+        "gradient_not_in_spec": (lambda: gradclip.GlobalNorm(0.01, process_group=ReductionSpec(model.named(), rules, group=mp)).clip_(model.named() + [("stray", _stray())]), "belongs to no parameter"),
+    }
+    del other
+    for label, (make, needle) in cases.items():
+        try:
+            make()
+            checks.ok(f"groups/bad_input.{label}", False, "no error raised")
+        except gradclip.GradClipError as error:
+            checks.ok(f"groups/bad_input.{label}", needle in str(error), str(error))
+        checks.ok(f"groups/bad_input.{label}.nothing_clipped", all(torch.equal(a, p.grad) for a, (_, p) in zip(before, model.named())))
+
+
+def _stray():
+    p = nn.Parameter(torch.ones(3))
+    p.grad = torch.ones(3)
+    return p
+
+
+def scenario_sharding(checks: Checks, rank: int, world: int) -> None:
+    """Everything this file checks, in one launch per world size."""
+    scenario_groups(checks, rank, world)
+    scenario_fsdp1(checks, rank, world)
+
+
+_worker.SCENARIOS["sharding"] = scenario_sharding
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+    _worker.main()

@@ -1,0 +1,127 @@
+"""FSDP1, per-parameter reduction groups, CPU offload and scale under real torch.distributed.
+
+One launch per world size (gloo, 2 and 4 processes) runs every scenario of
+``_worker_sharding.py``; each test below asserts one topic of it. References are computed in the
+workers: FSDP1's own ``clip_grad_norm_`` on an identical model, and one process holding every
+parameter whole.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from conftest import DEADLINE, Run, launch
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+WORKER = Path(__file__).with_name("_worker_sharding.py")
+
+
+def _launch(world: int, tmp_path_factory) -> Run:
+    torch = pytest.importorskip("torch")
+    if not (torch.distributed.is_available() and torch.distributed.is_gloo_available()):
+        pytest.skip("torch.distributed with the gloo backend is not available")
+    return launch(world, "sharding", tmp_path_factory.mktemp(f"sharding{world}"), DEADLINE[world], worker=WORKER)
+
+
+@pytest.fixture(scope="session")
+def sharding2(tmp_path_factory) -> Run:
+    return _launch(2, tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def sharding4(tmp_path_factory) -> Run:
+    return _launch(4, tmp_path_factory)
+
+
+@pytest.fixture(params=[2, 4], ids=["2proc", "4proc"])
+def sharding(request) -> Run:
+    return request.getfixturevalue(f"sharding{request.param}")
+
+
+# -- FSDP1 ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("strategy", ["FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD"])
+@pytest.mark.parametrize("orig", [0, 1], ids=["flat", "use_orig_params"])
+def test_fsdp1_global_norm_equals_fsdp_clip_grad_norm(sharding, strategy, orig):
+    """No process_group passed: p in {1, 2, inf}, 3 steps (one a spike); the norm equals FSDP1's
+    own clip_grad_norm_ and the one-process norm on every rank, and the clipped gradients are
+    FSDP1's."""
+    tag = f"fsdp1/{strategy}.orig{orig}"
+    for label in ("p2", "p1", "pinf"):
+        sharding.assert_ok(f"{tag}.{label}.norm_equals_fsdp_clip_grad_norm", minimum=3)
+        sharding.assert_ok(f"{tag}.{label}.norm_equals_one_process", minimum=3)
+        sharding.assert_ok(f"{tag}.{label}.clipped_grads_equal", minimum=3)
+        sharding.assert_ok(f"{tag}.{label}.same_on_every_rank", minimum=3)
+
+
+@pytest.mark.parametrize("orig", [0, 1], ids=["flat", "use_orig_params"])
+def test_fsdp1_hybrid_shard_counts_replicas_once(sharding4, orig):
+    """HSDP on a 2 x 2 mesh: reduced over the shard group only; equal to FSDP1 and one process."""
+    tag = f"fsdp1/HYBRID_SHARD.orig{orig}"
+    sharding4.assert_ok(f"{tag}.p2.norm_equals_fsdp_clip_grad_norm", minimum=3)
+    sharding4.assert_ok(f"{tag}.p2.norm_equals_one_process", minimum=3)
+    sharding4.assert_ok(f"{tag}.pinf.norm_equals_one_process", minimum=3)
+
+
+@pytest.mark.parametrize("strategy", ["FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD"])
+def test_fsdp1_per_tensor_methods_on_original_parameter_views(sharding, strategy):
+    """Norm (p=2, inf), BlockRMS and AdaGC under use_orig_params=True: every rank's 1-D views
+    equal the same slices of one process's clipped gradients."""
+    for name in ("norm", "norm.pinf", "block_rms", "adagc"):
+        sharding.assert_ok(f"fsdp1/{strategy}.orig1.{name}.view_equals_one_process", minimum=3)
+        sharding.assert_ok(f"fsdp1/{strategy}.orig1.{name}.info_norm", minimum=3)
+
+
+def test_fsdp1_agc_on_flat_views_refused_and_nothing_clipped(sharding):
+    for strategy in ("FULL_SHARD", "SHARD_GRAD_OP"):
+        sharding.assert_ok(f"fsdp1/{strategy}.orig1.agc_refused")
+    sharding.assert_ok("fsdp1/NO_SHARD.orig1.agc_refused")  # whole tensors: AGC works
+
+
+@pytest.mark.parametrize("label", ["norm", "chain_with_adagc", "flat_list_without_module"])
+def test_fsdp1_flat_parameters_refuse_per_tensor_clippers(sharding, label):
+    """use_orig_params=False: per-tensor clippers (also inside a Chain) and flat parameters given
+    without their module raise, naming the flat parameter and its group; nothing is clipped."""
+    for strategy in ("FULL_SHARD", "NO_SHARD"):
+        sharding.assert_ok(f"fsdp1/{strategy}.orig0.refused.{label}")
+        sharding.assert_ok(f"fsdp1/{strategy}.orig0.refused.{label}.nothing_clipped")
+
+
+# -- per-parameter reduction groups -----------------------------------------------------------------
+@pytest.mark.parametrize("source", ["spec", "megatron"])
+@pytest.mark.parametrize("clipper", ["global_norm.p2", "global_norm.p1", "global_norm.pinf", "norm", "adagc", "zclip"])
+def test_reduction_spec_equals_one_process(sharding, source, clipper):
+    """TP=2 (2 processes; x PP=2 with the embedding tied across the stages on 4), TP-replicated
+    LayerNorm weights and row-parallel biases, experts: a ReductionSpec (patterns), and the
+    Megatron adapter reading the same parameters' attributes, give one process's norm and
+    clipped gradients on every rank, per-tensor methods included (whole tensors' norms)."""
+    tag = f"groups/{source}.{clipper}"
+    sharding.assert_ok(f"{tag}.norm_equals_one_process", minimum=3)
+    sharding.assert_ok(f"{tag}.grads_equal_one_process", minimum=3)
+    sharding.assert_ok(f"{tag}.same_on_every_rank", minimum=3)
+
+
+def test_megatron_adapter_equals_megatrons_filtered_sum_of_squares(sharding):
+    """Megatron-core's rule (param_is_not_tensor_parallel_duplicate, param_is_not_shared, summed
+    over the model-parallel group; experts over the expert group), computed on CPU; and a plain
+    process_group= over-counts the replicas (the reported inflation)."""
+    sharding.assert_ok("groups/megatron_filtered_sum_of_squares", minimum=3)
+    sharding.assert_ok("groups/plain_process_group_overcounts", minimum=3)
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "named_by_two_groups",
+        "group_without_this_rank",
+        "sharded_parameter_unassigned",
+        "parameter_unassigned",
+        "shard_group_outside_spec_group",
+        "gradient_not_in_spec",
+    ],
+)
+def test_reduction_spec_bad_input(sharding, case):
+    """A clear error naming the parameter and the group; nothing clipped."""
+    sharding.assert_ok(f"groups/bad_input.{case}")
+    sharding.assert_ok(f"groups/bad_input.{case}.nothing_clipped")
