@@ -29,7 +29,7 @@ from gradclip._core.errors import BackendError, InvalidArgumentError
 from gradclip._core.ops import get_ops
 from gradclip._core.types import ClipInfo
 
-__all__ = ["ClipperState", "as_optax", "clip_info", "clip_then"]
+__all__ = ["ClipperState", "PerExampleState", "as_optax", "clip_info", "clip_then", "per_example"]
 
 
 class ClipperState(NamedTuple):
@@ -216,3 +216,50 @@ def clip_info(opt_state: Any, *, all: bool = False):  # noqa: A002 - mirrors opt
     if not found:
         raise InvalidArgumentError("clip_info: opt_state holds no gradclip clipper state (from as_optax())")
     return found if all else found[0]
+
+class PerExampleState(NamedTuple):
+    """The optax state of :func:`per_example`: the clipper's state and the last step's
+    per-example :class:`~gradclip.ClipInfo` (None before the first update)."""
+
+    clipper: Any
+
+
+def per_example(clipper: Clipper):
+    """Per-example clipping as an ``optax.GradientTransformation``: updates whose leaves have a
+    leading example axis become the clipped sum ``Σ_i c_i g_i`` (not the mean, as
+    ``optax.per_example_global_norm_clip``; divide by the batch size and add noise after it
+    for DP-SGD, Abadi et al. 2016).
+
+    ``per_example(GlobalNorm(C, eps=0))`` equals ``optax.per_example_global_norm_clip(C)`` and
+    ``per_example(Norm(C / √L))`` equals ``optax.per_example_layer_norm_clip(C, uniform=True)``
+    for ``L`` leaves; ``QuantileNorm`` adapts C (Andrew et al. 2021).
+
+    Args:
+        clipper: ``GlobalNorm(C)``, ``Norm(C)`` or ``QuantileNorm(...)``.
+
+    Returns:
+        An ``optax.GradientTransformation`` (works under ``jax.jit``).
+
+    Raises:
+        InvalidArgumentError: Another clipper (ZClip/AutoClip/AdaGC: their threshold follows
+            private data without noise).
+    """
+    import optax
+
+    from gradclip.jax_per_example import check_per_example_clipper, clip_per_example, init_state
+
+    check_per_example_clipper("gradclip.optax.per_example", clipper)
+
+    def init(params):
+        import jax
+        import jax.numpy as jnp
+
+        shapes = [jnp.zeros((1, *jnp.shape(x)), jnp.result_type(x)) for x in jax.tree_util.tree_leaves(params)]
+        return PerExampleState(init_state(clipper, shapes))
+
+    def update(updates, state, params=None):
+        del params
+        summed, new_state, _info = clip_per_example(clipper, updates, state.clipper)
+        return summed, PerExampleState(new_state)
+
+    return optax.GradientTransformation(init, update)
