@@ -24,6 +24,7 @@ Needs ``lightning`` (``pip install lightning``; ``pytorch_lightning`` works too)
 
 from __future__ import annotations
 
+import sys
 import warnings
 from collections.abc import Mapping
 from typing import Any
@@ -110,6 +111,14 @@ class GradClipCallback(_Callback):
                         raise
         members = {id(p) for group in inner.param_groups for p in group["params"]}
         named = [(n, p) for n, p in pl_module.named_parameters() if id(p) in members]
+        if self.clipper.distributed_group() is None and "torch.distributed.fsdp" in sys.modules:
+            # strategy="fsdp" (FSDP1): the parameters alone do not tell their shard groups; the
+            # wrapped model does (gradclip.torch.fsdp). Set once; FSDP2 needs nothing.
+            from gradclip.torch.fsdp import find
+
+            layout = find(getattr(trainer.strategy, "model", None)) or find(pl_module)
+            if layout is not None:
+                self.clipper.process_group = layout
         info = self.clipper.clip_(named)
         self.last_info = info
         if self.monitor is not None:

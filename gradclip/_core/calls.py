@@ -196,7 +196,7 @@ class CallsMixin:
             # the module (imported by name, as get_ops imports backends).
             __import__("gradclip.backends.torch_fsdp")
             fsdp = sys.modules["gradclip.backends.torch_fsdp"]
-            group = fsdp.implied_group(self, parameters, collected.params, collected.grads, group, where)
+            group = fsdp.implied_group(self, parameters, collected.params, collected.grads, group, where, collected.names)
         # With a process group, ranks without gradients are expected (pipeline stages, uneven
         # partitions): they still join the reduction, silently.
         if not collected.grads and group is None:

@@ -153,12 +153,15 @@ def fsdp_layout(module: Any) -> FSDPLayout | None:
         pass
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
-    layout = FSDPLayout(module) if any(getattr(m, "_handle", None) is not None for m in FSDP.fsdp_modules(module)) else None
-    _LAYOUTS[module] = layout
+    if not any(getattr(m, "_handle", None) is not None for m in FSDP.fsdp_modules(module)):
+        return None  # not cached: the module may be wrapped later
+    layout = _LAYOUTS[module] = FSDPLayout(module)
     return layout
 
 
-def implied_group(clipper: Any, target: Any, params: Sequence[Any], grads: Sequence[Any], group: Any, where: str) -> Any:
+def implied_group(
+    clipper: Any, target: Any, params: Sequence[Any], grads: Sequence[Any], group: Any, where: str, names: Sequence[str] | None = None
+) -> Any:
     """The reduction for a clipping call under FSDP1: the clipper's own ``group`` when it has
     one, else the layout FSDP1 implies, else None.
 
@@ -167,6 +170,7 @@ def implied_group(clipper: Any, target: Any, params: Sequence[Any], grads: Seque
         target: What the call was given (a module, parameters...).
         params: The parameters whose gradients were collected, and ``grads`` those gradients.
         group: The clipper's ``distributed_group()``.
+        names: The parameters' names, for error messages.
 
     Returns:
         The group or layout to reduce with, or None.
@@ -185,12 +189,20 @@ def implied_group(clipper: Any, target: Any, params: Sequence[Any], grads: Seque
         from torch.distributed.fsdp._flat_param import FlatParameter
 
         # FlatParameter's metaclass answers isinstance from the _is_flat_param flag.
-        if any(getattr(p, "_is_flat_param", False) or type(p) is FlatParameter for p in params):
-            raise InvalidArgumentError(
-                f"{where}: got FSDP1 FlatParameters without their FullyShardedDataParallel module, so "
-                "their shard group is unknown; call clip_(fsdp_model), or set "
-                "process_group=gradclip.torch.fsdp.reduction(fsdp_model) on the clipper. Nothing was clipped."
-            )
+        # FSDP1 marks flat parameters and, with use_orig_params=True, the original parameters
+        # (1-D views of a shard, not DTensors): given without their module, their shard group is
+        # unknown and a local norm would be silently wrong.
+        for name, p in zip(names or [None] * len(params), params):
+            if getattr(p, "_is_flat_param", False) or type(p) is FlatParameter or (
+                getattr(p, "_fsdp_flattened", False) and type(p.data) is torch.Tensor and not hasattr(p, "device_mesh")
+            ):
+                kind = "FlatParameter" if getattr(p, "_is_flat_param", False) else "use_orig_params=True parameter"
+                raise InvalidArgumentError(
+                    f"{where}: {name or 'a parameter'} is an FSDP1 {kind} given without its "
+                    "FullyShardedDataParallel module, so its shard group is unknown; call "
+                    "clip_(fsdp_model), or set clipper.process_group = gradclip.torch.fsdp.reduction(fsdp_model). "
+                    "Nothing was clipped."
+                )
         return None
     layout.refuse_per_tensor(clipper, grads, where)
     return layout

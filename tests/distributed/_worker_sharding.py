@@ -130,6 +130,21 @@ def per_tensor(checks, tag, rank, world, orig, strategy, mesh):
             grads = [p.grad for p in whole.parameters()]
             for view, k, part in orig_views(ours):
                 checks.close(f"{tag}.{name}.view_equals_one_process", view.flatten(), grads[k].flatten()[part], rtol=1e-5, atol=1e-7)
+    # Original parameters given without their module: their shard group is unknown; refused.
+    model = wrap(fsdp_model(), orig, strategy, mesh)
+    backward(model, 0, rank, world)
+    before = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+    try:
+        gradclip.GlobalNorm(0.01).clip_(list(model.named_parameters()))
+        checks.ok(f"{tag}.orig_list_without_module_refused", False, "no error raised")
+    except gradclip.GradClipError as error:
+        checks.ok(f"{tag}.orig_list_without_module_refused", "use_orig_params=True parameter" in str(error), str(error))
+    after = [p.grad for p in model.parameters() if p.grad is not None]
+    checks.ok(f"{tag}.orig_list_without_module_refused.nothing_clipped", all(torch.equal(a, b) for a, b in zip(before, after)))
+    # ... and accepted with the layout set on the clipper.
+    clipper = gradclip.GlobalNorm(math.inf)
+    clipper.process_group = __import__("gradclip.torch.fsdp", fromlist=["reduction"]).reduction(model)
+    checks.close(f"{tag}.orig_list_with_reduction", clipper.clip_(list(model.parameters())).norm, model.clip_grad_norm_(math.inf), rtol=1e-5)
     # AGC needs rows; flat views cut rows at arbitrary offsets: a clear refusal, nothing changed.
     model = wrap(fsdp_model(), orig, strategy, mesh)
     backward(model, 0, rank, world)
@@ -361,13 +376,85 @@ def _stray():
     return p
 
 
+def scenario_lightning(checks: Checks, rank: int, world: int) -> None:
+    """Lightning's FSDP1 strategy with the model wrapped in configure_model (on CPU Lightning's
+    own wrapping passes device_id=None, which FSDP1 refuses; on GPUs strategy="fsdp" runs the
+    same callback code): the
+    callback's norm equals FSDP1's clip_grad_norm_ of the same gradients on every rank."""
+    import os
+
+    try:
+        import lightning.pytorch as pl
+        from lightning.pytorch.strategies import FSDPStrategy
+    except ImportError:
+        return
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    from gradclip.lightning import GradClipCallback
+
+    class CPUFSDPStrategy(FSDPStrategy):
+        """Lightning refuses FSDPStrategy itself without a GPU accelerator (a type check that a
+        subclass passes); everything else is Lightning's FSDP1 strategy unchanged."""
+
+    os.environ.update(LOCAL_RANK=str(rank), NODE_RANK="0", WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT="29999")
+    for orig in (False, True):
+        seen: list = []
+
+        class Module(pl.LightningModule):
+            def __init__(self):
+                super().__init__()
+                self.net = fsdp_model()
+
+            def configure_model(self):
+                self.net = FSDP(self.net, device_id=torch.device("cpu"), use_orig_params=orig)
+
+            def training_step(self, batch, index):
+                x, y = batch
+                return torch.nn.functional.mse_loss(self.net(x), y)
+
+            def configure_optimizers(self):
+                return torch.optim.SGD(self.parameters(), lr=0.05)
+
+        class Reference(pl.Callback):
+            def on_before_optimizer_step(self, trainer, module, optimizer):
+                # max_norm=inf: FSDP1's total norm, gradients multiplied by exactly 1.
+                seen.append(float(module.net.clip_grad_norm_(math.inf)))
+
+        class After(pl.Callback):
+            def on_train_batch_end(self, trainer, module, outputs, batch, index):
+                seen.append(float(clip.last_info.norm))
+
+        clip = GradClipCallback(gradclip.GlobalNorm(0.5), log=False)
+        g = torch.Generator().manual_seed(3)
+        loader = torch.utils.data.DataLoader(
+            torch.utils.data.TensorDataset(torch.randn(48, 8, generator=g), torch.randn(48, 5, generator=g) * 10), batch_size=4
+        )
+        trainer = pl.Trainer(
+            accelerator="cpu", devices=world, strategy=CPUFSDPStrategy(process_group_backend="gloo"), max_steps=3,
+            callbacks=[Reference(), clip, After()], logger=False, enable_checkpointing=False,
+            enable_progress_bar=False, enable_model_summary=False,
+        )
+        trainer.fit(Module(), loader)
+        pairs = list(zip(seen[0::2], seen[1::2]))
+        checks.ok(f"lightning/fsdp1.orig{int(orig)}.ran_three_steps", len(pairs) == 3, f"{seen}")
+        for want, got in pairs:
+            checks.close(f"lightning/fsdp1.orig{int(orig)}.norm_equals_fsdp_clip_grad_norm", got, want, rtol=1e-5)
+        checks.ok(
+            f"lightning/fsdp1.orig{int(orig)}.callback_uses_the_fsdp_layout",
+            type(clip.clipper.process_group).__name__ == "FSDPLayout", repr(clip.clipper.process_group),
+        )
+
+
 def scenario_sharding(checks: Checks, rank: int, world: int) -> None:
     """Everything this file checks, in one launch per world size."""
     scenario_groups(checks, rank, world)
     scenario_fsdp1(checks, rank, world)
+    if world == 2:  # a Trainer per use_orig_params: seconds of start-up each
+        scenario_lightning(checks, rank, world)
 
 
 _worker.SCENARIOS["sharding"] = scenario_sharding
+_worker.SCENARIOS["lightning"] = scenario_lightning
 
 if __name__ == "__main__":
     sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))

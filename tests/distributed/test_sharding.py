@@ -125,3 +125,25 @@ def test_reduction_spec_bad_input(sharding, case):
     """A clear error naming the parameter and the group; nothing clipped."""
     sharding.assert_ok(f"groups/bad_input.{case}")
     sharding.assert_ok(f"groups/bad_input.{case}.nothing_clipped")
+
+
+# -- Lightning ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("orig", [0, 1], ids=["flat", "use_orig_params"])
+def test_lightning_callback_under_fsdp1_strategy(sharding2, orig):
+    """Trainer.fit with Lightning's FSDP1 strategy (2 gloo processes): GradClipCallback finds the
+    FSDP1 layout itself and its norm equals FSDP1's clip_grad_norm_ at every step."""
+    pytest.importorskip("lightning", reason="lightning is not installed")
+    tag = f"lightning/fsdp1.orig{orig}"
+    sharding2.assert_ok(f"{tag}.ran_three_steps")
+    sharding2.assert_ok(f"{tag}.norm_equals_fsdp_clip_grad_norm", minimum=3)
+    sharding2.assert_ok(f"{tag}.callback_uses_the_fsdp_layout")
+
+
+@pytest.mark.parametrize("strategy", ["FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD"])
+def test_fsdp1_original_parameters_need_their_module(sharding, strategy):
+    """use_orig_params=True parameters passed as a list: refused (their group is unknown), and
+    accepted with gradclip.torch.fsdp.reduction(model) set on the clipper."""
+    tag = f"fsdp1/{strategy}.orig1"
+    sharding.assert_ok(f"{tag}.orig_list_without_module_refused")
+    sharding.assert_ok(f"{tag}.orig_list_without_module_refused.nothing_clipped")
+    sharding.assert_ok(f"{tag}.orig_list_with_reduction")
