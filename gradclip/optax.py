@@ -11,6 +11,19 @@ backend; nothing here re-implements an algorithm. Its state, :class:`ClipperStat
 arrays (the clipper's own state and the last :class:`~gradclip.ClipInfo`), so it lives inside
 ``jax.jit``, ``lax.scan`` and checkpointing libraries like any optax state.
 
+Inside ``jax.pmap`` and ``jax.shard_map`` each device holds a piece of the gradient; give the axis
+the gradients are split over, ``clipper.as_optax(axis_name="data")``, and every statistic is
+reduced over it (``psum`` of the local ``sum |g|^p``, ``pmax`` for ``inf``, AGC's unit sums), so
+each device clips by the norm of the whole gradient and keeps the same state::
+
+    @partial(jax.shard_map, mesh=mesh, in_specs=(P("data"), P("data"), P()), out_specs=...)
+    def step(grad_shards, param_shards, opt_state):    # e.g. after lax.psum_scatter(grads, "data")
+        updates, opt_state = tx.update(grad_shards, opt_state, param_shards)
+
+Data-parallel gradients (every device its own full gradient) are averaged first
+(``lax.pmean``); they then need no ``axis_name``. Global arrays sharded under ``jax.jit`` need
+none either: XLA reduces them. See :mod:`gradclip.backends._jax_axes` for what is refused.
+
 When a clipper asks for the step to be skipped (``info.skip``: non-finite gradients under
 ``nonfinite="skip"``, a spike for :class:`~gradclip.SkipOnSpike`), the transformation outputs
 zero updates. A stateful optimizer later in the chain (Adam) still advances its moments on a zero
@@ -82,7 +95,7 @@ def _leaves(tree: Any, where: str):
     return leaves, names, treedef
 
 
-def as_optax(clipper: Clipper):
+def as_optax(clipper: Clipper, axis_name: Any = None):
     """Wrap ``clipper`` as an ``optax.GradientTransformation``.
 
     ``init(params)`` builds the clipper's state for gradients shaped like ``params``;
@@ -92,12 +105,17 @@ def as_optax(clipper: Clipper):
 
     Args:
         clipper: Any gradclip clipper (stateless or adaptive, or a chain).
+        axis_name: For ``update`` inside ``jax.pmap``/``jax.shard_map``: the axis name, or a
+            tuple of names, the updates are split over (module documentation). ``init`` may run
+            inside or outside the mapped function.
 
     Returns:
         An ``optax.GradientTransformation`` whose state is a :class:`ClipperState`.
 
     Raises:
-        InvalidArgumentError: ``clipper`` is not a gradclip clipper.
+        InvalidArgumentError: ``clipper`` is not a gradclip clipper, or ``axis_name`` is not an
+            axis name or tuple of names; (when ``update`` is called) an axis not bound there, or a
+            leaf that varies along a mapped axis not named (it would be clipped per device).
         BackendError: (when called) leaves that are torch or TensorFlow arrays.
     """
     import jax
@@ -110,19 +128,24 @@ def as_optax(clipper: Clipper):
         )
     name = type(clipper).__name__
     needs_params = clipper.needs_params
+    _check_axis_name(f"{name}.as_optax", axis_name)
 
-    def step(leaves, names, state, param_leaves):
-        ops = get_ops(leaves, framework="jax", where=f"{name}.as_optax().update")
-        return clipper.run(ops, leaves, state, param_leaves, names)
+    def step(leaves, names, state, param_leaves, axis=axis_name):
+        ops = get_ops(leaves, framework="jax", where=f"{name}.as_optax().update", axis_name=axis)
+        new, state, info = clipper.run(ops, leaves, state, param_leaves, names)
+        return new, state, ops.finish_info(info)
 
     def init_fn(params):
         leaves, names, _ = _leaves(params, f"{name}.as_optax().init")
         ops = get_ops(leaves, framework="jax", where=f"{name}.as_optax().init")
         state = clipper.init_state(ops, leaves)
         # The info's dtypes must be those update() produces, so the state has one fixed type
-        # (lax.scan and while loops carry it): take them from an abstract evaluation.
+        # (lax.scan and while loops carry it): take them from an abstract evaluation, of whole
+        # arrays (dtypes do not depend on the axes; init may run outside the mapped function).
+        whole = [jax.ShapeDtypeStruct(leaf.shape, leaf.dtype) for leaf in leaves]
         shapes = jax.eval_shape(
-            lambda g, p, s: step(g, names, s, p if needs_params else None)[2], leaves, leaves, state
+            lambda g, p, s: step(g, names, s, p if needs_params else None, None)[2],
+            whole, whole, jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state),
         )
         info = ClipInfo(
             norm=jnp.zeros(shapes.norm.shape, shapes.norm.dtype),
@@ -156,7 +179,7 @@ def as_optax(clipper: Clipper):
     return optax.GradientTransformation(init_fn, update_fn)
 
 
-def clip_then(clipper: Clipper, inner):
+def clip_then(clipper: Clipper, inner, axis_name: Any = None):
     """Clip with ``clipper``, then apply the optax transformation ``inner``, skipping whole steps.
 
     Like ``optax.chain(clipper.as_optax(), inner)``, except that a step the clipper asks to skip
@@ -167,6 +190,7 @@ def clip_then(clipper: Clipper, inner):
     Args:
         clipper: Any gradclip clipper.
         inner: An ``optax.GradientTransformation`` (e.g. ``optax.adam(1e-3)``).
+        axis_name: As for :func:`as_optax`.
 
     Returns:
         An ``optax.GradientTransformation`` whose state is a ``ClipThenState``.
@@ -175,7 +199,7 @@ def clip_then(clipper: Clipper, inner):
     import jax.numpy as jnp
     import optax
 
-    clip_tx = as_optax(clipper)
+    clip_tx = as_optax(clipper, axis_name=axis_name)
 
     def init_fn(params):
         return ClipThenState(clip=clip_tx.init(params), inner=inner.init(params))
@@ -190,6 +214,16 @@ def clip_then(clipper: Clipper, inner):
         return new_updates, ClipThenState(clip=clip_state, inner=inner_state)
 
     return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _check_axis_name(where: str, axis_name: Any) -> None:
+    """Refuse, when the transformation is built, an ``axis_name`` that is not a name or a tuple
+    of names (whether it is bound is known only inside the mapped function)."""
+    names = axis_name if isinstance(axis_name, (tuple, list)) else (axis_name,)
+    if axis_name is not None and (not names or any(not isinstance(n, str) or not n for n in names)):
+        raise InvalidArgumentError(
+            f"{where}: axis_name must be None, an axis name (str) or a tuple of names, got {axis_name!r}"
+        )
 
 
 def clip_info(opt_state: Any, *, all: bool = False):  # noqa: A002 - mirrors optax naming
@@ -216,6 +250,7 @@ def clip_info(opt_state: Any, *, all: bool = False):  # noqa: A002 - mirrors opt
     if not found:
         raise InvalidArgumentError("clip_info: opt_state holds no gradclip clipper state (from as_optax())")
     return found if all else found[0]
+
 
 class PerExampleState(NamedTuple):
     """The optax state of :func:`per_example`: the clipper's state and the last step's

@@ -56,13 +56,16 @@ class CallsMixin:
         present = list({id(g): g for g in leaves if g is not None}.values())
         return self.init_state(get_ops(present, where=f"{type(self).__name__}.init"), present)
 
-    def update(self, grads: Any, state: Any, params: Any = None, **signals: Any):
+    def update(self, grads: Any, state: Any, params: Any = None, *, axis_name: Any = None, **signals: Any):
         """Clip ``grads`` without modifying them and return the new state.
 
         Args:
             grads: An array or a list/tuple/dict of arrays; ``None`` entries are passed through.
             state: The state from :meth:`init` or a previous :meth:`update`.
             params: The parameters, in the same structure, for methods that need them (AGC).
+            axis_name: JAX inside ``jax.pmap``/``jax.shard_map``: the axis name (or tuple of
+                names) the gradients are split over; every statistic is reduced over it, so each
+                device measures the whole gradient (see :mod:`gradclip.backends._jax_axes`).
             **signals: Optional ``loss=``, ``step=``, ``sample_norms=``, ``optimizer_state=``
                 (see :class:`~gradclip._core.contract.Signals`).
 
@@ -70,7 +73,7 @@ class CallsMixin:
             ``(clipped_grads, new_state, info)``: clipped gradients in the input's structure, the
             next state, and a :class:`~gradclip.ClipInfo`.
         """
-        return self._run_tree(grads, state, params, signals, inplace=False)
+        return self._run_tree(grads, state, params, signals, inplace=False, axis_name=axis_name)
 
     # -- the stateful conveniences ------------------------------------------------------------
     def clip(self, grads: Any, params: Any = None, *, allow_repeat: bool = False, **signals: Any):
@@ -171,12 +174,16 @@ class CallsMixin:
         self._kept.remember(self, ops, collected.grads)
         return Folded(decision.coef, info, measured)
 
-    def as_optax(self):
+    def as_optax(self, axis_name: Any = None):
         """This clipper as an ``optax.GradientTransformation`` (JAX).
 
         Its state is a pytree (the clipper's state plus the last :class:`~gradclip.ClipInfo`),
         so it works inside ``jax.jit`` and ``optax.chain``; read the info for logging with
         :func:`gradclip.optax.clip_info`. See :func:`gradclip.optax.as_optax`.
+
+        Args:
+            axis_name: Inside ``jax.pmap``/``jax.shard_map``, the axis (or axes) the gradients
+                are split over: statistics are reduced over it (see :meth:`update`).
 
         Raises:
             ImportError: optax or jax is not installed.
@@ -185,7 +192,7 @@ class CallsMixin:
         # the core type, importing the adapter (and jax) only when called.
         from gradclip.optax import as_optax
 
-        return as_optax(self)
+        return as_optax(self, axis_name=axis_name)
 
     # -- the machinery of the entry points ----------------------------------------------------------
     def _collect(self, parameters: Any, where: str, *, inplace: bool, stacklevel: int):
@@ -218,7 +225,7 @@ class CallsMixin:
             self._kept.guard_repeat(self, ops, collected.grads, where)
         self._kept.check_layout(self, collected.names, collected.grads, where)
 
-    def _run_tree(self, grads, state, params, signals, *, inplace: bool, own_state: bool = False, allow_repeat: bool = False):
+    def _run_tree(self, grads, state, params, signals, *, inplace: bool, own_state: bool = False, allow_repeat: bool = False, axis_name: Any = None):
         where = f"{type(self).__name__}.{'clip' if own_state else 'update'}"
         leaves, unflatten, names = flatten(grads)
         # The same array given twice (tied weights passed as grads) is clipped and counted once;
@@ -241,7 +248,7 @@ class CallsMixin:
                     f"parameter(s) for {len(leaves)} gradient(s)"
                 )
             param_leaves = [flat_params[i] for i in positions]
-        ops = get_ops(present, inplace=inplace, where=where, process_group=self.distributed_group())
+        ops = get_ops(present, inplace=inplace, where=where, process_group=self.distributed_group(), axis_name=axis_name)
         signal_values = signals_from(where, signals, ops.name)
         if own_state:
             if not allow_repeat:

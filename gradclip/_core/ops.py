@@ -440,6 +440,7 @@ def get_ops(
     where: str = "gradclip",
     process_group: Any = None,
     torch_kernels: bool = False,
+    axis_name: Any = None,
 ) -> Ops:
     """Build the Ops for these arrays.
 
@@ -455,6 +456,8 @@ def get_ops(
             sharded (:mod:`gradclip.torch.distributed`); DTensors need none.
         torch_kernels: torch only: torch's own norm kernels everywhere (the drop-ins' promise
             of torch's bits); other backends have no alternative kernels and ignore it.
+        axis_name: jax only: the ``pmap``/``shard_map`` axis (or tuple of axes) the gradients are
+            split over; statistics are reduced over it (:mod:`gradclip.backends._jax_axes`).
 
     Returns:
         An :class:`Ops`, bound to the device of the first array.
@@ -478,13 +481,16 @@ def get_ops(
         module = sys.modules[f"gradclip.backends.{name}"]
         cls = module.BACKEND
         _backend_cache[name] = cls
+    if axis_name is not None and name != "jax":
+        raise BackendError(f"{where}: axis_name= names a JAX mapped axis (pmap, shard_map); got {name} arrays")
     if name != "torch":
         if process_group is not None:
             raise BackendError(
                 f"{where}: process_group= is supported for torch tensors only (torch.distributed), "
                 f"got {name} arrays"
             )
-        return cls(arrays, inplace=inplace, foreach=foreach, where=where)
+        options = {} if axis_name is None else {"axis_name": axis_name}
+        return cls(arrays, inplace=inplace, foreach=foreach, where=where, **options)
     # The torch backend picks its Reducer from the arrays (DTensors) and the process group.
     return cls(
         arrays, inplace=inplace, foreach=foreach, where=where, process_group=process_group,

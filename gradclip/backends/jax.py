@@ -13,6 +13,13 @@ only has with ``jax_enable_x64``); ``optax.clip_by_global_norm`` computes fp16 n
 
 JAX arrays are immutable: ``inplace`` is always False here, and ``clipper.clip_`` is refused with
 an error that points to ``clipper.clip`` and ``clipper.as_optax()``.
+
+Inside ``jax.pmap`` and ``jax.shard_map`` each device traces its own piece of every gradient,
+and a reduction over its arrays sees only that piece. Built with ``axis_name=`` (the mapped axis
+or axes the gradients are split over), the backend reduces each statistic over those axes
+(:mod:`gradclip.backends._jax_axes`): ``psum`` of every tensor's local ``sum |g|^p`` (``pmax``
+for ``inf`` and for the extrema), of AGC's unit-wise sums, and element counts times the axis
+size, so every device measures the whole gradient and decides the same coefficient and state.
 """
 
 from __future__ import annotations
@@ -27,7 +34,8 @@ import numpy as np
 
 from gradclip._core.errors import BackendError
 from gradclip.backends._array_api import ArrayApiOps
-from gradclip.backends._hashing import Words
+from gradclip.backends._hashing import Words, hash_streams
+from gradclip.backends._jax_axes import MappedAxes, OffsetWords
 
 __all__ = ["BACKEND", "JaxOps"]
 
@@ -71,9 +79,13 @@ class JaxOps(ArrayApiOps):
         inplace: Must be False: JAX arrays cannot be written in place.
         foreach: Ignored (XLA fuses the per-tensor loops under ``jit``).
         where: The public entry point, for error messages.
+        axis_name: The ``pmap``/``shard_map`` axis name, or a tuple of names, over which each
+            gradient is split (see :class:`~gradclip.backends._jax_axes.MappedAxes`); None: the
+            arrays are whole (a global array sharded under ``jit`` is whole: XLA reduces it).
 
     Raises:
         BackendError: ``inplace=True`` (``clip_`` on JAX arrays).
+        InvalidArgumentError: ``axis_name`` is not a name or tuple of names bound here.
     """
 
     name = "jax"
@@ -90,9 +102,13 @@ class JaxOps(ArrayApiOps):
         inplace: bool = False,
         foreach: bool | None = None,
         where: str = "gradclip",
+        axis_name: Any = None,
     ):
         del foreach
         self.caller = where
+        # Validated (bound here?) before anything is read; None: nothing to reduce.
+        self.mapped = MappedAxes(axis_name, where)
+        self.arrays = list(arrays) if self.mapped.names else []  # for per-element draws
         if inplace:
             raise BackendError(
                 f"{where}: JAX arrays are immutable and cannot be clipped in place; use "
@@ -148,6 +164,8 @@ class JaxOps(ArrayApiOps):
         return jnp.sum(values**norm_type) ** (1.0 / norm_type)
 
     def norms(self, grads, norm_type):
+        if self.mapped.reduces(grads):
+            return self.mapped.norms(self, grads, norm_type)
         return self.stack([self._norm(g, norm_type).astype(self.acc) for g in grads])
 
     def combine_norms(self, norms, norm_type):
@@ -193,7 +211,31 @@ class JaxOps(ArrayApiOps):
     def scale_units(self, grads, coefs):
         return [self._mul(g, c) for g, c in zip(grads, coefs)]
 
+    # -- statistics of gradients split over mapped axes (pmap, shard_map) ---------------------
+    def unit_norms(self, arrays, axes):
+        local = super().unit_norms
+        return self.mapped.unit_norms(local, arrays, axes) if self.mapped.reduces(arrays) else local(arrays, axes)
+
+    def extrema(self, grads):
+        local = super().extrema
+        return self.mapped.extrema(local, grads) if self.mapped.reduces(grads) else local(grads)
+
+    def numel(self, grad):
+        return int(grad.size) * self.mapped.size_of(grad)
+
+    def uniform(self, key, counter, shapes):
+        offsets = self.mapped.element_offsets(self.arrays, shapes)
+        if offsets is None:
+            return super().uniform(key, counter, shapes)
+        words = OffsetWords(_WORDS, offsets)  # each element numbered by its place in the whole tensor
+        return [words.shr(h, 8).astype(jnp.float32) * jnp.float32(2.0**-24) for h in hash_streams(key, counter, shapes, words)]
+
     # -- optional capabilities ------------------------------------------------------------------
+    def finish_info(self, info):
+        """Under ``axis_name``: ``info.clipped`` agreed over the axes (element-wise methods and
+        random subsets decide it from each device's own elements); everything else is reduced."""
+        return info._replace(clipped=self.mapped.agree(info.clipped)) if self.mapped.names else info
+
     def check_state(self, state, where: str) -> None:
         """Refuse to keep traced state on the Python object (it would leak out of ``jit``)."""
         if any(_is_tracer(leaf) for leaf in jax.tree_util.tree_leaves(state)):
