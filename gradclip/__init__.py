@@ -36,6 +36,7 @@ from gradclip.clippers import (
     Norm,
     NormSign,
     QuantileNorm,
+    SkipAbove,
     SkipOnSpike,
     Subset,
     Value,
@@ -52,6 +53,7 @@ from gradclip.functional import (
     zero_outliers,
 )
 from gradclip.monitor import Monitor, suggest_threshold
+from gradclip import schedules
 
 __version__ = "0.1.0"
 
@@ -75,6 +77,7 @@ __all__ = [
     "NormSign",
     "QuantileNorm",
     "ReadOnlyArrayError",
+    "SkipAbove",
     "SkipOnSpike",
     "SparseGradientError",
     "StateError",
@@ -92,6 +95,7 @@ __all__ = [
     "get",
     "global_norm",
     "register",
+    "schedules",
     "suggest_threshold",
     "zero_outliers",
 ]

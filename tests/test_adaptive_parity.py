@@ -93,7 +93,7 @@ def _replay_zclip_package(config, norms):
 def test_zclip_matches_package(config):
     norms = _norm_sequence()
     reference = _replay_zclip_package(config, norms)
-    ours_clipper = gradclip.ZClip(**config)
+    ours_clipper = gradclip.ZClip(warmup="mean", **config)  # the package's warm-up
     ours = _replay_ours(ours_clipper, norms)
     clipped_somewhere = False
     for step, ((ref_norm, ref_mean, ref_var), (our_norm, info)) in enumerate(zip(reference, ours)):
@@ -119,8 +119,11 @@ def test_difference_zclip_package_default_max_grad_norm_clips_everything_at_one(
         package.step(model)
         package_out.append(float(model.w.grad.norm()))
     assert all(x == pytest.approx(1.0, rel=1e-5) for x in package_out)
-    ours = _replay_ours(gradclip.ZClip(), norms)
+    ours = _replay_ours(gradclip.ZClip(warmup="mean"), norms)
     assert [x for x, _ in ours] == pytest.approx(norms, rel=1e-6)  # warm-up: untouched
+    # The default robust warm-up has no cap either: it clips only its own outliers.
+    robust = _replay_ours(gradclip.ZClip(), norms)
+    assert sum(x < n * (1 - 1e-6) for (x, _), n in zip(robust, norms)) <= 2
 
 
 @needs_zclip
@@ -146,9 +149,35 @@ def test_difference_zclip_zero_warm_up_zeroes_the_package_for_ever():
     reference = _replay_zclip_package({}, norms)
     assert all(n == 0.0 for n, _, _ in reference[25:])  # every gradient zeroed
     assert reference[-1][1] == 0.0
-    ours = _replay_ours(gradclip.ZClip(), norms)
+    ours = _replay_ours(gradclip.ZClip(warmup="mean"), norms)
     assert [x for x, _ in ours[25:50]] == pytest.approx(norms[25:50], rel=1e-6)  # warm-up
     assert all(x > 0 for x, _ in ours[25:])
+    assert all(x > 0 for x, _ in _replay_ours(gradclip.ZClip(), norms)[25:])
+
+
+@needs_zclip
+def test_difference_zclip_robust_warm_up_by_default():
+    """The package ends warm-up with the mean and variance of the warm-up norms, so one spike
+    among them sets a detection limit far above the norms' level, and it clips nothing during
+    warm-up. Ours by default: median and scaled MAD, and clipping from the third norm on;
+    ``warmup="mean"`` gives the package's rule (test_zclip_matches_package)."""
+    norms = _norm_sequence(n=60, spikes=(10,))  # a x12 spike inside the 25-step warm-up
+    reference = _replay_zclip_package({}, norms)
+    assert reference[10][0] == pytest.approx(norms[10], rel=1e-6)  # the package lets it through
+    assert math.sqrt(reference[24][2]) > 5.0  # its std after warm-up: ~2.7x the norms' level
+    ours_clipper = gradclip.ZClip()
+    ours = _replay_ours(ours_clipper, norms)
+    assert ours[10][0] < 0.2 * norms[10]  # clipped back near the level
+    values = np.asarray(norms[:25], np.float64)
+    median = float(np.median(values))
+    mad = float(np.median(np.abs(values - median)))
+    state = ours_clipper.state_dict()["state"]
+    assert state["step"] == 60
+    # The EMA started from the robust statistics (checked at the end of warm-up).
+    check = gradclip.ZClip()
+    _replay_ours(check, norms[:25])
+    assert check.state_dict()["state"]["mean"] == pytest.approx(median, rel=1e-6)
+    assert math.sqrt(check.state_dict()["state"]["var"]) == pytest.approx(1.4826 * mad, rel=1e-5)
 
 
 @needs_zclip

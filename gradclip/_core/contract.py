@@ -93,12 +93,25 @@ class Decision(NamedTuple):
 class Signals(NamedTuple):
     """Optional values of the training step that a clipper's ``decide`` may use.
 
+    Every entry point (``clip_``, ``clip``, ``update``, ``fold_``) takes them as keywords and
+    validates them with :func:`signals_from` before anything changes.
+
     Attributes:
-        loss: The step's loss, a scalar array of the gradients' framework or a Python number.
-        step: The optimizer step, an integer (a device scalar or a Python int).
+        loss: The step's loss: a Python number, or a one-element array of the gradients'
+            framework (a torch tensor that carries autograd history is detached: a clipper
+            keeps values, never graphs). Under ``jax.jit``, ``tf.function`` and
+            ``torch.compile`` pass an array: a Python number is a constant of the trace.
+        step: The optimizer step, an integer ``>= 0``: a Python int, or a one-element integer
+            array of the gradients' framework. A clipper with a scheduled threshold evaluates
+            its schedule at this step instead of its own count of calls (and counts on from it).
         sample_norms: Per-example gradient norms, a non-empty 1-D array (QuantileNorm's
             unclipped fraction under per-example clipping).
-        optimizer_state: The optimizer's state for these gradients, when an integration has it.
+        optimizer_state: Per-tensor optimizer state for these gradients: a list (or tuple) with
+            one entry per gradient, in the order the clipper receives them (for ``update`` and
+            ``clip`` the order of the flattened gradients, for ``clip_`` the parameters that have
+            a gradient, in iteration order), each an array of the gradient's shape (SPAM's and
+            :class:`~gradclip.SpikeAware`'s Adam second moment ``exp_avg_sq``) or None for a
+            tensor without state. Entries are arrays of the gradients' framework.
     """
 
     loss: Any = None
@@ -119,11 +132,13 @@ def signals_from(where: str, given: dict[str, Any], framework: str | None) -> Si
         framework: The gradients' framework (None when unknown): arrays of another are refused.
 
     Returns:
-        A :class:`Signals`.
+        A :class:`Signals` (a torch ``loss`` that requires grad is detached).
 
     Raises:
-        InvalidArgumentError: An unknown name, a loss that is not a scalar number or array, an
-            array of another framework, or ``sample_norms`` that is not a non-empty 1-D array.
+        InvalidArgumentError: An unknown name; a loss or step that is not a scalar number or
+            one-element array; a step that is not an integer ``>= 0``; an array of another
+            framework; ``sample_norms`` that is not a non-empty 1-D array; ``optimizer_state``
+            that is not a list or tuple of arrays and None entries. Nothing is changed.
     """
     if not given:
         return NO_SIGNALS
@@ -132,8 +147,12 @@ def signals_from(where: str, given: dict[str, Any], framework: str | None) -> Si
         raise InvalidArgumentError(
             f"{where}: unknown argument(s) {unknown}; the signals a clipper takes are {list(Signals._fields)}"
         )
+    values = dict(given)
     for name, value in given.items():
-        if value is None or name == "optimizer_state":
+        if value is None:
+            continue
+        if name == "optimizer_state":
+            _check_optimizer_state(where, value, framework)
             continue
         if name == "sample_norms" and not hasattr(value, "shape"):
             raise InvalidArgumentError(
@@ -145,12 +164,12 @@ def signals_from(where: str, given: dict[str, Any], framework: str | None) -> Si
                 f"{where}: {name} must be a number or an array, got {type(value).__name__}; nothing was changed"
             )
         if not hasattr(value, "shape"):
+            if name == "step" and (not isinstance(value, int) or value < 0):
+                raise InvalidArgumentError(
+                    f"{where}: step must be an integer >= 0 (the optimizer step), got {value!r}; nothing was changed"
+                )
             continue
-        kind = framework_of(value)
-        if framework is not None and kind != framework:
-            raise InvalidArgumentError(
-                f"{where}: {name} is a {kind} array but the gradients are {framework} arrays; nothing was changed"
-            )
+        _check_framework(where, name, value, framework)
         shape = tuple(value.shape)
         if name == "sample_norms":
             if len(shape) != 1 or shape[0] < 1:
@@ -158,8 +177,49 @@ def signals_from(where: str, given: dict[str, Any], framework: str | None) -> Si
                     f"{where}: sample_norms must be a non-empty 1-D array of per-sample gradient norms, "
                     f"got {type(value).__name__} with shape {shape!r}; nothing was changed"
                 )
-        elif math.prod(shape) != 1:
+            continue
+        if math.prod(shape) != 1:
             raise InvalidArgumentError(
                 f"{where}: {name} must be a scalar (one element), got an array of shape {shape}; nothing was changed"
             )
-    return Signals(**given)
+        if name == "step" and not _is_integer_dtype(value):
+            raise InvalidArgumentError(
+                f"{where}: step must be an integer array (the optimizer step), got dtype {value.dtype}; "
+                "nothing was changed"
+            )
+        if name == "loss" and framework_of(value) == "torch" and value.requires_grad:
+            # A clipper keeps the loss in its state: a graph kept there would hold every
+            # activation of the step alive until the value leaves the window.
+            values[name] = value.detach()
+    return Signals(**values)
+
+
+def _check_framework(where: str, name: str, value: Any, framework: str | None) -> None:
+    kind = framework_of(value)
+    if framework is not None and kind != framework:
+        raise InvalidArgumentError(
+            f"{where}: {name} is a {kind} array but the gradients are {framework} arrays; nothing was changed"
+        )
+
+
+def _is_integer_dtype(value: Any) -> bool:
+    # Every framework spells its integer dtypes with "int" ("int64", "torch.int32", "<dtype:
+    # 'int64'>", "uint8"); no floating, bool or complex dtype contains it.
+    return "int" in str(value.dtype)
+
+
+def _check_optimizer_state(where: str, value: Any, framework: str | None) -> None:
+    if not isinstance(value, (list, tuple)):
+        raise InvalidArgumentError(
+            f"{where}: optimizer_state must be a list (or tuple) with one entry per gradient, each an "
+            f"array of the gradient's shape or None, got {type(value).__name__}; nothing was changed"
+        )
+    for index, entry in enumerate(value):
+        if entry is None:
+            continue
+        if not hasattr(entry, "shape") or isinstance(entry, bool):
+            raise InvalidArgumentError(
+                f"{where}: optimizer_state[{index}] must be an array or None, got {type(entry).__name__}; "
+                "nothing was changed"
+            )
+        _check_framework(where, f"optimizer_state[{index}]", entry, framework)

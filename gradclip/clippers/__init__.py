@@ -11,6 +11,7 @@ from gradclip.clippers.nonfinite import NonFinite
 from gradclip.clippers.norm import AverageNorm, BlockRMS, GlobalNorm, Norm, NormSign
 from gradclip.clippers.outliers import ZeroOutliers
 from gradclip.clippers.quantile import QuantileNorm
+from gradclip.clippers.skip_above import SkipAbove
 from gradclip.clippers.spike import SkipOnSpike
 from gradclip.clippers.subset import Subset
 from gradclip.clippers.value import Value
@@ -28,6 +29,7 @@ __all__ = [
     "Norm",
     "NormSign",
     "QuantileNorm",
+    "SkipAbove",
     "SkipOnSpike",
     "Subset",
     "Value",

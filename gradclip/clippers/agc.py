@@ -37,7 +37,9 @@ from gradclip._core.errors import InvalidArgumentError
 from gradclip._core.measure import check_policy, gradients_finite, raise_if_nonfinite
 from gradclip._core.ops import accumulation
 from gradclip._core.registry import register
+from gradclip._core.types import EmptyState
 from gradclip._core.validation import check_number
+from gradclip.clippers._scheduled import Scheduled, as_threshold
 
 __all__ = ["AGC"]
 
@@ -81,7 +83,7 @@ def _check_exclude(where: str, exclude: Any) -> tuple[str, ...]:
 
 
 @register("agc")
-class AGC(Clipper):
+class AGC(Scheduled, Clipper):
     """Unit-wise adaptive gradient clipping relative to the parameters (NFNets' AGC).
 
     Needs the parameters: ``clip_(model)`` finds them beside their ``.grad``; the functional
@@ -89,7 +91,8 @@ class AGC(Clipper):
 
     Args:
         clip_factor: λ, the largest allowed ratio ``‖G_i‖ / max(‖W_i‖, eps)``, ``> 0``. The
-            paper uses 0.01 for batch size 4096 and larger values for smaller batches.
+            paper uses 0.01 for batch size 4096 and larger values for smaller batches. A
+            schedule of it (:mod:`gradclip.schedules`) is evaluated at each step (kept in the state).
         eps: Floor of the weight norm, ``> 0``, so zero-initialised units (biases) can still
             move: their gradient may reach ``clip_factor * eps``.
         exclude: Parameter-name patterns (``fnmatch`` globs, matched against the names of
@@ -126,12 +129,19 @@ class AGC(Clipper):
     ):
         super().__init__()
         where = "AGC"
-        self.clip_factor = check_number(where, "clip_factor", clip_factor, low=0.0, low_inclusive=False, high_inclusive=False)
+        self.clip_factor = as_threshold(where, "clip_factor", clip_factor, low=0.0, low_inclusive=False, high_inclusive=False)
         self.eps = check_number(where, "eps", eps, low=0.0, low_inclusive=False, high_inclusive=False)
         self.exclude = _check_exclude(where, exclude)
         self.axis = _check_axis(where, axis)
         self.nonfinite = check_policy(where, nonfinite)
         self._warned_unmatched: set[str] = set()
+        self._use_schedules({"clip_factor": 0.0}, EmptyState, {})
+
+    def init_state(self, ops, grads):
+        return self._with_clock(ops, EmptyState())
+
+    def validate_state(self, where, state):
+        self._check_clock(where, state)
 
     def _kept_axes(self, where: str, ops, shape: tuple[int, ...], name: str):
         ndim = len(shape)
@@ -214,6 +224,8 @@ class AGC(Clipper):
         axes, excluded, grad_units, all_units = measured.extra
         acc = accumulation(norm)
         one = ops.scalar(1.0, acc)
+        step = self._step_of(ops, state, signals)
+        clip_factor = self._setting(ops, "clip_factor", step, acc)
         chosen = [i for i, skip in enumerate(excluded) if not skip]
         coefs: list[Any] = []
         if chosen:
@@ -221,7 +233,10 @@ class AGC(Clipper):
             chosen_units = grad_units if every else [grad_units[i] for i in chosen]
             g_units = all_units if every else ops.flat_concat(chosen_units)
             p_units = ops.flat_concat(ops.unit_norms([params[i] for i in chosen], [axes[i] for i in chosen]))
-            limit = ops.maximum(p_units, ops.scalar(self.eps, acc)) * self.clip_factor
+            # A fixed factor multiplies as a host number (as it always has); a scheduled one as
+            # this step's device value.
+            factor = clip_factor if self.scheduled else self.clip_factor
+            limit = ops.maximum(p_units, ops.scalar(self.eps, acc)) * factor
             above = g_units > limit
             divisor = ops.where(above, ops.maximum(g_units, ops.scalar(_GRAD_FLOOR, acc)), one)
             coef = ops.where(above, limit / divisor, one)
@@ -252,9 +267,8 @@ class AGC(Clipper):
         effective = ops.where(norm > 0, norm_after / safe, one)
         effective = ops.where(ops.isfinite(effective), effective, one)
         skip = (~finite) if self.nonfinite == "skip" else ops.scalar(False, "bool")
-        threshold = ops.scalar(self.clip_factor, acc)
-        info = make_info(ops, norm, threshold, effective, clipped, measured.given_finite, skip)
-        return Decision((chosen, coefs), state, info)
+        info = make_info(ops, norm, clip_factor, effective, clipped, measured.given_finite, skip)
+        return Decision((chosen, coefs), self._advance(state, step), info)
 
     def apply(self, ops, grads, decision):
         """Scale the units of the tensors not excluded; excluded tensors stay as they are."""

@@ -12,6 +12,11 @@
 Every coefficient is computed as ``where(norm > threshold, threshold / (norm + eps), 1)`` and
 always multiplied in: no Python branch on a device value (DESIGN.md rule 1), and a norm at or
 under the threshold multiplies by exactly 1, leaving gradients bit-for-bit unchanged (rule 4).
+
+The thresholds of ``GlobalNorm``, ``Norm``, ``AverageNorm`` and ``BlockRMS`` accept a schedule
+(:mod:`gradclip.schedules`: ``GlobalNorm(max_norm=CosineDecay(1.0, 10_000, 0.1))``, or a plain
+callable of the step); the clipper then keeps the step in its state. With a number it is
+stateless, as always.
 """
 
 from __future__ import annotations
@@ -25,7 +30,9 @@ from gradclip._core.errors import InvalidArgumentError
 from gradclip._core.measure import check_policy, settle
 from gradclip._core.ops import Ops, accumulation, dtype_label, largest_finite
 from gradclip._core.registry import register
+from gradclip._core.types import EmptyState
 from gradclip._core.validation import check_norm_type, check_number
+from gradclip.clippers._scheduled import Scheduled, as_threshold
 
 __all__ = ["GlobalNorm", "Norm", "AverageNorm", "BlockRMS", "NormSign", "clip_coefficient"]
 
@@ -38,7 +45,7 @@ def clip_coefficient(ops: Ops, norm: Any, threshold: Any, eps: float = 0.0) -> A
 
 
 @register("global_norm")
-class GlobalNorm(Clipper):
+class GlobalNorm(Scheduled, Clipper):
     """Clip all gradients together so their global p-norm is at most ``max_norm``.
 
     ``g ← g · min(1, max_norm / (‖g‖ + eps))`` over the concatenation of every tensor, which
@@ -46,7 +53,8 @@ class GlobalNorm(Clipper):
     recurrent neural networks"). The norm accumulates in fp32 whatever the gradient dtype.
 
     Args:
-        max_norm: Largest allowed global norm, ``>= 0`` (``inf`` measures without clipping).
+        max_norm: Largest allowed global norm, ``>= 0`` (``inf`` measures without clipping), or
+            a schedule of it (:mod:`gradclip.schedules`; then the step is kept in the state).
         norm_type: The p of the p-norm: any p > 0, or ``inf`` (max-abs).
         eps: Added to the norm in the divisor, as torch does (``1e-6``), so the clipped norm is
             ``max_norm · norm / (norm + eps)``, just under ``max_norm``; ``>= 0``.
@@ -54,8 +62,8 @@ class GlobalNorm(Clipper):
         process_group: Keyword only; see :attr:`gradclip.Clipper.process_group`.
 
     Raises:
-        InvalidArgumentError: A negative/NaN ``max_norm`` or ``eps``, ``norm_type <= 0``, or an
-            unknown ``nonfinite`` policy.
+        InvalidArgumentError: A negative/NaN ``max_norm`` or ``eps`` (or a schedule reaching
+            one), ``norm_type <= 0``, or an unknown ``nonfinite`` policy.
     """
 
     defaults = {"max_norm": 1.0}
@@ -72,19 +80,28 @@ class GlobalNorm(Clipper):
         super().__init__()
         self.process_group = process_group
         where = "GlobalNorm"
-        self.max_norm = check_number(where, "max_norm", max_norm)
+        self.max_norm = as_threshold(where, "max_norm", max_norm)
         self.norm_type = check_norm_type(where, norm_type)
         self.eps = check_number(where, "eps", eps, high=math.inf, high_inclusive=False)
         self.nonfinite = check_policy(where, nonfinite)
+        self._use_schedules({"max_norm": 0.0}, EmptyState, {})
+
+    def init_state(self, ops, grads):
+        return self._with_clock(ops, EmptyState())
 
     def decide(self, ops, measured: Measured, state, signals=NO_SIGNALS):
         norm, finite = measured.norm, measured.finite
-        threshold = ops.scalar(self.max_norm, accumulation(norm))
+        step = self._step_of(ops, state, signals)
+        threshold = self._setting(ops, "max_norm", step, accumulation(norm))
         coef, skip = settle(ops, ops.clip_coefficient(norm, threshold, self.eps), finite, self.nonfinite)
-        return Decision(coef, state, make_info(ops, norm, threshold, coef, coef < 1, measured.given_finite, skip))
+        info = make_info(ops, norm, threshold, coef, coef < 1, measured.given_finite, skip)
+        return Decision(coef, self._advance(state, step), info)
+
+    def validate_state(self, where, state):
+        self._check_clock(where, state)
 
 
-class _PerTensorNorm(Clipper):
+class _PerTensorNorm(Scheduled, Clipper):
     """Shared body of the per-tensor methods: a statistic per tensor, a coefficient per tensor.
 
     The statistic is ``‖g_i‖ / d_i`` where :meth:`_divisors` gives ``d_i`` (1 for the norm, the
@@ -98,8 +115,15 @@ class _PerTensorNorm(Clipper):
     def __init__(self, threshold: float, nonfinite: str, process_group: Any = None):
         super().__init__()
         self.process_group = process_group
-        self.threshold = check_number(self.where, self.argument, threshold)
+        self.threshold = as_threshold(self.where, self.argument, threshold)
         self.nonfinite = check_policy(self.where, nonfinite)
+        self._use_schedules({"threshold": 0.0}, EmptyState, {})
+
+    def init_state(self, ops, grads):
+        return self._with_clock(ops, EmptyState())
+
+    def validate_state(self, where, state):
+        self._check_clock(where, state)
 
     def _divisors(self, ops: Ops, grads: list[Any]) -> list[float]:
         return [1.0] * len(grads)
@@ -107,7 +131,8 @@ class _PerTensorNorm(Clipper):
     def decide(self, ops, measured: Measured, state, signals=NO_SIGNALS):
         grads, norms, norm, finite = measured.grads, measured.norms, measured.norm, measured.finite
         dtype = accumulation(norm)
-        threshold = ops.scalar(self.threshold, dtype)
+        step = self._step_of(ops, state, signals)
+        threshold = self._setting(ops, "threshold", step, dtype)
         # Empty tensors have divisor 0; their statistic is defined as 0 (nothing to clip).
         divisors = ops.array([d if d > 0 else 1.0 for d in self._divisors(ops, grads)], dtype)
         coefs = ops.clip_coefficient(norms / divisors if len(grads) else norms, threshold)
@@ -122,7 +147,8 @@ class _PerTensorNorm(Clipper):
         effective = ops.where(usable, after / ops.where(usable, norm, one), one)
         effective = ops.where(ops.isfinite(effective), effective, one)
         clipped = ops.any(coefs < 1)
-        return Decision(coefs, state, make_info(ops, norm, threshold, effective, clipped, measured.given_finite, skip))
+        info = make_info(ops, norm, threshold, effective, clipped, measured.given_finite, skip)
+        return Decision(coefs, self._advance(state, step), info)
 
 
 @register("norm")
@@ -133,7 +159,7 @@ class Norm(_PerTensorNorm):
     ``clipnorm``. Directions of single tensors are kept; the direction of the whole update is not.
 
     Args:
-        max_norm: Largest allowed norm per tensor, ``>= 0``.
+        max_norm: Largest allowed norm per tensor, ``>= 0``, or a schedule of it.
         norm_type: The p of the per-tensor p-norm (any p > 0, or ``inf``).
         nonfinite: Non-finite policy; under ``"propagate"`` only the tensors with non-finite
             values are left unclipped.
@@ -165,7 +191,7 @@ class AverageNorm(_PerTensorNorm):
     ``g_i ← g_i · max_norm / max(‖g_i‖ / n_i, max_norm)``.
 
     Args:
-        max_norm: Largest allowed average norm per tensor, ``>= 0``.
+        max_norm: Largest allowed average norm per tensor, ``>= 0``, or a schedule of it.
         nonfinite: Non-finite policy.
         process_group: Keyword only; see :attr:`gradclip.Clipper.process_group`.
 
@@ -195,7 +221,7 @@ class BlockRMS(_PerTensorNorm):
     ``optax.clip_by_block_rms`` and of Adafactor's update clipping (Shazeer & Stern 2018).
 
     Args:
-        threshold: Largest allowed RMS per tensor, ``>= 0``.
+        threshold: Largest allowed RMS per tensor, ``>= 0``, or a schedule of it.
         nonfinite: Non-finite policy.
         process_group: Keyword only; see :attr:`gradclip.Clipper.process_group`.
 

@@ -3,9 +3,14 @@
 Kumar, Owen, Ashkboos et al. 2025, "ZClip: Adaptive Spike Mitigation for LLM Pre-Training", and
 the rule of its ``zclip`` 1.0.0 package, step by step:
 
-1. **Warm-up** (the first ``warmup_steps`` positive finite norms): record the norm; clip only at
-   ``max_grad_norm`` when one is given. After the last warm-up norm, ``mean`` and ``var`` are the
-   population mean and variance of the warm-up norms.
+1. **Warm-up** (the first ``warmup_steps`` positive finite norms): record the norm. Then, with
+   ``warmup="robust"`` (the default), from the third norm on a norm is clipped by the rule of
+   step 2 against the *median* and the scaled *median absolute deviation* (``1.4826·MAD``, the
+   standard deviation of normal data) of the norms recorded so far, the current one included,
+   and after the last warm-up norm ``mean`` and ``var`` are that median and the square of that
+   scaled MAD. With ``warmup="mean"`` (the ``zclip`` package's rule) nothing is clipped during
+   warm-up but at ``max_grad_norm``, and ``mean`` and ``var`` are the population mean and
+   variance of the warm-up norms.
 2. **Threshold**, with ``std = sqrt(var)`` and ``z = (‖g‖ - mean) / std``:
 
    * ``mode="zscore"``, ``clip_option="adaptive_scaling"``: if ``z > z_thresh`` clip to
@@ -20,8 +25,15 @@ the rule of its ``zclip`` 1.0.0 package, step by step:
    ``var ← α·var + (1-α)·(x - mean)²`` with the *updated* mean, as the package does.
 
 Deliberate differences from ``zclip`` 1.0.0 (each a named expectation in
-``tests/test_adaptive_parity.py``):
+``tests/test_adaptive_parity.py``; ``warmup="mean"`` gives the package's warm-up):
 
+* A robust warm-up by default. The package's statistics are a mean and a variance, which one
+  spike among the warm-up norms dominates: in a nanoGPT run (issue 17) a norm of 50.8 among
+  norms near 1 set the threshold near 27 for hundreds of steps, and the run was never clipped;
+  and nothing is clipped during warm-up, where an RNN on the adding problem diverges within 16
+  steps. The median and MAD ignore up to half of the warm-up norms, and clipping against them
+  from the third norm on stops an early blow-up. (A checkpoint saved mid-warm-up by an earlier
+  version finishes its warm-up with this rule: its state has the same layout.)
 * ``max_grad_norm=None`` by default: the package's default 1.0 silently clips every step at 1.0.
 * A variance floor: ``std`` is at least ``std_floor · mean``. With constant warm-up norms the
   package's variance is 0, its ``z = (‖g‖ - mean) / (0 + 1e-6)`` explodes for the slightest
@@ -62,14 +74,21 @@ from gradclip.clippers._adaptive import (
     accumulation,
     as_f32,
     check_field,
+    prefix_percentile,
     ring_write,
     skip_flag,
 )
+from gradclip.clippers._scheduled import Scheduled, as_threshold
 
 __all__ = ["ZClip", "ZClipState"]
 
 #: Added to the norm in the divisor of the clip coefficient, as in the package.
 _EPS = 1e-6
+#: The median absolute deviation times this estimates the standard deviation of normal data.
+_MAD_TO_STD = 1.4826
+#: Norms in the warm-up buffer (the current one included) before the robust warm-up clips: the
+#: median of three is the first that one outlier cannot move.
+_ROBUST_START = 3
 
 
 class ZClipState(NamedTuple):
@@ -82,15 +101,16 @@ class ZClipState(NamedTuple):
 
 
 @register("zclip")
-class ZClip(Clipper):
+class ZClip(Scheduled, Clipper):
     """Clip gradient-norm spikes found by a z-score against EMA statistics (ZClip).
 
     Args:
         alpha: EMA smoothing factor in ``(0, 1)``; larger is slower.
         z_thresh: z-score above which a norm is a spike, ``> 0``.
         max_grad_norm: Optional absolute cap ``> 0`` applied on every step (also during
-            warm-up); ``None`` for none.
-        warmup_steps: Positive finite norms collected before clipping starts, ``>= 1``.
+            warm-up); ``None`` for none; or a schedule of it (:mod:`gradclip.schedules`, the
+            step then kept in the state).
+        warmup_steps: Positive finite norms collected before the EMA statistics start, ``>= 1``.
         mode: ``"zscore"`` or ``"percentile"`` (see the module docstring).
         clip_option: ``"adaptive_scaling"`` or ``"mean"``; used in ``"zscore"`` mode.
         clip_factor: Multiplies the adaptive-scaling threshold, ``> 0`` (the package
@@ -100,9 +120,12 @@ class ZClip(Clipper):
         std_floor: The standard deviation used is at least ``std_floor · mean``, ``>= 0``
             (0 with a zero variance makes every norm above the mean a spike).
         nonfinite: Non-finite policy (:mod:`gradclip.clippers.nonfinite`).
+        warmup: ``"robust"`` (median and MAD, clipping from the third warm-up norm on) or
+            ``"mean"`` (the ``zclip`` package's mean and variance, no clipping during warm-up).
 
     ``info.threshold`` is the value a spike is clipped to on a spike, otherwise the largest
-    norm that passes (``mean + z_thresh·std``), capped at ``max_grad_norm``; during warm-up it is
+    norm that passes (``mean + z_thresh·std``), capped at ``max_grad_norm``; before the
+    statistics exist (the first two norms of a robust warm-up, all of a ``"mean"`` one) it is
     ``max_grad_norm`` or ``inf``.
 
     Raises:
@@ -126,6 +149,7 @@ class ZClip(Clipper):
         skip_update_on_spike: bool = False,
         std_floor: float = 0.01,
         nonfinite: str = "propagate",
+        warmup: str = "robust",
     ):
         super().__init__()
         where = "ZClip"
@@ -134,7 +158,7 @@ class ZClip(Clipper):
         self.max_grad_norm = (
             None
             if max_grad_norm is None
-            else check_number(where, "max_grad_norm", max_grad_norm, low=0.0, low_inclusive=False)
+            else as_threshold(where, "max_grad_norm", max_grad_norm, low=0.0, low_inclusive=False)
         )
         self.warmup_steps = check_int(where, "warmup_steps", warmup_steps, low=1)
         self.mode = check_choice(where, "mode", mode, ("zscore", "percentile"))
@@ -147,13 +171,23 @@ class ZClip(Clipper):
         self.skip_update_on_spike = skip_update_on_spike
         self.std_floor = check_number(where, "std_floor", std_floor, high_inclusive=False)
         self.nonfinite = check_policy(where, nonfinite)
+        self.warmup = check_choice(where, "warmup", warmup, ("robust", "mean"))
+        self._use_schedules({"max_grad_norm": 0.0} if max_grad_norm is not None else {}, ZClipState, ZClip.state_dtypes)
 
+    def config(self):
+        """The settings, leaving out ``warmup`` at its default (a setting earlier versions
+        lacked), so their checkpoints still load."""
+        config = super().config()
+        if self.warmup == "robust":
+            del config["warmup"]
+        return config
 
     def init_state(self, ops, grads):
         zero = ops.scalar(0.0, "float32")
-        return ZClipState(
+        base = ZClipState(
             ops.scalar(0, "int64"), ops.cast(ops.arange(self.warmup_steps), "float32") * 0.0, zero, zero
         )
+        return self._with_clock(ops, base)
 
     def decide(self, ops, measured: Measured, state, signals=NO_SIGNALS):
         found = measured
@@ -178,14 +212,35 @@ class ZClip(Clipper):
         # slot `step` still holds 0 (load_state_dict checks it) and `value` is 0 unless usable,
         # so the write needs no condition; after warm-up `step` is past the buffer.
         warmup = ring_write(ops, state.warmup, state.step, value)
-        size = float(self.warmup_steps)
-        first_mean = ops.sum(warmup) / size
-        centred = warmup - first_mean
-        first_var = ops.sum(centred * centred) / size
         initialise = usable & (state.step == self.warmup_steps - 1)
-
-        # -- the adaptive threshold (computed every step, used once warm-up is over).
         old_mean, old_var = state.mean, state.var
+        if self.warmup == "mean":
+            size = float(self.warmup_steps)
+            first_mean = ops.sum(warmup) / size
+            centred = warmup - first_mean
+            first_var = ops.sum(centred * centred) / size
+            active = adaptive
+        else:
+            # Median and scaled MAD of the buffer with the current norm: the statistics the
+            # warm-up clips against, and those it ends with (on the last warm-up norm the
+            # buffer is full). Slots not reached yet are left out (prefix_percentile).
+            filled = state.step + ops.cast(usable, "int64")
+            windex = ops.arange(self.warmup_steps)
+            median = prefix_percentile(ops, warmup, filled, 0.5, inf, windex)
+            # With nothing recorded the median is inf; 0 stands in (nothing is clipped then),
+            # so no inf - inf is formed.
+            median = ops.where(filled > 0, median, zero)
+            deviation = warmup - median
+            mad = prefix_percentile(ops, ops.maximum(deviation, -deviation), filled, 0.5, inf, windex)
+            robust_std = ops.where(filled > 0, mad, zero) * _MAD_TO_STD
+            first_mean, first_var = median, robust_std * robust_std
+            # Clipping starts once three norms are in the buffer; before the end of warm-up
+            # the robust statistics stand in for the EMA ones.
+            active = adaptive | (filled >= _ROBUST_START)
+            old_mean = ops.where(adaptive, old_mean, median)
+            old_var = ops.where(adaptive, old_var, first_var)
+
+        # -- the adaptive threshold (computed every step, used once statistics exist).
         std = ops.sqrt(old_var)
         if self.std_floor > 0:  # (with 0 the floor is 0 <= std)
             std = ops.maximum(std, old_mean * self.std_floor)
@@ -198,9 +253,9 @@ class ZClip(Clipper):
                 # After warm-up the mean is positive (load_state_dict checks it), so the floored
                 # spread is too, unless the mean is below ~1e-43 (fp32 subnormals), where the
                 # quotient below is ±inf or NaN and spike still means "above the mean", as with
-                # a zero spread in the branch below. During warm-up (mean and var 0) the
-                # divisor is 1 instead of 0, and nothing is a spike.
-                z = (x - old_mean) / ops.where(adaptive, std, one)
+                # a zero spread in the branch below. Before the statistics exist (mean and var
+                # 0) the divisor is 1 instead of 0, and nothing is a spike.
+                z = (x - old_mean) / ops.where(active, std, one)
                 spike = z > zt
             else:
                 has_spread = std > 0
@@ -217,7 +272,7 @@ class ZClip(Clipper):
                 if self.clip_factor != 1.0:
                     candidate = candidate * self.clip_factor
         # A non-finite step has x = 0, never above the (non-negative) mean: not a spike.
-        spike = spike & adaptive
+        spike = spike & active
         clip_value = ops.where(spike, candidate, value)
 
         # -- the bound used this step: the spike's target on a spike, else none (coef exactly 1:
@@ -227,12 +282,13 @@ class ZClip(Clipper):
         # caps as a comparison would.)
         bound = ops.cast(ops.where(spike, candidate, inf), acc)
         if self.mode == "percentile":
-            reported = ops.where(adaptive, candidate, inf)
+            reported = ops.where(active, candidate, inf)
         else:
-            reported = ops.where(spike, candidate, ops.where(adaptive, old_mean + spread, inf))
+            reported = ops.where(spike, candidate, ops.where(active, old_mean + spread, inf))
         reported = ops.cast(reported, acc)
+        clock = self._step_of(ops, state, signals)
         if self.max_grad_norm is not None:
-            cap = ops.scalar(self.max_grad_norm, acc)
+            cap = self._setting(ops, "max_grad_norm", clock, acc)
             bound = ops.minimum(bound, cap)
             reported = ops.minimum(reported, cap)
         coef = ops.clip_coefficient(norm, bound, _EPS)
@@ -242,24 +298,26 @@ class ZClip(Clipper):
         else:
             coef, skip = settle(ops, coef, finite, self.nonfinite)
 
-        # -- the EMA, with the clipped value and the updated mean. A spike's value is its
-        # (finite) target; a quiet norm must be usable. (A spike is adaptive and finite, a usable
-        # norm finite.) Every operand is finite, so the values computed on a discarded step are
-        # finite too.
+        # -- the EMA (after warm-up only), with the clipped value and the updated mean. A
+        # spike's value is its (finite) target; a quiet norm must be usable. (A spike is finite,
+        # a usable norm finite.) Every operand is finite, so the values computed on a discarded
+        # step are finite too. During warm-up the state's mean and var stay 0 (the robust
+        # warm-up's statistics are recomputed from the buffer each step).
         if self.skip_update_on_spike:
             update = adaptive & usable & ~spike
         else:
-            update = spike | (adaptive & usable)
+            update = (spike | usable) & adaptive
         ema_mean = self.alpha * old_mean + (1.0 - self.alpha) * clip_value
         deviation = clip_value - ema_mean
         ema_var = self.alpha * old_var + (1.0 - self.alpha) * (deviation * deviation)
-        mean = ops.where(update, ema_mean, ops.where(initialise, first_mean, old_mean))
-        var = ops.where(update, ema_var, ops.where(initialise, first_var, old_var))
+        mean = ops.where(update, ema_mean, ops.where(initialise, first_mean, state.mean))
+        var = ops.where(update, ema_var, ops.where(initialise, first_var, state.var))
         step = state.step + ops.cast(usable, "int64")
-        new_state = ZClipState(step, warmup, mean, var)
+        new_state = self._next_state(ZClipState(step, warmup, mean, var), clock)
         return Decision(coef, new_state, make_info(ops, norm, reported, coef, coef < 1, found.given_finite, skip))
 
     def validate_state(self, where, state):
+        self._check_clock(where, state)
         check_field(where, state, "step", "int", low=0)
         check_field(where, state, "warmup", "float", (self.warmup_steps,), low=0.0)
         check_field(where, state, "mean", "float", low=0.0)
