@@ -1,0 +1,246 @@
+"""Per-example clipping (DP-SGD) throughput and peak memory, side by side, in one run.
+
+    python benchmarks/per_sample.py                 # both models, every method, prints a table
+    python benchmarks/per_sample.py --write         # and appends it to benchmarks/RESULTS.md
+    python benchmarks/per_sample.py --steps 5 --models cnn
+
+Methods, each in its own subprocess (so peak memory is its own): non-private training (mean loss,
+one backward), gradclip ``PerSample`` in ``bk`` and ``ghost`` modes, Opacus 1.6 hooks mode
+(``GradSampleModule`` + ``DPOptimizer``) and ghost clipping (``GradSampleModuleFastGradientClipping``),
+and plain ``torch.func`` (``vmap(grad)`` of the whole model, then clip and sum). Every private
+method clips at the same C with noise 0 (the noise costs the same everywhere). A step is
+forward + backward + clip + SGD step; samples/s is the batch over the median step time; peak
+extra memory is the growth of the process' peak RSS over the steps (CPU).
+
+Models: a tiny transformer (B=32: embedding, two blocks of attention built from Linear layers —
+``opacus.layers.DPMultiheadAttention``, as Opacus needs — LayerNorm and an MLP) and a small CNN
+(B=64: three convolutions with GroupNorm, 3x32x32 inputs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+
+METHODS = ["nonprivate", "gradclip-bk", "gradclip-ghost", "opacus-hooks", "opacus-ghost", "torch.func"]
+MODELS = {"transformer": 32, "cnn": 64}
+C = 1.0
+
+
+def _models():
+    import torch
+    from opacus.layers import DPMultiheadAttention
+    from torch import nn
+    from torch.nn import functional as F
+
+    class Block(nn.Module):
+        def __init__(self, d, heads):
+            super().__init__()
+            self.attn = DPMultiheadAttention(d, heads, batch_first=True)
+            self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+            self.fc1, self.fc2 = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+
+        def forward(self, x):
+            h, _ = self.attn(x, x, x, need_weights=False)
+            x = self.ln1(x + h)
+            return self.ln2(x + self.fc2(F.gelu(self.fc1(x))))
+
+    class Transformer(nn.Module):
+        def __init__(self, vocab=1000, d=64, heads=4, layers=2, classes=4):
+            super().__init__()
+            self.emb = nn.Embedding(vocab, d)
+            self.blocks = nn.Sequential(*[Block(d, heads) for _ in range(layers)])
+            self.head = nn.Linear(d, classes)
+
+        def forward(self, ids):
+            return self.head(self.blocks(self.emb(ids)).mean(1))
+
+    class CNN(nn.Module):
+        def __init__(self, classes=10):
+            super().__init__()
+            self.net = nn.Sequential(
+                nn.Conv2d(3, 16, 3, padding=1), nn.GroupNorm(4, 16), nn.ReLU(),
+                nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.GroupNorm(4, 32), nn.ReLU(),
+                nn.Conv2d(32, 32, 3, stride=2, padding=1), nn.GroupNorm(4, 32), nn.ReLU(),
+            )
+            self.head = nn.Linear(32, classes)
+
+        def forward(self, x):
+            return self.head(self.net(x).mean(dim=(2, 3)))
+
+    def data(name, batch):
+        g = torch.Generator().manual_seed(0)
+        if name == "transformer":
+            return torch.randint(0, 1000, (batch, 32), generator=g), torch.randint(0, 4, (batch,), generator=g)
+        return torch.randn(batch, 3, 32, 32, generator=g), torch.randint(0, 10, (batch,), generator=g)
+
+    return {"transformer": Transformer, "cnn": CNN}, data
+
+
+def _step_fn(method: str, model, batch: int):
+    """A closure running one training step of ``method`` on (x, y)."""
+    import torch
+    from torch.nn import functional as F
+
+    if method == "nonprivate":
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+
+        def step(x, y):
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+
+        return step
+    if method.startswith("gradclip"):
+        import gradclip
+        import gradclip.torch as gct
+
+        ps = gct.PerSample(model, gradclip.GlobalNorm(C), mode=method.split("-")[1])
+        opt = gct.DPOptimizer(torch.optim.SGD(model.parameters(), lr=0.01), ps, 0.0, batch)
+
+        def step(x, y):
+            opt.zero_grad()
+            opt.backward(F.cross_entropy(model(x), y, reduction="none"))
+            opt.step()
+
+        return step
+    if method == "opacus-hooks":
+        from opacus import GradSampleModule
+        from opacus.optimizers import DPOptimizer
+
+        gsm = GradSampleModule(model)
+        opt = DPOptimizer(torch.optim.SGD(gsm.parameters(), lr=0.01), noise_multiplier=0.0, max_grad_norm=C,
+                          expected_batch_size=batch)
+
+        def step(x, y):
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(gsm(x), y).backward()
+            opt.step()
+
+        return step
+    if method == "opacus-ghost":
+        from opacus.grad_sample.grad_sample_module_fast_gradient_clipping import GradSampleModuleFastGradientClipping
+        from opacus.optimizers import DPOptimizerFastGradientClipping
+        from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
+
+        gsm = GradSampleModuleFastGradientClipping(model, max_grad_norm=C, use_ghost_clipping=True)
+        opt = DPOptimizerFastGradientClipping(torch.optim.SGD(gsm.parameters(), lr=0.01), noise_multiplier=0.0,
+                                              max_grad_norm=C, expected_batch_size=batch)
+        criterion = DPLossFastGradientClipping(gsm, opt, torch.nn.CrossEntropyLoss())
+
+        def step(x, y):
+            opt.zero_grad(set_to_none=True)
+            criterion(gsm(x), y).backward()
+            opt.step()
+
+        return step
+    if method == "torch.func":
+        from torch.func import functional_call, grad, vmap
+
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        names = [n for n, _ in model.named_parameters()]
+
+        def loss_one(params, x, y):
+            out = functional_call(model, params, (x.unsqueeze(0),))
+            return F.cross_entropy(out, y.unsqueeze(0))
+
+        per_example = vmap(grad(loss_one), in_dims=(None, 0, 0))
+
+        def step(x, y):
+            opt.zero_grad(set_to_none=True)
+            params = {n: p.detach() for n, p in model.named_parameters()}
+            grads = per_example(params, x, y)
+            norms = torch.cat([grads[n].flatten(1) for n in names], 1).norm(dim=1)
+            coef = (C / (norms + 1e-6)).clamp(max=1.0)
+            for n, p in model.named_parameters():
+                p.grad = torch.tensordot(coef, grads[n], dims=1) / batch
+            opt.step()
+
+        return step
+    raise ValueError(method)
+
+
+def run_one(model_name: str, method: str, steps: int, threads: int) -> dict:
+    """One measurement, in this process."""
+    import torch
+
+    warnings.simplefilter("ignore")
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    models, data = _models()
+    batch = MODELS[model_name]
+    model = models[model_name]()
+    x, y = data(model_name, batch)
+    step = _step_fn(method, model, batch)
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    step(x, y)  # warm-up (allocator, lazy init)
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        step(x, y)
+        times.append(time.perf_counter() - start)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"samples_per_s": batch / statistics.median(times), "peak_extra_mib": (peak - base) / 1024}
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="*", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--methods", nargs="*", default=METHODS, choices=METHODS)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--write", action="store_true", help="append the table to benchmarks/RESULTS.md")
+    parser.add_argument("--one", nargs=2, metavar=("MODEL", "METHOD"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.one:
+        print(json.dumps(run_one(args.one[0], args.one[1], args.steps, args.threads)))
+        return 0
+    rows = []
+    for model_name in args.models:
+        results = {}
+        for method in args.methods:
+            cmd = [sys.executable, __file__, "--one", model_name, method, "--steps", str(args.steps),
+                   "--threads", str(args.threads)]
+            out = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
+            if out.returncode != 0:
+                results[method] = {"error": out.stderr.strip().splitlines()[-1] if out.stderr else "failed"}
+            else:
+                results[method] = json.loads(out.stdout.strip().splitlines()[-1])
+            print(model_name, method, results[method], flush=True)
+        base = results.get("nonprivate", {})
+        opacus_best = max((results[m]["samples_per_s"] for m in ("opacus-hooks", "opacus-ghost")
+                           if "samples_per_s" in results.get(m, {})), default=None)
+        for method in args.methods:
+            r = results[method]
+            if "error" in r:
+                rows.append(f"| {model_name} (B={MODELS[model_name]}) | {method} | failed: {r['error'][:60]} | | | |")
+                continue
+            vs_np = r["samples_per_s"] / base["samples_per_s"] if "samples_per_s" in base else float("nan")
+            vs_op = r["samples_per_s"] / opacus_best if opacus_best else float("nan")
+            mem = r["peak_extra_mib"] / base["peak_extra_mib"] if base.get("peak_extra_mib") else float("nan")
+            rows.append(
+                f"| {model_name} (B={MODELS[model_name]}) | {method} | {r['samples_per_s']:.0f} | {vs_np:.2f}x | "
+                f"{vs_op:.2f}x | {r['peak_extra_mib']:.1f} MiB ({mem:.2f}x) |"
+            )
+    header = ("| model | method | samples/s | vs non-private | vs Opacus best | peak extra memory (vs non-private) |\n"
+              "|---|---|---|---|---|---|")
+    table = header + "\n" + "\n".join(rows)
+    print(table)
+    if args.write:
+        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
+        with open(path, "a") as f:
+            f.write(f"\n\n## Per-example clipping (issue 18), CPU, {args.threads} thread(s), "
+                    f"{time.strftime('%Y-%m-%d')}\n\n`python benchmarks/per_sample.py --steps {args.steps} "
+                    f"--threads {args.threads}`\n\n{table}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
