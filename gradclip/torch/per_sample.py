@@ -45,7 +45,7 @@ from gradclip.torch.per_sample_rules import Direct, contributions, refusal, rule
 __all__ = ["PerSample", "MODES"]
 
 MODES = ("auto", "bk", "ghost", "instantiate", "vmap")
-_NORM_HOW = {"bk": "auto", "auto": "auto", "ghost": "ghost", "instantiate": "instantiate", "vmap": "auto"}
+_NORM_HOW = {"bk": "auto", "auto": "auto", "ghost": "auto", "instantiate": "instantiate", "vmap": "auto"}
 
 
 class _Unit:
@@ -256,7 +256,7 @@ class PerSample:
         pieces = self._pieces(calls, list(grads), batch)
         del grads
         names = [n for n, p in self.parameters if id(p) in pieces]
-        norms_sq = torch.stack([self._norm_sq(pieces, p) for _, p in self.parameters if id(p) in pieces], 1)
+        norms_sq = torch.stack([self._norm_sq(pieces, p, ghost) for _, p in self.parameters if id(p) in pieces], 1)
         norms = norms_sq.sqrt()
         if loss_scale is not None:
             norms = norms / torch.as_tensor(loss_scale, dtype=norms.dtype, device=norms.device)
@@ -296,7 +296,7 @@ class PerSample:
         self._seen = set(pieces)
         return pieces
 
-    def _norm_sq(self, pieces: dict[int, list[Any]], param: torch.Tensor) -> torch.Tensor:
+    def _norm_sq(self, pieces: dict[int, list[Any]], param: torch.Tensor, drop: bool) -> torch.Tensor:
         found = pieces[id(param)]
         if len(found) > 1:
             # A tied parameter (or a module called twice): the example's gradient is the sum of
@@ -305,8 +305,10 @@ class PerSample:
             for piece in found:
                 piece.release()
             found[:] = [Direct(param, total)]
-        how = _NORM_HOW[self.mode]
-        return found[0].norm_sq(how)
+        norm_sq = found[0].norm_sq(_NORM_HOW[self.mode])
+        if drop:  # ghost: the second backward writes the sum; keep nothing per layer
+            found[0].release()
+        return norm_sq
 
     def _threshold(self, device: torch.device) -> torch.Tensor:
         if isinstance(self.clipper, QuantileNorm):

@@ -60,26 +60,33 @@ class Outer:
         return 2 * t * t < p * self.a.shape[-1]
 
     def norm_sq(self, how: str = "auto") -> torch.Tensor:
+        b, groups, t, p = self.g.shape
         if how == "ghost" or (how == "auto" and self.ghost_cheaper()):
-            a, g = _wide(self.a), _wide(self.g)
-            gram_a = a @ a.transpose(-1, -2)
-            gram_g = g @ g.transpose(-1, -2)
-            return (gram_a * gram_g).sum(dim=(1, 2, 3))
-        return self.grad_sample().flatten(1).pow(2).sum(1)
+            a = _wide(self.a).reshape(b * groups, t, -1)
+            g = _wide(self.g).reshape(b * groups, t, p)
+            # ⟨a aᵀ, g gᵀ⟩ per example and group, as two batched matmuls and one reduction.
+            gram = torch.bmm(a, a.transpose(1, 2)).mul_(torch.bmm(g, g.transpose(1, 2)))
+            return gram.view(b, -1).sum(1)
+        return self.grad_sample().reshape(b, -1).pow(2).sum(1)
 
     def grad_sample(self) -> torch.Tensor:
         if self._samples is None:
-            b = self.g.shape[0]
-            samples = torch.einsum("bgtp,bgtd->bgpd", _wide(self.g), _wide(self.a))
+            b, groups, t, p = self.g.shape
+            g = _wide(self.g).reshape(b * groups, t, p)
+            a = _wide(self.a).reshape(b * groups, t, -1)
+            samples = torch.bmm(g.transpose(1, 2), a)
             self._samples = samples.reshape(b, *self.param.shape)
         return self._samples
 
     def weighted(self, c: torch.Tensor) -> torch.Tensor:
         if self._samples is not None:  # instantiated anyway: B·p·d is less than B·T·p·d
             return torch.tensordot(c.to(self._samples.dtype), self._samples, dims=1)
+        b, groups, t, p = self.g.shape
         g = self.g * c.to(self.g.dtype).view(-1, 1, 1, 1)
-        # One weight-gradient matmul per group over all examples and positions.
-        out = torch.einsum("bgtp,bgtd->gpd", g, self.a)
+        if groups == 1:  # one weight-gradient matmul over all examples and positions
+            out = g.reshape(-1, p).t().mm(self.a.reshape(-1, self.a.shape[-1]))
+        else:
+            out = torch.einsum("bgtp,bgtd->gpd", g, self.a)
         return out.reshape(self.param.shape)
 
     def release(self) -> None:
