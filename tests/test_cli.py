@@ -6,6 +6,7 @@ import csv
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -266,6 +267,30 @@ def test_default_comparison_shows_a_true_difference(tmp_path):
     result = run_cli("compare", "--no-progress", "--out", str(out), timeout=600)
     assert result.returncode == 0, result.stderr
     _assert_default_story(out)
+    # The README shows what this command printed (scripts/evidence.py pastes it there): the same
+    # verdict and table, wall times aside. The runs are pinned to one thread and AVX2 kernels, so
+    # this holds on any x86-64 machine with these versions; if it fails after a change to the
+    # numerics, run `python scripts/evidence.py --only demo`.
+    assert _mask_wall_times(_readme_demo_block()) == _mask_wall_times(_printed_block(result.stdout))
+
+
+def _printed_block(stdout: str) -> list[str]:
+    lines = stdout.splitlines()
+    end = next(i for i, line in enumerate(lines) if line.startswith("└"))
+    return [line.rstrip() for line in lines[: end + 1]]
+
+
+def _readme_demo_block() -> list[str]:
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    block = text.split("<!-- evidence:demo:start -->", 1)[1].split("<!-- evidence:demo:end -->", 1)[0]
+    lines = block.strip().splitlines()
+    assert lines[0] == "```" and lines[1].startswith("$ make demo") and lines[-1] == "```", lines[:2]
+    return lines[2:-1]
+
+
+def _mask_wall_times(lines: list[str]) -> list[str]:
+    # The last column is the wall time: the one number that depends on the machine and its load.
+    return [re.sub(r"│\s*[0-9.]+\s*│$", "│ <wall time> │", line) for line in lines]
 
 
 def _assert_default_story(out: Path) -> None:

@@ -237,3 +237,24 @@ def test_clipper_spec_round_trip_and_errors():
         with pytest.raises((InvalidArgumentError, UnknownNameError, TypeError, ValueError)) as caught:
             parse_spec(bad).build()
         assert message in str(caught.value)
+
+
+def test_gpt_is_a_causal_post_layer_norm_transformer():
+    task = make_task("gpt", 0)
+    model = task.model()
+    x, y = task.batch(0)
+    assert x.shape == (16, 64) and torch.equal(x[:, 1:], y[:, :-1])  # next-character targets
+    logits = model(x)
+    changed = x.clone()
+    changed[:, 40:] = (changed[:, 40:] + 1) % len(task.vocab)
+    # Causal: changing characters from position 40 on leaves the predictions before it alone.
+    torch.testing.assert_close(model(changed)[:, :40], logits[:, :40])
+    assert not torch.allclose(model(changed)[:, 40:], logits[:, 40:])
+    assert isinstance(model.ln, torch.nn.Identity) and len(model.blocks) == 4  # post-LN: no final norm
+    pre = make_task("gpt", 0, layer_norm="pre", layers=2).model()
+    assert isinstance(pre.ln, torch.nn.LayerNorm) and len(pre.blocks) == 2
+    optimizer = task.configure_optimizer(model.parameters(), "adamw", 1e-2)
+    assert optimizer.defaults["betas"] == (0.9, 0.95) and optimizer.defaults["weight_decay"] == 0.1
+    assert task.reference_loss == pytest.approx(math.log(len(task.vocab)))
+    with pytest.raises(InvalidArgumentError, match="layer_norm must be 'post' or 'pre'"):
+        make_task("gpt", 0, layer_norm="middle")

@@ -24,6 +24,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT = 900
+# Installing PyTorch into a fresh environment takes a minute on an idle two-core machine, several
+# on a loaded one: more than the suite's default per-test limit (pyproject.toml).
+pytestmark = pytest.mark.timeout(TIMEOUT + 300)
 
 
 def _pip(python: Path, *args: str, cwd: Path) -> None:
@@ -111,7 +114,8 @@ def test_core_only_imports_without_frameworks_and_clips_numpy(core_env):
     report = json.loads(result.stdout)
     assert report["frameworks"] == [] and report["later"] == []
     assert report["norm"] == 13.0
-    assert report["clipped"] == [[3 / 13, 4 / 13], [12 / 13]]
+    # GlobalNorm's coefficient is max_norm / (norm + eps), eps = 1e-6.
+    assert sum(report["clipped"], []) == pytest.approx([3 / 13, 4 / 13, 12 / 13], rel=1e-6)
     assert "site-packages" in report["file"] and str(ROOT) not in report["file"]  # the wheel, not the checkout
 
 

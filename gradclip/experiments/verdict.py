@@ -307,6 +307,12 @@ def judge(records: Sequence[dict[str, Any]], tolerance: float = TOLERANCE) -> Ve
         edge = _edge_note(best_fixed, fixed)
         if edge:
             notes.append(edge)
+        unclipped = next((s for s in standings if s.kind == "none" and s.finished), None)
+        if unclipped is not None and unclipped.metric_mean == best_fixed.metric_mean:
+            notes.append(
+                f"no clipping reached the same {metric} as the best fixed threshold: on this task the bound "
+                "mattered little"
+            )
         equivalent = [s.clipper for s in fixed[1:] if _compare_to(s, best_fixed, greater, tolerance)[0]]
         if equivalent:
             notes.append(f"also within 5% of the best fixed threshold: {', '.join(equivalent)}")
@@ -314,15 +320,21 @@ def judge(records: Sequence[dict[str, Any]], tolerance: float = TOLERANCE) -> Ve
     return Verdict(metric, greater, standings, best_fixed, best, distances, recommendation, notes)
 
 
+def _better(a: float, b: float, greater: bool) -> bool:
+    if math.isnan(a) or math.isnan(b):
+        return False
+    return a > b if greater else a < b
+
+
 def _recommend(best, best_fixed, distances, ranked, metric, greater, tolerance) -> str:
     if best is None:
         return "no run finished, so there is nothing to recommend: see the failed runs' errors in results.jsonl."
     unclipped = next((s for s in ranked if s.kind == "none"), None)
     clipped = [s for s in ranked if s.kind != "none"]
-    if unclipped is not None and clipped and best is unclipped:
+    if unclipped is not None and clipped and _better(unclipped.metric_mean, clipped[0].metric_mean, greater):
         return (
             f"clipping did not help here: no clipping reached {metric} {unclipped.metric_mean:.3f}, "
-            f"the best of this comparison."
+            f"better than every clipper (the best, {clipped[0].clipper}, {clipped[0].metric_mean:.3f})."
         )
     if best_fixed is None:
         return (
