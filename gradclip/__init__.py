@@ -57,6 +57,18 @@ from gradclip import schedules
 
 __version__ = "0.1.0"
 
+from gradclip._core.tracing import register_torch_backend
+
+
+def _load_torch_backend():
+    # A plain import statement, which dynamo executes when torch.compile traces a first clip
+    # (it refuses importlib): see gradclip/_core/tracing.py.
+    import gradclip.backends.torch as backend
+
+    return backend
+
+
+register_torch_backend(_load_torch_backend)
 __all__ = [
     "AGC",
     "AdaGC",

@@ -240,8 +240,9 @@ def test_state_dict_holds_optimizer_and_clipper_state_and_resumes_exactly():
     opt = gct.ClippedOptimizer(torch.optim.Adam(model.parameters(), lr=0.01), EmaGlobalClip())
     train(opt, model, batches[:4])
     state = opt.state_dict()
-    assert set(state) >= {"optimizer", "clipper"}
-    assert state["clipper"]["state"] is not None and state["optimizer"]["state"]
+    # torch's layout at the top level, gradclip's part under one more key
+    assert set(state) == {"state", "param_groups", "gradclip"}
+    assert state["gradclip"]["clipper"]["state"] is not None and state["state"]
     buffer = io.BytesIO()
     torch.save({"model": model.state_dict(), "opt": state}, buffer)
     buffer.seek(0)
@@ -261,9 +262,9 @@ def test_load_state_dict_rejects_bad_input_and_changes_nothing():
     _loss(model, _batches(1)[0]).backward()
     opt.step()
     good = copy.deepcopy(opt.state_dict())  # torch's state_dict shares the state tensors
-    with pytest.raises(gradclip.StateError, match="ClippedOptimizer.state_dict"):
-        opt.load_state_dict(opt.optimizer.state_dict())
-    wrong_clipper = dict(good, clipper=gradclip.Norm(1.0).state_dict())
+    with pytest.raises(gradclip.StateError, match="expected a torch optimizer state_dict"):
+        opt.load_state_dict({"model": {}})
+    wrong_clipper = dict(good, gradclip=dict(good["gradclip"], clipper=gradclip.Norm(1.0).state_dict()))
     before = opt.optimizer.state_dict()["state"][0]["exp_avg"].clone()
     opt.optimizer.state[next(iter(model.parameters()))]["exp_avg"].zero_()
     with pytest.raises(gradclip.StateError):
@@ -457,7 +458,7 @@ def _everything(opt, model):
         "grads": [None if p.grad is None else p.grad.detach().clone() for p in model.parameters()],
         "optimizer": opt.optimizer.state_dict(),
         "clipper": opt.clipper.state_dict(),
-        "counters": (opt.state_dict()["micro_step"], opt.stepped, opt.folded, opt.will_step),
+        "counters": (opt.state_dict()["gradclip"]["micro_step"], opt.stepped, opt.folded, opt.will_step),
     })
 
 
@@ -561,44 +562,59 @@ def _with(state, **changes):
     return out
 
 
+def _part(state, **changes):
+    """The checkpoint with gradclip's part changed."""
+    return _with(state, gradclip=_with(state["gradclip"], **changes))
+
+
 _DROP = object()
 BAD_CHECKPOINTS = {
-    "not_a_mapping": (lambda good: [good], "expected a dict from ClippedOptimizer.state_dict"),
-    "plain_optimizer_state": (lambda good: good["optimizer"], "expected a dict from ClippedOptimizer.state_dict"),
-    "format": (lambda good: _with(good, format="gradclip"), "format 'gradclip.ClippedOptimizer'"),
-    "extra_key": (lambda good: _with(good, scaler={}), r"unexpected: 'scaler'; missing: none"),
-    "missing_optimizer": (lambda good: _with(good, optimizer=_DROP), r"unexpected: none; missing: optimizer"),
-    "missing_clipper": (lambda good: _with(good, clipper=_DROP), r"missing: clipper"),
-    "missing_micro_step": (lambda good: _with(good, micro_step=_DROP), r"missing: micro_step"),
-    "missing_version": (lambda good: _with(good, version=_DROP), r"missing: version"),
-    "version_true": (lambda good: _with(good, version=True), r"version True of type bool; expected the int 1"),
-    "version_float": (lambda good: _with(good, version=1.0), r"version 1.0 of type float"),
-    "version_2": (lambda good: _with(good, version=2), r"version 2 of type int"),
-    "version_str": (lambda good: _with(good, version="1"), r"version '1' of type str"),
-    "micro_step_bool": (lambda good: _with(good, micro_step=True), r"micro_step must be an int in \[0, 2\).*got True"),
-    "micro_step_negative": (lambda good: _with(good, micro_step=-1), r"micro_step .* got -1"),
-    "micro_step_too_large": (lambda good: _with(good, micro_step=2), r"micro_step .* got 2"),
-    "micro_step_float": (lambda good: _with(good, micro_step=1.0), r"micro_step .* got 1.0 of type float"),
-    "optimizer_not_a_mapping": (lambda good: _with(good, optimizer=[1]), r"'optimizer' must be a torch optimizer state_dict"),
-    "optimizer_without_param_groups": (lambda good: _with(good, optimizer={"state": {}}),
-                                       r"'optimizer' must be .* got a mapping with keys \['state'\]"),
+    "not_a_mapping": (lambda good: [good], "expected a torch optimizer state_dict"),
+    "no_param_groups": (lambda good: _with(good, param_groups=_DROP), "expected a torch optimizer state_dict"),
+    "part_not_a_mapping": (lambda good: _with(good, gradclip=[1]), r"'gradclip' entry must be the mapping"),
+    "format": (lambda good: _part(good, format="gradclip"), "format 'gradclip.ClippedOptimizer'"),
+    "extra_key": (lambda good: _part(good, scaler={}), r"unexpected: 'scaler'; missing: none"),
+    "missing_clipper": (lambda good: _part(good, clipper=_DROP), r"missing: clipper"),
+    "missing_micro_step": (lambda good: _part(good, micro_step=_DROP), r"missing: micro_step"),
+    "missing_version": (lambda good: _part(good, version=_DROP), r"missing: version"),
+    "version_true": (lambda good: _part(good, version=True), r"version True of type bool .*expected the int 2"),
+    "version_float": (lambda good: _part(good, version=2.0), r"version 2.0 of type float"),
+    "version_3": (lambda good: _part(good, version=3), r"version 3 of type int"),
+    "version_str": (lambda good: _part(good, version="2"), r"version '2' of type str"),
+    "micro_step_bool": (lambda good: _part(good, micro_step=True), r"micro_step must be an int in \[0, 2\).*got True"),
+    "micro_step_negative": (lambda good: _part(good, micro_step=-1), r"micro_step .* got -1"),
+    "micro_step_too_large": (lambda good: _part(good, micro_step=2), r"micro_step .* got 2"),
+    "micro_step_float": (lambda good: _part(good, micro_step=1.0), r"micro_step .* got 1.0 of type float"),
     "optimizer_of_another_model": (
-        lambda good: _with(good, optimizer=torch.optim.Adam(torch.nn.Linear(2, 2).parameters()).state_dict()),
+        lambda good: _with(torch.optim.Adam(torch.nn.Linear(2, 2).parameters()).state_dict(), gradclip=good["gradclip"]),
         r"optimizer's part does not fit Adam: it has parameter groups of sizes \[2\], this optimizer \[4\]",
     ),
-    "optimizer_groups_not_a_list": (lambda good: _with(good, optimizer={"state": {}, "param_groups": 3}),
-                                    r"parameter groups of sizes None"),
-    "clipper_of_another_kind": (lambda good: _with(good, clipper=gradclip.GlobalNorm(1.0).state_dict()),
+    "optimizer_groups_not_a_list": (lambda good: _with(good, param_groups=3), r"parameter groups of sizes None"),
+    "clipper_of_another_kind": (lambda good: _part(good, clipper=gradclip.GlobalNorm(1.0).state_dict()),
                                 r"belongs to clipper 'global_norm'"),
-    "clipper_not_a_mapping": (lambda good: _with(good, clipper=None), r"expected a mapping"),
+    "clipper_not_a_mapping": (lambda good: _part(good, clipper=None), r"expected a mapping"),
+    # the layout of gradclip before this format (version 1) still loads, checked as strictly
+    "v1_optimizer_not_a_mapping": (lambda good: _v1(good, optimizer=[1]), r"'optimizer' must be a torch optimizer state_dict"),
+    "v1_optimizer_without_param_groups": (lambda good: _v1(good, optimizer={"state": {}}),
+                                          r"'optimizer' must be .* got a mapping with keys \['state'\]"),
+    "v1_version_2": (lambda good: _v1(good, version=2), r"version 2 of type int; expected the int 1"),
+    "v1_extra_key": (lambda good: _v1(good, scaler={}), r"unexpected: 'scaler'; missing: none"),
 }
+
+
+def _v1(good, **changes):
+    """``good`` in the layout gradclip wrote before (version 1), with ``changes``."""
+    optimizer = {k: v for k, v in good.items() if k != "gradclip"}
+    old = {"format": "gradclip.ClippedOptimizer", "version": 1, "optimizer": optimizer,
+           "clipper": good["gradclip"]["clipper"], "micro_step": good["gradclip"]["micro_step"]}
+    return _with(old, **changes)
 
 
 @pytest.mark.parametrize("case", sorted(BAD_CHECKPOINTS))
 def test_load_state_dict_refuses_a_bad_checkpoint_with_a_state_error_and_changes_nothing(case):
     _, source = _trained_with_accumulation(seed=0, steps=3)
     good = copy.deepcopy(source.state_dict())
-    assert good["micro_step"] == 1 and good["clipper"]["state"] is not None
+    assert good["gradclip"]["micro_step"] == 1 and good["gradclip"]["clipper"]["state"] is not None
     model, opt = _trained_with_accumulation(seed=5, steps=4)  # a different state, micro_step 0
     before = _everything(opt, model)
     make, match = BAD_CHECKPOINTS[case]
@@ -627,3 +643,156 @@ def test_load_state_dict_puts_the_clipper_back_when_the_optimizer_refuses_its_pa
     handle.remove()
     opt.load_state_dict(good)
     assert _same(copy.deepcopy(opt.state_dict()), good)
+
+
+# -- a drop-in torch.optim.Optimizer checkpoint (nanoGPT's save and resume) -----------------------
+
+
+def _nanogpt_run(steps, make_opt, checkpoint=None, resume_with=None):
+    """nanoGPT's train.py in small: AdamW, a warmup+cosine LR set by hand every iteration (its
+    get_lr), and a scheduler beside it; ``checkpoint`` saves {model, optimizer, scheduler,
+    iter_num} at that iteration through torch.save/torch.load(weights_only=True), and
+    ``resume_with`` rebuilds everything from it with that optimizer factory and carries on."""
+
+    def lr_at(it):
+        return 0.01 * min(1.0, (it + 1) / 3) * (0.5 + 0.5 * math.cos(math.pi * it / steps))
+
+    batches = _batches(steps, seed=7)
+    model = _model()
+    opt = make_opt(model)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda it: 1.0 - 0.02 * it)
+    saved = None
+    for it in range(steps):
+        if checkpoint is not None and it == checkpoint:
+            buffer = io.BytesIO()
+            torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
+                        "scheduler": scheduler.state_dict(), "iter_num": it}, buffer)
+            buffer.seek(0)
+            saved = torch.load(buffer, weights_only=True)
+            if resume_with is not None:
+                model = _model(seed=99)
+                model.load_state_dict(saved["model"])
+                opt = resume_with(model)
+                opt.load_state_dict(saved["optimizer"])
+                scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda it: 1.0 - 0.02 * it)
+                scheduler.load_state_dict(saved["scheduler"])
+        for group in opt.param_groups:
+            group["lr"] = lr_at(it) * scheduler.get_last_lr()[0] / 0.01
+        _loss(model, batches[it]).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        scheduler.step()
+    return model, opt, saved
+
+
+def _clipped(clipper_factory=EmaGlobalClip):
+    return lambda model: gct.ClippedOptimizer(torch.optim.AdamW(model.parameters(), lr=0.01), clipper_factory())
+
+
+def test_nanogpt_resume_from_a_clipped_optimizer_checkpoint_continues_exactly():
+    uninterrupted, _, _ = _nanogpt_run(8, _clipped())
+    resumed, opt, saved = _nanogpt_run(8, _clipped(), checkpoint=4, resume_with=_clipped())
+    _assert_same(_params(resumed), _params(uninterrupted))
+    assert saved["optimizer"]["gradclip"]["clipper"]["state"]["count"] == 4.0  # the EMA's history came along
+    assert opt.clipper.state_dict()["state"]["count"] == 8.0
+
+
+def test_a_plain_optimizer_loads_a_clipped_optimizer_checkpoint():
+    """Switching clipping off on resume: the optimizer's moments carry over, gradclip's key is
+    ignored by torch (it reads state and param_groups only)."""
+    _, _, saved = _nanogpt_run(6, _clipped(), checkpoint=3)
+    model = _model()
+    plain = torch.optim.AdamW(model.parameters(), lr=0.01)
+    plain.load_state_dict(saved["optimizer"])
+    reference = torch.optim.AdamW(_model().parameters(), lr=0.01)
+    reference.load_state_dict({k: v for k, v in saved["optimizer"].items() if k != "gradclip"})
+    assert _same(plain.state_dict(), reference.state_dict())
+    assert plain.state_dict()["state"][0]["step"] == 3.0
+
+
+def test_a_clipped_optimizer_loads_a_plain_checkpoint_with_a_fresh_clipper_and_a_warning():
+    """Switching clipping on on resume (the issue: a bare KeyError: 'param_groups' before)."""
+    plain = lambda model: torch.optim.AdamW(model.parameters(), lr=0.01)  # noqa: E731
+    _, _, saved = _nanogpt_run(6, plain, checkpoint=3)
+    model = _model()
+    opt = gct.ClippedOptimizer(torch.optim.AdamW(model.parameters(), lr=0.01), EmaGlobalClip(), accumulation_steps=2)
+    opt.clipper.load_state_dict(_trained_with_accumulation()[1].clipper.state_dict())  # some history to forget
+    with pytest.warns(UserWarning, match=r"plain torch optimizer state_dict.*EmaGlobalClip starts fresh"):
+        opt.load_state_dict(saved["optimizer"])
+    assert _same(opt.optimizer.state_dict(), saved["optimizer"])
+    assert opt.clipper.state_dict()["state"] is None and opt.state_dict()["gradclip"]["micro_step"] == 0
+    # ... and training resumes from it as a new ClippedOptimizer whose inner AdamW loaded the
+    # checkpoint itself would: the same moments, a clipper without history.
+    with pytest.warns(UserWarning, match="starts fresh"):
+        resumed, _, _ = _nanogpt_run(6, plain, checkpoint=3, resume_with=_clipped())
+    by_hand, _, _ = _nanogpt_run(6, plain, checkpoint=3, resume_with=_InnerLoads.build)
+    _assert_same(_params(resumed), _params(by_hand))
+
+
+class _InnerLoads(gct.ClippedOptimizer):
+    """A ClippedOptimizer whose checkpoint goes to the inner optimizer alone (the reference)."""
+
+    @classmethod
+    def build(cls, model):
+        return cls(torch.optim.AdamW(model.parameters(), lr=0.01), EmaGlobalClip())
+
+    def load_state_dict(self, state_dict):
+        self.optimizer.load_state_dict(state_dict)
+
+
+def test_a_version_1_checkpoint_of_an_older_gradclip_still_loads():
+    _, source = _trained_with_accumulation(seed=0, steps=3)
+    good = copy.deepcopy(source.state_dict())
+    model, opt = _trained_with_accumulation(seed=5, steps=4)
+    opt.load_state_dict(_v1(good))
+    assert _same(copy.deepcopy(opt.state_dict()), good)
+
+
+def test_lr_scheduler_state_round_trips_beside_it():
+    model = _model()
+    opt = gct.ClippedOptimizer(torch.optim.SGD(model.parameters(), lr=1.0), EmaGlobalClip())
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=10)
+    for x in _batches(3):
+        _loss(model, x).backward()
+        opt.step()
+        opt.zero_grad()
+        scheduler.step()
+    saved = copy.deepcopy({"opt": opt.state_dict(), "sched": scheduler.state_dict()})
+    model2 = _model()
+    opt2 = gct.ClippedOptimizer(torch.optim.SGD(model2.parameters(), lr=1.0), EmaGlobalClip())
+    scheduler2 = torch.optim.lr_scheduler.CosineAnnealingLR(opt2, T_max=10)
+    opt2.load_state_dict(saved["opt"])
+    scheduler2.load_state_dict(saved["sched"])
+    assert scheduler2.get_last_lr() == scheduler.get_last_lr()
+    assert opt2.param_groups[0]["lr"] == opt.param_groups[0]["lr"]
+    assert _same(opt2.state_dict(), opt.state_dict())
+
+
+# -- GradScaler.update(): after every optimizer step, gated on opt.stepped ------------------------
+
+
+@pytest.mark.parametrize("accumulation_steps", [1, 3])
+def test_scaler_update_after_the_steps_that_stepped_is_the_one_loop(accumulation_steps):
+    """The loop of the README and of the module docstring: ``if opt.stepped: scaler.update()``.
+    With accumulation_steps=1 every call steps, so it is every iteration; with accumulation the
+    calls in between step nothing, and GradScaler.update() refuses to run without a step."""
+    model = _model()
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    opt = gct.ClippedOptimizer(torch.optim.AdamW(model.parameters(), lr=0.01), gradclip.GlobalNorm(1.0),
+                               scaler=scaler, accumulation_steps=accumulation_steps)
+    updates = 0
+    for x in _batches(6):
+        scaler.scale(_loss(model, x) / accumulation_steps).backward()
+        opt.step()
+        if opt.stepped:
+            scaler.update()
+            updates += 1
+        opt.zero_grad()
+    assert updates == 6 // accumulation_steps
+    assert opt.optimizer.state_dict()["state"][0]["step"] == 6 // accumulation_steps
+    if accumulation_steps > 1:  # why the gate: an update without a step is torch's error
+        scaler.scale(_loss(model, _batches(1)[0])).backward()
+        opt.step()
+        assert not opt.stepped
+        with pytest.raises(AssertionError, match="No inf checks were recorded"):
+            scaler.update()

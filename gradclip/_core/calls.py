@@ -24,6 +24,7 @@ from gradclip._core.checkpoint import (
 from gradclip._core.contract import Measured, signals_from
 from gradclip._core.errors import InvalidArgumentError
 from gradclip._core.ops import Ops, get_ops
+from gradclip._core.tracing import compiling, distinct_positions
 from gradclip._core.tree import collect_gradients, flatten, flatten_like
 from gradclip._core.types import ClipInfo
 
@@ -196,17 +197,18 @@ class CallsMixin:
 
     # -- the machinery of the entry points ----------------------------------------------------------
     def _collect(self, parameters: Any, where: str, *, inplace: bool, stacklevel: int):
+        traced = compiling()
         collected = collect_gradients(parameters, where)
         group = self.distributed_group()
-        if "torch.distributed.fsdp" in sys.modules:
+        if "torch.distributed.fsdp" in sys.modules and not traced:
             # FSDP1's flat parameters imply their shard group; the torch backend reads it from
             # the module (imported by name, as get_ops imports backends).
             __import__("gradclip.backends.torch_fsdp")
             fsdp = sys.modules["gradclip.backends.torch_fsdp"]
             group = fsdp.implied_group(self, parameters, collected.params, collected.grads, group, where, collected.names)
         # With a process group, ranks without gradients are expected (pipeline stages, uneven
-        # partitions): they still join the reduction, silently.
-        if not collected.grads and group is None:
+        # partitions): they still join the reduction, silently. Dynamo cannot trace a warning.
+        if not collected.grads and group is None and not traced:
             warnings.warn(
                 f"{where}: found no gradients among {collected.seen} parameter(s); was it called "
                 "before backward()? Nothing was clipped.",
@@ -221,7 +223,8 @@ class CallsMixin:
         return collected, ops, params
 
     def _before_own_step(self, ops: Ops, collected: Any, where: str, allow_repeat: bool) -> None:
-        if not allow_repeat:
+        # Traced, version counters are the fake tensors' (see gradclip/_core/tracing.py).
+        if not allow_repeat and not compiling():
             self._kept.guard_repeat(self, ops, collected.grads, where)
         self._kept.check_layout(self, collected.names, collected.grads, where)
 
@@ -230,13 +233,7 @@ class CallsMixin:
         leaves, unflatten, names = flatten(grads)
         # The same array given twice (tied weights passed as grads) is clipped and counted once;
         # every position it held gets the one result.
-        first: dict[int, int] = {}
-        positions = []
-        for i, g in enumerate(leaves):
-            if g is not None and id(g) not in first:
-                first[id(g)] = i
-                positions.append(i)
-        repeats = [(i, first[id(g)]) for i, g in enumerate(leaves) if g is not None and first[id(g)] != i]
+        positions, repeats = distinct_positions(leaves)
         present = [leaves[i] for i in positions]
         present_names = [names[i] for i in positions]
         param_leaves = None

@@ -33,7 +33,6 @@ compose their children's whole steps in :meth:`Clipper.run`.
 
 from __future__ import annotations
 
-import functools
 import inspect
 from collections.abc import Mapping
 from typing import Any, ClassVar
@@ -144,12 +143,17 @@ class Clipper(CallsMixin):
         """The clippers this one wraps, in order (``Chain`` links, ``Subset``'s clipper)."""
         return ()
 
-    @functools.cached_property
+    @property
     def keeps_state(self) -> bool:
         """Whether a call advances state (then a repeated call on the same gradients is refused).
-        Fixed at construction (state type and children), so computed once."""
-        own = any(self.state_dtypes.get(f) not in (CHILD, CHILDREN) for f in self.state_type._fields)
-        return own or any(child.keeps_state for child in self.children())
+        Fixed at construction (state type and children), so computed once (kept in the instance
+        dict without functools.cached_property, whose lock dynamo cannot trace)."""
+        known = self.__dict__.get("keeps_state")
+        if known is None:
+            own = any(self.state_dtypes.get(f) not in (CHILD, CHILDREN) for f in self.state_type._fields)
+            known = own or any(child.keeps_state for child in self.children())
+            self.__dict__["keeps_state"] = known
+        return known
 
     @property
     def may_skip(self) -> bool:

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 from gradclip._core.checkpoint import state_from_plain, state_to_plain
 from gradclip._core.errors import StateError
 from gradclip._core.ops import Ops, get_ops
+from gradclip._core.tracing import compiling
 
 if TYPE_CHECKING:
     from gradclip._core.clipper import Clipper
@@ -149,8 +150,9 @@ class KeptState:
         )
 
     def remember(self, clipper: Clipper, ops: Ops, grads: list[Any]) -> None:
-        """Remember the gradients as they are now, after this call's own in-place writes."""
-        if not grads or not clipper.keeps_state:
+        """Remember the gradients as they are now, after this call's own in-place writes
+        (not while dynamo traces: their version counters are the fake tensors')."""
+        if not grads or not clipper.keeps_state or compiling():
             self.last_seen = None
             return
         try:

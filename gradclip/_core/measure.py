@@ -40,7 +40,7 @@ from gradclip._core.errors import NonFiniteError
 from gradclip._core.ops import Ops, accumulation, largest_finite
 from gradclip._core.validation import check_choice
 
-__all__ = ["POLICIES", "check_policy", "gradients_finite", "measurement", "raise_if_nonfinite", "settle"]
+__all__ = ["POLICIES", "POLICY_HINT", "check_policy", "gradients_finite", "measurement", "raise_if_nonfinite", "settle"]
 
 POLICIES = ("propagate", "raise", "zero", "skip")
 
@@ -54,15 +54,26 @@ def check_policy(where: str, policy: object) -> str:
     return check_choice(where, "nonfinite", policy, POLICIES)
 
 
+#: What the ``"raise"`` policy's message suggests instead of raising.
+POLICY_HINT = "Use nonfinite='skip' or 'zero' to handle them instead of raising."
+
+
 def raise_if_nonfinite(
-    ops: Ops, grads: list[Any], norm: Any, names: list[str], where: str, norm_type: float = 2.0
+    ops: Ops,
+    grads: list[Any],
+    norm: Any,
+    names: list[str],
+    where: str,
+    norm_type: float = 2.0,
+    hint: str = POLICY_HINT,
 ) -> None:
     """Raise :class:`NonFiniteError` when ``norm`` (the reduced global norm) is not finite.
 
     Reads the norm's flag on the host (the ``"raise"`` policy synchronises; no other does), and
     only on a bad step the per-tensor flags. Every rank of a process group sees the same reduced
     norm, so every rank raises; one whose own gradients are all finite says the non-finite values
-    are on another rank rather than blaming an overflow.
+    are on another rank rather than blaming an overflow. ``hint`` ends the message (the torch
+    drop-ins put torch's own wording there, which code written against torch matches on).
     """
     if ops.to_host(ops.isfinite(norm)):
         return
@@ -71,8 +82,7 @@ def raise_if_nonfinite(
     if offenders:
         shown = ", ".join(offenders[:10]) + (f" and {len(offenders) - 10} more" if len(offenders) > 10 else "")
         raise NonFiniteError(
-            f"{where}: non-finite gradient values (NaN or inf) in {shown}; nothing was clipped. "
-            "Use nonfinite='skip' or 'zero' to handle them instead of raising.",
+            f"{where}: non-finite gradient values (NaN or inf) in {shown}; nothing was clipped. {hint}",
             offenders,
         )
     if ops.distributed:
@@ -82,12 +92,13 @@ def raise_if_nonfinite(
             f"{where}: the global gradient norm reduced over the process group is not finite, but "
             "every gradient element on this rank is finite: the non-finite values (NaN or inf) are "
             "on another rank (or the global norm overflowed the fp32 accumulator). Nothing was "
-            "clipped. Use nonfinite='skip' or 'zero' to handle them instead of raising.",
+            f"clipped. {hint}",
             [],
         )
     raise NonFiniteError(
         f"{where}: the gradient norm overflowed the accumulator although every element is finite; "
-        f"the gradients are beyond ~{_overflow_magnitude(norm, norm_type)} in magnitude. Nothing was clipped.",
+        f"the gradients are beyond ~{_overflow_magnitude(norm, norm_type)} in magnitude. Nothing was clipped. "
+        f"{hint}",
         [],
     )
 
@@ -119,6 +130,7 @@ def measurement(
     names: list[str],
     where: str,
     params: list[Any] | None = None,
+    hint: str = POLICY_HINT,
 ) -> Measured:
     """Apply the pre-measurement part of the policy and measure the gradients.
 
@@ -130,6 +142,7 @@ def measurement(
         names: One name per gradient, for ``"raise"`` messages.
         where: The public entry point, for messages.
         params: The parameters, carried along for ``decide`` (AGC-like methods).
+        hint: How ``"raise"``'s message ends (see :func:`raise_if_nonfinite`).
 
     Returns:
         A :class:`~gradclip._core.contract.Measured`. Under ``"zero"`` its gradients have their non-finite elements
@@ -147,7 +160,7 @@ def measurement(
     norms = ops.norms(grads, norm_type)
     norm = ops.combine_norms(norms, norm_type)
     if policy == "raise":
-        raise_if_nonfinite(ops, grads, norm, names, where, norm_type)
+        raise_if_nonfinite(ops, grads, norm, names, where, norm_type, hint)
     finite = ops.isfinite(norm)
     return Measured(
         grads, norms, norm, finite, finite if given_finite is None else given_finite, norm_type, names, params

@@ -22,7 +22,9 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from gradclip._core.dtypes import accumulation, dtype_label, largest_finite
 from gradclip._core.errors import BackendError
+from gradclip._core.tracing import check_tensors, compiling, torch_backend
 
 __all__ = [
     "Ops",
@@ -335,35 +337,6 @@ def _is_floating(dtype: Any) -> bool:
     return known
 
 
-#: The largest finite value of each floating dtype, by name (every framework spells its dtypes
-#: with these names: "torch.bfloat16", "<dtype: 'float16'>", numpy's "float32").
-_LARGEST_FINITE = (
-    ("bfloat16", 3.3895313892515355e38),  # before "float16", which it contains
-    ("float16", 65504.0),
-    ("float32", 3.4028234663852886e38),
-    ("float64", 1.7976931348623157e308),
-)
-
-
-def dtype_label(dtype: Any) -> str:
-    """A floating dtype of any framework by its plain name (``"bfloat16"``), else as printed."""
-    text = str(dtype)
-    return next((name for name, _ in _LARGEST_FINITE if name in text), text)
-
-
-def largest_finite(dtype: Any) -> float:
-    """The largest finite value of a floating ``dtype`` of any framework (fp64's if unknown)."""
-    text = str(dtype)
-    return next((value for name, value in _LARGEST_FINITE if name in text), _LARGEST_FINITE[-1][1])
-
-
-def accumulation(x: Any) -> str:
-    """The accumulation dtype's name for a value computed from gradients (a norm, a
-    coefficient): ``"float64"`` when ``x`` is fp64 (fp64 gradients), else ``"float32"``
-    (DESIGN.md rule 2). A Python number counts as fp32."""
-    return "float64" if "float64" in str(getattr(x, "dtype", "")) else "float32"
-
-
 def check_floating(arrays: Sequence[Any], where: str = "gradclip") -> None:
     """Refuse arrays whose dtype is not floating point, before anything reads or writes them:
     clipping would truncate integers (a coefficient of 0.4 turns every element into 0) and drop
@@ -394,6 +367,8 @@ def framework_of(array: Any) -> str:
         BackendError: The type belongs to no supported framework.
     """
     kind = type(array)
+    if compiling():  # no read of a growing cache while dynamo traces (see _core/tracing.py)
+        return "torch" if isinstance(array, sys.modules["torch"].Tensor) else _framework_of_type(kind)
     cached = _framework_cache.get(kind)
     return cached if cached is not None else _framework_of_type(kind)
 
@@ -466,6 +441,12 @@ def get_ops(
         BackendError: Unknown array type or mixed frameworks; an array that is not floating
             point; ``process_group`` with arrays of another framework than torch.
     """
+    if compiling():  # dynamo traces torch only: no framework lookup (see _core/tracing.py)
+        check_tensors(arrays, where)
+        return torch_backend()(
+            arrays, inplace=inplace, foreach=foreach, where=where, process_group=process_group,
+            torch_kernels=torch_kernels,
+        )
     if process_group is not None and not arrays and framework is None:
         framework = "torch"  # a rank without gradients still joins the reduction
     name = backend_name_of(arrays, where) if arrays else (framework or "numpy")

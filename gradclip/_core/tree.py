@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any, NamedTuple
 
 from gradclip._core.errors import BackendError
+from gradclip._core.tracing import collect_traced, compiling
 
 __all__ = ["flatten", "flatten_like", "Collected", "collect_gradients", "position_names"]
 
@@ -39,7 +40,10 @@ _POSITION_NAMES: list[str] = []
 
 
 def position_names(count: int) -> list[str]:
-    """``["#0", ..., f"#{count - 1}"]``, from a cache that grows as needed."""
+    """``["#0", ..., f"#{count - 1}"]``, from a cache that grows as needed (built afresh while
+    dynamo traces: a global that grows would become a guard)."""
+    if compiling():
+        return ["#" + str(i) for i in range(count)]
     if len(_POSITION_NAMES) < count:
         _POSITION_NAMES.extend(f"#{i}" for i in range(len(_POSITION_NAMES), count))
     return _POSITION_NAMES[:count]
@@ -250,6 +254,8 @@ def collect_gradients(target: Any, where: str = "gradclip") -> Collected:
     Raises:
         BackendError: ``target`` is not something holding gradients, or mixes frameworks.
     """
+    if compiling():  # the traced form: no caches, no type-name parsing (_core/tracing.py)
+        return collect_traced(target, where)
     # Imported here: ops imports nothing from this module, but keep the import graph obvious.
     from gradclip._core.ops import backend_name_of
 

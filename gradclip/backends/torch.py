@@ -138,8 +138,16 @@ class TorchOps(TorchVectorOps):
         #: drop-ins of gradclip.torch.clip promise torch's results bit for bit.
         self.torch_kernels = torch_kernels
         arrays = reducer.local_arrays(arrays)
-        # map with attrgetter: the layout test runs in C, not one Python frame per tensor.
-        if set(map(_layout_of, arrays)) - _STRIDED:
+        #: Whether dynamo is tracing this call (torch.compile): then the grouping, the norms and
+        #: the constants take the forms the compiler fuses (see gradclip/_core/tracing.py).
+        self.traced = torch.compiler.is_compiling()
+        # map with attrgetter: the layout test runs in C, not one Python frame per tensor
+        # (dynamo traces the generator form).
+        if (
+            any(t.layout is not torch.strided for t in arrays)
+            if self.traced
+            else set(map(_layout_of, arrays)) - _STRIDED
+        ):
             index, tensor = next((i, t) for i, t in enumerate(arrays) if t.layout is not torch.strided)
             raise SparseGradientError(
                 f"{where}: gradient #{index} has layout {tensor.layout}; sparse gradients are not "
@@ -254,7 +262,7 @@ class TorchOps(TorchVectorOps):
         """Norms of one group's tensors, in the group's order, as one 1-D tensor on its device:
         the CPU fast paths on CPU with ``foreach=None``, torch's kernels elsewhere."""
         acc = _accumulation_dtype(group.dtype)
-        if not (self.foreach is None and group.device.type == "cpu") or self.torch_kernels:
+        if not (self.foreach is None and group.device.type == "cpu") or self.torch_kernels or self.traced:
             return plain_norms(group.tensors, norm_type, acc, group.use_foreach, group.device)
         return cpu_norms(group.tensors, group.dtype, group.device, norm_type, acc, group.use_foreach)
 

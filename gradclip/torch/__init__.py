@@ -5,7 +5,7 @@ expected). The drop-ins give the same results as ``torch.nn.utils.clip_grad_norm
 ``clip_grad_value_`` on finite inputs, with the fixes listed in DESIGN.md.
 """
 
-from gradclip.torch.clip import clip_grad_norm_, clip_grad_value_, get_total_norm
+from gradclip.torch.clip import clip_grad_norm_, clip_grad_value_, clip_grads_with_norm_, get_total_norm
 from gradclip.torch.optim import ClippedOptimizer, fold_unsupported_reason
 from gradclip.torch.dp import DPOptimizer, PoissonBatchSampler, poisson_loader
 from gradclip.torch.per_sample import PerSample
@@ -17,6 +17,7 @@ __all__ = [
     "PoissonBatchSampler",
     "clip_grad_norm_",
     "clip_grad_value_",
+    "clip_grads_with_norm_",
     "fold_unsupported_reason",
     "get_total_norm",
     "poisson_loader",

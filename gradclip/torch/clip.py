@@ -1,40 +1,79 @@
-"""Drop-in replacements for ``torch.nn.utils.clip_grad_norm_`` and ``clip_grad_value_``.
+"""Drop-in replacements for ``torch.nn.utils``: ``clip_grad_norm_``, ``clip_grad_value_``,
+``get_total_norm`` and ``clip_grads_with_norm_`` (torch >= 2.6).
 
 Same signatures and, on finite inputs, the same results as torch: the norms come from torch's
-own kernels on every device and size (``get_ops(..., torch_kernels=True)``), not from the blocked and
-stacked CPU norms that :class:`gradclip.GlobalNorm` uses (closer to the exact value on tensors of
-millions of elements, where torch's reduction drifts by up to 1e-3). Deviations, all deliberate:
+own kernels on every device and size (``get_ops(..., torch_kernels=True)``), not from the blocked
+and stacked CPU norms that :class:`gradclip.GlobalNorm` uses (closer to the exact value on tensors
+of millions of elements, where torch's reduction drifts by up to 1e-3). The same warnings
+(an exhausted generator of parameters) and the same error wording
+(``"The total norm of order {p} for gradients from `parameters` is non-finite"``) that code
+written against torch matches on. Deviations, all deliberate:
 
 * fp16/bf16 gradients: the norm accumulates in fp32, so fp16 gradients whose norm exceeds 65504
   are clipped correctly instead of being zeroed through an inf norm; the returned norm is fp32.
 * A norm at or under ``max_norm`` leaves gradients bit-for-bit unchanged; torch scales by
   ``max_norm / (norm + 1e-6)`` even for norms in ``(max_norm - 1e-6, max_norm]``.
-* ``max_norm=inf`` with an inf norm leaves gradients as they are (torch computes ``inf/inf``
-  and writes NaN everywhere); non-finite norms never turn finite elements into NaN.
+* A non-finite norm leaves the gradients as they are (torch computes ``max_norm / inf = 0`` and
+  writes 0, or NaN through ``inf * 0``, everywhere; with ``max_norm=inf``, ``inf / inf``).
 * Validation: negative or NaN ``max_norm``/``clip_value`` and ``norm_type <= 0`` raise
   :class:`~gradclip.InvalidArgumentError` naming the argument (torch flips gradient signs for a
-  negative ``max_norm`` and counts tensors for ``norm_type=0``).
+  negative ``max_norm``, counts tensors for ``norm_type=0`` and takes negative orders).
 * ``error_if_nonfinite=True`` raises :class:`~gradclip.NonFiniteError` (a ``RuntimeError``, as
-  torch raises) naming the offending parameters, before anything is modified.
+  torch raises) naming the offending parameters, or the overflow and its magnitude for the
+  gradients' dtype, before anything is modified.
+
+All four compile under ``torch.compile(fullgraph=True)`` (see :mod:`gradclip._core.tracing`),
+except ``error_if_nonfinite=True``, which reads the norm on the host by definition: there dynamo
+breaks the graph, as it does for torch's own.
 """
 
 from __future__ import annotations
 
 import math
+import types
+import warnings
 from collections.abc import Iterable
 from typing import Any
 
 import torch
 
-from gradclip._core.ops import get_ops
+from gradclip._core.contract import Measured
+from gradclip._core.errors import InvalidArgumentError
+from gradclip._core.ops import accumulation, get_ops
+from gradclip._core.tracing import compiling, distinct_positions
 from gradclip._core.tree import collect_gradients, position_names
 from gradclip._core.validation import check_norm_type, check_number, reported_as
 from gradclip.clippers.nonfinite import measurement
 from gradclip.clippers.norm import GlobalNorm
 
-__all__ = ["clip_grad_norm_", "clip_grad_value_", "get_total_norm"]
+__all__ = ["clip_grad_norm_", "clip_grad_value_", "clip_grads_with_norm_", "get_total_norm"]
 
 Parameters = torch.Tensor | Iterable[torch.Tensor]
+
+#: torch's eps in ``max_norm / (total_norm + 1e-6)``.
+_TORCH_EPS = 1e-6
+
+
+def _torch_hint(norm_type: float) -> str:
+    # torch's own sentence, which code written against torch matches on (tests/upstream/).
+    return (
+        f"The total norm of order {float(norm_type)} for gradients from `parameters` is non-finite, so it "
+        "cannot be clipped. Pass error_if_nonfinite=False to leave non-finite gradients as they are "
+        "(gradclip never scales by a non-finite norm)."
+    )
+
+
+def _materialise(parameters: Any, where: str, stacklevel: int) -> Any:
+    """A generator of parameters becomes a list (it is read once); an exhausted one warns as
+    torch does, outside a traced region (dynamo cannot trace a warning)."""
+    if not isinstance(parameters, types.GeneratorType):
+        return parameters
+    parameters = list(parameters)
+    if not parameters and not compiling():
+        warnings.warn(
+            "`parameters` is an empty generator, no gradient clipping will occur.", UserWarning, stacklevel=stacklevel
+        )
+    return parameters
 
 
 def clip_grad_norm_(
@@ -54,6 +93,7 @@ def clip_grad_norm_(
 
     Args:
         parameters: A tensor or an iterable of tensors (or a module) whose ``.grad`` is clipped.
+            An exhausted generator warns as torch does and clips nothing.
         max_norm: Largest allowed global norm, ``>= 0``.
         norm_type: Any p > 0, or ``inf`` / ``"inf"``.
         error_if_nonfinite: Raise :class:`~gradclip.NonFiniteError` if the norm is NaN or inf.
@@ -71,22 +111,29 @@ def clip_grad_norm_(
 
     Raises:
         InvalidArgumentError: Bad ``max_norm`` or ``norm_type``.
-        NonFiniteError: Non-finite norm with ``error_if_nonfinite=True``.
+        NonFiniteError: Non-finite norm with ``error_if_nonfinite=True`` (nothing is modified).
         BackendError: ``foreach=True`` on a device without foreach kernels.
     """
-    # GlobalNorm's messages (bad max_norm, non-finite norm) name clip_grad_norm_, which the user called.
-    with reported_as("clip_grad_norm_", "GlobalNorm"):
+    where = "clip_grad_norm_"
+    # GlobalNorm's messages (a bad max_norm) name clip_grad_norm_, which the user called.
+    with reported_as(where, "GlobalNorm"):
         clipper = GlobalNorm(max_norm, norm_type=norm_type, nonfinite="raise" if error_if_nonfinite else "propagate")
-        collected = collect_gradients(parameters, "clip_grad_norm_")
-        if not collected.grads and process_group is None:
-            return torch.tensor(0.0)
-        ops = get_ops(
-            collected.grads, inplace=True, foreach=foreach, framework="torch", where="clip_grad_norm_",
-            process_group=process_group, torch_kernels=True,  # torch's results, bit for bit
+    parameters = _materialise(parameters, where, stacklevel=3)
+    collected = collect_gradients(parameters, where)
+    if not collected.grads and process_group is None:
+        return torch.tensor(0.0)
+    ops = get_ops(
+        collected.grads, inplace=True, foreach=foreach, framework="torch", where=where,
+        process_group=process_group, torch_kernels=True,  # torch's results, bit for bit
+    )
+    with ops.context():
+        measured = measurement(
+            ops, collected.grads, clipper.norm_type, clipper.nonfinite, collected.names, where,
+            hint=_torch_hint(clipper.norm_type),
         )
-        with ops.context():
-            _, _, info = clipper.run(ops, collected.grads, None, None, collected.names)
-    return info.norm
+        decision = clipper.decide(ops, measured, None)
+        clipper.apply(ops, measured.grads, decision)
+    return measured.norm
 
 
 def get_total_norm(
@@ -109,20 +156,102 @@ def get_total_norm(
         process_group: As in :func:`clip_grad_norm_`.
 
     Returns:
-        A 0-d tensor.
+        A 0-d tensor (fp32, or fp64 for fp64 tensors); ``tensor(0.)`` for no tensors.
+
+    Raises:
+        InvalidArgumentError: Bad ``norm_type``.
+        NonFiniteError: Non-finite norm with ``error_if_nonfinite=True``.
     """
-    norm_type = check_norm_type("get_total_norm", norm_type)
-    tensors = [tensors] if isinstance(tensors, torch.Tensor) else [t for t in tensors if t is not None]
-    tensors = list({id(t): t for t in tensors}.values())  # tied: the same tensor counts once
+    where = "get_total_norm"
+    norm_type = check_norm_type(where, norm_type)
+    leaves = [tensors] if isinstance(tensors, torch.Tensor) else list(tensors)
+    positions, _ = distinct_positions(leaves)  # tied: the same tensor counts once
+    tensors = [leaves[i] for i in positions]
     if not tensors and process_group is None:
         return torch.tensor(0.0)
     ops = get_ops(
-        tensors, foreach=foreach, framework="torch", where="get_total_norm", process_group=process_group,
+        tensors, foreach=foreach, framework="torch", where=where, process_group=process_group,
         torch_kernels=True,
     )
-    names = position_names(len(tensors))
     policy = "raise" if error_if_nonfinite else "propagate"
-    return measurement(ops, tensors, norm_type, policy, names, "get_total_norm").norm
+    with ops.context():
+        measured = measurement(
+            ops, tensors, norm_type, policy, position_names(len(tensors)), where, hint=_torch_hint(norm_type)
+        )
+    return measured.norm
+
+
+def clip_grads_with_norm_(
+    parameters: Parameters,
+    max_norm: float,
+    total_norm: torch.Tensor | float,
+    foreach: bool | None = None,
+) -> None:
+    """Scale the gradients of ``parameters`` in place for a global norm measured beforehand
+    (``torch.nn.utils.clip_grads_with_norm_``, torch >= 2.6): ``clip_grad_norm_`` is
+    :func:`get_total_norm` of the gradients followed by this.
+
+    The coefficient is :class:`gradclip.GlobalNorm`'s: ``max_norm / (total_norm + 1e-6)`` where
+    ``total_norm > max_norm``, else exactly 1 (torch scales by ``min(max_norm / (total_norm +
+    1e-6), 1)``, so a norm in ``(max_norm - 1e-6, max_norm]`` is scaled too); a non-finite
+    ``total_norm`` leaves the gradients as they are. Nothing is read on the host.
+
+    Args:
+        parameters: A tensor or an iterable of tensors (or a module) whose ``.grad`` is scaled.
+        max_norm: Largest allowed global norm, ``>= 0``.
+        total_norm: The global norm of those gradients: a one-element tensor (any floating
+            dtype and device; it is moved to the gradients' device), or a real number ``>= 0``
+            (or NaN/inf).
+        foreach: As in :func:`clip_grad_norm_`.
+
+    Raises:
+        InvalidArgumentError: ``max_norm`` negative or NaN; ``total_norm`` a negative number, a
+            tensor with more than one element, or neither a tensor nor a real number.
+    """
+    where = "clip_grads_with_norm_"
+    with reported_as(where, "GlobalNorm"):
+        clipper = GlobalNorm(max_norm)
+    _check_total_norm(where, total_norm)
+    parameters = _materialise(parameters, where, stacklevel=3)
+    collected = collect_gradients(parameters, where)
+    if not collected.grads:
+        return
+    ops = get_ops(collected.grads, inplace=True, foreach=foreach, framework="torch", where=where, torch_kernels=True)
+    with ops.context():
+        norm = _norm_on_device(ops, total_norm)
+        finite = ops.isfinite(norm)
+        measured = Measured(collected.grads, None, norm, finite, finite, 2.0, collected.names, None)
+        clipper.apply(ops, collected.grads, clipper.decide(ops, measured, None))
+
+
+def _check_total_norm(where: str, total_norm: Any) -> None:
+    if isinstance(total_norm, torch.Tensor):
+        if total_norm.numel() != 1 or not total_norm.is_floating_point():
+            raise InvalidArgumentError(
+                f"{where}: total_norm must be a one-element floating-point tensor (the global norm), got a "
+                f"{total_norm.dtype} tensor of shape {tuple(total_norm.shape)}; nothing was changed"
+            )
+        return
+    if isinstance(total_norm, bool) or not isinstance(total_norm, (int, float)):
+        raise InvalidArgumentError(
+            f"{where}: total_norm must be a tensor or a real number (the global norm), got "
+            f"{type(total_norm).__name__}; nothing was changed"
+        )
+    if total_norm < 0:
+        raise InvalidArgumentError(
+            f"{where}: total_norm must be >= 0 (a norm), got {total_norm!r}; nothing was changed"
+        )
+
+
+def _norm_on_device(ops: Any, total_norm: Any) -> torch.Tensor:
+    """``total_norm`` as a 0-d tensor on the gradients' device, in the accumulation dtype."""
+    dtype = torch.float64 if ops.acc == torch.float64 else torch.float32
+    if isinstance(total_norm, torch.Tensor):
+        norm = total_norm.reshape(())
+        if accumulation(norm) == "float64":
+            dtype = torch.float64
+        return norm.to(ops.device, dtype, non_blocking=True)
+    return torch.full((), float(total_norm), dtype=dtype, device=ops.device)
 
 
 def clip_grad_value_(parameters: Parameters, clip_value: float, foreach: bool | None = None) -> None:

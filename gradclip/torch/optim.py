@@ -63,29 +63,25 @@ non-fused optimizer synchronises once per step on its own, as it always does.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import torch
 
-from gradclip._core.clipper import Clipper, check_keys
+from gradclip._core.clipper import Clipper
 from gradclip._core.contract import Coefficient
 from gradclip._core.errors import InvalidArgumentError, StateError
 from gradclip._core.types import ClipInfo
+from gradclip.torch import optim_state
 from gradclip.torch.scaling import (
+    clear_step_flags,
     fold_unsupported_reason,
     scaler_enabled,
     scaler_stage,
-    step_flags,
+    set_step_flags,
 )
 
 __all__ = ["ClippedOptimizer", "fold_unsupported_reason", "scaler_enabled", "scaler_stage"]
-
-_FORMAT = "gradclip.ClippedOptimizer"
-_FORMAT_VERSION = 1
-#: The top-level keys of a ClippedOptimizer checkpoint, no more and no fewer.
-_STATE_KEYS = frozenset({"format", "version", "optimizer", "clipper", "micro_step"})
-
 
 class ClippedOptimizer(torch.optim.Optimizer):
     """A torch optimizer that unscales (AMP), clips and skips before it steps.
@@ -97,7 +93,8 @@ class ClippedOptimizer(torch.optim.Optimizer):
         optimizer: Any ``torch.optim.Optimizer``.
         clipper: Any gradclip clipper (``gradclip.GlobalNorm(1.0)``, ``gradclip.get("zclip")``...).
         scaler: A ``torch.amp.GradScaler`` (or None). You still call ``scaler.scale(loss)`` before
-            ``backward()`` and ``scaler.update()`` after ``step()``, as with a plain scaler.
+            ``backward()`` and ``scaler.update()`` after a ``step()`` that stepped
+            (``if opt.stepped: scaler.update()``; every call with ``accumulation_steps=1``).
         fold: ``None`` fold the clip coefficient into a fused optimizer's step when possible,
             ``True`` require it, ``False`` never (see the module documentation).
         accumulation_steps: Micro-batches per optimizer step, ``>= 1``. Call ``step()`` and
@@ -158,12 +155,7 @@ class ClippedOptimizer(torch.optim.Optimizer):
         self.fold = fold
         self.accumulation_steps = accumulation_steps
         self.monitor = monitor
-        self.last_info: ClipInfo | None = None
-        self.stepped = False
-        self.folded = False
-        self._micro = 0
-        # The last optimizer-step boundary raised: the next zero_grad() discards its gradients.
-        self._failed_boundary = False
+        self._progress = _Progress()
         self._may_skip = clipper.may_skip
         self._optimizer_reason = fold_unsupported_reason(optimizer)
         self._clipper_reason = clipper.cannot_fold_reason()
@@ -225,7 +217,26 @@ class ClippedOptimizer(torch.optim.Optimizer):
 
         Useful to skip gradient all-reduce on the other micro-batches (``DDP.no_sync``).
         """
-        return self._micro + 1 >= self.accumulation_steps
+        return self._progress.micro + 1 >= self.accumulation_steps
+
+    @property
+    def last_info(self) -> ClipInfo | None:
+        """The :class:`~gradclip.ClipInfo` of the last optimizer step (None before it)."""
+        return self._progress.last_info
+
+    @property
+    def stepped(self) -> bool:
+        """Whether the last ``step()`` call reached an optimizer-step boundary (clipped, then
+        stepped or skipped). With a GradScaler, call ``scaler.update()`` after ``step()`` only
+        then: between the micro-batches of an accumulated step nothing was unscaled or stepped,
+        and ``GradScaler.update()`` would fail ("No inf checks were recorded"). With
+        ``accumulation_steps=1`` it is True after every call."""
+        return self._progress.stepped
+
+    @property
+    def folded(self) -> bool:
+        """Whether the last optimizer step folded the coefficient into the optimizer."""
+        return self._progress.folded
 
     @property
     def fold_active(self) -> bool:
@@ -240,9 +251,9 @@ class ClippedOptimizer(torch.optim.Optimizer):
         accumulated for that step and starts a new accumulation (the loop that catches the error
         and carries on recovers instead of accumulating onto the bad gradients).
         """
-        if self._micro == 0 or self._failed_boundary:
+        if self._progress.micro == 0 or self._progress.failed_boundary:
             self.optimizer.zero_grad(set_to_none=set_to_none)
-            self._micro, self._failed_boundary = 0, False
+            self._progress.micro, self._progress.failed_boundary = 0, False
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
@@ -280,36 +291,39 @@ class ClippedOptimizer(torch.optim.Optimizer):
         # A step() that raises counts for nothing: the counters go back to what they were, so a
         # retry after fixing the cause is the same call again. (The counters change up front
         # because a closure's zero_grad() looks at them.)
-        counters = (self._micro, self.stepped, self.folded)
+        progress = self._progress
+        counters = (progress.micro, progress.stepped, progress.folded)
         boundary = self.will_step
         try:
-            result = self._count_and_step(closure)
+            # Clip (or fold) first, and call the inner step from this frame: torch's optimizers
+            # break a torch.compile graph inside their step, and a break here, after every
+            # attribute write of the clip, is the one dynamo resumes from reliably.
+            prepared = self._count_and_prepare(closure)
+            result = self._inner_step(*prepared) if isinstance(prepared, _InnerStep) else prepared
         except BaseException:
-            self._micro, self.stepped, self.folded = counters
-            self._failed_boundary = boundary
+            progress.micro, progress.stepped, progress.folded = counters
+            progress.failed_boundary = boundary
             raise
-        self._failed_boundary = False
+        progress.failed_boundary = False
         return result
 
-    def _count_and_step(self, closure: Callable[[], Any] | None) -> Any:
-        self._micro += 1
-        if self._micro < self.accumulation_steps:
-            self.stepped = False
+    def _count_and_prepare(self, closure: Callable[[], Any] | None) -> Any:
+        """Count the micro-batch; at a boundary clip or fold and return the inner step to take
+        (an :class:`_InnerStep`), else the call's result (a closure's loss, or None)."""
+        progress = self._progress
+        progress.micro += 1
+        if progress.micro < self.accumulation_steps:
+            progress.stepped = False
             if closure is None:
                 return None
             with torch.enable_grad():
                 return closure()
-        self._micro = 0
-        self.stepped = True
+        progress.micro = 0
+        progress.stepped = True
+        progress.folded = self._fold_active and closure is None
         if closure is not None:
-            self.folded = False
             return self.optimizer.step(self._clipping_closure(closure))
-        if self._fold_active:
-            result = self._folded_step()
-            self.folded = True
-            return result
-        self.folded = False
-        return self._unfolded_step()
+        return self._fold() if self._fold_active else self._clip()
 
     def _check_scaler_not_stepped(self) -> None:
         """Refuse a second optimizer step before ``scaler.update()``, as ``GradScaler.step`` would
@@ -322,13 +336,13 @@ class ClippedOptimizer(torch.optim.Optimizer):
 
     def _named_parameters(self) -> list[tuple[str, torch.Tensor]]:
         """The optimizer's parameters with names: the monitor's model's, else the param groups'."""
-        names = self.__dict__.get("_model_names")
+        names = self._progress.names
         if names is None:
             model = getattr(self.monitor, "model", None)
             names = {}
             if model is not None and hasattr(model, "named_parameters"):
                 names = {id(p): n for n, p in model.named_parameters()}
-            self._model_names = names
+            self._progress.names = names
         pairs = []
         position = 0
         for group in self.optimizer.param_groups:
@@ -342,7 +356,7 @@ class ClippedOptimizer(torch.optim.Optimizer):
         return pairs
 
     def _observe(self, info: ClipInfo, layer_norms: Any = None) -> None:
-        self.last_info = info
+        self._progress.last_info = info
         if self.monitor is not None:
             if layer_norms is None:
                 self.monitor.observe(info)
@@ -360,11 +374,11 @@ class ClippedOptimizer(torch.optim.Optimizer):
             if "already been called" not in str(error):
                 raise
 
-    def _unfolded_step(self) -> Any:
+    def _clip(self) -> _InnerStep:
         self._unscale_once()
         info = self.clipper.clip_(self._named_parameters())
         self._observe(info)
-        return self._inner_step(info, divisor=None)
+        return _InnerStep(info, None)
 
     def _inner_step(self, info: ClipInfo, divisor: torch.Tensor | None) -> Any:
         """Step (through the scaler when there is one), skipping on ``info.skip``."""
@@ -375,12 +389,16 @@ class ClippedOptimizer(torch.optim.Optimizer):
             if bool(skip):
                 return None
             skip = None
-        with step_flags(self.optimizer, divisor, skip):
-            if scaler_enabled(self.scaler):
+        through_scaler = scaler_enabled(self.scaler)
+        flags = set_step_flags(self.optimizer, divisor, skip, through_scaler)
+        try:
+            if through_scaler:
                 return self.scaler.step(self.optimizer)
             return self.optimizer.step()
+        finally:
+            clear_step_flags(self.optimizer, flags)
 
-    def _folded_step(self) -> Any:
+    def _fold(self) -> _InnerStep:
         named = self._named_parameters()
         amp_scale = None
         if scaler_enabled(self.scaler) and scaler_stage(self.scaler, self.optimizer) != "unscaled":
@@ -397,7 +415,7 @@ class ClippedOptimizer(torch.optim.Optimizer):
             layer_norms = (list(measured.names), measured.norms * coef.to(measured.norms.dtype))
         self._observe(folded.info, layer_norms)
         divisor = None if self.clipper.coefficient == Coefficient.NONE else torch.reciprocal(coef.to(torch.float32))
-        return self._inner_step(folded.info, divisor=divisor)
+        return _InnerStep(folded.info, divisor)
 
     def _clipping_closure(self, closure: Callable[[], Any]) -> Callable[[], Any]:
         def clipped():
@@ -415,92 +433,52 @@ class ClippedOptimizer(torch.optim.Optimizer):
 
     # -- checkpoints -------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
-        """The wrapped optimizer's state and the clipper's, in one dict.
+        """The wrapped optimizer's ``state_dict()``, with the clipper's state under one more key.
 
-        Returns:
-            ``{"format": "gradclip.ClippedOptimizer", "version": 1, "optimizer": ...,
-            "clipper": ..., "micro_step": int}``; loads with ``torch.load(weights_only=True)``.
+        Torch's layout at the top level (``state``, ``param_groups``), so a plain torch optimizer
+        loads it and code that handles optimizer checkpoints keeps working; gradclip's part is
+        ``"gradclip": {"format", "version": 2, "clipper", "micro_step"}`` (see
+        :mod:`gradclip.torch.optim_state`). Loads with ``torch.load(weights_only=True)``.
         """
-        return {
-            "format": _FORMAT,
-            "version": _FORMAT_VERSION,
-            "optimizer": self.optimizer.state_dict(),
-            "clipper": self.clipper.state_dict(),
-            "micro_step": self._micro,
-        }
+        return optim_state.build(self.optimizer, self.clipper, self._progress.micro)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
-        """Restore what :meth:`state_dict` returned; on any error nothing changes.
+        """Restore a checkpoint; on any error nothing changes.
 
-        Validated like a clipper checkpoint (see :func:`gradclip._core.clipper.check_header`):
-        exactly the keys of :meth:`state_dict`, the format name, the version as the int 1 (``True``
-        and ``1.0`` compare equal to 1 in Python and are refused), ``micro_step`` an int in
-        ``[0, accumulation_steps)``, the clipper's part as its own ``load_state_dict`` checks it, and
-        the optimizer's part as torch checks it (parameter groups and sizes must match).
+        Takes what :meth:`state_dict` returned, a version-1 checkpoint of an older gradclip, or a
+        plain torch optimizer's ``state_dict()`` (then the clipper starts fresh and the
+        micro-batch count at 0, with a ``UserWarning``). gradclip's part is validated like a
+        clipper checkpoint: exactly its keys, the format name, the version as the int 2 (``True``
+        and ``2.0`` compare equal in Python and are refused), ``micro_step`` an int in
+        ``[0, accumulation_steps)``, the clipper's part as its own ``load_state_dict`` checks it,
+        and the optimizer's part as torch checks it (parameter groups and sizes must match).
 
         Raises:
             StateError: Anything of the above does not hold. The optimizer, the clipper and the
                 micro-batch count are then as they were.
         """
-        where = "ClippedOptimizer.load_state_dict"
-        if not isinstance(state_dict, Mapping) or state_dict.get("format") != _FORMAT:
-            raise StateError(
-                f"{where}: expected a dict from ClippedOptimizer.state_dict() (format {_FORMAT!r}), got "
-                f"{_describe(state_dict)}; to load a plain optimizer state use opt.optimizer.load_state_dict(...)"
-            )
-        check_keys(where, state_dict, _STATE_KEYS, "a ClippedOptimizer checkpoint")
-        version = state_dict["version"]
-        if type(version) is not int or version != _FORMAT_VERSION:
-            raise StateError(
-                f"{where}: unsupported version {version!r} of type {type(version).__name__}; expected the int "
-                f"{_FORMAT_VERSION}"
-            )
-        micro = state_dict["micro_step"]
-        if type(micro) is not int or not 0 <= micro < self.accumulation_steps:
-            raise StateError(
-                f"{where}: micro_step must be an int in [0, {self.accumulation_steps}) (accumulation_steps="
-                f"{self.accumulation_steps}), got {micro!r} of type {type(micro).__name__}"
-            )
-        optimizer_state = state_dict["optimizer"]
-        if not isinstance(optimizer_state, Mapping) or not {"state", "param_groups"} <= set(optimizer_state):
-            raise StateError(
-                f"{where}: 'optimizer' must be a torch optimizer state_dict (a mapping with 'state' and "
-                f"'param_groups'), got {_describe(optimizer_state)}"
-            )
-        # torch's own check, made here so that it fails before the clipper is touched.
-        sizes = _group_sizes(self.optimizer.param_groups)
-        saved_sizes = _group_sizes(optimizer_state["param_groups"])
-        if saved_sizes != sizes:
-            raise StateError(
-                f"{where}: the optimizer's part does not fit {type(self.optimizer).__name__}: it has parameter "
-                f"groups of sizes {saved_sizes}, this optimizer {sizes}"
-            )
-        # The clipper validates its part completely before it changes (gradclip's checkpoint rule);
-        # the optimizer last: should torch (or a load hook) still refuse its part, the clipper's
-        # previous state goes back.
-        previous_clipper = self.clipper.state_dict()
-        self.clipper.load_state_dict(state_dict["clipper"])
-        try:
-            self.optimizer.load_state_dict(optimizer_state)
-        except Exception as error:
-            self.clipper.load_state_dict(previous_clipper)
-            raise StateError(
-                f"{where}: the optimizer's part does not fit {type(self.optimizer).__name__}: {error}"
-            ) from error
-        self._micro, self._failed_boundary = micro, False
+        micro = optim_state.load(self, state_dict)
+        self._progress.micro, self._progress.failed_boundary = micro, False
 
 
-def _group_sizes(groups: Any) -> list[int | None] | None:
-    """The number of parameters of each group in ``param_groups`` (None where it is malformed)."""
-    if not isinstance(groups, (list, tuple)):
-        return None
-    return [
-        len(group["params"]) if isinstance(group, Mapping) and isinstance(group.get("params"), (list, tuple)) else None
-        for group in groups
-    ]
+class _Progress:
+    """What a ClippedOptimizer counts and remembers between calls, in a plain object: under
+    torch.compile (2.13) dynamo drops attribute writes on a ``torch.optim.Optimizer`` instance
+    itself (it models optimizers specially), and these must survive a compiled step."""
+
+    def __init__(self) -> None:
+        self.micro = 0  # micro-batches counted towards the next optimizer step
+        self.stepped = False
+        self.folded = False
+        self.last_info: ClipInfo | None = None
+        # The last optimizer-step boundary raised: the next zero_grad() discards its gradients.
+        self.failed_boundary = False
+        self.names: dict[int, str] | None = None  # parameter names of the monitor's model, by id
 
 
-def _describe(value: Any) -> str:
-    if isinstance(value, Mapping):
-        return f"a mapping with keys {sorted(map(str, value))}"
-    return type(value).__name__
+class _InnerStep(NamedTuple):
+    """The inner optimizer step a clip or fold prepared: the step's info and the divisor of a
+    fold (None: the gradients were clipped in place)."""
+
+    info: ClipInfo
+    divisor: torch.Tensor | None

@@ -11,13 +11,18 @@ and fused optimizers read both in ``step()``.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import torch
 
-__all__ = ["fold_unsupported_reason", "scaler_enabled", "scaler_stage", "step_flags"]
+__all__ = [
+    "StepFlags",
+    "clear_step_flags",
+    "fold_unsupported_reason",
+    "scaler_enabled",
+    "scaler_stage",
+    "set_step_flags",
+]
 
 
 def fold_unsupported_reason(optimizer: torch.optim.Optimizer) -> str | None:
@@ -65,45 +70,86 @@ def scaler_stage(scaler: Any, optimizer: torch.optim.Optimizer) -> str | None:
 
 
 
-@contextmanager
-def step_flags(
-    optimizer: torch.optim.Optimizer, divisor: torch.Tensor | None, skip: torch.Tensor | None
-) -> Iterator[None]:
-    """Have ``optimizer``'s next step divide gradients by ``divisor`` and skip where ``skip``.
+class StepFlags:
+    """What :func:`set_step_flags` changed on an optimizer, for :func:`clear_step_flags`."""
 
-    A step pre-hook combines them with whatever ``GradScaler.step`` set on the optimizer just
-    before calling its step (``grad_scale = S``, ``found_inf``); without a scaler the
-    attributes it creates are removed after the step, as ``GradScaler`` does.
+    __slots__ = ("created", "handle", "previous")
+
+    def __init__(self, previous: dict[str, Any] | None, handle: Any, created: list[str]):
+        self.previous = previous
+        self.handle = handle
+        self.created = created
+
+
+def set_step_flags(
+    optimizer: torch.optim.Optimizer,
+    divisor: torch.Tensor | None,
+    skip: torch.Tensor | None,
+    through_scaler: bool = False,
+) -> StepFlags | None:
+    """Have ``optimizer``'s next step divide gradients by ``divisor`` and skip where ``skip``;
+    undo with :func:`clear_step_flags` after the step (in a ``finally``).
+
+    Without a GradScaler the attributes are set on the optimizer now (combined with any already
+    there): plain attribute writes, which ``torch.compile`` traces (no context manager around
+    the step either: torch's optimizers break the graph inside their step, which dynamo cannot
+    do inside a generator context manager). ``GradScaler.step`` sets its own
+    ``grad_scale``/``found_inf`` just before it calls the step, so with ``through_scaler`` a step
+    pre-hook combines them with these at that moment; the attributes it creates are removed
+    after the step, as ``GradScaler`` does.
+
+    Returns:
+        None when there is nothing to set, else the record :func:`clear_step_flags` takes.
     """
     if divisor is None and skip is None:
-        yield
-        return
+        return None
+    if not through_scaler:
+        previous = {name: optimizer.__dict__.get(name) for name in ("grad_scale", "found_inf")}
+        _combine(optimizer, divisor, skip)
+        return StepFlags(previous, None, [])
     created: list[str] = []
 
     def hook(stepped, args, kwargs):
-        if divisor is not None:
-            current = getattr(stepped, "grad_scale", None)
-            if current is None:
-                stepped.grad_scale = divisor
-                created.append("grad_scale")
-            else:
-                stepped.grad_scale = current * divisor.to(current.device, current.dtype)
-        if skip is not None:
-            flag = skip.to(torch.float32)
-            current = getattr(stepped, "found_inf", None)
-            if current is None:
-                stepped.found_inf = flag
-                created.append("found_inf")
-            else:
-                # A logical or: fused kernels skip only where found_inf == 1 exactly.
-                stepped.found_inf = torch.maximum(current, flag.to(current.device, current.dtype))
-        return None
+        created.extend(_combine(stepped, divisor, skip))
 
-    handle = optimizer.register_step_pre_hook(hook)
-    try:
-        yield
-    finally:
-        handle.remove()
-        for name in created:
-            if name in optimizer.__dict__:
-                delattr(optimizer, name)
+    return StepFlags(None, optimizer.register_step_pre_hook(hook), created)
+
+
+def clear_step_flags(optimizer: torch.optim.Optimizer, flags: StepFlags | None) -> None:
+    """Put the optimizer's ``grad_scale``/``found_inf`` back as they were before
+    :func:`set_step_flags`."""
+    if flags is None:
+        return
+    if flags.handle is not None:
+        flags.handle.remove()
+        for name in flags.created:
+            optimizer.__dict__.pop(name, None)
+        return
+    for name, value in flags.previous.items():
+        if value is None:
+            optimizer.__dict__.pop(name, None)
+        else:
+            setattr(optimizer, name, value)
+
+
+def _combine(optimizer: Any, divisor: torch.Tensor | None, skip: torch.Tensor | None) -> list[str]:
+    """Multiply ``divisor`` into the optimizer's ``grad_scale`` and or ``skip`` into its
+    ``found_inf`` (creating them where absent); returns the names created."""
+    created = []
+    if divisor is not None:
+        current = optimizer.__dict__.get("grad_scale")
+        if current is None:
+            optimizer.grad_scale = divisor
+            created.append("grad_scale")
+        else:
+            optimizer.grad_scale = current * divisor.to(current.device, current.dtype)
+    if skip is not None:
+        flag = skip.to(torch.float32)
+        current = optimizer.__dict__.get("found_inf")
+        if current is None:
+            optimizer.found_inf = flag
+            created.append("found_inf")
+        else:
+            # A logical or: fused kernels skip only where found_inf == 1 exactly.
+            optimizer.found_inf = torch.maximum(current, flag.to(current.device, current.dtype))
+    return created
