@@ -406,3 +406,161 @@ def test_model_fit_with_the_jax_keras_backend():
     out = json.loads(next(l for l in done.stdout.splitlines() if l.startswith("RESULT "))[len("RESULT "):])
     assert out["backend"] == "jax" and out["accuracy"] >= 0.95 and out["step"] == 5 * 44
     assert out["skipped"] and out["stepped"]
+
+
+# -- accumulation, loss scaling, nesting ---------------------------------------------------------------
+def _fit_small(optimizer, batch, x=None, epochs=1):
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(32, 6)).astype(np.float32) if x is None else x
+    y = rng.normal(size=(32, 2)).astype(np.float32) * 3
+    model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(5, activation="tanh"), keras.layers.Dense(2)])
+    model.set_weights([np.random.default_rng(4 + i).normal(size=w.shape).astype(np.float32) for i, w in enumerate(model.get_weights())])
+    model.compile(optimizer=optimizer, loss="mse")
+    model.fit(x, y, batch_size=batch, epochs=epochs, shuffle=False, verbose=0)
+    return model
+
+
+@pytest.mark.parametrize("name", ["global_norm", "zclip"])
+def test_accumulation_clips_once_on_the_accumulated_gradient(name):
+    """``gradient_accumulation_steps=4`` on the wrapped optimizer, batches of 4: the same weights
+    as batches of 16 without accumulation (the clip acts on the mean of the 4 micro-batch
+    gradients, not on each), one clipper step per optimizer step, and ``iterations`` counts
+    optimizer steps. Keras' own accumulation with a clip inside each micro-batch differs."""
+    make = {"global_norm": lambda: gradclip.GlobalNorm(0.3), "zclip": lambda: gradclip.get("zclip", warmup_steps=1, z_thresh=0.5)}[name]
+    big = ClippingOptimizer(keras.optimizers.SGD(0.1, momentum=0.5), make())
+    want = _fit_small(big, 16, epochs=2)
+    small = ClippingOptimizer(keras.optimizers.SGD(0.1, momentum=0.5, gradient_accumulation_steps=4), make())
+    got = _fit_small(small, 4, epochs=2)
+    for a, b in zip(got.get_weights(), want.get_weights()):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert int(small.iterations.numpy()) == int(big.iterations.numpy()) == 4
+    np.testing.assert_allclose(small.last_info().to_dict()["norm"], big.last_info().to_dict()["norm"], rtol=1e-5)
+    if name == "zclip":
+        assert small.clipper_state_dict()["state"]["step"] == 4
+    else:
+        assert big.last_info().to_dict()["clipped"]
+    # The accumulation setting survives a config round trip (it goes back on the inner optimizer).
+    clone = ClippingOptimizer.from_config(small.get_config())
+    assert clone.accumulation_steps == 4 and clone.inner_optimizer.gradient_accumulation_steps is None
+
+
+def test_loss_scale_optimizer_outside_clips_unscaled_gradients_and_skips_overflows():
+    """``LossScaleOptimizer(ClippingOptimizer(...))``: the clip sees the unscaled gradient (its
+    norm is that of the gradient divided by the scale), and an overflowing step is skipped by the
+    loss-scale optimizer without reaching the clipper: ZClip's state and ``iterations`` stay,
+    the scale halves."""
+    clipping = ClippingOptimizer(keras.optimizers.SGD(0.1), gradclip.get("zclip", warmup_steps=1))
+    scaled = keras.optimizers.LossScaleOptimizer(clipping, initial_scale=1024.0)
+    variables = _variables()
+    scaled.build(variables)
+    grads = _grads(0)
+    scaled.apply([g * 1024.0 for g in grads], variables)
+    norm = float(np.sqrt(sum(np.sum(g.numpy().astype(np.float64) ** 2) for g in grads)))
+    assert clipping.last_info().to_dict()["norm"] == pytest.approx(norm, rel=1e-6)
+    state = clipping.clipper_state_dict()["state"]
+    bad = [g * 1024.0 for g in grads]
+    bad[0] = tf.fill(bad[0].shape, np.inf)
+    scaled.apply(bad, variables)
+    assert clipping.clipper_state_dict()["state"] == state and state["step"] == 1
+    assert int(clipping.iterations.numpy()) == 1
+    assert float(scaled.dynamic_scale.numpy()) == 512.0
+
+
+def test_loss_scale_in_model_fit_equals_the_unscaled_run():
+    want = _fit_small(ClippingOptimizer(keras.optimizers.SGD(0.1), gradclip.GlobalNorm(0.3)), 8)
+    got = _fit_small(keras.optimizers.LossScaleOptimizer(ClippingOptimizer(keras.optimizers.SGD(0.1), gradclip.GlobalNorm(0.3))), 8)
+    for a, b in zip(got.get_weights(), want.get_weights()):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_static_loss_scale_factor_is_taken_over():
+    want = _fit_small(ClippingOptimizer(keras.optimizers.SGD(0.1), gradclip.GlobalNorm(0.3)), 8)
+    optimizer = ClippingOptimizer(keras.optimizers.SGD(0.1, loss_scale_factor=128.0), gradclip.GlobalNorm(0.3))
+    assert optimizer.loss_scale_factor == 128.0 and optimizer.inner_optimizer.loss_scale_factor is None
+    got = _fit_small(optimizer, 8)
+    for a, b in zip(got.get_weights(), want.get_weights()):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_nesting_and_accumulation_mistakes_are_refused():
+    inner = keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD(0.1))
+    with pytest.raises(gradclip.InvalidArgumentError, match=r"LossScaleOptimizer\(ClippingOptimizer"):
+        ClippingOptimizer(inner, gradclip.GlobalNorm(1.0))
+    built = keras.optimizers.SGD(0.1, gradient_accumulation_steps=2)
+    built.build(_variables())
+    with pytest.raises(gradclip.InvalidArgumentError, match="already built with gradient_accumulation_steps=2"):
+        ClippingOptimizer(built, gradclip.GlobalNorm(1.0))
+    assert built.gradient_accumulation_steps == 2  # nothing was changed
+
+
+OTHER_BACKEND_CHILD = """
+import json, sys
+import numpy as np
+import keras
+sys.path.insert(0, "tests")
+import gradclip
+from gradclip.keras import ClippingOptimizer
+from test_conformance import NONFINITE_AT, make_clipper, sequence
+
+out = {"backend": keras.backend.backend(), "clippers": {}}
+rng = np.random.default_rng(0)
+x = rng.normal(size=(32, 6)).astype("float32")
+y = rng.normal(size=(32, 2)).astype("float32") * 3
+steps, params = sequence()
+for name in gradclip.available():
+    # The conformance sequence through optimizer.apply, against eager clip + SGD (numpy).
+    optimizer = ClippingOptimizer(keras.optimizers.SGD(0.1), make_clipper(name))
+    variables = [keras.Variable(p.astype("float32")) for p in params]
+    reference, weights, worst = make_clipper(name), [p.astype("float32") for p in params], 0.0
+    for grads in steps[:NONFINITE_AT]:
+        grads = [g.astype("float32") for g in grads]
+        clipped, info = reference.clip(grads, params=[w.copy() for w in weights])
+        if not bool(info.skip):
+            weights = [w - 0.1 * c for w, c in zip(weights, clipped)]
+        optimizer.apply([keras.ops.convert_to_tensor(g) for g in grads], variables)
+        worst = max([worst] + [float(np.max(np.abs(np.asarray(keras.ops.convert_to_numpy(v)) - w))) for v, w in zip(variables, weights)])
+    # And model.fit, with accumulation over 2 batches.
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(5, activation="tanh"), keras.layers.Dense(2)])
+    fitted = ClippingOptimizer(keras.optimizers.SGD(0.05, gradient_accumulation_steps=2), make_clipper(name))
+    model.compile(optimizer=fitted, loss="mse")
+    model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0)
+    finite = all(bool(np.all(np.isfinite(w))) for w in model.get_weights())
+    out["clippers"][name] = {"worst": worst, "iterations": int(keras.ops.convert_to_numpy(fitted.iterations)), "finite": finite}
+try:
+    import tensorflow as tf
+    with tf.distribute.MirroredStrategy(["/cpu:0"]).scope():
+        ClippingOptimizer(keras.optimizers.SGD(0.1), gradclip.GlobalNorm(1.0))
+    out["strategy"] = None
+except gradclip.InvalidArgumentError as error:
+    out["strategy"] = str(error)
+print("RESULT " + json.dumps(out))
+"""
+
+
+@pytest.mark.parametrize("backend", ["jax", "torch"])
+def test_every_clipper_on_the_other_keras_backends(backend):
+    """``KERAS_BACKEND=jax`` and ``torch`` (a subprocess each): every registered clipper through
+    ``optimizer.apply`` equals eager clipping plus SGD step by step, and trains in ``model.fit``
+    with ``gradient_accumulation_steps=2`` (2 optimizer steps from 4 batches); a tf.distribute
+    strategy scope there is refused by name."""
+    pytest.importorskip(backend)
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, KERAS_BACKEND=backend, JAX_PLATFORMS="cpu",
+               PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
+    done = subprocess.run([sys.executable, "-c", OTHER_BACKEND_CHILD], env=env, capture_output=True, text=True,
+                          timeout=280, cwd=root)
+    assert done.returncode == 0, done.stderr[-4000:]
+    out = json.loads(next(l for l in done.stdout.splitlines() if l.startswith("RESULT "))[len("RESULT "):])
+    assert out["backend"] == backend
+    assert set(out["clippers"]) >= set(gradclip.available())
+    for name, result in out["clippers"].items():
+        assert result["worst"] < 1e-4, f"{backend} {name}: weights differ from eager clipping by {result['worst']}"
+        assert result["iterations"] == 2 and result["finite"], f"{backend} {name}: {result}"
+    assert "MirroredStrategy scope is active" in out["strategy"] and backend in out["strategy"]
