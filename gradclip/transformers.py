@@ -165,6 +165,13 @@ class GradClipCallback(_TrainerCallback, _ExportableState):
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._restore(state)
+        # DeepSpeed ZeRO: p.grad stays None and the engine steps inside accelerate's backward,
+        # before on_pre_optimizer_step; clip at the engine's own clip point instead.
+        from gradclip.deepspeed import attach, zero_optimizer_of
+
+        zero = zero_optimizer_of(kwargs.get("optimizer"))
+        if zero is not None and getattr(self, "_zero", None) is None:
+            self._zero = attach(zero, self.clipper)
         max_grad_norm = getattr(args, "max_grad_norm", None)
         if max_grad_norm is not None and max_grad_norm > 0:
             warnings.warn(
@@ -180,9 +187,16 @@ class GradClipCallback(_TrainerCallback, _ExportableState):
                 "GradClipCallback.on_pre_optimizer_step: model must be the torch.nn.Module being trained "
                 f"(the Trainer passes it as model=), got {type(model).__qualname__}; nothing was clipped"
             )
-        self._unscale_once(optimizer)
-        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        info = self.clipper.clip_(named)
+        zero = getattr(self, "_zero", None)
+        if zero is not None:
+            # Clipped inside the engine's step already: report that step's info.
+            if zero.last_info is None:
+                return
+            info, named = zero.last_info, []
+        else:
+            self._unscale_once(optimizer)
+            named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+            info = self.clipper.clip_(named)
         self.last_info = info
         if self.monitor is not None:
             self.monitor.observe(info, step=int(state.global_step))

@@ -445,16 +445,144 @@ def scenario_lightning(checks: Checks, rank: int, world: int) -> None:
         )
 
 
+def scenario_deepspeed(checks: Checks, rank: int, world: int) -> None:
+    """DeepSpeed ZeRO 1/2/3 on CPU (DS_ACCELERATOR=cpu, gloo), a client AdamW: gradclip attached
+    at the engine's clip point equals one process training the whole model with the same
+    clipper (norms over 4 steps, one a spike), and the engine's own get_global_grad_norm()."""
+    import os
+
+    try:
+        import deepspeed
+    except ImportError:
+        return
+    import gradclip.deepspeed as gds
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT="29533")
+
+    def engine_for(stage):
+        model = fsdp_model()
+        config = {
+            "train_micro_batch_size_per_gpu": 4, "zero_optimization": {"stage": stage},
+            "zero_allow_untested_optimizer": True, "gradient_clipping": 0.0,
+        }
+        engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=0.05), config=config)
+        return engine
+
+    cases = [
+        ("global_norm.noclip", lambda: gradclip.GlobalNorm(1e9), (1, 2, 3)),
+        ("global_norm", lambda: gradclip.GlobalNorm(0.5), (1, 2, 3)),
+        ("zclip", lambda: gradclip.get("zclip", warmup_steps=2), (1, 2, 3)),
+        ("norm", lambda: gradclip.Norm(0.3), (3,)),
+        ("adagc", lambda: gradclip.get("adagc", start_clip_steps=1, warmup_max_norm=0.5), (3,)),
+    ]
+    for name, factory, stages in cases:
+        for stage in stages:
+            tag = f"deepspeed/zero{stage}.{name}"
+            engine = engine_for(stage)
+            zero = gds.attach(engine, factory())
+            reference, ref_clipper = fsdp_model(), factory()
+            ref_opt = torch.optim.AdamW(reference.parameters(), lr=0.05)
+            for step in range(4):
+                x, y, xs, ys = data(step, rank, world)
+                engine.backward(torch.nn.functional.mse_loss(engine(x), y))
+                engine.step()
+                info = zero.last_info
+                ref_opt.zero_grad()
+                torch.nn.functional.mse_loss(reference(xs), ys).backward()
+                want = ref_clipper.clip_(reference)
+                ref_opt.step()
+                checks.close(f"{tag}.norm_equals_one_process", info.norm, want.norm, rtol=1e-4, atol=1e-6)
+                checks.close(f"{tag}.coef_equals_one_process", info.coef, want.coef, rtol=1e-4, atol=1e-6)
+                engine_norm = float(engine.get_global_grad_norm())
+                if name.startswith("global_norm") or name == "zclip":
+                    # The engine measures after gradclip clipped: the clipped norm.
+                    checks.close(f"{tag}.engine_norm_is_clipped_norm", engine_norm, float(info.norm * info.coef), rtol=1e-4)
+                same_on_every_rank(checks, f"{tag}.same_on_every_rank", [float(info.norm), float(info.coef)])
+            checks.ok(f"{tag}.engine_clip_off_while_attached", engine.optimizer.clip_grad == 0.0)
+            zero.detach()
+            engine.destroy()
+    # Refusals: per-tensor methods on ZeRO-1/2 flat slices; an engine without ZeRO.
+    for stage, label, factory in ((1, "zero1_per_tensor", lambda: gradclip.Norm(0.3)), (2, "zero2_agc", lambda: gradclip.get("agc")), (0, "zero0", lambda: gradclip.GlobalNorm(1.0))):
+        engine = engine_for(stage)
+        try:
+            gds.attach(engine, factory())
+            checks.ok(f"deepspeed/refused.{label}", False, "no error raised")
+        except gradclip.GradClipError as error:
+            checks.ok(f"deepspeed/refused.{label}", f"stage {stage}" in str(error), str(error))
+        checks.ok(f"deepspeed/refused.{label}.engine_untouched", "_clip_then_step" not in repr(engine.optimizer.step))
+        engine.destroy()
+
+
+def scenario_hf_deepspeed(checks: Checks, rank: int, world: int) -> None:
+    """transformers' Trainer with DeepSpeed ZeRO-2 on CPU: the callback attaches itself at the
+    engine's clip point; its norms equal one process training the whole model."""
+    import os
+    import tempfile
+
+    try:
+        import deepspeed  # noqa: F401
+        from transformers import Trainer, TrainingArguments
+    except ImportError:
+        return
+    from gradclip.transformers import GradClipCallback
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT="29544")
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = fsdp_model()
+
+        def forward(self, x, labels=None):
+            out = self.net(x)
+            return {"loss": torch.nn.functional.mse_loss(out, labels), "logits": out}
+
+    class Data(torch.utils.data.Dataset):
+        def __len__(self):
+            return 4 * world * 3
+
+        def __getitem__(self, i):
+            step, within = divmod(i, 4 * world)
+            _, _, xs, ys = data(step, 0, world)
+            return {"x": xs[within], "labels": ys[within]}
+
+    callback = GradClipCallback(gradclip.GlobalNorm(0.5))
+    config = {"train_micro_batch_size_per_gpu": 4, "zero_optimization": {"stage": 2}, "zero_allow_untested_optimizer": True,
+              "gradient_clipping": 0.0, "optimizer": {"type": "AdamW", "params": {"lr": 0.05, "torch_adam": True}}}
+    with tempfile.TemporaryDirectory() as out:
+        arguments = TrainingArguments(
+            output_dir=out, per_device_train_batch_size=4, max_steps=3, deepspeed=config, use_cpu=True,
+            report_to=[], max_grad_norm=0.0, save_strategy="no", logging_steps=1, dataloader_drop_last=True,
+            remove_unused_columns=False, learning_rate=0.05,
+        )
+        trainer = Trainer(model=Net(), args=arguments, train_dataset=Data(), callbacks=[callback])
+        trainer.train()
+    norms = [h["grad_norm"] for h in trainer.state.log_history if "grad_norm" in h]
+    checks.ok("hf_deepspeed/attached", getattr(callback, "_zero", None) is not None, "the callback did not attach")
+    checks.ok("hf_deepspeed/three_steps_logged", len(norms) == 3, f"{trainer.state.log_history}")
+    same_on_every_rank(checks, "hf_deepspeed/same_on_every_rank", norms)
+    checks.ok("hf_deepspeed/clipped", any(n > 0.5 for n in norms) and callback.last_info is not None, f"{norms}")
+    # The engine measured after gradclip clipped: its norm is the clipped one.
+    engine_norm = float(trainer.model_wrapped.get_global_grad_norm())
+    info = callback.last_info
+    checks.close("hf_deepspeed/engine_norm_is_clipped_norm", engine_norm, float(info.norm * info.coef), rtol=1e-4)
+    trainer.model_wrapped.destroy()
+
+
 def scenario_sharding(checks: Checks, rank: int, world: int) -> None:
     """Everything this file checks, in one launch per world size."""
     scenario_groups(checks, rank, world)
     scenario_fsdp1(checks, rank, world)
-    if world == 2:  # a Trainer per use_orig_params: seconds of start-up each
+    if world == 2:  # a Trainer per use_orig_params, and DeepSpeed engines: seconds each
         scenario_lightning(checks, rank, world)
+        scenario_deepspeed(checks, rank, world)
+        scenario_hf_deepspeed(checks, rank, world)
 
 
 _worker.SCENARIOS["sharding"] = scenario_sharding
 _worker.SCENARIOS["lightning"] = scenario_lightning
+_worker.SCENARIOS["deepspeed"] = scenario_deepspeed
+_worker.SCENARIOS["hf_deepspeed"] = scenario_hf_deepspeed
 
 if __name__ == "__main__":
     sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))

@@ -8,6 +8,7 @@ parameter whole.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -22,7 +23,10 @@ def _launch(world: int, tmp_path_factory) -> Run:
     torch = pytest.importorskip("torch")
     if not (torch.distributed.is_available() and torch.distributed.is_gloo_available()):
         pytest.skip("torch.distributed with the gloo backend is not available")
-    return launch(world, "sharding", tmp_path_factory.mktemp(f"sharding{world}"), DEADLINE[world], worker=WORKER)
+    # DeepSpeed on CPU JIT-builds a small communication op once (~30 s): keep it in a cache.
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "gradclip" / "torch_extensions"
+    env = {"DS_ACCELERATOR": "cpu", "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(cache))}
+    return launch(world, "sharding", tmp_path_factory.mktemp(f"sharding{world}"), DEADLINE[world], worker=WORKER, env_extra=env)
 
 
 @pytest.fixture(scope="session")
@@ -147,3 +151,47 @@ def test_fsdp1_original_parameters_need_their_module(sharding, strategy):
     sharding.assert_ok(f"{tag}.orig_list_without_module_refused")
     sharding.assert_ok(f"{tag}.orig_list_without_module_refused.nothing_clipped")
     sharding.assert_ok(f"{tag}.orig_list_with_reduction")
+
+
+# -- DeepSpeed ZeRO -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("stage", [1, 2, 3])
+@pytest.mark.parametrize("clipper", ["global_norm.noclip", "global_norm", "zclip"])
+def test_deepspeed_zero_equals_one_process_and_engine_norm(sharding2, stage, clipper):
+    """gradclip.deepspeed.attach on a real engine (CPU, gloo, client AdamW, 4 steps, one a
+    spike): norms and coefficients equal one process training the whole model with the same
+    clipper; the engine's get_global_grad_norm() is the clipped norm (the full norm when
+    nothing is clipped); the engine's own clip is off while attached."""
+    pytest.importorskip("deepspeed", reason="deepspeed is not installed (requirements/dev.txt)")
+    tag = f"deepspeed/zero{stage}.{clipper}"
+    sharding2.assert_ok(f"{tag}.norm_equals_one_process", minimum=4)
+    sharding2.assert_ok(f"{tag}.coef_equals_one_process", minimum=4)
+    sharding2.assert_ok(f"{tag}.engine_norm_is_clipped_norm", minimum=4)
+    sharding2.assert_ok(f"{tag}.same_on_every_rank", minimum=4)
+    sharding2.assert_ok(f"{tag}.engine_clip_off_while_attached")
+
+
+@pytest.mark.parametrize("clipper", ["norm", "adagc"])
+def test_deepspeed_zero3_per_tensor_methods(sharding2, clipper):
+    """ZeRO-3 holds one shard per parameter: per-tensor methods see whole parameters' norms."""
+    pytest.importorskip("deepspeed", reason="deepspeed is not installed (requirements/dev.txt)")
+    sharding2.assert_ok(f"deepspeed/zero3.{clipper}.norm_equals_one_process", minimum=4)
+    sharding2.assert_ok(f"deepspeed/zero3.{clipper}.coef_equals_one_process", minimum=4)
+
+
+@pytest.mark.parametrize("case", ["zero1_per_tensor", "zero2_agc", "zero0"])
+def test_deepspeed_unsupported_refused(sharding2, case):
+    """Per-tensor/unit-wise methods on ZeRO-1/2 flat slices, and an engine without ZeRO: a clear
+    error naming the stage; the engine is left as it was."""
+    pytest.importorskip("deepspeed", reason="deepspeed is not installed (requirements/dev.txt)")
+    sharding2.assert_ok(f"deepspeed/refused.{case}")
+    sharding2.assert_ok(f"deepspeed/refused.{case}.engine_untouched")
+
+
+def test_transformers_callback_under_deepspeed(sharding2):
+    """Trainer(deepspeed=ZeRO-2 config) on 2 CPU processes: GradClipCallback attaches at the
+    engine's clip point by itself, logs the same pre-clip norms on every rank, and the engine's
+    own norm is the clipped one."""
+    pytest.importorskip("deepspeed", reason="deepspeed is not installed (requirements/dev.txt)")
+    pytest.importorskip("transformers", reason="transformers is not installed")
+    for name in ("attached", "three_steps_logged", "same_on_every_rank", "clipped", "engine_norm_is_clipped_norm"):
+        sharding2.assert_ok(f"hf_deepspeed/{name}")
