@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 # Everything the install reads: editing any of them (content or timestamp) reinstalls.
-INSTALL_INPUTS := requirements/dev.txt requirements/nodeps.txt pyproject.toml
+INSTALL_INPUTS := requirements/dev.txt requirements/nodeps.txt requirements/megatron.txt pyproject.toml
 STAMP := $(VENV)/.installed-$(shell cat $(INSTALL_INPUTS) | cksum | cut -d' ' -f1)
 
 .PHONY: demo test docs install clean
@@ -14,7 +14,10 @@ STAMP := $(VENV)/.installed-$(shell cat $(INSTALL_INPUTS) | cksum | cut -d' ' -f
 $(STAMP): $(INSTALL_INPUTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
-	$(PIP) install --quiet -r requirements/dev.txt
+	# DS_BUILD_OPS=0: DeepSpeed compiles no CUDA ops at install time (the tests run it on CPU).
+	DS_BUILD_OPS=0 $(PIP) install --quiet -r requirements/dev.txt
+	# megatron-core declares Python >= 3.12 and runs on 3.11 (requirements/megatron.txt).
+	$(PIP) install --quiet --ignore-requires-python -r requirements/megatron.txt
 	# timm pulls a torchvision that cannot load beside this torch: install it without
 	# dependencies; the parity tests load timm/utils/agc.py by file path.
 	$(PIP) install --quiet --no-deps -r requirements/nodeps.txt
