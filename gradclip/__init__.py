@@ -26,7 +26,9 @@ from gradclip._core.registry import available, get, register
 from gradclip._core.types import ClipInfo
 from gradclip.clippers import (
     AGC,
+    AdaClip,
     AdaGC,
+    AdaGN,
     AutoClip,
     AverageNorm,
     BlockRMS,
@@ -38,6 +40,7 @@ from gradclip.clippers import (
     QuantileNorm,
     SkipAbove,
     SkipOnSpike,
+    SpikeAware,
     Subset,
     Value,
     ZClip,
@@ -71,7 +74,9 @@ def _load_torch_backend():
 register_torch_backend(_load_torch_backend)
 __all__ = [
     "AGC",
+    "AdaClip",
     "AdaGC",
+    "AdaGN",
     "AutoClip",
     "AverageNorm",
     "BackendError",
@@ -92,6 +97,7 @@ __all__ = [
     "SkipAbove",
     "SkipOnSpike",
     "SparseGradientError",
+    "SpikeAware",
     "StateError",
     "Subset",
     "UnknownNameError",

@@ -152,7 +152,10 @@ def test_every_stateful_registered_clipper_is_covered():
     import gradclip
 
     stateful = {name for name in gradclip.available() if make_clipper(name).keeps_state}
-    assert {"autoclip", "zclip", "adagc", "quantile_norm", "skip_on_spike", "non_finite", "subset"} <= stateful
+    assert {
+        "autoclip", "zclip", "adagc", "quantile_norm", "skip_on_spike", "non_finite", "subset",
+        "ada_clip", "ada_gn", "spike_aware",
+    } <= stateful
     assert stateful <= set(CASES)
 
 

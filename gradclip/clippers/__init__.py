@@ -12,14 +12,18 @@ from gradclip.clippers.norm import AverageNorm, BlockRMS, GlobalNorm, Norm, Norm
 from gradclip.clippers.outliers import ZeroOutliers
 from gradclip.clippers.quantile import QuantileNorm
 from gradclip.clippers.skip_above import SkipAbove
+from gradclip.clippers.spam import SpikeAware
 from gradclip.clippers.spike import SkipOnSpike
+from gradclip.clippers.stable_spam import AdaClip, AdaGN
 from gradclip.clippers.subset import Subset
 from gradclip.clippers.value import Value
 from gradclip.clippers.zclip import ZClip
 
 __all__ = [
     "AGC",
+    "AdaClip",
     "AdaGC",
+    "AdaGN",
     "AutoClip",
     "AverageNorm",
     "BlockRMS",
@@ -31,6 +35,7 @@ __all__ = [
     "QuantileNorm",
     "SkipAbove",
     "SkipOnSpike",
+    "SpikeAware",
     "Subset",
     "Value",
     "ZClip",
