@@ -38,7 +38,9 @@ def _run(name, argv):
 
 def test_every_example_has_a_test():
     found = {os.path.splitext(os.path.basename(p))[0] for p in glob.glob(os.path.join(EXAMPLES, "*.py"))}
-    assert found == {"clipped_optimizer", "monitor_and_suggest", "lightning_callback", "transformers_callback"}
+    assert found == {"clipped_optimizer", "monitor_and_suggest", "lightning_callback", "transformers_callback",
+                     # run by tests/test_examples_keras_jax.py
+                     "keras_mirrored_strategy", "flax_nnx_optimizer", "jax_shard_map_step"}
 
 
 def test_clipped_optimizer_example(tmp_path, capsys):
