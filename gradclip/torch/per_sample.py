@@ -39,6 +39,7 @@ from gradclip._core.ops import get_ops
 from gradclip._core.types import ClipInfo
 from gradclip.clippers import AdaGC, AutoClip, GlobalNorm, Norm, QuantileNorm, ZClip
 from gradclip.torch.per_sample_func import batch_dim_of, func_contributions, owned_parameters
+from gradclip.torch.per_sample_ghost import ghost_norms
 from gradclip.torch.per_sample_hooks import Recorder, check_graph
 from gradclip.torch.per_sample_rules import Direct, contributions, refusal, rule_for
 
@@ -249,20 +250,26 @@ class PerSample:
             )
         if self.check_graph:
             check_graph(losses, calls, self._tracked)
-        outputs = [o for call in calls for o in call.outputs]
         ghost = self.mode == "ghost" and self.kind == "global"
-        grads = torch.autograd.grad(losses.sum(), outputs, retain_graph=ghost, allow_unused=True)
-        del outputs
-        pieces = self._pieces(calls, list(grads), batch)
-        del grads
-        names = [n for n, p in self.parameters if id(p) in pieces]
-        norms_sq = torch.stack([self._norm_sq(pieces, p, ghost) for _, p in self.parameters if id(p) in pieces], 1)
+        if ghost:
+            # Norms taken as each layer's output gradient arrives; nothing per layer is kept.
+            norms_by_param = ghost_norms(self, losses, calls, batch)
+            self._seen = set(norms_by_param)
+            names = [n for n, p in self.parameters if id(p) in norms_by_param]
+            norms_sq = torch.stack([norms_by_param[id(p)] for _, p in self.parameters if id(p) in norms_by_param], 1)
+        else:
+            outputs = [o for call in calls for o in call.outputs]
+            grads = torch.autograd.grad(losses.sum(), outputs, allow_unused=True)
+            del outputs
+            pieces = self._pieces(calls, list(grads), batch)
+            del grads
+            names = [n for n, p in self.parameters if id(p) in pieces]
+            norms_sq = torch.stack([self._norm_sq(pieces, p, False) for _, p in self.parameters if id(p) in pieces], 1)
         norms = norms_sq.sqrt()
         if loss_scale is not None:
             norms = norms / torch.as_tensor(loss_scale, dtype=norms.dtype, device=norms.device)
         coef, info = self._decide(norms, names, count_noise, expected_batch_size)
         if ghost:
-            del pieces
             params = [p for _, p in self.parameters if id(p) in self._seen]
             weights = coef.to(losses.dtype).detach()
             torch.autograd.backward((losses * weights).sum(), inputs=params)
@@ -275,26 +282,29 @@ class PerSample:
         pieces: dict[int, list[Any]] = {}
         at = 0
         for call in calls:
-            unit, count = call.unit, len(call.outputs)
+            count = len(call.outputs)
             call_grads = grads[at : at + count]
             at += count
-            if all(g is None for g in call_grads):
-                continue  # a call whose output the loss does not use (another forward's)
-            if unit.rule is not None:
-                made = contributions(unit.module, unit.rule, call.args, tuple(call_grads))
-            else:
-                self._recorder.enabled = False  # the module re-runs under torch.func
-                try:
-                    made = func_contributions(
-                        unit.name, unit.module, unit.params, call.args, call.kwargs, call.outputs, call_grads,
-                        batch, self.chunk_size,
-                    )
-                finally:
-                    self._recorder.enabled = True
-            for piece in made:
+            for piece in self.call_pieces(call, call_grads, batch):
                 pieces.setdefault(id(piece.param), []).append(piece)
         self._seen = set(pieces)
         return pieces
+
+    def call_pieces(self, call: Any, call_grads: list, batch: int) -> list[Any]:
+        """The contributions of one recorded call, given its outputs' gradients."""
+        unit = call.unit
+        if all(g is None for g in call_grads):
+            return []  # a call whose output the loss does not use (another forward's)
+        if unit.rule is not None:
+            return contributions(unit.module, unit.rule, call.args, tuple(call_grads))
+        self._recorder.enabled = False  # the module re-runs under torch.func
+        try:
+            return func_contributions(
+                unit.name, unit.module, unit.params, call.args, call.kwargs, call.outputs, call_grads,
+                batch, self.chunk_size,
+            )
+        finally:
+            self._recorder.enabled = True
 
     def _norm_sq(self, pieces: dict[int, list[Any]], param: torch.Tensor, drop: bool) -> torch.Tensor:
         found = pieces[id(param)]
