@@ -11,7 +11,7 @@ would (a subprocess, the same console output), keeps each run's outcome in
 
 Usage::
 
-    python scripts/evidence.py                 # everything: about 25 minutes on two cores
+    python scripts/evidence.py                 # everything: about an hour on two shared cores
     python scripts/evidence.py --only demo     # the README's table: about a minute
     python scripts/evidence.py --only gpt,digits
     python scripts/evidence.py --render        # rewrite the documents from the stored JSON only
@@ -81,6 +81,17 @@ def printed_block(stdout: str) -> str:
     return "\n".join(line.rstrip() for line in lines[: end + 1])
 
 
+def processor() -> str:
+    """The processor's model name (Linux), else what platform knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def run(name: str, arguments: list[str], jobs: int, environment: dict[str, str] | None = None) -> dict:
     """Run one comparison through the command line and keep what it printed and each run's outcome."""
     with tempfile.TemporaryDirectory() as scratch:
@@ -111,7 +122,7 @@ def run(name: str, arguments: list[str], jobs: int, environment: dict[str, str] 
         "optimizer": first["optimizer"],
         "metric_name": first["metric_name"],
         "runs": runs,
-        "machine": platform.processor() or platform.machine(),
+        "machine": processor(),
         "date": started.date().isoformat(),
     }
 
@@ -160,8 +171,11 @@ def variation_lines(pinned: dict | None, other: dict | None) -> list[str]:
             f"| `{clipper}` | {sum(r['solved'] for r in runs)}/{len(runs)} | {sum(r['solved'] for r in others.values())}/{len(others)} "
             f"| {sum(r['diverged'] for r in runs)}/{len(runs)} | {sum(r['diverged'] for r in others.values())}/{len(others)} | {changed} |"
         )
+    def equal(x, y):
+        return x == y or (x != x and y != y)  # two NaNs (both runs blew up) are the same outcome
+
     same = sum(1 for clipper, runs in a.items() for r in runs
-               if any(o["seed"] == r["seed"] and o["eval_loss"] == r["eval_loss"] for o in b.get(clipper, [])))
+               if any(o["seed"] == r["seed"] and equal(o["eval_loss"], r["eval_loss"]) for o in b.get(clipper, [])))
     total = sum(len(runs) for runs in a.values())
     lines += ["", f"{changed_total} of {total} runs ended differently (solved or diverged) and {total - same} of "
               f"{total} had a different held-out loss: the same code, seeds and versions, other kernels."]
@@ -185,8 +199,10 @@ def render_evidence(entries: dict[str, dict], demo: dict | None = None, demo_avx
         f"The project's recommended default adaptive clipper is **`{RECOMMENDED}`**. The goal it is held to: "
         "within 5 % of the best fixed threshold's metric on every task, untuned.",
         "",
-        "Regenerate everything with `python scripts/evidence.py` (about 25 minutes on two cores); the README's "
-        "demo table with `python scripts/evidence.py --only demo`.",
+        "Regenerate everything with `python scripts/evidence.py` (the runs below took "
+        f"{sum(e['seconds'] for e in entries.values()) / 60:.0f} minutes of wall time, two runs at a time, on a "
+        "two-core machine that other jobs shared; see each task's line); the README's demo table with "
+        "`python scripts/evidence.py --only demo`.",
         "",
     ]
     summary = ["| task | metric | best fixed threshold | " + f"`{RECOMMENDED}` (untuned) | gap | within 5 % |",
@@ -225,6 +241,13 @@ def render_evidence(entries: dict[str, dict], demo: dict | None = None, demo_avx
             "",
         ]
     lines += ["## Summary", "", *summary, ""]
+    lines += [
+        "Every untuned adaptive clipper against the best fixed threshold, task by task (the gap on the metric; "
+        "✓ within 5 %, ✗ not):",
+        "",
+        *adaptive_matrix(entries),
+        "",
+    ]
     if misses:
         lines += ["### Where the recommended default falls short", ""]
         for task, best, distance in misses:
@@ -270,6 +293,24 @@ def render_evidence(entries: dict[str, dict], demo: dict | None = None, demo_avx
         "",
     ]
     EVIDENCE.write_text("\n".join(lines))
+
+
+def adaptive_matrix(entries: dict[str, dict]) -> list[str]:
+    """Task x adaptive clipper: the gap to the best fixed threshold and whether it is within 5 %."""
+    tasks = [task for task in TASKS if task in entries]
+    rows = ["| clipper | " + " | ".join(tasks) + " | within 5 % |", "|---|" + "---|" * (len(tasks) + 1)]
+    verdicts = {task: _verdict(entries[task]) for task in tasks}
+    for clipper in ADAPTIVE:
+        cells, count = [], 0
+        for task in tasks:
+            distance = next((d for d in verdicts[task].distances if d.standing.clipper == clipper), None)
+            if distance is None:
+                cells.append("—")
+                continue
+            count += distance.within
+            cells.append(f"{_percent(distance.relative)} {'✓' if distance.within else '✗'}")
+        rows.append(f"| `{clipper}` | " + " | ".join(cells) + f" | {count}/{len(tasks)} |")
+    return rows
 
 
 def standings_table(verdict) -> list[str]:
