@@ -4,13 +4,14 @@
     python benchmarks/per_sample.py --write         # and appends it to benchmarks/RESULTS.md
     python benchmarks/per_sample.py --steps 5 --models cnn
 
-Methods, each in its own subprocess (so peak memory is its own): non-private training (mean loss,
+Methods (timed in the same interleaved rounds, one process; peak memory each in its own
+subprocess): non-private training (mean loss,
 one backward), gradclip ``PerSample`` in ``bk`` and ``ghost`` modes, Opacus 1.6 hooks mode
 (``GradSampleModule`` + ``DPOptimizer``) and ghost clipping (``GradSampleModuleFastGradientClipping``),
 and plain ``torch.func`` (``vmap(grad)`` of the whole model, then clip and sum). Every private
 method clips at the same C with noise 0 (the noise costs the same everywhere). A step is
 forward + backward + clip + SGD step; samples/s is the batch over the median step time; peak
-extra memory is the growth of the process' peak RSS over the steps (CPU).
+extra memory is the growth of the process' peak RSS over three steps (CPU).
 
 Models: a tiny transformer (B=32: embedding, two blocks of attention built from Linear layers —
 ``opacus.layers.DPMultiheadAttention``, as Opacus needs — LayerNorm and an MLP) and a small CNN
@@ -168,7 +169,7 @@ def _step_fn(method: str, model, batch: int):
 
 
 def run_one(model_name: str, method: str, steps: int, threads: int) -> dict:
-    """One measurement, in this process."""
+    """Peak memory of one method, alone in this process."""
     import torch
 
     warnings.simplefilter("ignore")
@@ -180,14 +181,34 @@ def run_one(model_name: str, method: str, steps: int, threads: int) -> dict:
     x, y = data(model_name, batch)
     step = _step_fn(method, model, batch)
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    step(x, y)  # warm-up (allocator, lazy init)
-    times = []
     for _ in range(steps):
-        start = time.perf_counter()
         step(x, y)
-        times.append(time.perf_counter() - start)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"samples_per_s": batch / statistics.median(times), "peak_extra_mib": (peak - base) / 1024}
+    return {"peak_extra_mib": (peak - base) / 1024}
+
+
+def time_interleaved(model_name: str, methods: list[str], steps: int, threads: int) -> dict:
+    """Samples/s of every method, timed in the same rounds (one step of each per round, the
+    order rotating), so that load on a shared machine hits them alike; the median per method."""
+    import torch
+
+    warnings.simplefilter("ignore")
+    torch.set_num_threads(threads)
+    models, data = _models()
+    batch = MODELS[model_name]
+    x, y = data(model_name, batch)
+    steps_of = {}
+    for method in methods:
+        torch.manual_seed(0)
+        steps_of[method] = _step_fn(method, models[model_name](), batch)
+        steps_of[method](x, y)  # warm-up
+    times: dict[str, list[float]] = {m: [] for m in methods}
+    for r in range(steps):
+        for method in methods[r % len(methods):] + methods[: r % len(methods)]:
+            start = time.perf_counter()
+            steps_of[method](x, y)
+            times[method].append(time.perf_counter() - start)
+    return {m: batch / statistics.median(t) for m, t in times.items()}
 
 
 def main(argv: list[str]) -> int:
@@ -202,17 +223,27 @@ def main(argv: list[str]) -> int:
     if args.one:
         print(json.dumps(run_one(args.one[0], args.one[1], args.steps, args.threads)))
         return 0
-    rows = []
+    # Memory first, each method in a fresh process started while this one is still small:
+    # Linux keeps a process' peak RSS across exec, so a child of a torch-loaded parent would
+    # start with the parent's peak.
+    memory: dict[tuple[str, str], dict] = {}
     for model_name in args.models:
-        results = {}
         for method in args.methods:
-            cmd = [sys.executable, __file__, "--one", model_name, method, "--steps", str(args.steps),
+            cmd = [sys.executable, __file__, "--one", model_name, method, "--steps", "3",
                    "--threads", str(args.threads)]
             out = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
             if out.returncode != 0:
-                results[method] = {"error": out.stderr.strip().splitlines()[-1] if out.stderr else "failed"}
+                memory[model_name, method] = {"error": out.stderr.strip().splitlines()[-1] if out.stderr else "failed"}
             else:
-                results[method] = json.loads(out.stdout.strip().splitlines()[-1])
+                memory[model_name, method] = json.loads(out.stdout.strip().splitlines()[-1])
+    rows = []
+    for model_name in args.models:
+        speed = time_interleaved(model_name, args.methods, args.steps, args.threads)
+        results = {}
+        for method in args.methods:
+            results[method] = dict(memory[model_name, method])
+            if "error" not in results[method]:
+                results[method]["samples_per_s"] = speed[method]
             print(model_name, method, results[method], flush=True)
         base = results.get("nonprivate", {})
         opacus_best = max((results[m]["samples_per_s"] for m in ("opacus-hooks", "opacus-ghost")
@@ -238,7 +269,7 @@ def main(argv: list[str]) -> int:
         with open(path, "a") as f:
             f.write(f"\n\n## Per-example clipping (issue 18), CPU, {args.threads} thread(s), "
                     f"{time.strftime('%Y-%m-%d')}\n\n`python benchmarks/per_sample.py --steps {args.steps} "
-                    f"--threads {args.threads}`\n\n{table}\n")
+                    f"--threads {args.threads}` (interleaved rounds)\n\n{table}\n")
     return 0
 
 
