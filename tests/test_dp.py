@@ -180,3 +180,11 @@ def test_accountant_bad_input():
         acc.epsilon(0.0)
     acc.step(0.0, 0.5)
     assert math.isinf(acc.epsilon(1e-5))
+
+
+def test_scheduled_bound_refused_under_dp():
+    model = nn.Linear(3, 2)
+    schedule = gradclip.schedules.CosineDecay(1.0, 100, 0.1)
+    ps = gct.PerSample(model, gradclip.GlobalNorm(schedule))
+    with pytest.raises(gradclip.InvalidArgumentError, match="schedule"):
+        gct.DPOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), ps, 1.0, 4)

@@ -100,6 +100,14 @@ class DPOptimizer:
             raise InvalidArgumentError(f"{where}: sample_rate must be in (0, 1] or None, got {sample_rate!r}")
         if secure_mode and generator is not None:
             raise InvalidArgumentError(f"{where}: secure_mode draws its own seed; do not pass a generator")
+        bound = getattr(per_sample.clipper, "max_norm", None)
+        if bound is not None and not isinstance(bound, (int, float)):
+            # The noise is σ times the bound of the step; a schedule would need the step's
+            # value at noise time, which PerSample does not expose.
+            raise InvalidArgumentError(
+                f"{where}: the clipper's max_norm is a schedule ({type(bound).__name__}); DP-SGD needs a fixed "
+                "bound C (or QuantileNorm, whose bound DPOptimizer tracks)"
+            )
         self.optimizer, self.per_sample = optimizer, per_sample
         self.expected_batch_size, self.sample_rate = expected_batch_size, sample_rate
         self.secure_mode, self.scaler, self.process_group = secure_mode, scaler, process_group
