@@ -8,6 +8,7 @@ from gradclip.clippers.agc import AGC
 from gradclip.clippers.autoclip import AutoClip
 from gradclip.clippers.chain import Chain, chain
 from gradclip.clippers.nonfinite import NonFinite
+from gradclip.clippers.none import NoClip
 from gradclip.clippers.norm import AverageNorm, BlockRMS, GlobalNorm, Norm, NormSign
 from gradclip.clippers.outliers import ZeroOutliers
 from gradclip.clippers.quantile import QuantileNorm
@@ -29,6 +30,7 @@ __all__ = [
     "BlockRMS",
     "Chain",
     "GlobalNorm",
+    "NoClip",
     "NonFinite",
     "Norm",
     "NormSign",
