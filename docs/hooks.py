@@ -1,8 +1,8 @@
-"""mkdocs hooks: pages taken from README.md, so the tour and the distributed guide are written once.
+"""mkdocs hooks: pages taken from README.md, so the tour and two guides are written once.
 
-``tour.md`` is README.md's "A tour" section and ``guides/distributed.md`` ends with README.md's
-"Distributed training" section, read when the site is built; README links into ``docs/`` are
-rewritten to work from the site.
+``tour.md`` is README.md's "A tour" section; ``guides/distributed.md`` and ``guides/private.md``
+end with README.md's "Distributed training" and "Private training" sections, read when the site
+is built. README links into ``docs/`` are rewritten to work from the site.
 """
 
 from __future__ import annotations
@@ -12,7 +12,11 @@ from pathlib import Path
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 #: page -> (README section heading, where it goes in the page's own text)
-SECTIONS = {"tour.md": "## A tour", "guides/distributed.md": "## Distributed training"}
+SECTIONS = {
+    "tour.md": "## A tour",
+    "guides/distributed.md": "## Distributed training",
+    "guides/private.md": "## Private training",
+}
 MARKER = "<!-- README section -->"
 
 
