@@ -14,7 +14,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 from gradclip._core.contract import NO_SIGNALS, Measured, Signals
 from gradclip._core.errors import InvalidArgumentError
@@ -22,7 +23,7 @@ from gradclip._core.ops import get_ops
 from gradclip._core.types import ClipInfo
 from gradclip.clippers import AdaGC, AutoClip, GlobalNorm, Norm, QuantileNorm, ZClip
 
-__all__ = ["clip_per_example", "clipped_grad", "check_per_example_clipper", "init_state"]
+__all__ = ["check_per_example_clipper", "clip_per_example", "clipped_grad", "init_state"]
 
 
 def check_per_example_clipper(where: str, clipper: Any) -> str:

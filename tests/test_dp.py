@@ -8,12 +8,12 @@ import pytest
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("opacus")
-from torch import nn  # noqa: E402
-from torch.utils.data import TensorDataset  # noqa: E402
+from torch import nn
+from torch.utils.data import TensorDataset
 
-import gradclip  # noqa: E402
-import gradclip.torch as gct  # noqa: E402
-from gradclip.torch.accounting import Accountant, noise_multiplier_for  # noqa: E402
+import gradclip
+import gradclip.torch as gct
+from gradclip.torch.accounting import Accountant, noise_multiplier_for
 
 
 def _setup(noise=0.0, batch=8, clipper=None, **kw):

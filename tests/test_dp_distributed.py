@@ -10,8 +10,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("opacus")
-import torch.distributed as dist  # noqa: E402
-import torch.multiprocessing as mp  # noqa: E402
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
 
 def _port() -> int:

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 
 torch = pytest.importorskip("torch")
-from torch import nn  # noqa: E402
+from torch import nn
 
-import gradclip  # noqa: E402
-import gradclip.torch as gct  # noqa: E402
-from tests._per_sample_models import SmallCNN, clipped_sum, per_example_grads  # noqa: E402
+import gradclip
+import gradclip.torch as gct
+from tests._per_sample_models import SmallCNN, clipped_sum, per_example_grads
 
 
 def _mlp() -> nn.Module:

@@ -7,11 +7,11 @@ import pytest
 
 jax = pytest.importorskip("jax")
 optax = pytest.importorskip("optax")
-import jax.numpy as jnp  # noqa: E402
+import jax.numpy as jnp
 
-import gradclip  # noqa: E402
-import gradclip.jax as gjax  # noqa: E402
-import gradclip.optax as gopt  # noqa: E402
+import gradclip
+import gradclip.jax as gjax
+import gradclip.optax as gopt
 
 
 def _grads(b=6, seed=0):

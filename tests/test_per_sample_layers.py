@@ -10,12 +10,17 @@ from __future__ import annotations
 import pytest
 
 torch = pytest.importorskip("torch")
-from torch import nn  # noqa: E402
-from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
+from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
-import gradclip  # noqa: E402
-import gradclip.torch as gct  # noqa: E402
-from tests._per_sample_models import SmallCNN, TinyTransformer, clipped_sum, per_example_grads  # noqa: E402
+import gradclip
+import gradclip.torch as gct
+from tests._per_sample_models import (
+    SmallCNN,
+    TinyTransformer,
+    clipped_sum,
+    per_example_grads,
+)
 
 MODES = ["auto", "bk", "ghost", "instantiate", "vmap"]
 C = 0.3
@@ -61,7 +66,7 @@ class MHA(nn.Module):
 
 def _cases():
     g = torch.Generator().manual_seed(0)
-    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)
     ids = torch.randint(0, 11, (5, 6), generator=g)
     ids[0, :2] = 3  # repeated ids and the padding id
     ids[1, 1:4] = 3
@@ -125,7 +130,7 @@ def test_tied_frozen_and_custom_parameters(mode):
     model = TinyTransformer(tied=True).double()
     model.ln1.weight.requires_grad_(False)  # frozen: skipped, never given a gradient
     ids = torch.randint(0, 23, (4, 5))
-    loss = lambda out, ids: out.pow(2).sum(-1)  # noqa: E731
+    loss = lambda out, ids: out.pow(2).sum(-1)
     with sdpa_kernel([SDPBackend.MATH]):
         ref = per_example_grads(model, loss, ids)
     norms, want = clipped_sum(ref, C)
@@ -165,7 +170,7 @@ def test_per_layer_norm_clipper(mode):
     model = SmallCNN().double()
     x = torch.randn(4, 1, 6, 6, dtype=torch.float64)
     y = torch.tensor([1, 2, 3, 4])
-    loss = lambda out, x, y: nn.functional.cross_entropy(out, y, reduction="none")  # noqa: E731
+    loss = lambda out, x, y: nn.functional.cross_entropy(out, y, reduction="none")
     ref = per_example_grads(model, loss, x, y)
     bound = 0.05
     ps = gct.PerSample(model, gradclip.Norm(bound), mode=mode)

@@ -13,15 +13,15 @@ import pytest
 
 torch = pytest.importorskip("torch")
 opacus = pytest.importorskip("opacus")
-from opacus import GradSampleModule  # noqa: E402
-from opacus.layers import DPMultiheadAttention  # noqa: E402
-from opacus.optimizers import DPOptimizer as OpacusDPOptimizer  # noqa: E402
-from torch import nn  # noqa: E402
-from torch.nn import functional as F  # noqa: E402
+from opacus import GradSampleModule
+from opacus.layers import DPMultiheadAttention
+from opacus.optimizers import DPOptimizer as OpacusDPOptimizer
+from torch import nn
+from torch.nn import functional as F
 
-import gradclip  # noqa: E402
-import gradclip.torch as gct  # noqa: E402
-from tests._per_sample_models import SmallCNN  # noqa: E402
+import gradclip
+import gradclip.torch as gct
+from tests._per_sample_models import SmallCNN
 
 
 class DPTransformer(nn.Module):

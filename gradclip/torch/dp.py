@@ -18,7 +18,8 @@ the *expected* batch size of Poisson sampling (dividing by the drawn size would 
 from __future__ import annotations
 
 import os
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Sampler

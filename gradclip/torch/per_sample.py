@@ -38,12 +38,16 @@ from gradclip._core.errors import InvalidArgumentError
 from gradclip._core.ops import get_ops
 from gradclip._core.types import ClipInfo
 from gradclip.clippers import AdaGC, AutoClip, GlobalNorm, Norm, QuantileNorm, ZClip
-from gradclip.torch.per_sample_func import batch_dim_of, func_contributions, owned_parameters
+from gradclip.torch.per_sample_func import (
+    batch_dim_of,
+    func_contributions,
+    owned_parameters,
+)
 from gradclip.torch.per_sample_ghost import ghost_norms
 from gradclip.torch.per_sample_hooks import Recorder, check_graph
 from gradclip.torch.per_sample_rules import Direct, contributions, refusal, rule_for
 
-__all__ = ["PerSample", "MODES"]
+__all__ = ["MODES", "PerSample"]
 
 MODES = ("auto", "bk", "ghost", "instantiate", "vmap")
 _NORM_HOW = {"bk": "auto", "auto": "auto", "ghost": "auto", "instantiate": "instantiate", "vmap": "auto"}
@@ -52,7 +56,7 @@ _NORM_HOW = {"bk": "auto", "auto": "auto", "ghost": "auto", "instantiate": "inst
 class _Unit:
     """A hooked module and the parameters its rule differentiates."""
 
-    __slots__ = ("name", "module", "rule", "params", "opaque")
+    __slots__ = ("module", "name", "opaque", "params", "rule")
 
     def __init__(self, name: str, module: nn.Module, rule: Any, params: list[tuple[str, torch.Tensor]]):
         self.name, self.module, self.rule, self.params = name, module, rule, params

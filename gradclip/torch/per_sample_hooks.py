@@ -28,7 +28,7 @@ __all__ = ["Call", "Recorder", "check_graph"]
 class Call:
     """One recorded call of a hooked module."""
 
-    __slots__ = ("unit", "args", "kwargs", "outputs", "input_nodes", "input_leaves")
+    __slots__ = ("args", "input_leaves", "input_nodes", "kwargs", "outputs", "unit")
 
     def __init__(self, unit: Any, args: tuple, kwargs: dict, outputs: list[torch.Tensor]):
         self.unit = unit

@@ -32,7 +32,7 @@ from torch import nn
 
 from gradclip._core.errors import InvalidArgumentError
 
-__all__ = ["Outer", "Rows", "Direct", "rule_for", "refusal", "contributions"]
+__all__ = ["Direct", "Outer", "Rows", "contributions", "refusal", "rule_for"]
 
 
 def _wide(x: torch.Tensor) -> torch.Tensor:
