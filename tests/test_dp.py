@@ -188,3 +188,14 @@ def test_scheduled_bound_refused_under_dp():
     ps = gct.PerSample(model, gradclip.GlobalNorm(schedule))
     with pytest.raises(gradclip.InvalidArgumentError, match="schedule"):
         gct.DPOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), ps, 1.0, 4)
+
+
+def test_poisson_sampler_secure_mode_and_bad_input():
+    sampler = gct.PoissonBatchSampler(100, 0.1, steps=5, secure_mode=True)
+    batches = list(sampler)
+    assert len(batches) == len(sampler) == 5
+    assert all(all(0 <= i < 100 for i in b) for b in batches)
+    with pytest.raises(gradclip.InvalidArgumentError, match="sample_rate"):
+        gct.PoissonBatchSampler(100, 0.0)
+    with pytest.raises(gradclip.InvalidArgumentError, match="num_samples"):
+        gct.PoissonBatchSampler(0, 0.1)

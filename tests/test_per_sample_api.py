@@ -188,3 +188,19 @@ def test_forward_before_per_sample_is_explained():
     with pytest.raises(gradclip.InvalidArgumentError, match="no module call was recorded"):
         ps.backward(losses)
     assert _grads(model) == [None] * 4
+
+
+def test_vmap_chunks_give_the_same_result():
+    torch.manual_seed(5)
+    model = SmallCNN().double()
+    x, y = torch.randn(5, 1, 6, 6, dtype=torch.float64), torch.tensor([0, 1, 2, 3, 4])
+    results = []
+    for chunk in (None, 2):  # 2 does not divide 5: the last chunk is short
+        model.zero_grad(set_to_none=True)
+        ps = gct.PerSample(model, gradclip.GlobalNorm(0.1), mode="vmap", chunk_size=chunk)
+        info = ps.backward(nn.functional.cross_entropy(model(x), y, reduction="none"))
+        results.append((info.norm, [p.grad.clone() for p in model.parameters()]))
+        ps.remove()
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-12, atol=1e-12)
+    for a, b in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
