@@ -219,9 +219,13 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--methods", nargs="*", default=METHODS, choices=METHODS)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--batch", type=int, help="batch size for every model (default: 32 transformer, 64 CNN)")
     parser.add_argument("--write", action="store_true", help="append the table to benchmarks/RESULTS.md")
     parser.add_argument("--one", nargs=2, metavar=("MODEL", "METHOD"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.batch:
+        for name in MODELS:
+            MODELS[name] = args.batch
     if args.one:
         print(json.dumps(run_one(args.one[0], args.one[1], args.steps, args.threads)))
         return 0
@@ -232,7 +236,7 @@ def main(argv: list[str]) -> int:
     for model_name in args.models:
         for method in args.methods:
             cmd = [sys.executable, __file__, "--one", model_name, method, "--steps", "3",
-                   "--threads", str(args.threads)]
+                   "--threads", str(args.threads), *(["--batch", str(args.batch)] if args.batch else [])]
             out = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
             if out.returncode != 0:
                 memory[model_name, method] = {"error": out.stderr.strip().splitlines()[-1] if out.stderr else "failed"}
