@@ -156,10 +156,18 @@ def run_pool(
         while remaining:
             while pending and len(workers) < jobs:
                 workers.append(_Worker(context, environment))
-            for worker in workers:
+            for worker in list(workers):
                 if worker.index is None and pending:
-                    worker.index = pending.popleft()
-                    worker.connection.send((worker.index, configs[worker.index]))
+                    index = pending.popleft()
+                    try:
+                        worker.connection.send((index, configs[index]))
+                    except (BrokenPipeError, EOFError, OSError):
+                        # The worker died between runs: the run goes back to the queue, untouched.
+                        pending.appendleft(index)
+                        worker.kill()
+                        workers.remove(worker)
+                        continue
+                    worker.index = index
             busy = [w for w in workers if w.index is not None]
             ready = wait([w.connection for w in busy] + [w.process.sentinel for w in busy], timeout=1.0)
             for worker in list(busy):
