@@ -117,7 +117,10 @@ class TorchVectorOps(Ops):
 
     def take(self, x, index):
         # Not x[index]: indexing with a 0-d integer tensor reads it on the host (.item() in
-        # C++). torch.take gathers on the device.
+        # C++). torch.take gathers on the device; inductor's decomposition of take specializes
+        # on the index value, so a traced call gathers with index_select instead.
+        if self.traced:
+            return torch.index_select(x, 0, index.reshape(-1)).reshape(index.shape)
         return torch.take(x, index)
 
     def cumsum(self, x):
