@@ -43,7 +43,7 @@ import torch
 from gradclip._core.clipper import Clipper
 from gradclip._core.errors import InvalidArgumentError
 from gradclip.backends.torch_groups import Assign, Assigner
-from gradclip.backends.torch_fsdp import _needs_whole_tensors
+from gradclip.backends.torch_fsdp import needs_whole_tensors
 
 __all__ = ["ZeroClip", "attach", "zero_optimizer_of"]
 
@@ -110,7 +110,7 @@ class ZeroClip:
                 "engine's data-parallel group itself. Leave process_group unset"
             )
         if stage < 3:
-            needs = _needs_whole_tensors(clipper)
+            needs = needs_whole_tensors(clipper)
             if needs is not None:
                 raise InvalidArgumentError(
                     f"{_WHERE}: {needs!r} works per tensor, but ZeRO stage {stage} holds one flat slice of "

@@ -34,7 +34,7 @@ from gradclip._core.contract import Coefficient
 from gradclip._core.errors import InvalidArgumentError
 from gradclip.backends.torch_groups import Assign, Assigner, group_label, local_assign
 
-__all__ = ["FSDPLayout", "fsdp_layout", "implied_group"]
+__all__ = ["FSDPLayout", "fsdp_layout", "implied_group", "needs_whole_tensors"]
 
 #: Coefficient kinds that need whole tensors (or rows): refused on flat slices.
 _PER_TENSOR = (Coefficient.PER_TENSOR, Coefficient.PER_UNIT)
@@ -109,7 +109,7 @@ class FSDPLayout(Assigner):
         """
         if not self.has_flat:
             return
-        needs = _needs_whole_tensors(clipper)
+        needs = needs_whole_tensors(clipper)
         if needs is None:
             return
         for a in self.assign(grads, where):
@@ -124,17 +124,17 @@ class FSDPLayout(Assigner):
                 )
 
 
-def _needs_whole_tensors(clipper: Any) -> Any:
+def needs_whole_tensors(clipper: Any) -> Any:
     """The first clipper (itself or a child) deciding per tensor or per unit, else None."""
     if getattr(clipper, "coefficient", None) in _PER_TENSOR or getattr(clipper, "per_tensor_state", False):
         children = list(clipper.children()) if hasattr(clipper, "children") else []
         for child in children:
-            found = _needs_whole_tensors(child)
+            found = needs_whole_tensors(child)
             if found is not None:
                 return found
         return clipper
     for child in clipper.children() if hasattr(clipper, "children") else ():
-        found = _needs_whole_tensors(child)
+        found = needs_whole_tensors(child)
         if found is not None:
             return found
     return None

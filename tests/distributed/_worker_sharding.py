@@ -23,6 +23,7 @@ from _worker import Checks, same_on_every_rank
 
 warnings.filterwarnings("ignore")
 STEPS = 3
+SCALE_COUNTS = (2_000, 20_000)
 
 
 def fsdp_model(seed: int = 0) -> nn.Module:
@@ -469,9 +470,11 @@ def scenario_deepspeed(checks: Checks, rank: int, world: int) -> None:
         return engine
 
     cases = [
+        # Each engine costs seconds on CPU: every stage once unclipped, clipping on 1 and 3,
+        # an adaptive clipper on 2 (the stages differ in their partitions, not in the clippers).
         ("global_norm.noclip", lambda: gradclip.GlobalNorm(1e9), (1, 2, 3)),
-        ("global_norm", lambda: gradclip.GlobalNorm(0.5), (1, 2, 3)),
-        ("zclip", lambda: gradclip.get("zclip", warmup_steps=2), (1, 2, 3)),
+        ("global_norm", lambda: gradclip.GlobalNorm(0.5), (1, 3)),
+        ("zclip", lambda: gradclip.get("zclip", warmup_steps=2), (2,)),
         ("norm", lambda: gradclip.Norm(0.3), (3,)),
         ("adagc", lambda: gradclip.get("adagc", start_clip_steps=1, warmup_max_norm=0.5), (3,)),
     ]
@@ -569,6 +572,202 @@ def scenario_hf_deepspeed(checks: Checks, rank: int, world: int) -> None:
     trainer.model_wrapped.destroy()
 
 
+def _import_megatron():
+    """megatron.core, with a stand-in for triton when it is absent: one MoE module imports it for
+    GPU kernels that CPU runs never call (requirements/megatron.txt)."""
+    import importlib.util
+    import types
+
+    if importlib.util.find_spec("megatron") is None:
+        return None
+    if importlib.util.find_spec("triton") is None:
+        # Stand in for the one module that imports triton (GPU paging kernels for MoE), not for
+        # triton itself: torch probes for a real triton package.
+        ops = types.ModuleType("megatron.core.transformer.moe.ops.paged_stash")
+        ops.GLOBAL_BLOCK_SIZE = 1
+
+        def _gpu_only(*args, **kwargs):
+            raise RuntimeError("paged stash kernels need triton and a GPU")
+
+        ops.paged_stash_copy_kernel = ops.paged_stash_pop_kernel = _gpu_only
+        sys.modules[ops.__name__] = ops
+    import megatron.core  # noqa: F401
+
+    return megatron.core
+
+
+def scenario_megatron(checks: Checks, rank: int, world: int) -> None:
+    """Real Megatron-core TP=2 on CPU (gloo): ColumnParallelLinear -> RowParallelLinear (bias
+    replicated) -> LayerNorm (replicated). The adapter's norm equals Megatron's filtered sum of
+    squares (its own param_is_not_tensor_parallel_duplicate / param_is_not_shared) all-reduced over
+    the model-parallel group, and the norm of the whole tensors (shards gathered, replicas once)."""
+    if world != 2 or _import_megatron() is None:
+        return
+    from megatron.core import ModelParallelConfig, parallel_state
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+    from megatron.core.tensor_parallel.layers import param_is_not_tensor_parallel_duplicate
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+    from megatron.core.transformer.module import param_is_not_shared
+
+    from gradclip.megatron import reduction_spec
+
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=2)
+    del model_parallel_cuda_manual_seed
+    config = ModelParallelConfig(tensor_model_parallel_size=2, use_cpu_initialization=True, gradient_accumulation_fusion=False)
+    torch.manual_seed(0)
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            init = torch.nn.init.normal_
+            self.fc1 = ColumnParallelLinear(8, 16, config=config, init_method=init, bias=True, gather_output=False)
+            self.fc2 = RowParallelLinear(16, 8, config=config, init_method=init, bias=True, input_is_parallel=True, skip_bias_add=False)
+            self.ln = nn.LayerNorm(8)
+
+        def forward(self, x):
+            h, _ = self.fc1(x)
+            out, _ = self.fc2(torch.tanh(h))
+            return self.ln(out)
+
+    block = Block()
+    tp = parallel_state.get_tensor_model_parallel_group()
+    mp = parallel_state.get_model_parallel_group()
+    for step in range(STEPS):
+        g = torch.Generator().manual_seed(700 + step)
+        x, y = torch.randn(4, 8, generator=g), torch.randn(4, 8, generator=g) * (20.0 if step == 1 else 1.0)
+        block.zero_grad(set_to_none=True)
+        torch.nn.functional.mse_loss(block(x), y).backward()
+        named = [(n, p) for n, p in block.named_parameters() if p.grad is not None]
+        squares = torch.zeros((), dtype=torch.float64)
+        for _, p in named:
+            if param_is_not_tensor_parallel_duplicate(p) and param_is_not_shared(p):
+                squares += p.grad.double().pow(2).sum()
+        dist.all_reduce(squares, group=mp)
+        whole = torch.zeros((), dtype=torch.float64)
+        for _, p in named:
+            if getattr(p, "tensor_model_parallel", False):
+                pieces = [torch.empty_like(p.grad) for _ in range(2)]
+                dist.all_gather(pieces, p.grad.contiguous(), group=tp)
+                whole += torch.cat(pieces, dim=p.partition_dim).double().pow(2).sum()
+            else:
+                whole += p.grad.double().pow(2).sum()
+        spec = reduction_spec(block)  # groups from Megatron's parallel_state
+        info = gradclip.GlobalNorm(1e9, process_group=spec).clip_(named)
+        checks.close("megatron_core/norm_equals_filtered_sum_of_squares", info.norm, squares.sqrt(), rtol=1e-6)
+        checks.close("megatron_core/norm_equals_whole_tensors", info.norm, whole.sqrt(), rtol=1e-6)
+        naive = gradclip.GlobalNorm(1e9, process_group=mp).clip_(named)
+        checks.ok("megatron_core/plain_process_group_overcounts", float(naive.norm) > float(info.norm) * 1.001, f"{float(naive.norm)} vs {float(info.norm)}")
+    attrs = {n: (getattr(p, "tensor_model_parallel", False), getattr(p, "allreduce", None)) for n, p in block.named_parameters()}
+    checks.ok("megatron_core/attributes_as_documented", attrs["fc1.weight"][0] and attrs["fc2.weight"][0] and not attrs["fc2.bias"][0], f"{attrs}")
+    parallel_state.destroy_model_parallel()
+
+
+class _Counter:
+    """Counts aten operations (TorchDispatchMode) and collectives (dist.all_reduce calls, and
+    functional collectives among the operations) during a call: cost measured without timing."""
+
+    def __init__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        counter = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                counter.ops += 1
+                if "c10d" in str(func):
+                    counter.collectives += 1
+                return func(*args, **(kwargs or {}))
+
+        self.mode = Mode()
+        self.ops = self.collectives = 0
+
+    def __enter__(self):
+        self._all_reduce = dist.all_reduce
+
+        def counted(*args, **kwargs):
+            self.collectives += 1
+            return self._all_reduce(*args, **kwargs)
+
+        dist.all_reduce = counted
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.mode.__exit__(*exc)
+        dist.all_reduce = self._all_reduce
+
+
+def scenario_scale(checks: Checks, rank: int, world: int) -> None:
+    """20,000 DTensor gradients (Shard(0) on a 1-D mesh), clipped in place: gradclip's aten
+    operations grow at most linearly with the count and its collectives not at all (counted, not
+    timed). torch's DTensor clip_grad_norm_ runs side by side on 300 (equal norms and clipped
+    gradients); its cost grows faster than linearly (benchmarks/bench_many_tensors.py times both),
+    so the test does not run it on thousands."""
+    if world != 2:
+        return
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Shard
+
+    mesh = init_device_mesh("cpu", (world,))
+
+    def params_of(n):
+        g = torch.Generator().manual_seed(rank)
+        out = []
+        for t in torch.randn(n, 2, 3, generator=g).unbind(0):
+            p = nn.Parameter(DTensor.from_local(torch.zeros(2, 3), mesh, [Shard(0)], run_check=False))
+            p.grad = DTensor.from_local(t.clone(), mesh, [Shard(0)], run_check=False)
+            out.append(p)
+        return out
+
+    counts = {}
+    for n in SCALE_COUNTS:
+        ours = params_of(n)
+        with _Counter() as c:
+            info = gradclip.GlobalNorm(1e-3).clip_(ours)
+        counts[n] = (c.ops, c.collectives)
+    # torch side by side on 300 tensors (its cost grows faster than linearly: 2,000 take it
+    # about 40 s on one CPU core, 20,000 far longer), gradclip on the same 300.
+    ours, theirs = params_of(300), params_of(300)
+    info = gradclip.GlobalNorm(1e-3).clip_(ours)
+    total = torch.nn.utils.clip_grad_norm_(theirs, 1e-3, foreach=True)
+    total = total.full_tensor() if isinstance(total, DTensor) else total
+    checks.close("scale/dtensor.norm_equals_torch", info.norm, total, rtol=1e-5)
+    for a, b in list(zip(ours, theirs))[::3]:
+        checks.close("scale/dtensor.grads_equal_torch", a.grad.to_local(), b.grad.to_local(), rtol=1e-5, atol=1e-9)
+    (small, small_c), (large, large_c) = counts[SCALE_COUNTS[0]], counts[SCALE_COUNTS[1]]
+    ratio = SCALE_COUNTS[1] / SCALE_COUNTS[0]
+    detail = f"operations {small} -> {large}, collectives {small_c} -> {large_c} for {SCALE_COUNTS}"
+    checks.ok("scale/dtensor.ops_at_most_linear", large <= ratio * small + 50, detail)
+    checks.ok("scale/dtensor.collectives_independent_of_count", large_c == small_c <= 2, detail)
+
+
+def scenario_offload(checks: Checks, rank: int, world: int) -> None:
+    """CPU-resident partial sums under gloo: the reduction keeps them on CPU (gloo reduces CPU
+    tensors) and hand-made CPU DTensor gradients, as CPU offload leaves them, equal one process.
+    FSDP2's CPUOffloadPolicy itself needs an accelerator in this torch; the NCCL case, where the
+    sums travel to the GPU and back, is tests/distributed/test_cuda_offload.py."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import distribute_tensor, Shard
+
+    from gradclip.backends.torch_dtensor import _on_group_device
+
+    moved = _on_group_device(torch.ones(2), dist.group.WORLD)
+    checks.ok("offload/gloo_keeps_cpu_sums_on_cpu", moved.device.type == "cpu", str(moved.device))
+    mesh = init_device_mesh("cpu", (world,))
+    for step in range(STEPS):
+        ref = reference_grads(step, world)
+        grads = [distribute_tensor(g, mesh, [Shard(0)], src_data_rank=None) for g in ref]
+        info = gradclip.GlobalNorm(0.5).clip_([_with_grad(g) for g in grads])
+        whole = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in ref]))
+        checks.close("offload/cpu_dtensor_norm_equals_one_process", info.norm, whole, rtol=1e-5)
+        checks.ok("offload/norm_stays_on_cpu", info.norm.device.type == "cpu", str(info.norm.device))
+
+
+def _with_grad(grad):
+    """An object holding ``grad`` as a parameter does (clip_ clips it in place)."""
+    return type("Holder", (), {"grad": grad})()
+
+
 def scenario_sharding(checks: Checks, rank: int, world: int) -> None:
     """Everything this file checks, in one launch per world size."""
     scenario_groups(checks, rank, world)
@@ -577,12 +776,18 @@ def scenario_sharding(checks: Checks, rank: int, world: int) -> None:
         scenario_lightning(checks, rank, world)
         scenario_deepspeed(checks, rank, world)
         scenario_hf_deepspeed(checks, rank, world)
+        scenario_megatron(checks, rank, world)
+        scenario_scale(checks, rank, world)
+    scenario_offload(checks, rank, world)
 
 
 _worker.SCENARIOS["sharding"] = scenario_sharding
 _worker.SCENARIOS["lightning"] = scenario_lightning
 _worker.SCENARIOS["deepspeed"] = scenario_deepspeed
 _worker.SCENARIOS["hf_deepspeed"] = scenario_hf_deepspeed
+_worker.SCENARIOS["megatron"] = scenario_megatron
+_worker.SCENARIOS["scale"] = scenario_scale
+_worker.SCENARIOS["offload"] = scenario_offload
 
 if __name__ == "__main__":
     sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))

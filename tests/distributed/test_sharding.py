@@ -19,6 +19,14 @@ pytestmark = pytest.mark.filterwarnings("ignore")
 WORKER = Path(__file__).with_name("_worker_sharding.py")
 
 
+def _needs(module: str, reason: str) -> None:
+    """Skip unless ``module`` is installed, without importing it here (the workers import it)."""
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        pytest.skip(reason)
+
+
 def _launch(world: int, tmp_path_factory) -> Run:
     torch = pytest.importorskip("torch")
     if not (torch.distributed.is_available() and torch.distributed.is_gloo_available()):
@@ -136,7 +144,7 @@ def test_reduction_spec_bad_input(sharding, case):
 def test_lightning_callback_under_fsdp1_strategy(sharding2, orig):
     """Trainer.fit with Lightning's FSDP1 strategy (2 gloo processes): GradClipCallback finds the
     FSDP1 layout itself and its norm equals FSDP1's clip_grad_norm_ at every step."""
-    pytest.importorskip("lightning", reason="lightning is not installed")
+    _needs("lightning", "lightning is not installed")
     tag = f"lightning/fsdp1.orig{orig}"
     sharding2.assert_ok(f"{tag}.ran_three_steps")
     sharding2.assert_ok(f"{tag}.norm_equals_fsdp_clip_grad_norm", minimum=3)
@@ -154,14 +162,16 @@ def test_fsdp1_original_parameters_need_their_module(sharding, strategy):
 
 
 # -- DeepSpeed ZeRO -------------------------------------------------------------------------------------
-@pytest.mark.parametrize("stage", [1, 2, 3])
-@pytest.mark.parametrize("clipper", ["global_norm.noclip", "global_norm", "zclip"])
+@pytest.mark.parametrize(
+    "stage, clipper",
+    [(1, "global_norm.noclip"), (2, "global_norm.noclip"), (3, "global_norm.noclip"), (1, "global_norm"), (3, "global_norm"), (2, "zclip")],
+)
 def test_deepspeed_zero_equals_one_process_and_engine_norm(sharding2, stage, clipper):
     """gradclip.deepspeed.attach on a real engine (CPU, gloo, client AdamW, 4 steps, one a
     spike): norms and coefficients equal one process training the whole model with the same
     clipper; the engine's get_global_grad_norm() is the clipped norm (the full norm when
     nothing is clipped); the engine's own clip is off while attached."""
-    pytest.importorskip("deepspeed", reason="deepspeed is not installed (requirements/dev.txt)")
+    _needs("deepspeed", "deepspeed is not installed (requirements/dev.txt)")
     tag = f"deepspeed/zero{stage}.{clipper}"
     sharding2.assert_ok(f"{tag}.norm_equals_one_process", minimum=4)
     sharding2.assert_ok(f"{tag}.coef_equals_one_process", minimum=4)
@@ -173,7 +183,7 @@ def test_deepspeed_zero_equals_one_process_and_engine_norm(sharding2, stage, cli
 @pytest.mark.parametrize("clipper", ["norm", "adagc"])
 def test_deepspeed_zero3_per_tensor_methods(sharding2, clipper):
     """ZeRO-3 holds one shard per parameter: per-tensor methods see whole parameters' norms."""
-    pytest.importorskip("deepspeed", reason="deepspeed is not installed (requirements/dev.txt)")
+    _needs("deepspeed", "deepspeed is not installed (requirements/dev.txt)")
     sharding2.assert_ok(f"deepspeed/zero3.{clipper}.norm_equals_one_process", minimum=4)
     sharding2.assert_ok(f"deepspeed/zero3.{clipper}.coef_equals_one_process", minimum=4)
 
@@ -182,7 +192,7 @@ def test_deepspeed_zero3_per_tensor_methods(sharding2, clipper):
 def test_deepspeed_unsupported_refused(sharding2, case):
     """Per-tensor/unit-wise methods on ZeRO-1/2 flat slices, and an engine without ZeRO: a clear
     error naming the stage; the engine is left as it was."""
-    pytest.importorskip("deepspeed", reason="deepspeed is not installed (requirements/dev.txt)")
+    _needs("deepspeed", "deepspeed is not installed (requirements/dev.txt)")
     sharding2.assert_ok(f"deepspeed/refused.{case}")
     sharding2.assert_ok(f"deepspeed/refused.{case}.engine_untouched")
 
@@ -191,7 +201,39 @@ def test_transformers_callback_under_deepspeed(sharding2):
     """Trainer(deepspeed=ZeRO-2 config) on 2 CPU processes: GradClipCallback attaches at the
     engine's clip point by itself, logs the same pre-clip norms on every rank, and the engine's
     own norm is the clipped one."""
-    pytest.importorskip("deepspeed", reason="deepspeed is not installed (requirements/dev.txt)")
-    pytest.importorskip("transformers", reason="transformers is not installed")
+    _needs("deepspeed", "deepspeed is not installed (requirements/dev.txt)")
+    _needs("transformers", "transformers is not installed")
     for name in ("attached", "three_steps_logged", "same_on_every_rank", "clipped", "engine_norm_is_clipped_norm"):
         sharding2.assert_ok(f"hf_deepspeed/{name}")
+
+
+# -- Megatron-core ----------------------------------------------------------------------------------
+def test_megatron_core_tp2_equals_its_filtered_norm(sharding2):
+    """Real ColumnParallelLinear/RowParallelLinear (TP=2, CPU, gloo): the adapter (groups from
+    Megatron's parallel_state) equals Megatron's own filtered sum of squares over the
+    model-parallel group and the whole tensors' norm; plain process_group= over-counts."""
+    _needs("megatron", "megatron-core is not installed (requirements/megatron.txt)")
+    sharding2.assert_ok("megatron_core/norm_equals_filtered_sum_of_squares", minimum=3)
+    sharding2.assert_ok("megatron_core/norm_equals_whole_tensors", minimum=3)
+    sharding2.assert_ok("megatron_core/plain_process_group_overcounts", minimum=3)
+    sharding2.assert_ok("megatron_core/attributes_as_documented")
+
+
+# -- scale ------------------------------------------------------------------------------------------------
+def test_20000_dtensor_gradients_linear_cost(sharding2):
+    """2,000 and 20,000 DTensor gradients clipped in place on 2 processes: aten operations at
+    most linear in the count, collectives constant (counted, not timed); equal to torch's DTensor
+    clip_grad_norm_ side by side (on 300: torch's own cost grows faster than linearly)."""
+    sharding2.assert_ok("scale/dtensor.ops_at_most_linear")
+    sharding2.assert_ok("scale/dtensor.collectives_independent_of_count")
+    sharding2.assert_ok("scale/dtensor.norm_equals_torch")
+    sharding2.assert_ok("scale/dtensor.grads_equal_torch", minimum=100)
+
+
+# -- CPU-resident partial sums ------------------------------------------------------------------------
+def test_cpu_partial_sums_under_gloo(sharding):
+    """CPU DTensor gradients (as CPU offload leaves them): reduced on CPU by gloo, equal to one
+    process; the NCCL case (sums moved to the GPU and back) is test_cuda_offload.py."""
+    sharding.assert_ok("offload/gloo_keeps_cpu_sums_on_cpu")
+    sharding.assert_ok("offload/cpu_dtensor_norm_equals_one_process", minimum=3)
+    sharding.assert_ok("offload/norm_stays_on_cpu", minimum=3)

@@ -1,0 +1,112 @@
+"""Tens of thousands of gradients: gradclip's global-norm clip against torch's, side by side.
+
+Two rows, each measured in one run (ratios, not absolute numbers, are the result):
+
+* ``plain``: N plain CPU tensors in one process, gradclip ``GlobalNorm.clip_`` against
+  ``torch.nn.utils.clip_grad_norm_(foreach=True)``.
+* ``dtensor``: N DTensor gradients (``Shard(0)`` on a 1-D mesh) in 2 gloo processes, gradclip
+  against torch's DTensor ``clip_grad_norm_``, whose cost grows faster than linearly (a
+  high-priority pytorch issue): it is timed up to ``--torch-max`` tensors only.
+
+Usage::
+
+    python benchmarks/bench_many_tensors.py                 # N = 2,000 and 20,000
+    python benchmarks/bench_many_tensors.py --counts 500 5000 --torch-max 2000
+
+The regression tests count operations instead of timing (tests/test_many_tensors.py,
+tests/distributed/test_sharding.py::test_20000_dtensor_gradients_linear_cost).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import gradclip
+
+
+def _plain(n: int):
+    params = []
+    for i in range(n):
+        p = torch.nn.Parameter(torch.zeros(4, 3))
+        p.grad = torch.randn(4, 3)
+        params.append(p)
+    return params
+
+
+def _best(fn, repeat: int = 3) -> float:
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def plain_row(n: int) -> tuple[float, float]:
+    ours, theirs = _plain(n), _plain(n)
+    clipper = gradclip.GlobalNorm(1e9)
+    return (
+        _best(lambda: clipper.clip_(ours, allow_repeat=True)),
+        _best(lambda: torch.nn.utils.clip_grad_norm_(theirs, 1e9, foreach=True)),
+    )
+
+
+def _dtensor_rank(rank: int, store: str, counts: list[int], torch_max: int, out: str) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Shard
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", store=dist.FileStore(store, 2), rank=rank, world_size=2)
+    mesh = init_device_mesh("cpu", (2,))
+    rows = []
+    for n in counts:
+        params = []
+        for _ in range(n):
+            p = torch.nn.Parameter(DTensor.from_local(torch.zeros(2, 3), mesh, [Shard(0)], run_check=False))
+            p.grad = DTensor.from_local(torch.randn(2, 3), mesh, [Shard(0)], run_check=False)
+            params.append(p)
+        clipper = gradclip.GlobalNorm(1e9)
+        ours = _best(lambda: clipper.clip_(params, allow_repeat=True), repeat=2)
+        theirs = _best(lambda: torch.nn.utils.clip_grad_norm_(params, 1e9, foreach=True), repeat=1) if n <= torch_max else float("nan")
+        rows.append((n, ours, theirs))
+    if rank == 0:
+        with open(out, "w") as handle:
+            handle.write(repr(rows))
+    dist.destroy_process_group()
+
+
+def dtensor_rows(counts: list[int], torch_max: int) -> list[tuple[int, float, float]]:
+    with tempfile.TemporaryDirectory() as directory:
+        store, out = os.path.join(directory, "store"), os.path.join(directory, "rows")
+        mp.spawn(_dtensor_rank, args=(store, counts, torch_max, out), nprocs=2)
+        with open(out) as handle:
+            return eval(handle.read())  # noqa: S307 - our own repr of numbers
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--counts", type=int, nargs="+", default=[2_000, 20_000])
+    parser.add_argument("--torch-max", type=int, default=2_000, help="largest N timed for torch's DTensor clip")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    print("| setup | tensors | gradclip (ms) | torch (ms) | torch / gradclip |")
+    print("|---|---|---|---|---|")
+    for n in args.counts:
+        ours, theirs = plain_row(n)
+        print(f"| plain, 1 process | {n} | {ours * 1e3:.1f} | {theirs * 1e3:.1f} | {theirs / ours:.2f} |")
+    for n, ours, theirs in dtensor_rows(args.counts, args.torch_max):
+        shown = "not run" if theirs != theirs else f"{theirs * 1e3:.1f}"
+        ratio = "" if theirs != theirs else f"{theirs / ours:.2f}"
+        print(f"| DTensor Shard(0), 2 gloo processes | {n} | {ours * 1e3:.1f} | {shown} | {ratio} |")
+
+
+if __name__ == "__main__":
+    main()
