@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import sys
 import weakref
+from itertools import repeat
 from collections.abc import Sequence
 from typing import Any
 
@@ -184,19 +185,21 @@ def implied_group(
         return group
     if group is not None or "torch.distributed.fsdp" not in sys.modules:
         return group
+    # FSDP1 marks its flat parameters and, with use_orig_params=True, the original ones with
+    # "_fsdp_flattened". No mark (the common case, one C-level pass; Lightning and accelerate
+    # import FSDP even when unused): not FSDP1, and the module is not walked.
+    if not any(map(getattr, params, repeat("_fsdp_flattened"), repeat(False))):
+        return None
     layout = fsdp_layout(target)
     if layout is None:
         from torch.distributed.fsdp._flat_param import FlatParameter
 
-        # FlatParameter's metaclass answers isinstance from the _is_flat_param flag.
-        # FSDP1 marks flat parameters and, with use_orig_params=True, the original parameters
-        # (1-D views of a shard, not DTensors): given without their module, their shard group is
-        # unknown and a local norm would be silently wrong.
+        # Marked parameters without their module: their shard group is unknown and a local norm
+        # would be silently wrong. (DTensor parameters marked by FSDP1 x TP carry their mesh.)
         for name, p in zip(names or [None] * len(params), params):
-            if getattr(p, "_is_flat_param", False) or type(p) is FlatParameter or (
-                getattr(p, "_fsdp_flattened", False) and type(p.data) is torch.Tensor and not hasattr(p, "device_mesh")
-            ):
-                kind = "FlatParameter" if getattr(p, "_is_flat_param", False) else "use_orig_params=True parameter"
+            flat = getattr(p, "_is_flat_param", False) or type(p) is FlatParameter
+            if flat or (getattr(p, "_fsdp_flattened", False) and type(p.data) is torch.Tensor):
+                kind = "FlatParameter" if flat else "use_orig_params=True parameter"
                 raise InvalidArgumentError(
                     f"{where}: {name or 'a parameter'} is an FSDP1 {kind} given without its "
                     "FullyShardedDataParallel module, so its shard group is unknown; call "
