@@ -29,6 +29,16 @@ How each layout is reduced (``s`` is a tensor's local sum of ``|g|**p`` in fp32/
   DTensor instead.
 * **Mixed lists**: DTensors are reduced on their meshes, plain tensors as above; the global norm
   adds the two parts.
+* **FSDP1** (``FullyShardedDataParallel``): found from the module by ``clip_(model)``; each flat
+  parameter's slice is summed over its unit's shard group (HSDP: the shard group only), and
+  ``use_orig_params=True`` views get whole-tensor per-tensor norms (:mod:`gradclip.torch.fsdp`).
+* **Per-parameter groups** (a :class:`~gradclip.torch.reduction.ReductionSpec` as
+  ``process_group=``): each plain tensor is sharded over its group (its per-tensor statistics
+  summed there), replicated or tied (counted once), or an expert tensor (summed over the expert
+  group); :mod:`gradclip.megatron` builds one from Megatron-core's attributes, and
+  :mod:`gradclip.deepspeed` clips ZeRO partitions with the same machinery.
+* **CPU-resident partial sums** (CPU offload) travel to the group's accelerator for the
+  collective and back (NCCL reduces device tensors only); gloo reduces them on CPU.
 
 The global norm returned (``info.norm``, ``clip_grad_norm_``) is a plain tensor, fully reduced and
 identical on every rank, so the coefficients and every adaptive clipper's statistics and
