@@ -433,7 +433,7 @@ def check_rules(name: str, clipper, before, inputs, outputs, info, case: Case) -
         _norm_sign_rule(clipper, inputs, outputs, case)
     elif name == "subset":
         _subset_rule(clipper, before, inputs, outputs, case)
-    elif name in ("skip_on_spike", "non_finite"):
+    elif name in ("skip_on_spike", "skip_above", "non_finite"):
         assert _unchanged(inputs, outputs, case), f"{name}: finite gradients changed"  # they flag or count
     # value and zero_outliers: element-wise rules, checked on every step in check_step.
 
@@ -481,7 +481,7 @@ def check_step(name: str, clipper, before, subject: Subject, outputs, info) -> N
         return  # no bound is promised: the step is non-finite (handled by the policy above)
     if all_finite:
         assert info["finite"], "finite, in-range gradients reported non-finite"
-        if name != "skip_on_spike":
+        if name not in ("skip_on_spike", "skip_above"):  # they skip finite steps by design
             assert not info["skip"], f"{name}: a finite step was skipped"
     if not info["skip"]:
         check_rules(name, clipper, before, effective, outputs, info, case)

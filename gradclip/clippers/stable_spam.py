@@ -51,6 +51,7 @@ from gradclip._core.clipper import Clipper, make_info
 from gradclip._core.contract import NO_SIGNALS, Coefficient, Decision, Measured
 from gradclip._core.errors import StateError
 from gradclip._core.measure import check_policy
+from gradclip._core.ops import largest_finite
 from gradclip._core.registry import register
 from gradclip._core.validation import check_choice, check_number
 from gradclip.clippers._adaptive import accumulation, as_f32, check_field, skip_flag
@@ -169,7 +170,10 @@ class AdaClip(Clipper):
         peak, debias = _debiased(ops, state.peak, state.debias, largest, 1.0 - self.theta, ok)
         bound = ops.where(debias > 0, peak, inf)  # m̂, fp32 (none before the first update)
         clip_each = ok & (largest > bound)
-        threshold = ops.cast(_max(ops, bound) if len(grads) else inf, accumulation(norm))
+        # The largest bound, over every process's tensors: an inf-norm is a MAX reduction there
+        # (a rank without gradients takes part, with nothing).
+        reduce = len(grads) > 0 or ops.distributed
+        threshold = ops.cast(ops.combine_norms(bound, math.inf) if reduce else inf, accumulation(norm))
         clipped = ops.any(clip_each) if len(grads) else ops.scalar(False, "bool")
         skip = skip_flag(ops, finite, self.nonfinite)
         one_acc = ops.scalar(1.0, accumulation(norm))
@@ -200,11 +204,6 @@ class AdaClip(Clipper):
         _check_ema_pair(where, state, "peak", "debias", (len(peak),))
 
 
-def _max(ops, vector):
-    """The largest entry of a non-empty fp32 vector (a sort's last: Ops has no max reduction)."""
-    return ops.sort(vector)[-1]
-
-
 class AdaGNState(NamedTuple):
     """Bias-corrected EMAs of the norm and the squared norm (per tensor, or of the global
     norm), and their bias corrections."""
@@ -229,7 +228,8 @@ class AdaGN(Clipper):
         nonfinite: Non-finite policy; under ``"propagate"`` a tensor (``scope="global"``: a
             step) with NaN/inf is left as it is and the statistics unchanged.
 
-    A zero norm enters the statistics (as in the reference) and is left as it is.
+    A zero norm enters the statistics (as in the reference) and is left as it is, as is a norm
+    too small for its scale to be represented (a denormal one).
     ``info.threshold`` is the global norm the gradients are scaled to; ``info.coef`` the
     effective scale; ``info.clipped`` whether any tensor was rescaled (up or down).
 
@@ -293,7 +293,10 @@ class AdaGN(Clipper):
             divisor = ops.where(square > 0, divisor, ops.scalar(1.0, f32))
         target = ops.cast(mean / divisor, acc)
         one_acc = ops.scalar(1.0, acc)
-        scaled = ok & (x > 0)
+        # Scaled where target/‖g‖ is finite: a denormal norm would make it inf (and the
+        # elements inf); it is left as it is. (Compared without forming the quotient: NumPy
+        # warns on an overflowing division.)
+        scaled = ok & (x > 0) & (x > target * (1.0 / largest_finite(acc)))
         # The norm's own dtype divides (fp64 gradients keep fp64 coefficients); 1 elsewhere.
         coef = ops.where(scaled, target / ops.where(scaled, x, one_acc), one_acc)
         if per_tensor:
