@@ -204,3 +204,15 @@ def test_vmap_chunks_give_the_same_result():
     torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-12, atol=1e-12)
     for a, b in zip(results[0][1], results[1][1]):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_an_evaluation_forward_with_gradients_enabled_is_ignored():
+    model = _mlp().double()
+    x = torch.randn(5, 4, dtype=torch.float64)
+    ref = per_example_grads(model, lambda out, x: out.pow(2).sum(1), x)
+    _, want = clipped_sum(ref, 0.5)
+    ps = gct.PerSample(model, gradclip.GlobalNorm(0.5))
+    model(torch.randn(9, 4, dtype=torch.float64))  # validation without no_grad, another batch size
+    ps.backward(model(x).pow(2).sum(1))
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, want[name])

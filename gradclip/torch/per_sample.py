@@ -238,6 +238,17 @@ class PerSample:
             return ClipInfo(empty, self._threshold(losses.device), empty, empty.bool(), empty.bool(), torch.tensor(False))
         if losses.grad_fn is None:
             raise InvalidArgumentError(f"{where}: per_example_losses does not require grad; gradients are unchanged")
+        missing = InvalidArgumentError(
+            f"{where}: no module call was recorded for these losses: run the forward pass after creating "
+            "PerSample, with gradients enabled, between backward calls; gradients are unchanged"
+        )
+        if not calls:
+            raise missing
+        if self.check_graph:
+            # Also drops calls of another forward (an evaluation run with gradients enabled).
+            calls = check_graph(losses, calls, self._tracked)
+        if not calls:
+            raise missing
         for call in calls:
             dim = batch_dim_of(call.unit.module)
             first = call.args[0] if call.args and isinstance(call.args[0], torch.Tensor) else None
@@ -247,13 +258,6 @@ class PerSample:
                     f"input of shape {tuple(first.shape)} (examples along dim {dim}); pass one loss per example "
                     "(reduction='none'); gradients are unchanged"
                 )
-        if not calls:
-            raise InvalidArgumentError(
-                f"{where}: no module call was recorded for these losses: run the forward pass after creating "
-                "PerSample, with gradients enabled, between backward calls; gradients are unchanged"
-            )
-        if self.check_graph:
-            check_graph(losses, calls, self._tracked)
         ghost = self.mode == "ghost" and self.kind == "global"
         if ghost:
             # Norms taken as each layer's output gradient arrives; nothing per layer is kept.

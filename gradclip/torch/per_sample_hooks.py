@@ -76,13 +76,17 @@ class Recorder:
         self.calls = []
 
 
-def check_graph(losses: torch.Tensor, calls: list[Call], tracked: dict[int, str]) -> None:
+def check_graph(losses: torch.Tensor, calls: list[Call], tracked: dict[int, str]) -> list[Call]:
     """Refuse a loss whose graph reaches a tracked parameter outside every recorded call.
 
     Args:
         losses: The per-example losses.
-        calls: The recorded calls that built them.
+        calls: The recorded calls (of this forward, and possibly of others: an evaluation pass
+            run with gradients enabled).
         tracked: ``{id(parameter): name}`` of the parameters being clipped.
+
+    Returns:
+        The calls the losses' graph reaches, in order (the others belong to another forward).
 
     Raises:
         InvalidArgumentError: Naming the parameter(s) that would receive an unclipped gradient.
@@ -93,9 +97,6 @@ def check_graph(losses: torch.Tensor, calls: list[Call], tracked: dict[int, str]
     # differentiates the whole forward); its body is walked, not stepped over.
     allowed = {id(p) for call in calls if not call.unit.opaque for _, p in call.unit.params}
     for call in calls:
-        for leaf in call.input_leaves:
-            if id(leaf) in tracked:
-                offenders.append(tracked[id(leaf)])
         if not call.unit.opaque:
             continue
         for out in call.outputs:
@@ -117,6 +118,11 @@ def check_graph(losses: torch.Tensor, calls: list[Call], tracked: dict[int, str]
             offenders.append(tracked[id(variable)])
             continue
         stack.extend(n for n, _ in node.next_functions)
+    reached = [c for c in calls if any(o.grad_fn in seen for o in c.outputs)]
+    for call in reached:
+        for leaf in call.input_leaves:  # a parameter fed to a module as its input
+            if id(leaf) in tracked:
+                offenders.append(tracked[id(leaf)])
     if offenders:
         names = ", ".join(sorted(set(offenders)))
         raise InvalidArgumentError(
@@ -125,3 +131,4 @@ def check_graph(losses: torch.Tensor, calls: list[Call], tracked: dict[int, str]
             "clipped; wrap that use in a module (for example an nn.Linear or a small nn.Module holding the "
             "parameter, which mode='auto' handles) or freeze the parameter. Gradients are unchanged."
         )
+    return reached
