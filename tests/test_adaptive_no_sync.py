@@ -93,7 +93,46 @@ CLIPPERS = {
     "subset_element": lambda: gradclip.Subset(gradclip.ZClip(warmup_steps=3), 0.5, seed=1),
     "subset_tensor": lambda: gradclip.Subset("global_norm", 0.5, by="tensor"),
     "chain": lambda: gradclip.chain(gradclip.NonFinite("zero"), gradclip.AutoClip(history=6)),
+    "zclip_mean_warmup": lambda: gradclip.ZClip(warmup_steps=5, warmup="mean"),
+    "skip_above": lambda: gradclip.SkipAbove(50.0),
+    "ada_clip": lambda: gradclip.AdaClip(),
+    "ada_gn": lambda: gradclip.AdaGN(),
+    "ada_gn_global": lambda: gradclip.AdaGN(scope="global"),
+    "stable_spam": lambda: gradclip.chain(gradclip.AdaClip(), gradclip.AdaGN()),
+    "global_norm_cosine": lambda: gradclip.GlobalNorm(gradclip.schedules.CosineDecay(5.0, 20, end_value=0.5)),
+    "zclip_scheduled_cap": lambda: gradclip.ZClip(warmup_steps=5, max_grad_norm=gradclip.schedules.Piecewise([10], [50.0, 5.0])),
+    "agc_scheduled": lambda: gradclip.AGC(clip_factor=gradclip.schedules.warmup_cosine(0.01, 0.1, 5, 30, end_value=0.02)),
 }
+
+
+#: Clippers fed signals each step: (factory, signals(model, step) -> keywords).
+WITH_SIGNALS = {
+    "skip_on_loss_log": (
+        lambda: gradclip.SkipOnSpike(window=16, min_history=4, signal="both", log_space=True),
+        lambda model, step: {"loss": torch.tensor(1.0 + 0.01 * step + (30.0 if step == 25 else 0.0))},
+    ),
+    "spike_aware": (
+        lambda: gradclip.SpikeAware(theta=10.0, warmup_steps=2, reset_interval=10),
+        lambda model, step: {"optimizer_state": [torch.full_like(p, 0.01) for p in model.parameters()]},
+    ),
+    "global_norm_step_signal": (
+        lambda: gradclip.GlobalNorm(gradclip.schedules.Linear(1.0, 10.0, 20)),
+        lambda model, step: {"step": torch.tensor(step)},
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(WITH_SIGNALS))
+def test_clip_in_place_with_signals_never_reads_a_device_value(name):
+    factory, signals = WITH_SIGNALS[name]
+    clipper, model, infos = factory(), _model(), []
+    for step in range(35):
+        _backward(model, step)
+        given = signals(model, step)  # made outside the counted region
+        with count_host_reads() as counts:
+            infos.append(clipper.clip_(model, **given))
+        assert counts == {}, f"step {step}: host reads {counts}"
+    assert any(info.to_dict()["clipped"] or info.to_dict()["skip"] for info in infos)
 
 
 @pytest.mark.parametrize("name", sorted(CLIPPERS))
