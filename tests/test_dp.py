@@ -199,3 +199,17 @@ def test_poisson_sampler_secure_mode_and_bad_input():
         gct.PoissonBatchSampler(100, 0.0)
     with pytest.raises(gradclip.InvalidArgumentError, match="num_samples"):
         gct.PoissonBatchSampler(0, 0.1)
+
+
+def test_state_dict_round_trip_keeps_accountant_and_quantile_bound(tmp_path):
+    model, ps, opt = _setup(noise=1.0, batch=8, clipper=gradclip.QuantileNorm(initial_norm=0.01), sample_rate=0.1)
+    for _ in range(3):
+        opt.zero_grad()
+        opt.backward(_loss(model, torch.randn(8, 6)))
+        opt.step()
+    torch.save(opt.state_dict(), tmp_path / "dp.pt")
+    state = torch.load(tmp_path / "dp.pt", weights_only=True)
+    model2, ps2, opt2 = _setup(noise=1.0, batch=8, clipper=gradclip.QuantileNorm(initial_norm=0.01), sample_rate=0.1)
+    opt2.load_state_dict(state)
+    assert float(ps2.state.norm) == float(ps.state.norm) != 0.01
+    assert opt2.accountant.steps == 3 and opt2.epsilon(1e-5) == opt.epsilon(1e-5)

@@ -62,7 +62,8 @@ class DPOptimizer:
             floating-point attacks of Mironov 2012, as Opacus' ``secure_mode``. Use it for
             real deployments; it excludes ``generator``.
         count_noise_multiplier: With ``QuantileNorm``: σ_b, the noise std of the unclipped
-            count (Andrew et al. 2021; default ``B / 20`` as the paper suggests). The gradient
+            count (Andrew et al. 2021; default ``max(B / 20, σ)``, the paper's ``B / 20`` when it
+            is large enough). The gradient
             noise is then ``σ_Δ = (σ⁻² − (2σ_b)⁻²)^(−1/2)`` so that the pair costs exactly σ.
         scaler: A ``torch.amp.GradScaler`` (AMP): :meth:`backward` divides its scale out of the
             norms; :meth:`step` unscales once and steps through it, as ``ClippedOptimizer``.
@@ -119,7 +120,9 @@ class DPOptimizer:
         self.grad_noise_multiplier = self.noise_multiplier
         self.count_noise_multiplier = None
         if isinstance(per_sample.clipper, QuantileNorm):
-            sigma_b = expected_batch_size / 20 if count_noise_multiplier is None else count_noise_multiplier
+            # The paper's B/20, but never so small that the pair could not cost σ (2σ_b > σ).
+            default = max(expected_batch_size / 20, self.noise_multiplier)
+            sigma_b = default if count_noise_multiplier is None else count_noise_multiplier
             if self.noise_multiplier > 0:
                 if not (sigma_b > 0 and 2 * sigma_b > self.noise_multiplier):
                     raise InvalidArgumentError(
@@ -235,12 +238,20 @@ class DPOptimizer:
         out: dict[str, Any] = {"optimizer": self.optimizer.state_dict()}
         if self.accountant is not None:
             out["accountant"] = self.accountant.state_dict()
+        clipper_state = self.per_sample.state
+        if clipper_state is not None:
+            # A NamedTuple of tensors (QuantileNorm's bound): plain dict for weights_only loads.
+            out["clipper"] = {k: v.detach().clone() for k, v in clipper_state._asdict().items()}
         return out
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s output (optimizer, accountant, clipper state)."""
         self.optimizer.load_state_dict(state["optimizer"])
         if self.accountant is not None and "accountant" in state:
             self.accountant.load_state_dict(state["accountant"])
+        if "clipper" in state:
+            kind = self.per_sample.clipper.state_type
+            self.per_sample._state = kind(**state["clipper"])
 
     def _normal(self, shape: Any, std: Any, device: Any) -> torch.Tensor:
         key = str(torch.device(device))
