@@ -75,7 +75,7 @@ def raise_if_nonfinite(
     are on another rank rather than blaming an overflow. ``hint`` ends the message (the torch
     drop-ins put torch's own wording there, which code written against torch matches on).
     """
-    if ops.to_host(ops.isfinite(norm)):
+    if ops.to_host(ops.finite_norm(norm)):
         return
     finite_each = ops.to_list(ops.finite_each(grads))
     offenders = [name for name, finite in zip(names, finite_each) if not finite]
@@ -119,7 +119,7 @@ def gradients_finite(ops: Ops, grads: list[Any], norm_type: float = 2.0) -> Any:
     the flag agrees on every rank of a process group and counts an overflow as every policy
     does; used under ``"zero"``, before zeroing, for ``info.finite``.
     """
-    return ops.isfinite(ops.global_norm(grads, norm_type))
+    return ops.finite_norm(ops.global_norm(grads, norm_type))
 
 
 def measurement(
@@ -161,7 +161,7 @@ def measurement(
     norm = ops.combine_norms(norms, norm_type)
     if policy == "raise":
         raise_if_nonfinite(ops, grads, norm, names, where, norm_type, hint)
-    finite = ops.isfinite(norm)
+    finite = ops.finite_norm(norm)
     return Measured(
         grads, norms, norm, finite, finite if given_finite is None else given_finite, norm_type, names, params
     )

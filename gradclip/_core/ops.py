@@ -118,6 +118,11 @@ class Ops:
     def isfinite(self, x: Array) -> Array:
         raise self._missing("isfinite")
 
+    def finite_norm(self, norm: Array) -> Array:
+        """:meth:`isfinite` of a norm (``>= 0`` or NaN), which backends may test in fewer
+        operations (torch: one comparison with ``inf``)."""
+        return self.isfinite(norm)
+
     def stack(self, xs: Sequence[Array]) -> Array:
         """A 1-D array of 0-d arrays; empty input gives an empty accumulation-dtype array."""
         raise self._missing("stack")

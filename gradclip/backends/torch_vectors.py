@@ -31,13 +31,61 @@ def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+#: Constants handed out by ``scalar`` and ``arange`` (thresholds, 0, 1, inf, False, index
+#: vectors), by value, dtype and device (and CUDA stream): on a GPU every ``torch.full`` and
+#: ``torch.arange`` is a kernel launch on the clipping step's path, so each is made once. Nothing
+#: in gradclip writes into them; a tensor found written to (its version counter moved) is
+#: replaced, so later callers never see the change. Bounded: a scheduled threshold is a new
+#: value every step.
+_CONSTANTS: dict[tuple, torch.Tensor] = {}
+_MAX_CONSTANTS = 512
+_SHAREABLE_TYPES = (bool, int, float)
+
+
+def _constant(key: tuple, device: torch.device, make) -> torch.Tensor:
+    cached = _CONSTANTS.get(key)
+    if cached is not None and cached._version == 0:
+        return cached
+    # Made during a CUDA graph capture, a tensor lives in the graph's private pool: not shared.
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return make()
+    if len(_CONSTANTS) >= _MAX_CONSTANTS:
+        _CONSTANTS.clear()
+    value = _CONSTANTS[key] = make()
+    return value
+
+
+def _stream(device: torch.device) -> int | None:
+    # A constant made on one CUDA stream and read on another could be read before it is filled.
+    return torch.cuda.current_stream(device).stream_id if device.type == "cuda" else None
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return "float64" if dtype == torch.float64 else "float32"
+
+
 class TorchVectorOps(Ops):
     """Scalars, small vectors and unit-wise primitives over ``torch.Tensor`` (a base of
     ``TorchOps``, which sets ``device``, ``inplace``, ``acc``, ``distributed``, ``reducer``)."""
 
+    def _shares_constants(self) -> bool:
+        # Not while dynamo traces (constants of a graph are its own), not where autograd records
+        # (a shared tensor saved for backward by one graph is another's input), not across
+        # processes (a reducer may write its inputs).
+        return not (self.traced or self.distributed or torch.is_grad_enabled())
+
     def scalar(self, value, dtype: str = "float32"):
         # torch.full launches a fill kernel; torch.tensor(value, device=cuda) would copy from host.
-        return torch.full((), value, dtype=_DTYPES[dtype], device=self.device)
+        torch_dtype, device = _DTYPES[dtype], self.device
+        if type(value) not in _SHAREABLE_TYPES or not self._shares_constants():
+            return torch.full((), value, dtype=torch_dtype, device=device)
+        # repr: -0.0 and 0.0 are equal keys otherwise, NaN never equal to itself.
+        key = ("scalar", repr(value), dtype, device, _stream(device))
+        return _constant(key, device, lambda: torch.full((), value, dtype=torch_dtype, device=device))
+
+    def _one(self, dtype: str = "float32"):
+        """A 0-d 1 of ``dtype``, shared where constants are (see :func:`_constant`)."""
+        return self.scalar(1.0, dtype)
 
     def where(self, cond, a, b):
         return torch.where(cond, a, b)
@@ -57,6 +105,10 @@ class TorchVectorOps(Ops):
     def log(self, x):
         return torch.log(x)
 
+    def finite_norm(self, norm):
+        # A norm is >= 0 or NaN: one comparison tells NaN and +inf from the rest.
+        return norm < math.inf
+
     def isfinite(self, x):
         # torch.isfinite is (x == x) & (x.abs() != inf): four kernels. |x| < inf is False for
         # NaN and ±inf alike, in two (each a launch on a GPU, on the clipping step's path).
@@ -73,7 +125,7 @@ class TorchVectorOps(Ops):
         ``1.0 / d`` is ``d.reciprocal() * 1.0`` in torch, exact.
         """
         above = norm > threshold
-        return torch.where(above, torch.reciprocal(norm + eps).mul_(threshold), 1.0)
+        return torch.where(above, torch.reciprocal(norm + eps).mul_(threshold), self._one(_dtype_name(norm.dtype)))
 
     def stack(self, xs):
         if len(xs) == 0:
@@ -104,7 +156,11 @@ class TorchVectorOps(Ops):
         return torch.sum(x)
 
     def arange(self, n, dtype="int64"):
-        return torch.arange(n, dtype=_DTYPES[dtype], device=self.device)
+        torch_dtype, device = _DTYPES[dtype], self.device
+        if not self._shares_constants():
+            return torch.arange(n, dtype=torch_dtype, device=device)
+        key = ("arange", n, dtype, device, _stream(device))
+        return _constant(key, device, lambda: torch.arange(n, dtype=torch_dtype, device=device))
 
     def cast(self, x, dtype):
         return x.to(_DTYPES[dtype])
