@@ -15,7 +15,8 @@ instructions. The runner therefore pins, before PyTorch is imported in a worker 
 * deterministic algorithms (``torch.use_deterministic_algorithms(True, warn_only=True)``,
   cuDNN's deterministic mode, ``CUBLAS_WORKSPACE_CONFIG``) for tasks on a GPU.
 
-Each variable is only set where the user has not set it (an explicit choice wins) and each run
+The price, measured on an AVX-512 Xeon: about 13 % more CPU time on the adding and gpt tasks
+than the processor's own AVX-512 kernels. Each variable is only set where the user has not set it (an explicit choice wins) and each run
 records the kernels it actually used (:func:`cpu_capability`). What still varies is listed in
 ``docs/evidence.md``: wall times, and results on other processor families (ARM, or x86 without
 AVX2), which run other kernels.
