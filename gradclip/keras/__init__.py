@@ -302,7 +302,9 @@ class ClippingOptimizer(keras.optimizers.Optimizer):
             self.inner_optimizer.apply(clipped, trainable_variables)
             return
         kept = list(trainable_variables) + list(self.inner_optimizer.variables)
-        before = [keras.ops.convert_to_tensor(v) for v in kept]
+        # Copies: on the torch backend a variable's tensor is updated in place, so a plain
+        # conversion would alias the new value and the restore below would keep it.
+        before = [keras.ops.copy(keras.ops.convert_to_tensor(v)) for v in kept]
         self.inner_optimizer.apply(clipped, trainable_variables)
         for variable, old in zip(kept, before):
             variable.assign(keras.ops.where(run, variable.value, old))
