@@ -56,8 +56,10 @@ DISTRIBUTED = "dist.init_process_group()"
 
 #: Fragments by nature, with the reason they cannot run in the test suite: not collected as
 #: tests (a skip would look like a missing framework), but each must still name a block.
+REDUCTION_SPEC = "spec = ReductionSpec(model, {"
 FRAGMENTS = {
     DISTRIBUTED: "needs torchrun's environment and a real model (model = ...); tests/distributed/ runs it",
+    REDUCTION_SPEC: "needs a model and tensor/pipeline/expert process groups; tests/distributed/test_sharding.py runs it",
 }
 
 #: Blocks that continue the namespace an earlier block left (the tour's model and its gradients).

@@ -193,6 +193,7 @@ def clipper_specs():
         ("skip_on_spike", lambda: gradclip.get("skip_on_spike", window=8, min_history=2, sigma=2.0), "norm"),
         ("adagc", lambda: gradclip.get("adagc", start_clip_steps=2, warmup_max_norm=0.5), "per_tensor"),
         ("skip_above", lambda: gradclip.get("skip_above", max_norm=0.5), "norm"),
+        ("none", lambda: gradclip.get("none"), "norm"),
         ("ada_clip", lambda: gradclip.get("ada_clip", theta=0.5), "elementwise"),
         ("ada_gn", lambda: gradclip.get("ada_gn"), "per_tensor"),
         # Without optimizer_state SpikeAware passes through (its rule is tested in test_spam.py).
