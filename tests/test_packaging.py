@@ -65,7 +65,7 @@ def test_console_script_points_to_a_callable():
 def test_dev_requirements_are_pinned():
     # The CI environment is reproducible: every requirement line is name==version, torch 2.13.0.
     pins = {}
-    for path in ("requirements/dev.txt", "requirements/nodeps.txt"):
+    for path in ("requirements/dev.txt", "requirements/nodeps.txt", "requirements/megatron.txt"):
         for line in (ROOT / path).read_text().splitlines():
             line = line.split("#", 1)[0].strip()
             if line:
@@ -106,7 +106,7 @@ def test_gradclip_command_runs():
 
 # -- Makefile: the install stamp ----------------------------------------------------------------------
 
-INSTALL_INPUTS = ["requirements/dev.txt", "requirements/nodeps.txt", "pyproject.toml"]
+INSTALL_INPUTS = ["requirements/dev.txt", "requirements/nodeps.txt", "requirements/megatron.txt", "pyproject.toml"]
 # Fixed timestamps (file systems stamp at a coarse clock: "now" twice in a row can be equal).
 OLD, INSTALLED, NEWER = 1_000_000_000, 1_500_000_000, 1_600_000_000
 
