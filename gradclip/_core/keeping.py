@@ -65,6 +65,10 @@ class KeptState:
         return self._arrays(clipper, ops, grads)
 
     def _arrays(self, clipper: Clipper, ops: Ops, grads: list[Any]) -> Any:
+        if not clipper.state_type._fields:
+            # Nothing to keep. (Kept, the empty state would flip ``self.state`` from None on the
+            # first call, a change torch.compile's guards see: a second compile for nothing.)
+            return clipper.init_state(ops, grads)
         if self.pending is not None:
             self.state = state_from_plain(clipper, ops, self.pending, grads)
             self.pending = None

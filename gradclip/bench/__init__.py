@@ -62,7 +62,7 @@ from gradclip.bench.harness import (
     run_groups,
     write_section,
 )
-from gradclip.bench.suites import ADAPTIVE, GROUPS, ROW_IDS, _Bench
+from gradclip.bench.suites import ADAPTIVE, GROUPS, ROW_IDS, SLOW_GROUPS, _Bench
 from gradclip.bench.workloads import _count_ops, _peak_extra_bytes, gpt2_small_shapes, resnet50_shapes
 
 __all__ = [
@@ -100,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     bench = _Bench(args.quick, str(device), args.rounds)
     started = time.perf_counter()
     machine = _machine(device)
-    results = run_groups(bench, args.only or GROUPS)
+    groups = args.only or [g for g in GROUPS if not (args.quick and g in SLOW_GROUPS)]
+    results = run_groups(bench, groups)
     key = device.type + (f", {args.label}" if args.label else "")
     sizes = "quick smoke sizes" if args.quick else "full sizes"
     section = format_section(key, sizes, bench.rounds, bench.warmup, started, machine, results)
