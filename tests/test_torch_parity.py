@@ -9,6 +9,7 @@ torch's overflow is asserted as an expectation of its own.
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -256,3 +257,97 @@ def test_drop_ins_keep_torch_kernels_on_large_and_many_small_tensors(norm_type):
     ours_clipper = _params(grads)
     norm = gradclip.GlobalNorm(1.0, norm_type=norm_type).clip_(ours_clipper).norm
     assert abs(float(norm) - float(exact)) <= 1e-6 * float(exact)
+
+
+# -- torch's own wording, warnings and the torch >= 2.6 API (issue 14) ----------------------------
+
+
+def test_error_if_nonfinite_message_contains_torchs_wording_after_gradclips_detail():
+    grads = _random_grads(6, torch.float32)
+    grads[2][0] = float("inf")
+    ours = _params(grads)
+    with pytest.raises(gradclip.NonFiniteError) as caught:
+        gct.clip_grad_norm_(ours, 1.0, norm_type=3.0, error_if_nonfinite=True)
+    message = str(caught.value)
+    assert message.startswith("clip_grad_norm_: non-finite gradient values (NaN or inf) in #2;")
+    assert "The total norm of order 3.0 for gradients from `parameters` is non-finite, so it cannot be clipped" in message
+    assert caught.value.offenders == ["#2"] and isinstance(caught.value, RuntimeError)
+    with pytest.raises(RuntimeError, match=r"The total norm of order inf for gradients"):
+        gct.get_total_norm([p.grad for p in ours], norm_type="inf", error_if_nonfinite=True)
+
+
+@pytest.mark.parametrize(("dtype", "scalar", "norm_type", "magnitude"), [
+    (torch.float64, 2e200, 2.0, "1e154"),   # fp64 squares overflow past ~1.3e154
+    (torch.float64, 2e200, 3.5, "1e88"),
+    (torch.float32, 2e20, 2.0, "1e19"),     # fp32 squares past ~1.8e19
+])
+def test_overflow_message_gives_the_limit_of_the_gradients_dtype(dtype, scalar, norm_type, magnitude):
+    param = torch.nn.Parameter(torch.ones(10, dtype=dtype))
+    param.grad = torch.full((10,), scalar, dtype=dtype)
+    with pytest.raises(gradclip.NonFiniteError, match=rf"overflowed the accumulator.*beyond ~{magnitude} in magnitude"):
+        gct.clip_grad_norm_([param], 1.0, norm_type=norm_type, error_if_nonfinite=True)
+    assert torch.equal(param.grad, torch.full((10,), scalar, dtype=dtype))
+
+
+@pytest.mark.parametrize("call", [
+    lambda params: gct.clip_grad_norm_(params, 1.0),
+    lambda params: gct.clip_grads_with_norm_(params, 1.0, torch.tensor(5.0)),
+], ids=["clip_grad_norm_", "clip_grads_with_norm_"])
+def test_an_exhausted_generator_warns_once_as_torch_does(call):
+    model = torch.nn.Linear(3, 2)
+    params = model.parameters()
+    list(params)
+    with pytest.warns(UserWarning, match=r"^`parameters` is an empty generator, no gradient clipping will occur\.$") as record:
+        call(params)
+    assert len(record) == 1
+    fresh = model.parameters()  # a generator that still yields warns nothing
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        call(fresh)
+
+
+@pytest.mark.parametrize("norm_type", NORM_TYPES)
+@pytest.mark.parametrize("foreach", FOREACH, ids=["foreach-auto", "foreach-on", "foreach-off"])
+def test_clip_grads_with_norm_equals_torchs(norm_type, foreach):
+    grads = _random_grads(7, torch.float32)
+    ref, ours = _params(grads), _params(grads)
+    total = torch.nn.utils.get_total_norm([p.grad for p in ref], norm_type, foreach=foreach)
+    ours_total = gct.get_total_norm([p.grad for p in ours], norm_type, foreach=foreach)
+    assert torch.equal(total, ours_total)
+    max_norm = float(total) * 0.3
+    torch.nn.utils.clip_grads_with_norm_(ref, max_norm, total, foreach=foreach)
+    assert gct.clip_grads_with_norm_(ours, max_norm, ours_total, foreach=foreach) is None
+    for a, b in zip(ref, ours):
+        assert torch.equal(a.grad, b.grad)
+
+
+def test_clip_grads_with_norm_keeps_the_documented_deviations():
+    grads = _random_grads(8, torch.float32)
+    band, nonfinite, number = _params(grads), _params(grads), _params(grads)
+    norm = gct.get_total_norm([p.grad for p in band])
+    gct.clip_grads_with_norm_(band, float(norm), norm)  # at the threshold: untouched (torch scales)
+    gct.clip_grads_with_norm_(nonfinite, 1.0, torch.tensor(float("inf")))  # torch zeroes everything
+    gct.clip_grads_with_norm_(number, float(norm) / 2, float(norm))  # a Python number is a norm too
+    for original, a, b in zip(grads, band, nonfinite):
+        assert torch.equal(a.grad, original) and torch.equal(b.grad, original)
+    reference = _params(grads)
+    gct.clip_grads_with_norm_(reference, float(norm) / 2, norm)
+    for a, b in zip(number, reference):
+        assert torch.equal(a.grad, b.grad)
+
+
+@pytest.mark.parametrize(("total_norm", "match"), [
+    (torch.ones(2), r"total_norm must be a one-element floating-point tensor .* shape \(2,\)"),
+    (torch.tensor(3), r"total_norm must be a one-element floating-point tensor .*torch\.int64"),
+    (-1.0, r"total_norm must be >= 0 \(a norm\), got -1\.0"),
+    ("5", r"total_norm must be a tensor or a real number .* got str"),
+])
+def test_clip_grads_with_norm_refuses_a_bad_total_norm_and_changes_nothing(total_norm, match):
+    grads = _random_grads(9, torch.float32)
+    params = _params(grads)
+    with pytest.raises(gradclip.InvalidArgumentError, match=match):
+        gct.clip_grads_with_norm_(params, 1.0, total_norm)
+    with pytest.raises(gradclip.InvalidArgumentError, match=r"clip_grads_with_norm_: max_norm must be in \[0, inf\]"):
+        gct.clip_grads_with_norm_(params, -1.0, torch.tensor(2.0))
+    for original, p in zip(grads, params):
+        assert torch.equal(p.grad, original)
