@@ -408,3 +408,82 @@ def test_deviation_zero_threshold_with_zero_gradients_gives_nan_in_tf(function):
     out, info = clipper.clip([zeros])
     np.testing.assert_array_equal(out[0].numpy(), np.zeros(3))
     assert not bool(info.clipped)
+
+
+# -- thresholds computed inside tf.function, and gradclip's errors out of it (issue 14) ------------
+
+
+def test_a_threshold_computed_inside_tf_function_is_taken():
+    """A schedule computed in the train step (here from a step tensor) gives a symbolic
+    threshold: the norm clippers and the one-shot functions take it."""
+    x0, x1 = tfc([[-2.0, 0.0, 0.0], [4.0, 0.0, 0.0]]), tfc([1.0, -2.0])  # global norm 5
+
+    @tf.function
+    def step(step_count):
+        max_norm = 4.0 * tf.cast(step_count, tf.float32)  # 4.0 at step 1
+        clipped, norm = gradclip.clip_by_global_norm([x0, x1], max_norm)
+        per_tensor = gradclip.clip_by_norm([x0], max_norm)
+        info = gradclip.GlobalNorm(max_norm, eps=0.0).clip([x0, x1])[1]
+        return clipped, norm, per_tensor, info.threshold
+
+    clipped, norm, per_tensor, threshold = step(tf.constant(1))
+    np.testing.assert_allclose(clipped[0].numpy(), [[-1.6, 0.0, 0.0], [3.2, 0.0, 0.0]], rtol=1e-6)
+    np.testing.assert_allclose(clipped[1].numpy(), [0.8, -1.6], rtol=1e-6)
+    assert float(norm) == 5.0 and float(threshold) == 4.0
+    np.testing.assert_allclose(per_tensor[0].numpy(), np.array([[-2.0, 0, 0], [4.0, 0, 0]]) * 4.0 / math.sqrt(20), rtol=1e-6)
+    # The same function at step 2: the threshold follows the step (8 > 5: nothing clipped).
+    clipped, _, _, threshold = step(tf.constant(2))
+    np.testing.assert_array_equal(clipped[1].numpy(), [1.0, -2.0])
+    assert float(threshold) == 8.0
+
+
+def test_only_thresholds_take_a_traced_tensor_and_others_say_so():
+    grads = [tfc([3.0, 4.0])]
+
+    @tf.function
+    def bad_setting():
+        return gradclip.ZClip(alpha=tf.constant(0.9) * 1.0).clip(grads)[0]
+
+    with pytest.raises(gradclip.InvalidArgumentError, match=r"ZClip: alpha must be a real number, got a .*only known when the traced function runs"):
+        bad_setting()
+
+    @tf.function
+    def bad_bounds():
+        return gradclip.clip_by_value(grads, -tf.constant(1.0), tf.constant(1.0))
+
+    with pytest.raises(gradclip.InvalidArgumentError, match=r"clip_by_value: min_value must be a real number"):
+        bad_bounds()
+
+
+ERRORS_INSIDE_TF_FUNCTION = {
+    "bad argument": (lambda g: gradclip.clip_by_global_norm(g, -1.0), gradclip.InvalidArgumentError,
+                     r"clip_by_global_norm: max_norm must be in \[0, inf\]"),
+    "unknown signal": (lambda g: gradclip.GlobalNorm(1.0).clip(g, lr=1.0), gradclip.InvalidArgumentError,
+                       r"unknown argument\(s\) \['lr'\]"),
+    "unrepresentable threshold": (lambda g: gradclip.NormSign(1e6).clip([tf.cast(g[0], tf.float16)]),
+                                  gradclip.InvalidArgumentError, r"NormSign: threshold=1000000\.0 is not representable"),
+    "integer gradients": (lambda g: gradclip.GlobalNorm(1.0).clip([tf.cast(g[0], tf.int32)]), gradclip.BackendError,
+                          r"not floating point"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ERRORS_INSIDE_TF_FUNCTION))
+def test_gradclips_errors_reach_the_caller_of_a_tf_function_as_gradclips_types(case):
+    """autograph re-raises an error from a traced function as its own type when that type is
+    constructible from the message alone (every gradclip error is), else as StagingError."""
+    call, error, match = ERRORS_INSIDE_TF_FUNCTION[case]
+    grads = [tfc([3.0, 4.0])]
+    with pytest.raises(error, match=match) as caught:
+        tf.function(lambda: call(grads))()
+    assert type(caught.value) is error
+    assert "StagingError" not in type(caught.value).__name__
+
+
+def test_every_gradclip_error_is_constructible_from_its_message_alone():
+    errors = [getattr(gradclip, name) for name in gradclip.__all__ if name.endswith("Error")]
+    assert len(errors) >= 7
+    for error in errors:
+        assert error.__init__ is Exception.__init__, error  # what autograph requires
+        assert str(error("the message")) == "the message"
+    nonfinite = gradclip.NonFiniteError("bad values", ["w"])
+    assert str(nonfinite) == "bad values" and nonfinite.offenders == ["w"]

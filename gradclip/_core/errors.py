@@ -21,7 +21,15 @@ __all__ = [
 
 
 class GradClipError(Exception):
-    """Base class of every error raised by gradclip on purpose."""
+    """Base class of every error raised by gradclip on purpose.
+
+    Every gradclip error is constructible from its message alone, with ``Exception``'s own
+    ``__init__``: TensorFlow's autograph re-raises an error from inside ``tf.function`` as a new
+    instance of its type built from one message argument when the type's ``__init__`` is
+    ``Exception.__init__``, and as its own ``StagingError`` otherwise.
+    """
+
+    __init__ = Exception.__init__
 
 
 class InvalidArgumentError(GradClipError, ValueError):
@@ -56,10 +64,15 @@ class NonFiniteError(GradClipError, ValueError, RuntimeError):
     with ``error_if_nonfinite=True``; code written against torch keeps catching it.
     """
 
-    def __init__(self, message: str, offenders: list[str] | None = None):
-        super().__init__(message)
+    # The offenders go through __new__, so that __init__ stays Exception's (see GradClipError).
+    def __new__(cls, message: str = "", offenders: list[str] | None = None):
+        self = super().__new__(cls, message)
         #: Names (or ``"#index"`` labels) of the tensors holding non-finite values.
         self.offenders = list(offenders or [])
+        return self
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
 
 
 class StateError(GradClipError, ValueError):

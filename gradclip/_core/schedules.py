@@ -31,7 +31,7 @@ from typing import Any, ClassVar
 
 from gradclip._core.errors import InvalidArgumentError
 from gradclip._core.ops import Ops, framework_of, get_ops
-from gradclip._core.validation import check_int, check_number
+from gradclip._core.validation import check_int, check_number, traced_scalar
 
 __all__ = [
     "Schedule",
@@ -469,7 +469,8 @@ def as_threshold(
     high_inclusive: bool = True,
 ) -> float | Schedule:
     """A threshold argument: a number (checked as :func:`check_number` does), a schedule
-    object, a schedule's config, or a plain callable (wrapped in :class:`FromCallable`).
+    object, a schedule's config, a plain callable (wrapped in :class:`FromCallable`), or a
+    one-element floating tensor computed inside a traced function (:func:`traced_scalar`).
 
     A schedule's :meth:`~Schedule.bounds` must lie in the argument's range; a callable's values
     cannot be checked without reading the device.
@@ -481,6 +482,10 @@ def as_threshold(
         InvalidArgumentError: A number out of range, a schedule whose values leave the range
             (naming the value), a config that is not a schedule's, or another type.
     """
+    if traced_scalar(value):
+        # Computed inside the traced function (tf.function, jax.jit): a device value, used as
+        # given (backends take array thresholds), unchecked since it cannot be read here.
+        return value
     if isinstance(value, Mapping) and not isinstance(value, Schedule):
         value = schedule_from_config(value, f"{where}: {name}")
     elif callable(value) and not isinstance(value, Schedule):

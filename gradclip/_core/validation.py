@@ -17,6 +17,7 @@ from collections.abc import Iterable, Iterator
 from gradclip._core.errors import GradClipError, InvalidArgumentError, UnknownNameError
 
 __all__ = [
+    "traced_scalar",
     "check_number",
     "check_norm_type",
     "check_choice",
@@ -39,6 +40,22 @@ def _as_float(where: str, name: str, value: object) -> float:
             f"{where}: {name} must be a real number, got {value!r} of type {type(value).__name__}"
         )
     return float(value)
+
+
+def traced_scalar(value: object) -> bool:
+    """Whether ``value`` is a one-element floating array that cannot be read on the host now:
+    a symbolic tensor built inside ``tf.function``, a JAX tracer, whose value exists only when the
+    traced function runs (a threshold a training step computes, e.g. from its step count)."""
+    shape = getattr(value, "shape", None)
+    if shape is None or isinstance(value, numbers.Real) or "float" not in str(getattr(value, "dtype", "")):
+        return False
+    try:
+        if math.prod(tuple(shape)) != 1:
+            return False
+        float(value)  # type: ignore[arg-type]
+    except Exception:  # noqa: BLE001 - symbolic tensors and tracers refuse in framework-specific ways
+        return True
+    return False
 
 
 def check_number(
@@ -64,8 +81,15 @@ def check_number(
         The value as a Python float.
 
     Raises:
-        InvalidArgumentError: Not a real number, NaN, or outside the interval.
+        InvalidArgumentError: Not a real number (a tensor whose value only a traced function
+            knows included: see :func:`traced_scalar`), NaN, or outside the interval.
     """
+    if traced_scalar(value):
+        raise InvalidArgumentError(
+            f"{where}: {name} must be a real number, got a {type(value).__name__} whose value is only known when "
+            "the traced function runs (tf.function, jax.jit); thresholds (max_norm, threshold) take such "
+            f"tensors, {name} takes a number"
+        )
     number = _as_float(where, name, value)
     valid = f"{'[' if low_inclusive else '('}{low:g}, {high:g}{']' if high_inclusive else ')'}"
     if math.isnan(number):

@@ -125,6 +125,10 @@ class TensorFlowOps(Ops):
 
     # -- scalars ------------------------------------------------------------------------------
     def scalar(self, value, dtype: str = "float32"):
+        if tf.is_tensor(value):
+            # A threshold given as a tensor (built inside the traced function: a schedule's
+            # value at this step); tf.constant refuses a symbolic tensor.
+            return tf.reshape(tf.cast(value, _DTYPES[dtype]), ())
         return tf.constant(value, dtype=_DTYPES[dtype])
 
     @staticmethod
