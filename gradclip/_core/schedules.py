@@ -476,7 +476,7 @@ def as_threshold(
     cannot be checked without reading the device.
 
     Returns:
-        A float, or a :class:`Schedule`.
+        A float, a :class:`Schedule`, or the traced tensor itself.
 
     Raises:
         InvalidArgumentError: A number out of range, a schedule whose values leave the range
