@@ -42,7 +42,22 @@ from gradclip._core.errors import BackendError, InvalidArgumentError
 from gradclip._core.ops import get_ops
 from gradclip._core.types import ClipInfo
 
-__all__ = ["ClipperState", "PerExampleState", "as_optax", "clip_info", "clip_then", "per_example"]
+# optax's own clipping transformations with optax's semantics (drop-ins): see gradclip/optax_dropins.py.
+from gradclip.optax_dropins import adaptive_grad_clip, clip, clip_by_block_rms, clip_by_global_norm, unitwise_norm
+
+__all__ = [
+    "ClipperState",
+    "PerExampleState",
+    "adaptive_grad_clip",
+    "as_optax",
+    "clip",
+    "clip_by_block_rms",
+    "clip_by_global_norm",
+    "clip_info",
+    "clip_then",
+    "per_example",
+    "unitwise_norm",
+]
 
 
 class ClipperState(NamedTuple):
