@@ -3,8 +3,9 @@
 These tests need a CUDA device, which CI does not have: they skip there (with that reason) and
 run on a GPU machine with ``pytest tests/test_cuda.py``. The CPU suite proves the same algorithms;
 what only a GPU can show is the device path — foreach kernels per (device, dtype) group, fp32
-accumulation of half-precision norms on the device, and the absence of hidden ``cudaMemcpy``
-round trips, which CUDA's sync debug mode turns into errors.
+accumulation of half-precision norms on the device, the absence of hidden ``cudaMemcpy``
+round trips, which CUDA's sync debug mode turns into errors, and CUDA graphs: the default path
+captured by ``torch.cuda.graph`` and replayed, and ``torch.compile(mode="reduce-overhead")``.
 """
 
 from __future__ import annotations
@@ -173,3 +174,102 @@ def test_drop_ins_run_without_a_host_sync():
         gct.clip_grad_norm_(params, 1.0)
         gct.clip_grad_norm_(params, 1.0, norm_type=float("inf"))
         gct.clip_grad_value_(params, 1.0)
+
+
+# -- CUDA graphs: the default path captures and replays (issue 14) --------------------------------
+
+
+def _static_params(seed=0):
+    """Parameters whose .grad tensors stay the same objects (a captured graph reads and writes
+    their addresses); new gradients are copied into them."""
+    params = _params([g for g in _grads("cuda", torch.float32, seed=seed) if g.numel()])
+    return params
+
+
+def _load(params, seed, scale):
+    for p, g in zip(params, [g for g in _grads("cuda", torch.float32, scale=scale, seed=seed) if g.numel()]):
+        p.grad.copy_(g)
+
+
+CAPTURED = {
+    "GlobalNorm.clip_": lambda params: gradclip.GlobalNorm(1.0).clip_(params).norm,
+    "clip_grad_norm_": lambda params: gct.clip_grad_norm_(params, 1.0),
+    "clip_grad_value_": lambda params: gct.clip_grad_value_(params, 0.5),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CAPTURED))
+def test_the_default_path_is_captured_by_a_cuda_graph_and_replays_exactly(name):
+    """torch.cuda.graph: warm up on a side stream, capture one call, then each step copy new
+    gradients into the same tensors and replay; every replay equals an eager call."""
+    call = CAPTURED[name]
+    params, reference = _static_params(), _static_params()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for step in range(3):
+            _load(params, step, 3.0)
+            call(params)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    _load(params, 10, 3.0)
+    with torch.cuda.graph(graph):
+        out = call(params)
+    for step in range(6):
+        scale = 50.0 if step == 3 else 3.0  # a step that clips hard and one that does not
+        _load(params, 20 + step, scale)
+        _load(reference, 20 + step, scale)
+        graph.replay()
+        expected = call(reference)
+        torch.cuda.synchronize()
+        if out is not None:
+            torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
+        for a, b in zip(params, reference):
+            torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["global_norm", "zclip", "autoclip"])
+def test_reduce_overhead_runs_the_compiled_clip_as_a_cuda_graph(name):
+    """torch.compile(mode="reduce-overhead"): the clip replays as a CUDA graph (inductor skips
+    none) and equals the eager clipper step for step, a stateful one's state included. The
+    gradients are marked static (the same tensors every step, as with zero_grad(set_to_none=
+    False)): a graph that writes into its inputs replays only on static addresses."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    kwargs = {"zclip": {"warmup_steps": 3}, "autoclip": {"history": 8}}.get(name, {})
+    clipper, eager = gradclip.get(name, **kwargs), gradclip.get(name, **kwargs)
+    params, reference = _static_params(), _static_params()
+    for p in params:
+        torch._dynamo.mark_static_address(p.grad)
+    step = torch.compile(lambda: clipper.clip_(params), mode="reduce-overhead", fullgraph=True)
+    for i in range(10):
+        scale = 50.0 if i == 7 else 3.0
+        _load(params, 30 + i, scale)
+        _load(reference, 30 + i, scale)
+        torch.compiler.cudagraph_mark_step_begin()
+        info = step()
+        norm = info.norm.clone()  # an output of a replay lives until the next replay
+        expected = eager.clip_(reference)
+        torch.testing.assert_close(norm, expected.norm, rtol=1e-5, atol=1e-6)
+        for a, b in zip(params, reference):
+            torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6)
+    assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])
+    _assert_plain_close(clipper.state_dict()["state"], eager.state_dict()["state"])
+
+
+def _assert_plain_close(a, b):
+    """Plain checkpoint data (dicts, lists, numbers) equal within fp32 rounding."""
+    if isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys()
+        for key in a:
+            _assert_plain_close(a[key], b[key])
+    elif isinstance(a, list):
+        assert isinstance(b, list) and len(a) == len(b)
+        for x, y in zip(a, b):
+            _assert_plain_close(x, y)
+    elif isinstance(a, float):
+        assert a == pytest.approx(b, rel=1e-5, abs=1e-6)
+    else:
+        assert a == b
