@@ -53,6 +53,7 @@ JAX = "tx = optax.chain(gradclip.ZClip().as_optax(), optax.adam(1e-3))"
 ADAPTIVE = 'clipper = gradclip.chain(gradclip.NonFinite("skip"), gradclip.ZClip())'
 TRAINING_LOOP = "for batch in loader:\n    with torch.autocast("
 DISTRIBUTED = "dist.init_process_group()"
+COMPILED = "clip = torch.compile(lambda: clipper.clip_(model), fullgraph=True)"
 
 #: Fragments by nature, with the reason they cannot run in the test suite: not collected as
 #: tests (a skip would look like a missing framework), but each must still name a block.
@@ -131,7 +132,15 @@ def _check_jax(namespace):
     assert set(namespace["updates"]) == {"w"}
 
 
+def _check_compiled(namespace):
+    torch, clipper, info = namespace["torch"], namespace["clipper"], namespace["info"]
+    assert isinstance(info, gradclip.ClipInfo) and info.norm.ndim == 0
+    assert clipper.state_dict()["state"]["step"] == 6  # the state advanced once per compiled call
+    assert all(torch.isfinite(p).all() for p in namespace["model"].parameters())
+
+
 CHECKS = {
+    COMPILED: _check_compiled,
     KERAS: _check_keras,
     JAX: _check_jax,
     TOUR: _check_tour,
