@@ -69,3 +69,10 @@ def test_the_command_line_keeps_its_none_spec():
     assert spec.name == "none" and spec.build() is None  # the runner's "no clipping" entry
     with pytest.raises(gradclip.InvalidArgumentError, match="'none' takes no parameters"):
         parse_spec("none:norm_type=1")
+
+
+def test_the_command_line_lists_none_once_among_the_valid_names():
+    with pytest.raises(gradclip.UnknownNameError) as caught:
+        parse_spec("nope")
+    names = str(caught.value).split("valid names: ")[1].split(", ")
+    assert names[0] == "none" and names.count("none") == 1 and set(names) == set(gradclip.available())

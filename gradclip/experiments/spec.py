@@ -93,7 +93,7 @@ def parse_spec(text: str) -> ClipperSpec:
         return ClipperSpec(NONE, NONE, {})
     if name not in available():
         raise UnknownNameError(
-            f"unknown clipper {name!r} in spec {text!r}; valid names: none, {', '.join(available())}"
+            f"unknown clipper {name!r} in spec {text!r}; valid names: {', '.join(dict.fromkeys([NONE, *available()]))}"
         )
     cls = registered_class(name)
     parameters = {
