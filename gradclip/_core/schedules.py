@@ -468,12 +468,11 @@ def as_threshold(
     high: float = math.inf,
     high_inclusive: bool = True,
 ) -> float | Schedule:
-    """A threshold argument: a number (checked as :func:`check_number` does), a schedule
-    object, a schedule's config, a plain callable (wrapped in :class:`FromCallable`), or a
-    one-element floating tensor computed inside a traced function (:func:`traced_scalar`).
+    """A threshold argument: a number (checked as :func:`check_number` does), a schedule object,
+    its config, a callable (a :class:`FromCallable`) or a tensor of a trace (:func:`traced_scalar`).
 
     A schedule's :meth:`~Schedule.bounds` must lie in the argument's range; a callable's values
-    cannot be checked without reading the device.
+    and a traced tensor cannot be checked without reading the device.
 
     Returns:
         A float, a :class:`Schedule`, or the traced tensor itself.
@@ -482,9 +481,7 @@ def as_threshold(
         InvalidArgumentError: A number out of range, a schedule whose values leave the range
             (naming the value), a config that is not a schedule's, or another type.
     """
-    if traced_scalar(value):
-        # Computed inside the traced function (tf.function, jax.jit): a device value, used as
-        # given (backends take array thresholds), unchecked since it cannot be read here.
+    if traced_scalar(value):  # a device value of the traced step: the backends take it as is
         return value
     if isinstance(value, Mapping) and not isinstance(value, Schedule):
         value = schedule_from_config(value, f"{where}: {name}")
