@@ -468,11 +468,10 @@ def as_threshold(
     high: float = math.inf,
     high_inclusive: bool = True,
 ) -> float | Schedule:
-    """A threshold argument: a number (checked as :func:`check_number` does), a schedule object,
-    its config, a callable (a :class:`FromCallable`) or a tensor of a trace (:func:`traced_scalar`).
+    """A threshold: a number (:func:`check_number`), a schedule or its config, a callable, a traced tensor.
 
-    A schedule's :meth:`~Schedule.bounds` must lie in the argument's range; a callable's values
-    and a traced tensor cannot be checked without reading the device.
+    A schedule's :meth:`~Schedule.bounds` must lie in the argument's range (callables and traced
+    tensors cannot be checked without reading the device).
 
     Returns:
         A float, a :class:`Schedule`, or the traced tensor itself.
@@ -481,12 +480,12 @@ def as_threshold(
         InvalidArgumentError: A number out of range, a schedule whose values leave the range
             (naming the value), a config that is not a schedule's, or another type.
     """
-    if traced_scalar(value):  # a device value of the traced step: the backends take it as is
-        return value
     if isinstance(value, Mapping) and not isinstance(value, Schedule):
         value = schedule_from_config(value, f"{where}: {name}")
     elif callable(value) and not isinstance(value, Schedule):
         return FromCallable(value)
+    if traced_scalar(value):  # a device value of the traced step: the backends take it as is
+        return value
     if not isinstance(value, Schedule):
         return check_number(where, name, value, low=low, low_inclusive=low_inclusive, high=high, high_inclusive=high_inclusive)
     if isinstance(value, FromCallable):
