@@ -334,3 +334,26 @@ def test_a_changed_layout_retraces_once_for_a_scalar_state_and_stays_exact():
             after_two = counter.frame_count
     assert counter.frame_count == after_two + 1
     assert compiled.state_dict() == eager.state_dict()
+
+
+def test_clipped_optimizer_with_accumulation_compiles_one_graph_per_micro_step():
+    """With accumulation_steps=k the micro-batch count is a Python int the step branches on:
+    one compiled variant per count (then the state's second trace), and nothing after."""
+    models = _model(), _model()
+    make = lambda m: gct.ClippedOptimizer(  # noqa: E731
+        torch.optim.AdamW(m.parameters(), lr=1e-2, foreach=True), _make("zclip"), accumulation_steps=2)
+    eager, opt = make(models[0]), make(models[1])
+    counter = CompileCounter()
+    step = torch.compile(opt.step, backend=counter)
+    frames = []
+    for i in range(16):
+        _set_grads(i, *models)
+        eager.step()
+        step()
+        assert opt.stepped == eager.stepped == (i % 2 == 1)
+        eager.zero_grad()
+        opt.zero_grad()
+        frames.append(counter.frame_count)
+    assert frames[-1] == frames[5], frames
+    _assert_params_close(models[1], models[0])
+    assert opt.clipper.state_dict() == eager.clipper.state_dict()

@@ -54,6 +54,12 @@ With a fold, ``ClippedOptimizer`` never writes a gradient: the fused kernel divi
 the same pass. So after a step ``.grad`` holds the clipped, unscaled gradient, as on the unfolded
 path; after a step skipped on overflow it is left as it was (still scaled).
 
+Compiled steps: ``torch.compile(opt.step)`` compiles the clip (or the fold) with the step; torch's
+optimizers break the graph inside their own ``step()`` by design, and the clip adds no break of
+its own. With ``accumulation_steps=k`` each micro-batch count compiles once (the count is a Python
+number the step branches on). The counters live in a plain object, not on this optimizer: dynamo
+models ``torch.optim.Optimizer`` instances specially and drops attribute writes made on them.
+
 Host-device synchronisation: none on the folded path and none for clippers that never ask to skip.
 Skipping the step of a non-fused optimizer is a host decision, so for clippers that can set
 ``info.skip`` (``nonfinite="skip"``, ``SkipOnSpike``) a non-fused optimizer reads one bool per step;
