@@ -357,3 +357,16 @@ def test_clipped_optimizer_with_accumulation_compiles_one_graph_per_micro_step()
     assert frames[-1] == frames[5], frames
     _assert_params_close(models[1], models[0])
     assert opt.clipper.state_dict() == eager.clipper.state_dict()
+
+
+@pytest.mark.parametrize("build", [
+    lambda: gradclip.GlobalNorm(1.0), lambda: gradclip.ZClip(), lambda: gradclip.AGC(),
+    lambda: gradclip.AutoClip(), lambda: gradclip.Value(clip_value=0.5), lambda: gradclip.Norm(1.0),
+], ids=["GlobalNorm", "ZClip", "AGC", "AutoClip", "Value", "Norm"])
+def test_the_issues_reproduction_a_clipper_built_inside_the_compiled_function(build):
+    """Issue 14's first report, as a new user writes it: the clipper made inside the function."""
+    eager_model, model = _model(), _model()
+    _set_grads(3, eager_model, model)
+    norm = torch.compile(lambda: build().clip_(model).norm, fullgraph=True, backend="eager")()
+    assert torch.equal(norm, build().clip_(eager_model).norm)
+    _assert_equal(_grads(model), _grads(eager_model))
