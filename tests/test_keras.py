@@ -171,8 +171,9 @@ def test_compiled_step_equals_eager_clip_for_every_clipper(name):
         acted += int(want["clipped"] or want["skip"])
     _assert_close(optimizer.clipper_state_dict(), reference.state_dict(), f"{name}: state")
     # non_finite changes nothing on finite gradients; spike_aware needs the optimizer's second
-    # moments (optimizer_state), which ClippingOptimizer does not pass: it passes through.
-    if name not in ("non_finite", "spike_aware"):
+    # moments (optimizer_state), which ClippingOptimizer does not pass: it passes through; none
+    # never clips (clipping off, as a clipper).
+    if name not in ("non_finite", "spike_aware", "none"):
         assert acted > 0, f"{name} never clipped nor skipped"
 
 
