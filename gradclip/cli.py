@@ -397,6 +397,7 @@ def main(argv: list[str] | None = None) -> int:
     elif rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     handlers = {"compare": _compare, "suggest": _suggest, "report": _report, "bench": _bench}
+    saved = dict(os.environ)
     if args.command == "compare":
         # Before PyTorch is imported: the same threads and kernels on every machine
         # (gradclip.experiments.environment says why); worker processes inherit them.
@@ -415,6 +416,11 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"gradclip {args.command}: error: {_one_line(_missing([root]))}", file=sys.stderr)
         return 2
+    finally:
+        # main() called from Python (tests, notebooks) leaves the caller's environment as it was.
+        if os.environ != saved:
+            os.environ.clear()
+            os.environ.update(saved)
 
 
 def _one_line(error: BaseException) -> str:

@@ -545,3 +545,16 @@ def test_compare_shows_skip_rate_when_steps_were_skipped(tmp_path):
     assert record["skip_rate"] == sum(record["history"]["skipped"]) / record["steps_run"]
     row = next(line for line in result.stdout.splitlines() if line.startswith("│ skip_on_spike"))
     assert "skip rate" in result.stdout and f"{record['skip_rate']:.1%}" in row
+
+
+def test_compare_called_in_process_leaves_the_environment_as_it_was(tmp_path, capsys):
+    # The pins (one thread, AVX2 kernels) are set for the comparison and its workers, then the
+    # caller's environment comes back: a later TensorFlow or NumPy import must not inherit them.
+    from gradclip import cli
+
+    before = dict(os.environ)
+    args = ["compare", "--task", "digits", "--steps", "2", "--seeds", "1", "--jobs", "1", "--no-progress",
+            "--clipper", "none", "--out", str(tmp_path / "run")]
+    assert cli.main(args) == 0
+    assert dict(os.environ) == before
+    assert json.loads((tmp_path / "run" / "results.jsonl").read_text())["steps_run"] == 2

@@ -41,8 +41,10 @@ PINNED_ENVIRONMENT: dict[str, str] = {
     "MKL_CBWR": "AVX2,STRICT",
     "ONEDNN_MAX_CPU_ISA": "AVX2",
     "CUBLAS_WORKSPACE_CONFIG": ":4096:8",
-    "TF_DETERMINISTIC_OPS": "1",
 }
+# Not pinned: TF_DETERMINISTIC_OPS. It makes TensorFlow refuse every unseeded random op, which
+# would break a user's Keras task that builds its model before seeding; a train function that
+# wants TensorFlow's determinism calls tf.config.experimental.enable_op_determinism() itself.
 
 _ISA_KEYS = ("ATEN_CPU_CAPABILITY", "MKL_CBWR", "ONEDNN_MAX_CPU_ISA")
 
