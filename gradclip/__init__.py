@@ -58,9 +58,6 @@ from gradclip.functional import (
 )
 from gradclip.monitor import Monitor, suggest_threshold
 from gradclip import schedules
-
-__version__ = "0.1.0"
-
 from gradclip._core.tracing import register_torch_backend
 
 
@@ -73,6 +70,9 @@ def _load_torch_backend():
 
 
 register_torch_backend(_load_torch_backend)
+
+__version__ = "0.1.0"
+
 __all__ = [
     "AGC",
     "AdaClip",
