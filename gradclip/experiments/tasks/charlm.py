@@ -35,7 +35,52 @@ def _stdlib_text(limit: int = 200_000) -> str:
     return "\n\n".join(parts)[:limit]
 
 
-class CharLMTask(Task):
+class CharWindowTask(Task):
+    """The part a character-level task shares: random training windows of ``seq_len + 1``
+    characters, next-character cross-entropy, and evaluation on up to ``eval_windows`` disjoint
+    held-out windows (loss and accuracy). Subclasses set ``train_data``, ``test_data``,
+    ``seq_len``, ``batch_size`` and ``generator``."""
+
+    #: How many held-out windows :meth:`evaluate` reads.
+    eval_windows = 64
+
+    def _windows(self, data, starts):
+        import torch
+
+        offsets = torch.arange(self.seq_len + 1)
+        chunk = data[starts[:, None] + offsets[None, :]]
+        return chunk[:, :-1], chunk[:, 1:]
+
+    def batch(self, step):
+        import torch
+
+        starts = torch.randint(0, len(self.train_data) - self.seq_len - 1, (self.batch_size,), generator=self.generator)
+        return self._windows(self.train_data, starts)
+
+    def loss(self, model, batch):
+        import torch.nn.functional as F
+
+        x, y = batch
+        logits = model(x)
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+
+    def evaluate(self, model):
+        import torch
+        import torch.nn.functional as F
+
+        count = min(self.eval_windows, (len(self.test_data) - 1) // self.seq_len)
+        starts = torch.arange(count) * self.seq_len
+        x, y = self._windows(self.test_data, starts)
+        with torch.no_grad():
+            logits = model(x)
+        return {
+            "loss": F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1)).item(),
+            "accuracy": (logits.argmax(-1) == y).float().mean().item(),
+        }
+
+
+
+class CharLMTask(CharWindowTask):
     """A one-layer LSTM character language model on the standard library's docstrings.
 
     Metric: next-character accuracy on the last 10 % of the text; "solved" at 45 % (a unigram
@@ -80,40 +125,6 @@ class CharLMTask(Task):
                 return self.head(self.lstm(self.embed(x))[0])
 
         return Model()
-
-    def _windows(self, data, starts):
-        import torch
-
-        offsets = torch.arange(self.seq_len + 1)
-        chunk = data[starts[:, None] + offsets[None, :]]
-        return chunk[:, :-1], chunk[:, 1:]
-
-    def batch(self, step):
-        import torch
-
-        starts = torch.randint(0, len(self.train_data) - self.seq_len - 1, (self.batch_size,), generator=self.generator)
-        return self._windows(self.train_data, starts)
-
-    def loss(self, model, batch):
-        import torch.nn.functional as F
-
-        x, y = batch
-        logits = model(x)
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
-
-    def evaluate(self, model):
-        import torch
-        import torch.nn.functional as F
-
-        count = min(64, (len(self.test_data) - 1) // self.seq_len)
-        starts = torch.arange(count) * self.seq_len
-        x, y = self._windows(self.test_data, starts)
-        with torch.no_grad():
-            logits = model(x)
-        return {
-            "loss": F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1)).item(),
-            "accuracy": (logits.argmax(-1) == y).float().mean().item(),
-        }
 
     def solved(self, metric):
         return metric >= 0.45

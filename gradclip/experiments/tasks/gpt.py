@@ -18,12 +18,12 @@ from __future__ import annotations
 import math
 
 from gradclip.experiments.tasks.base import Task, TaskDefaults, make_optimizer
-from gradclip.experiments.tasks.charlm import _stdlib_text
+from gradclip.experiments.tasks.charlm import CharWindowTask, _stdlib_text
 
 __all__ = ["GPTTask"]
 
 
-class GPTTask(Task):
+class GPTTask(CharWindowTask):
     """A 4-layer, 64-wide, 4-head post-LN GPT over characters of the standard library's docstrings.
 
     AdamW (betas 0.9/0.95, weight decay 0.1, no warm-up) at a learning rate of 1e-2: unclipped
@@ -45,6 +45,7 @@ class GPTTask(Task):
     default_clippers = ("none", "global_norm:max_norm=1.0", "zclip", "adagc", "autoclip")
     batch_size = 16
     min_seq_len = 8
+    eval_windows = 128
 
     def __init__(
         self, seed: int, seq_len: int = 64, layers: int = 4, width: int = 64, heads: int = 4, layer_norm: str = "post"
@@ -128,40 +129,6 @@ class GPTTask(Task):
             # GPT-style settings: beta2 0.95 and weight decay 0.1, no warm-up (the spikes' cause).
             return torch.optim.AdamW(parameters, lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
         return make_optimizer(name, parameters, lr)
-
-    def _windows(self, data, starts):
-        import torch
-
-        offsets = torch.arange(self.seq_len + 1)
-        chunk = data[starts[:, None] + offsets[None, :]]
-        return chunk[:, :-1], chunk[:, 1:]
-
-    def batch(self, step):
-        import torch
-
-        starts = torch.randint(0, len(self.train_data) - self.seq_len - 1, (self.batch_size,), generator=self.generator)
-        return self._windows(self.train_data, starts)
-
-    def loss(self, model, batch):
-        import torch.nn.functional as F
-
-        x, y = batch
-        logits = model(x)
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
-
-    def evaluate(self, model):
-        import torch
-        import torch.nn.functional as F
-
-        count = min(128, (len(self.test_data) - 1) // self.seq_len)
-        starts = torch.arange(count) * self.seq_len
-        x, y = self._windows(self.test_data, starts)
-        with torch.no_grad():
-            logits = model(x)
-        return {
-            "loss": F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1)).item(),
-            "accuracy": (logits.argmax(-1) == y).float().mean().item(),
-        }
 
     def solved(self, metric):
         return metric >= 0.40
