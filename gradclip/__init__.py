@@ -13,6 +13,7 @@ arrays it is given and its framework is imported then.
 
 from gradclip._core.errors import (
     BackendError,
+    DivergenceError,
     GradClipError,
     InvalidArgumentError,
     NonFiniteError,
@@ -85,6 +86,7 @@ __all__ = [
     "Chain",
     "ClipInfo",
     "Clipper",
+    "DivergenceError",
     "GlobalNorm",
     "GradClipError",
     "InvalidArgumentError",

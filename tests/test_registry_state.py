@@ -221,7 +221,8 @@ def test_get_without_arguments_gives_a_working_clipper(name):
             np.testing.assert_array_equal(g, b)
         assert [o.shape for o in out] == [g.shape for g in grads]
         assert all(np.isfinite(o).all() for o in out)
-        assert set(info._fields) == {"norm", "threshold", "coef", "clipped", "finite", "skip"}
+        assert set(info._fields) == {"norm", "threshold", "coef", "clipped", "finite", "skip", "consecutive_skips"}
+        assert info.consecutive_skips is None  # counted only by the wrappers that own the step
         assert float(info.norm) == pytest.approx(float(gradclip.global_norm(grads)), rel=1e-5)
     # The foundation methods' defaults (API.md): all clip gradients of norm ~35 somewhat.
     if name in FOUNDATION:

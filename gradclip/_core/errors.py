@@ -17,6 +17,7 @@ __all__ = [
     "ReadOnlyArrayError",
     "NonFiniteError",
     "StateError",
+    "DivergenceError",
 ]
 
 
@@ -77,3 +78,34 @@ class NonFiniteError(GradClipError, ValueError, RuntimeError):
 
 class StateError(GradClipError, ValueError):
     """Clipper state is malformed, does not match the clipper, or was advanced twice in one step."""
+
+
+class DivergenceError(GradClipError, RuntimeError):
+    """Too many optimizer steps in a row were skipped: training has stopped making progress.
+
+    Raised by :class:`gradclip.torch.ClippedOptimizer` (``max_consecutive_skips=N``) and the
+    trainer integrations when the N-th consecutive step is skipped (``SkipOnSpike``,
+    ``SkipAbove``, ``nonfinite="skip"``), instead of skipping forever. The message names the
+    streak and the last norms and losses; they are also attributes. It is a ``RuntimeError``
+    because a diverged run is one.
+    """
+
+    # The details go through __new__, so that __init__ stays Exception's (see GradClipError).
+    def __new__(
+        cls,
+        message: str = "",
+        streak: int = 0,
+        norms: list[float] | None = None,
+        losses: list[float | None] | None = None,
+    ):
+        self = super().__new__(cls, message)
+        #: The number of consecutive skipped steps when the error was raised.
+        self.streak = int(streak)
+        #: The gradient norms of the skipped steps, oldest first.
+        self.norms = list(norms or [])
+        #: The losses of the skipped steps, oldest first (None where no loss was given).
+        self.losses = list(losses or [])
+        return self
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""

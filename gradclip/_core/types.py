@@ -25,6 +25,11 @@ class ClipInfo(NamedTuple):
         finite: True when every gradient element was finite.
         skip: True when the optimizer step should be skipped (non-finite gradients under the
             ``"skip"`` policy, or a spike detected by a spike-skipping clipper).
+        consecutive_skips: Optimizer steps skipped in a row, this one included (an int64 0-d
+            array; 0 when this step was not skipped). Counted by the wrappers that own the
+            optimizer step (:class:`gradclip.torch.ClippedOptimizer`, the trainer callbacks,
+            Keras' ``ClippingOptimizer``); None from a bare ``clip_``/``clip``/``update``, which
+            cannot know whether the caller skipped.
     """
 
     norm: Any
@@ -33,6 +38,7 @@ class ClipInfo(NamedTuple):
     clipped: Any
     finite: Any
     skip: Any
+    consecutive_skips: Any = None
 
     def to_dict(self) -> dict[str, float | bool]:
         """Return the fields as Python floats and bools.
@@ -41,12 +47,20 @@ class ClipInfo(NamedTuple):
         on an accelerator.
 
         Returns:
-            A dict with the six field names as keys.
+            A dict with the six measured fields as keys, and ``consecutive_skips`` (an int) when
+            a wrapper counted it.
         """
         out: dict[str, float | bool] = {}
         for key, value in self._asdict().items():
+            if key == "consecutive_skips" and value is None:
+                continue
             as_python = value.item() if hasattr(value, "item") else value
-            out[key] = bool(as_python) if key in ("clipped", "finite", "skip") else float(as_python)
+            if key == "consecutive_skips":
+                out[key] = int(as_python)
+            elif key in ("clipped", "finite", "skip"):
+                out[key] = bool(as_python)
+            else:
+                out[key] = float(as_python)
         return out
 
 

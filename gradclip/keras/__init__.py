@@ -78,7 +78,8 @@ from gradclip.keras._distribute import all_reduce_sum, already_reduced, assign_e
 
 __all__ = ["ClippingOptimizer"]
 
-_INFO_FIELDS = ClipInfo._fields
+# The measured fields; consecutive_skips is counted by the optimizer step, not the clipper.
+_INFO_FIELDS = ClipInfo._fields[:6]
 _FLAG_FIELDS = ("clipped", "finite", "skip")
 #: What the wrapper takes over from the wrapped optimizer (and gives back in ``get_config``).
 _TAKEN = ("gradient_accumulation_steps", "loss_scale_factor")

@@ -1,0 +1,128 @@
+"""Streaks of skipped optimizer steps: count them, and stop a run that only skips.
+
+A clipper that skips steps (``SkipOnSpike``, ``SkipAbove``, ``nonfinite="skip"``) protects a run
+from one bad batch; a run whose every step is skipped has diverged, and skipping forever hides
+it. OLMo-core's ``SkipStepOptimizer`` and Megatron's ``grad_norm_skip_threshold`` leave the
+streak unbounded; optax's ``apply_if_finite(max_consecutive_errors=...)`` bounds it for
+non-finite steps only. :class:`SkipStreak` bounds it for any reason to skip.
+
+The count is an array on the gradients' device (``where(skip, count + 1, 0)``), so counting
+costs no host-device synchronisation. Checking the bound does: one host read per optimizer step,
+and only when a bound is set and the clipper can skip at all (``clipper.may_skip``).
+
+The wrappers that own the optimizer step (``ClippedOptimizer``, the trainer callbacks, Keras'
+``ClippingOptimizer``) hold one :class:`SkipStreak` each; a bare ``clip_`` cannot know whether
+its caller skipped, so its :class:`~gradclip.ClipInfo` has ``consecutive_skips=None``.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any
+
+from gradclip._core.errors import DivergenceError, StateError
+from gradclip._core.types import ClipInfo
+from gradclip._core.validation import check_int
+
+__all__ = ["SkipStreak"]
+
+
+class SkipStreak:
+    """Counts the optimizer steps skipped in a row; raises past a bound.
+
+    Args:
+        max_consecutive_skips: Raise :class:`~gradclip.DivergenceError` when this many steps in a
+            row were skipped (an int ``>= 1``), or None to count only.
+        where: The owner, for messages (``"ClippedOptimizer"``).
+
+    Raises:
+        InvalidArgumentError: ``max_consecutive_skips`` is not None or an int ``>= 1``.
+    """
+
+    def __init__(self, max_consecutive_skips: int | None, where: str):
+        self.max_consecutive_skips = check_int(where, "max_consecutive_skips", max_consecutive_skips, low=1, allow_none=True)
+        self.where = where
+        self._count: Any = None
+        self._host_count = 0  # the count as last read on the host (checkpoints, messages)
+        # The norms and losses of the current streak's steps (arrays; read only to raise).
+        self._recent: deque[tuple[Any, Any]] = deque(maxlen=max_consecutive_skips or 1)
+
+    @property
+    def count(self) -> Any:
+        """The current streak: an int64 0-d array, or the Python int 0 before the first step."""
+        return self._host_count if self._count is None else self._count
+
+    def observe(self, ops: Any, info: ClipInfo, loss: Any = None, may_skip: bool = True) -> ClipInfo:
+        """Count one optimizer step and return ``info`` with ``consecutive_skips`` set.
+
+        Args:
+            ops: The gradients' backend (``gradclip._core.ops.Ops``).
+            info: The step's ClipInfo; ``info.skip`` says whether the step was skipped.
+            loss: The step's loss (kept for the error message), or None.
+            may_skip: False when the clipper can never skip: the count stays 0 and the bound
+                is not checked (no host read).
+
+        Returns:
+            ``info`` with ``consecutive_skips`` the streak including this step.
+
+        Raises:
+            DivergenceError: The streak reached ``max_consecutive_skips``. The count is kept
+                (a caught error followed by another skipped step raises again).
+        """
+        zero = ops.scalar(0, "int64")
+        previous = self._count if self._count is not None else ops.scalar(self._host_count, "int64")
+        if not may_skip or info.skip is None:
+            count = zero
+        else:
+            count = ops.where(ops.cast(info.skip, "bool"), previous + 1, zero)
+        self._count = count
+        info = info._replace(consecutive_skips=count)
+        if not may_skip:
+            self._recent.clear()
+            return info
+        # A loss with autograd history would keep the step's whole graph alive: keep the value.
+        self._recent.append((info.norm, loss.detach() if hasattr(loss, "detach") else loss))
+        if self.max_consecutive_skips is not None:
+            streak = int(ops.to_host(count))
+            self._host_count = streak
+            if streak >= self.max_consecutive_skips:
+                raise self._error(ops, streak)
+        return info
+
+    def _error(self, ops: Any, streak: int) -> DivergenceError:
+        recent = list(self._recent)[-streak:]
+        norms = [float(ops.to_host(norm)) for norm, _ in recent]
+        losses = [None if loss is None else float(loss.item() if hasattr(loss, "item") else loss) for _, loss in recent]
+        shown_losses = ", ".join("-" if v is None else f"{v:.6g}" for v in losses)
+        return DivergenceError(
+            f"{self.where}: {streak} optimizer steps in a row were skipped "
+            f"(max_consecutive_skips={self.max_consecutive_skips}); training is not progressing. "
+            f"Last gradient norms: [{', '.join(f'{v:.6g}' for v in norms)}]; last losses: [{shown_losses}]. "
+            "Lower the learning rate, check the data of these steps, or resume from an earlier checkpoint.",
+            streak,
+            norms,
+            losses,
+        )
+
+    def reset(self) -> None:
+        """Forget the streak (after a restart from a checkpoint the user chose to roll back to)."""
+        self._count, self._host_count = None, 0
+        self._recent.clear()
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def state_dict(self) -> int:
+        """The streak as a Python int (one host read)."""
+        if self._count is not None:
+            self._host_count = int(self._count.item() if hasattr(self._count, "item") else self._count)
+        return self._host_count
+
+    def load_state_dict(self, value: Any) -> None:
+        """Restore :meth:`state_dict`'s int.
+
+        Raises:
+            StateError: ``value`` is not an int ``>= 0``; nothing changes then.
+        """
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise StateError(f"{self.where}: the checkpoint's consecutive_skips must be an int >= 0, got {value!r}")
+        self._count, self._host_count = None, value
+        self._recent.clear()
