@@ -30,6 +30,20 @@ zero updates. A stateful optimizer later in the chain (Adam) still advances its 
 update; :func:`clip_then` wraps the optimizer so that a skipped step leaves its state untouched,
 as ``optax.apply_if_finite`` does.
 
+The transformations take optax's *extra arguments* (``optax.GradientTransformationExtraArgs``):
+the step's loss reaches the clipper as ``update(updates, state, params, loss=loss)``, also through
+``optax.chain`` (which hands every extra argument to every link; links that take none ignore
+them), so :class:`~gradclip.SkipOnSpike` with ``signal="loss"`` or ``"both"`` skips on a loss
+spike::
+
+    tx = gradclip.optax.clip_then(gradclip.SkipOnSpike(signal="loss"), optax.adam(1e-3))
+    loss, grads = jax.value_and_grad(loss_fn)(params, batch)
+    updates, opt_state = tx.update(grads, opt_state, params, loss=loss)
+
+``value=`` (optax's name for the objective, used by ``reduce_on_plateau`` and the line searches)
+is taken as the loss when ``loss=`` is not given; ``step=`` reaches scheduled thresholds. Under
+``jax.jit`` pass the loss as an array (a Python float would be a constant of the trace).
+
 optax and jax are imported when a transformation is built, not when gradclip is imported.
 """
 
@@ -38,6 +52,7 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 from gradclip._core.clipper import Clipper
+from gradclip._core.contract import NO_SIGNALS, Signals, signals_from
 from gradclip._core.errors import BackendError, InvalidArgumentError
 from gradclip._core.ops import get_ops
 from gradclip._core.types import ClipInfo
@@ -114,9 +129,12 @@ def as_optax(clipper: Clipper, axis_name: Any = None):
     """Wrap ``clipper`` as an ``optax.GradientTransformation``.
 
     ``init(params)`` builds the clipper's state for gradients shaped like ``params``;
-    ``update(updates, state, params=None)`` clips ``updates`` (any pytree; ``None`` leaves pass
-    through) and returns ``(clipped_updates, new_state)``. Methods that need the parameters (AGC)
-    take them from ``params``, which must then be given. Everything runs under ``jax.jit``.
+    ``update(updates, state, params=None, **extra_args)`` clips ``updates`` (any pytree; ``None``
+    leaves pass through) and returns ``(clipped_updates, new_state)``. Methods that need the
+    parameters (AGC) take them from ``params``, which must then be given. The extra arguments
+    ``loss=`` (or optax's ``value=``) and ``step=`` are the clipper's signals (module
+    documentation); other extra arguments, meant for other links of a chain, are ignored.
+    Everything runs under ``jax.jit``.
 
     Args:
         clipper: Any gradclip clipper (stateless or adaptive, or a chain).
@@ -125,12 +143,13 @@ def as_optax(clipper: Clipper, axis_name: Any = None):
             inside or outside the mapped function.
 
     Returns:
-        An ``optax.GradientTransformation`` whose state is a :class:`ClipperState`.
+        An ``optax.GradientTransformationExtraArgs`` whose state is a :class:`ClipperState`.
 
     Raises:
         InvalidArgumentError: ``clipper`` is not a gradclip clipper, or ``axis_name`` is not an
-            axis name or tuple of names; (when ``update`` is called) an axis not bound there, or a
-            leaf that varies along a mapped axis not named (it would be clipped per device).
+            axis name or tuple of names; (when ``update`` is called) an axis not bound there, a
+            leaf that varies along a mapped axis not named (it would be clipped per device), or a
+            ``loss``/``step`` that is not a number or a one-element JAX array.
         BackendError: (when called) leaves that are torch or TensorFlow arrays.
     """
     import jax
@@ -145,9 +164,9 @@ def as_optax(clipper: Clipper, axis_name: Any = None):
     needs_params = clipper.needs_params
     _check_axis_name(f"{name}.as_optax", axis_name)
 
-    def step(leaves, names, state, param_leaves, axis=axis_name):
+    def step(leaves, names, state, param_leaves, signals=NO_SIGNALS, axis=axis_name):
         ops = get_ops(leaves, framework="jax", where=f"{name}.as_optax().update", axis_name=axis)
-        new, state, info = clipper.run(ops, leaves, state, param_leaves, names)
+        new, state, info = clipper.run(ops, leaves, state, param_leaves, names, signals)
         return new, state, ops.finish_info(info)
 
     def init_fn(params):
@@ -156,11 +175,13 @@ def as_optax(clipper: Clipper, axis_name: Any = None):
         state = clipper.init_state(ops, leaves)
         # The info's dtypes must be those update() produces, so the state has one fixed type
         # (lax.scan and while loops carry it): take them from an abstract evaluation, of whole
-        # arrays (dtypes do not depend on the axes; init may run outside the mapped function).
+        # arrays (dtypes do not depend on the axes; init may run outside the mapped function),
+        # given a loss (a loss-watching clipper needs one; the others ignore it).
         whole = [jax.ShapeDtypeStruct(leaf.shape, leaf.dtype) for leaf in leaves]
         shapes = jax.eval_shape(
-            lambda g, p, s: step(g, names, s, p if needs_params else None, None)[2],
+            lambda g, p, s, loss: step(g, names, s, p if needs_params else None, Signals(loss=loss), None)[2],
             whole, whole, jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state),
+            jax.ShapeDtypeStruct((), jnp.float32),
         )
         info = ClipInfo(
             norm=jnp.zeros(shapes.norm.shape, shapes.norm.dtype),
@@ -172,8 +193,9 @@ def as_optax(clipper: Clipper, axis_name: Any = None):
         )
         return ClipperState(clipper=state, info=info)
 
-    def update_fn(updates, state, params=None):
+    def update_fn(updates, state, params=None, **extra_args):
         where = f"{name}.as_optax().update"
+        signals = _signals(where, extra_args)
         if not isinstance(state, ClipperState):
             raise InvalidArgumentError(
                 f"{where}: state must be the ClipperState from init(), got {type(state).__name__}"
@@ -186,12 +208,26 @@ def as_optax(clipper: Clipper, axis_name: Any = None):
                     f"{where}: {name} needs the parameters; call update(updates, state, params)"
                 )
             param_leaves, _, _ = _leaves(treedef.flatten_up_to(params), where)
-        new, inner, info = step(leaves, names, state.clipper, param_leaves)
+        new, inner, info = step(leaves, names, state.clipper, param_leaves, signals)
         # A skipped step changes nothing: zero updates (where, not a Python branch).
         new = [jnp.where(info.skip, jnp.zeros_like(n), n) for n in new]
         return jax.tree_util.tree_unflatten(treedef, new), ClipperState(clipper=inner, info=info)
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _signals(where: str, extra_args: dict[str, Any]) -> Signals:
+    """The clipper's signals among optax's extra arguments (``loss``, else ``value``; ``step``),
+    validated; the others belong to other links of a chain."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    given = {key: extra_args[key] for key in ("loss", "step") if extra_args.get(key) is not None}
+    if "loss" not in given and extra_args.get("value") is not None:
+        given["loss"] = extra_args["value"]  # optax's name for the objective
+    # NumPy scalars and arrays are JAX's inputs as much as jax.Arrays are.
+    given = {key: jnp.asarray(v) if isinstance(v, (np.ndarray, np.generic)) else v for key, v in given.items()}
+    return signals_from(where, given, "jax")
 
 
 def clip_then(clipper: Clipper, inner, axis_name: Any = None):
@@ -200,7 +236,8 @@ def clip_then(clipper: Clipper, inner, axis_name: Any = None):
     Like ``optax.chain(clipper.as_optax(), inner)``, except that a step the clipper asks to skip
     (``info.skip``) outputs zero updates *and* leaves ``inner``'s state (Adam's moments, its step
     count) as it was, in the manner of ``optax.apply_if_finite``. Selection uses ``jnp.where``,
-    so it works under ``jax.jit``.
+    so it works under ``jax.jit``. Extra arguments (``loss=``...) reach both the clipper and
+    ``inner`` (which ignores them unless it takes extra arguments itself).
 
     Args:
         clipper: Any gradclip clipper.
@@ -208,27 +245,28 @@ def clip_then(clipper: Clipper, inner, axis_name: Any = None):
         axis_name: As for :func:`as_optax`.
 
     Returns:
-        An ``optax.GradientTransformation`` whose state is a ``ClipThenState``.
+        An ``optax.GradientTransformationExtraArgs`` whose state is a ``ClipThenState``.
     """
     import jax
     import jax.numpy as jnp
     import optax
 
     clip_tx = as_optax(clipper, axis_name=axis_name)
+    inner_tx = optax.with_extra_args_support(inner)
 
     def init_fn(params):
-        return ClipThenState(clip=clip_tx.init(params), inner=inner.init(params))
+        return ClipThenState(clip=clip_tx.init(params), inner=inner_tx.init(params))
 
-    def update_fn(updates, state, params=None):
-        clipped, clip_state = clip_tx.update(updates, state.clip, params)
-        new_updates, new_inner = inner.update(clipped, state.inner, params)
+    def update_fn(updates, state, params=None, **extra_args):
+        clipped, clip_state = clip_tx.update(updates, state.clip, params, **extra_args)
+        new_updates, new_inner = inner_tx.update(clipped, state.inner, params, **extra_args)
         skip = clip_state.info.skip
         keep = lambda old, new: jnp.where(skip, old, new)  # noqa: E731
         inner_state = jax.tree_util.tree_map(keep, state.inner, new_inner)
         new_updates = jax.tree_util.tree_map(lambda u: jnp.where(skip, jnp.zeros_like(u), u), new_updates)
         return new_updates, ClipThenState(clip=clip_state, inner=inner_state)
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def _check_axis_name(where: str, axis_name: Any) -> None:
