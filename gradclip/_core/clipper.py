@@ -5,6 +5,8 @@ A clipper declares, as class attributes, what it needs and what it can do:
 * ``coefficient`` — the kind of coefficient it decides (:class:`~gradclip._core.contract.Coefficient`:
   one scalar, one per tensor, one per unit, element-wise, or none), which fixes how it is applied;
 * ``needs_params`` — whether ``decide`` needs the parameters (AGC);
+* ``needs_optimizer_state`` — whether ``decide`` reads the ``optimizer_state`` signal (SPAM's
+  :class:`~gradclip.SpikeAware`): then ``ClippedOptimizer`` passes the optimizer's moments;
 * ``state_type`` / ``state_dtypes`` — its state (a NamedTuple of arrays) and each field's dtype;
   ``keeps_state`` follows from them;
 * ``per_tensor_state`` — whether the state holds one entry per tensor (then the tensors' layout
@@ -120,6 +122,8 @@ class Clipper(CallsMixin):
     coefficient: ClassVar[str] = Coefficient.SCALAR
     #: Whether decide() needs the parameters (AGC).
     needs_params: ClassVar[bool] = False
+    #: Whether decide() reads the optimizer_state signal (SPAM), which ClippedOptimizer then passes.
+    needs_optimizer_state: ClassVar[bool] = False
     #: Whether the state holds one entry per tensor (its layout must not change).
     per_tensor_state: ClassVar[bool] = False
     #: The order of the norms the default measure() takes, and the non-finite policy.

@@ -56,6 +56,10 @@ class Chain(Clipper):
         return any(c.needs_params for c in self.clippers)
 
     @property
+    def needs_optimizer_state(self) -> bool:  # type: ignore[override]
+        return any(c.needs_optimizer_state for c in self.clippers)
+
+    @property
     def per_tensor_state(self) -> bool:  # type: ignore[override]
         return any(c.per_tensor_state for c in self.clippers)
 

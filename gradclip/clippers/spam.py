@@ -14,8 +14,9 @@ bound, keeping its sign (θ = 5000 in the paper). The rule needs ``v``: it reads
 After a momentum reset ``v`` is 0 and the rule would zero every gradient, so SPAM clips only from
 step ``warmup_steps`` (its ``grad_accu_steps``, 20) on, and with periodic resets (its ``DeltaT``,
 500: ``reset_interval`` here) only ``warmup_steps`` steps after each. The reset itself zeroes the
-optimizer's moments, which is the optimizer's business (:class:`gradclip.torch.ClippedOptimizer`);
-:meth:`SpikeAware.reset_due` says at which steps SPAM resets.
+optimizer's moments, which is the optimizer's business: :meth:`SpikeAware.reset_due` says at which
+steps SPAM resets, and :class:`gradclip.torch.ClippedOptimizer` passes ``exp_avg_sq`` and performs
+the resets (:mod:`gradclip.torch.optim_state_aware`, ``reset_momentum=False`` to keep the moments).
 
 Deviations from the reference code (each a strict expectation in ``tests/test_spam.py``):
 
@@ -90,6 +91,7 @@ class SpikeAware(Clipper):
 
     defaults: dict[str, Any] = {}
     coefficient = Coefficient.ELEMENTWISE
+    needs_optimizer_state = True  # ClippedOptimizer passes Adam's exp_avg_sq as optimizer_state
     state_type = SpikeAwareState
     state_dtypes = {"step": "int64"}
 

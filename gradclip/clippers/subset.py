@@ -100,6 +100,10 @@ class Subset(Clipper):
         return self.clipper.needs_params
 
     @property
+    def needs_optimizer_state(self) -> bool:  # type: ignore[override]
+        return self.clipper.needs_optimizer_state
+
+    @property
     def per_tensor_state(self) -> bool:  # type: ignore[override]
         return self.clipper.per_tensor_state
 
