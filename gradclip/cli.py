@@ -55,8 +55,8 @@ EXTRAS = {
 
 #: The optional modules each command needs whatever it is asked to do.
 _NEEDS = {"compare": ("rich", "matplotlib"), "suggest": ("matplotlib",), "report": ("matplotlib",), "bench": ("torch",)}
-#: Built-in tasks' own needs (digits and spikes load scikit-learn's bundled digits).
-_TASK_NEEDS = {"digits": ("sklearn",), "spikes": ("sklearn",)}
+#: Built-in tasks' own needs (digits, spikes and badbatch load scikit-learn's bundled digits).
+_TASK_NEEDS = {"digits": ("sklearn",), "spikes": ("sklearn",), "badbatch": ("sklearn",)}
 
 
 class UsageError(Exception):

@@ -197,8 +197,10 @@ def _run_task(cls: type[Task], config: RunConfig, report: Callable[[int], None] 
             _check_loss(config.task, loss)
             loss.backward()
             spike = task.perturb(model, step)
-            # Reading the info every step syncs; on a CPU that costs nothing and the traces need it.
-            info = clipper.clip_(model).to_dict()
+            # The loss goes along as a signal (SkipOnSpike(signal="loss") decides on it; the other
+            # clippers ignore it). Reading the info every step syncs; on a CPU that costs nothing
+            # and the traces need it.
+            info = clipper.clip_(model, loss=loss.detach()).to_dict()
             loss_value = float(loss.detach())
             history["loss"].append(loss_value)
             history["norm"].append(info["norm"])

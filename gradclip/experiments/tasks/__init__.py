@@ -7,6 +7,9 @@
 * ``digits`` — the seeds' classifier: a 64-128-10 MLP on scikit-learn's bundled 8x8 digits.
 * ``spikes`` — ``digits`` with the gradient multiplied by x100 to x1000 at random steps, the
   failure adaptive clippers (ZClip, AutoClip, SkipOnSpike) are built for.
+* ``badbatch`` — ``digits`` where about 3 % of the batches are bad (every label wrong, inputs
+  unnormalised): loss spikes from the data, the failure loss-aware skipping
+  (``SkipOnSpike(signal="loss")``, OLMo-core's rule) is built for.
 * ``charlm`` — a small character-level LSTM language model trained on source text that ships
   with Python's standard library (so nothing is downloaded).
 * ``gpt`` — a small decoder-only transformer on the same text, trained with AdamW at a learning
@@ -21,6 +24,7 @@ Divergence is judged on each task's own scale (:mod:`~gradclip.experiments.tasks
 Layout: :mod:`~gradclip.experiments.tasks.base` (the :class:`Task` contract and divergence),
 :mod:`~gradclip.experiments.tasks.rnn` (``adding``, ``temporal-order``),
 :mod:`~gradclip.experiments.tasks.digits` (``digits``, ``spikes``),
+:mod:`~gradclip.experiments.tasks.badbatch` (``badbatch``),
 :mod:`~gradclip.experiments.tasks.charlm` (``charlm``), :mod:`~gradclip.experiments.tasks.gpt`
 (``gpt``); this module holds the registry. Your own tasks need no registration: see
 :class:`~gradclip.experiments.Task` and ``gradclip compare --task path/to/file.py:factory``.
@@ -32,6 +36,7 @@ import inspect
 from typing import Any
 
 from gradclip._core.errors import InvalidArgumentError, UnknownNameError
+from gradclip.experiments.tasks.badbatch import BadBatchTask
 from gradclip.experiments.tasks.base import DIVERGENCE_FACTOR, Task, TaskDefaults, TaskError
 from gradclip.experiments.tasks.charlm import CharLMTask, _stdlib_text
 from gradclip.experiments.tasks.digits import DigitsTask, SpikesTask
@@ -51,7 +56,7 @@ __all__ = [
 ]
 
 TASKS: dict[str, type[Task]] = {
-    task.name: task for task in (AddingTask, TemporalOrderTask, DigitsTask, SpikesTask, CharLMTask, GPTTask)
+    task.name: task for task in (AddingTask, TemporalOrderTask, DigitsTask, SpikesTask, BadBatchTask, CharLMTask, GPTTask)
 }
 
 
@@ -100,9 +105,14 @@ def check_options(name: str, options: dict[str, Any]) -> None:
 def check_task_options(cls: type[Task], options: dict[str, Any]) -> None:
     """Validate options against a :class:`Task` subclass's constructor (built in or yours).
 
+    A task class may also check the values of its own options up front with a classmethod
+    ``check_option_values(options)`` (``badbatch`` does), so a bad value stops the comparison
+    before any run starts instead of failing every run.
+
     Raises:
-        InvalidArgumentError: An option the constructor does not take, or a ``seq_len`` below
-            the task's :attr:`~Task.min_seq_len`.
+        InvalidArgumentError: An option the constructor does not take, a ``seq_len`` below
+            the task's :attr:`~Task.min_seq_len`, or a value the task's
+            ``check_option_values`` rejects.
     """
     name = cls.name
     accepted = sorted(set(inspect.signature(cls.__init__).parameters) - {"self", "seed"})
@@ -114,3 +124,6 @@ def check_task_options(cls: type[Task], options: dict[str, Any]) -> None:
             raise InvalidArgumentError(
                 f"seq_len must be an integer >= {cls.min_seq_len} for task {name!r}, got {value!r}"
             )
+    check_values = getattr(cls, "check_option_values", None)
+    if check_values is not None:
+        check_values(options)

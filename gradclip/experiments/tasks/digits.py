@@ -5,10 +5,41 @@ classifier) and ``spikes`` (the same with x100 to x1000 gradient spikes at rando
 from __future__ import annotations
 
 import math
+from typing import Any
 
 from gradclip.experiments.tasks.base import Task, TaskDefaults
 
-__all__ = ["DigitsTask", "SpikesTask"]
+__all__ = ["DigitsTask", "SpikesTask", "fault_schedule"]
+
+#: Steps covered by a fault schedule (more than any run takes).
+FAULT_HORIZON = 100_000
+#: Steps at the start of a run that never carry a fault: every method sees a clean start.
+CLEAN_START = 20
+
+
+def fault_schedule(seed: int, salt: int) -> tuple[Any, Any]:
+    """Two seeded uniform draws per step, for injecting faults at random steps.
+
+    A fault fires at ``step`` when ``draws[step] < probability``; ``uniform[step]`` sizes it.
+    The generator is seeded by ``salt + seed``, apart from the data's and the model's, so every
+    clipper of a seed meets the same faults at the same steps, and two kinds of fault (another
+    ``salt``) fall independently.
+
+    Args:
+        seed: The run's seed.
+        salt: Added to the seed, one value per kind of fault.
+
+    Returns:
+        ``(draws, uniform)``: two float32 tensors of :data:`FAULT_HORIZON` draws in [0, 1);
+        ``draws`` is 1 for the first :data:`CLEAN_START` steps, so no fault fires there.
+    """
+    import torch
+
+    generator = torch.Generator().manual_seed(salt + seed)
+    draws = torch.rand(FAULT_HORIZON, generator=generator)
+    uniform = torch.rand(FAULT_HORIZON, generator=generator)
+    draws[:CLEAN_START] = 1.0
+    return draws, uniform
 
 
 class DigitsTask(Task):
@@ -86,14 +117,8 @@ class SpikesTask(DigitsTask):
 
     def __init__(self, seed: int):
         super().__init__(seed)
-        import torch
-
-        spike_generator = torch.Generator().manual_seed(20_000 + seed)
-        horizon = 100_000
-        self._spike_draws = torch.rand(horizon, generator=spike_generator)
-        self._spike_factors = 10 ** (2 + torch.rand(horizon, generator=spike_generator))
-        # No spike during the first steps: every method sees a clean start.
-        self._spike_draws[:20] = 1.0
+        self._spike_draws, uniform = fault_schedule(seed, salt=20_000)
+        self._spike_factors = 10 ** (2 + uniform)
 
     def perturb(self, model, step):
         if step >= len(self._spike_draws) or self._spike_draws[step] >= self.spike_probability:
