@@ -152,11 +152,12 @@ class OptimizerStateLink:
         if not self.resetting:
             return
         # The state the clip just committed counts step t (SpikeAwareState.step).
-        steps = {id(node): part.step for node, part in _states(self.clipper, self.clipper._kept.state)}
+        resetting = {id(node) for node in self.resetting}
         due = None
-        for node in self.resetting:
-            flag = node.reset_due(steps[id(node)])
-            due = flag if due is None else due | flag
+        for node, part in _states(self.clipper, self.clipper._kept.state):
+            if id(node) in resetting:
+                flag = node.reset_due(part.step)
+                due = flag if due is None else due | flag
         state = self.optimizer.state
         for _, param in named:
             entry = state.get(param) if param.grad is not None else None
