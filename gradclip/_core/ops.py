@@ -284,6 +284,29 @@ class Ops:
         raise self._missing("select")
 
     # -- optional capabilities, with their defaults --------------------------------------------
+    # The four below are compositions of the primitives above, which a backend may replace by
+    # one operation with the same results: adaptive state math is a few scalars, so on a GPU
+    # its cost is the number of launches, not their work.
+    def count_up(self, counter: Array, flag: Array) -> Array:
+        """``counter + 1`` where ``flag``: an int64 counter (0-d, or a vector of counts) and a
+        bool array of its shape. The default casts the flag (TensorFlow adds no bool to an
+        integer); torch adds it as it is."""
+        return counter + self.cast(flag, "int64")
+
+    def abs(self, x: Array) -> Array:
+        """``|x|`` element-wise (the default, ``maximum(x, -x)``, may keep the sign of a zero)."""
+        return self.maximum(x, -x)
+
+    def clamp_values(self, x: Array, low: Array, high: Array) -> Array:
+        """``minimum(maximum(x, low), high)`` of a 0-d or 1-D array, with 0-d array bounds."""
+        return self.minimum(self.maximum(x, low), high)
+
+    def count_at_most(self, ascending: Array, values: Array) -> Array:
+        """For each entry ``v`` of the 1-D ``values`` (of static length), how many entries of the
+        non-decreasing 1-D ``ascending`` are ``<= v``: ``searchsorted(ascending, values,
+        side="right")``, int64. The default compares and counts once per value."""
+        return self.stack([self.sum(ascending <= values[i]) for i in range(values.shape[0])])
+
     def clip_coefficient(self, norm: Array, threshold: Array, eps: float = 0.0) -> Array:
         """``threshold / (norm + eps)`` where ``norm > threshold``, else exactly 1: formed as
         ``threshold * (1 / divisor)`` as torch does (torch's override gives the same bits), with

@@ -127,6 +127,20 @@ class TorchVectorOps(Ops):
         above = norm > threshold
         return torch.where(above, torch.reciprocal(norm + eps).mul_(threshold), self._one(_dtype_name(norm.dtype)))
 
+    def count_up(self, counter, flag):
+        # int64 + bool promotes to int64: one kernel, no cast.
+        return torch.add(counter, flag)
+
+    def abs(self, x):
+        return torch.abs(x)
+
+    def clamp_values(self, x, low, high):
+        # min(max(x, low), high), as torch.clamp defines it: one kernel instead of two.
+        return torch.clamp(x, low, high)
+
+    def count_at_most(self, ascending, values):
+        return torch.searchsorted(ascending, values, right=True)
+
     def stack(self, xs):
         if len(xs) == 0:
             return torch.zeros((0,), dtype=self.acc, device=self.device)

@@ -27,6 +27,7 @@ __all__ = [
     "skip_flag",
     "ring_write",
     "prefix_percentile",
+    "prefix_median",
     "SKETCH_SIZE",
     "sketch_insert",
     "sketch_percentile",
@@ -113,6 +114,20 @@ def _exact_at_ranks(q: float) -> bool:
     return q in (0.0, 1.0)
 
 
+def _ordered_prefix(ops: Ops, values: Any, count: Any, inf: Any, index: Any) -> tuple[Any, Any]:
+    """The first ``k = min(max(count, 1), len(values))`` entries of ``values`` sorted ascending
+    (the other slots ``+inf``, after them), and ``k - 1``, the int64 index of the last value.
+
+    With no value yet (``count == 0``) slot 0 stands in for the sample (it is finite), so every
+    rank and index below is valid and no ``inf - inf`` is formed.
+    """
+    if index is None:
+        index = ops.arange(values.shape[0])
+    size = ops.clamp_values(count, ops.scalar(1, "int64"), ops.scalar(values.shape[0], "int64"))
+    valid = index < size
+    return ops.sort(ops.where(valid, values, inf)), size - 1
+
+
 def prefix_percentile(ops: Ops, values: Any, count: Any, q: float, inf: Any, index: Any = None) -> Any:
     """``numpy.percentile(values[:k], 100 * q)`` bit for bit (method ``"linear"``), with
     ``k = min(count, len(values))``.
@@ -130,13 +145,7 @@ def prefix_percentile(ops: Ops, values: Any, count: Any, q: float, inf: Any, ind
     Returns:
         An fp32 0-d array.
     """
-    if index is None:
-        index = ops.arange(values.shape[0])
-    # With no value yet, slot 0 stands in for the sample (it is finite), so every rank and
-    # index below is valid and no inf - inf is formed; the result is replaced by inf.
-    valid = index < ops.maximum(count, ops.scalar(1, "int64"))
-    last = ops.sum(valid) - 1
-    ordered = ops.sort(ops.where(valid, values, inf))
+    ordered, last = _ordered_prefix(ops, values, count, inf, index)
     lower, gamma = _lower_rank(ops, last, q)
     a = ops.take(ordered, lower)
     if _exact_at_ranks(q):
@@ -146,6 +155,24 @@ def prefix_percentile(ops: Ops, values: Any, count: Any, q: float, inf: Any, ind
         b = ops.take(ordered, ops.minimum(lower + 1, last))
         result = _lerp_like_numpy(ops, a, b, gamma)
     return ops.where(count > 0, result, inf)
+
+
+def prefix_median(ops: Ops, values: Any, count: Any, inf: Any, index: Any = None) -> Any:
+    """``prefix_percentile(ops, values, count, 0.5, inf, index)`` for ``count >= 1``, in fewer
+    operations; for ``count == 0``, the median of slot 0 alone (no ``inf``: the caller knows
+    what slot 0 holds then).
+
+    At ``q = 0.5`` the position ``last / 2`` is a whole rank or halfway between two, so NumPy's
+    weight is 0 or 0.5: with ``lower = last // 2`` and ``upper = last - lower`` (the same rank
+    when ``last`` is even), ``b - (b - a)·0.5``, NumPy's form for a weight of 0.5, gives its
+    result in both cases (for even ``last`` it is ``a - 0``, which is ``a`` as NumPy's
+    ``a + (b - a)·0`` is; only the sign of a zero ``a`` may differ). Values are non-negative.
+    """
+    ordered, last = _ordered_prefix(ops, values, count, inf, index)
+    lower = last // 2
+    a = ops.take(ordered, lower)
+    b = ops.take(ordered, last - lower)
+    return b + (b - a) * -0.5
 
 
 # -- the bounded sketch behind AutoClip(history=None) ------------------------------------------
@@ -177,11 +204,11 @@ def sketch_insert(ops: Ops, bins: Any, anchor: Any, value: Any, accept: Any, zer
     ratio = ops.where(positive, value / ops.where(positive, anchor, one), one)
     position = ops.floor(ops.log(ratio) * (SKETCH_PER_OCTAVE / math.log(2.0))) + SKETCH_OFFSET
     # Never NaN (the ratio is positive), so minimum/maximum clamp as comparisons would.
-    position = ops.minimum(ops.maximum(position, one), ops.scalar(SKETCH_SIZE - 1.0, "float32"))
+    position = ops.clamp_values(position, one, ops.scalar(SKETCH_SIZE - 1.0, "float32"))
     position = ops.where(positive, position, zero)
     # A float index: the positions are whole numbers below 2**24, compared exactly.
     hit = (ops.arange(bins.shape[0], "float32") == position) & accept
-    return bins + ops.cast(hit, "int64"), anchor
+    return ops.count_up(bins, hit), anchor
 
 
 def sketch_percentile(
@@ -205,14 +232,14 @@ def sketch_percentile(
         which = ops.sum(cumulative <= lower)
     else:
         # The upper neighbour is always the next rank: at the last value gamma is 0 and the
-        # (clamped, finite) neighbour does not change the result.
-        upper = lower + 1
-        ranks = ops.stack([lower, upper])
-        which = ops.stack([ops.sum(cumulative <= lower), ops.sum(cumulative <= upper)])
+        # (clamped, finite) neighbour does not change the result. Both ranks at once, and both
+        # bins by one search of the (non-decreasing) cumulative counts.
+        ranks = lower + ops.arange(2)
+        which = ops.count_at_most(cumulative, ranks)
     exponent = (ops.cast(which, "float32") + (0.5 - SKETCH_OFFSET)) * (math.log(2.0) / SKETCH_PER_OCTAVE)
     values = ops.where(which == 0, zero, ops.exp(exponent) * anchor)
     # Never NaN (exp is finite, the anchor finite), so minimum/maximum clamp as comparisons would.
-    values = ops.minimum(ops.maximum(values, low), high)
+    values = ops.clamp_values(values, low, high)
     values = ops.where(ranks >= top, high, values)
     values = ops.where(ranks <= 0, low, values)
     if _exact_at_ranks(q):

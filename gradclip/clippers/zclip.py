@@ -74,7 +74,7 @@ from gradclip.clippers._adaptive import (
     accumulation,
     as_f32,
     check_field,
-    prefix_percentile,
+    prefix_median,
     ring_write,
     skip_flag,
 )
@@ -213,6 +213,8 @@ class ZClip(Scheduled, Clipper):
         # so the write needs no condition; after warm-up `step` is past the buffer.
         warmup = ring_write(ops, state.warmup, state.step, value)
         initialise = usable & (state.step == self.warmup_steps - 1)
+        # The usable norms so far, this one included: the next state's step.
+        filled = ops.count_up(state.step, usable)
         old_mean, old_var = state.mean, state.var
         if self.warmup == "mean":
             size = float(self.warmup_steps)
@@ -223,16 +225,13 @@ class ZClip(Scheduled, Clipper):
         else:
             # Median and scaled MAD of the buffer with the current norm: the statistics the
             # warm-up clips against, and those it ends with (on the last warm-up norm the
-            # buffer is full). Slots not reached yet are left out (prefix_percentile).
-            filled = state.step + ops.cast(usable, "int64")
+            # buffer is full). Slots not reached yet are left out (prefix_median). With nothing
+            # recorded, slot 0 alone is the sample and holds 0 (the buffer's invariant): the
+            # median and the MAD are then 0 (nothing is clipped), and no inf - inf is formed.
             windex = ops.arange(self.warmup_steps)
-            median = prefix_percentile(ops, warmup, filled, 0.5, inf, windex)
-            # With nothing recorded the median is inf; 0 stands in (nothing is clipped then),
-            # so no inf - inf is formed.
-            median = ops.where(filled > 0, median, zero)
-            deviation = warmup - median
-            mad = prefix_percentile(ops, ops.maximum(deviation, -deviation), filled, 0.5, inf, windex)
-            robust_std = ops.where(filled > 0, mad, zero) * _MAD_TO_STD
+            median = prefix_median(ops, warmup, filled, inf, windex)
+            mad = prefix_median(ops, ops.abs(warmup - median), filled, inf, windex)
+            robust_std = mad * _MAD_TO_STD
             first_mean, first_var = median, robust_std * robust_std
             # Clipping starts once three norms are in the buffer; before the end of warm-up
             # the robust statistics stand in for the EMA ones.
@@ -312,8 +311,7 @@ class ZClip(Scheduled, Clipper):
         ema_var = self.alpha * old_var + (1.0 - self.alpha) * (deviation * deviation)
         mean = ops.where(update, ema_mean, ops.where(initialise, first_mean, state.mean))
         var = ops.where(update, ema_var, ops.where(initialise, first_var, state.var))
-        step = state.step + ops.cast(usable, "int64")
-        new_state = self._next_state(ZClipState(step, warmup, mean, var), clock)
+        new_state = self._next_state(ZClipState(filled, warmup, mean, var), clock)
         return Decision(coef, new_state, make_info(ops, norm, reported, coef, coef < 1, found.given_finite, skip))
 
     def validate_state(self, where, state):
