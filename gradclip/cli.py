@@ -5,7 +5,8 @@ in parallel, and report side by side, opening with a verdict (the best fixed thr
 hindsight and how far each adaptive clipper landed from it). With no arguments it runs a default
 comparison on the adding problem that finishes in one to two minutes on two cores. ``--task``
 takes a built-in task or your own (``path/to/file.py:factory``, ``package.module:factory``),
-``--sweep`` a range of thresholds, ``--backend ray`` a Ray cluster.
+``--sweep`` a range of thresholds, ``--backend ray`` a Ray cluster, ``--private`` DP-SGD with ε
+reported beside the metric (``--private epsilon=3`` or ``--private noise_multiplier=1.1``).
 
 Exit codes: 0 success, 2 usage error (unknown task or clipper, a task that cannot be imported or
 breaks the contract, bad parameter, unwritable output directory, a missing optional
@@ -51,6 +52,7 @@ EXTRAS = {
     "accelerate": "transformers",
     "lightning": "lightning",
     "tensorboard": "tensorboard",
+    "opacus": "privacy",
 }
 
 #: The optional modules each command needs whatever it is asked to do.
@@ -121,6 +123,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--sweep", action="append", metavar="SPEC",
         help="a clipper with a list of values: global_norm:max_norm=0.1,0.3,1,3,10 or "
         "global_norm:max_norm=logspace(0.1,10,5) (repeatable; any numeric argument)",
+    )
+    from gradclip.experiments.private import PRIVATE_CLIPPERS  # no framework imported
+
+    compare.add_argument(
+        "--private", metavar="SPEC",
+        help="train with DP-SGD (Poisson batches of the task's batch size, per-example clipping by each clipper, "
+        "Gaussian noise) and report epsilon: noise_multiplier=1.1 or epsilon=3 (sigma solved over the run's steps), "
+        "plus delta= (default 1e-5, or 1/N beyond 1e5 examples), accountant=rdp|prv|gdp, mode=auto|bk|ghost|"
+        "instantiate|vmap, batch_size=; the clippers must bound each example (global_norm, norm, quantile_norm; "
+        f"default: {' '.join(PRIVATE_CLIPPERS)}). The non-private baseline: the same command without --private "
+        "(needs gradclip[privacy])",
     )
     compare.add_argument("--seeds", type=int, default=3, help="seeds per clipper (default 3)")
     compare.add_argument("--steps", type=int, help="optimizer steps per run (default: the task's)")
@@ -221,6 +234,7 @@ def _compare(args: argparse.Namespace) -> int:
     needs += ["torch"] * (not loaded.is_train_function)
     needs += list(_TASK_NEEDS.get(loaded.label, ())) if loaded.source.kind == "builtin" else []
     needs += ["ray"] * (args.backend == "ray")
+    needs += ["opacus"] * (args.private is not None)  # its accountants give epsilon
     _require(*needs)
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     target, _, attribute = loaded.label.rpartition(":")
@@ -231,10 +245,12 @@ def _compare(args: argparse.Namespace) -> int:
             args.clipper, sweep=args.sweep, seeds=min(args.seeds, 2) if args.quick else args.seeds,
             steps=args.steps, lr=args.lr, optimizer=args.optimizer, quick=args.quick, task_options=options,
             jobs=args.jobs, backend=args.backend, ray_address=args.ray_address, resources=args.resources,
-            out=args.out or Path("runs") / f"compare-{name}-{stamp}",
+            out=args.out or Path("runs") / f"compare-{name}-{stamp}", private=args.private,
         )
     except GradClipError as error:
         message = str(error).replace("seq_len", "--seq-len")
+        if message.startswith("private"):
+            message = f"--{message}"  # the privacy spec's errors, named as the option was typed
         raise UsageError(message) from error
     show = not args.no_progress
     try:
@@ -242,7 +258,9 @@ def _compare(args: argparse.Namespace) -> int:
     except GradClipError as error:
         raise UsageError(str(error)) from error
     _print_verdict(result.verdict)
-    _print_summary(result.rows, result.meta)
+    from gradclip.experiments.private import epsilon_of
+
+    _print_summary(result.rows, result.meta, epsilon_of(result.records))
     from gradclip.experiments.report import divergence_note, failure_lines
 
     print(divergence_note(result.records))
@@ -290,17 +308,21 @@ def _print_verdict(verdict) -> None:
     print()
 
 
-def _print_summary(rows, meta) -> None:
+def _print_summary(rows, meta, spent=None) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from gradclip.experiments.private import describe_epsilon
+
     metric = rows[0]["metric_name"] if rows else "metric"
     training = f"{meta['optimizer']}, lr={meta['lr']}" if meta.get("optimizer") else "its own optimizer"
-    table = Table(title=f"gradclip compare — {meta['task']} ({training}, {meta['steps']} steps)")
+    # A private comparison names its noise in the title and gets an ε column (spent, at δ).
+    private = f", {meta['private']}" if meta.get("private") else ""
+    table = Table(title=f"gradclip compare — {meta['task']} ({training}, {meta['steps']} steps{private})")
     # Skipped steps (SkipOnSpike, nonfinite="skip") and failed runs get a column only when present.
     skips = any(row["skip_rate_mean"] > 0 for row in rows)
     failures = any(row["failed"] for row in rows)
-    columns = ["clipper", metric, "solved", "diverged"] + ["failed"] * failures
+    columns = ["clipper"] + ["ε"] * bool(spent) + [metric, "solved", "diverged"] + ["failed"] * failures
     columns += ["eval loss (median)", "clip rate"] + ["skip rate"] * skips + ["wall time (s)"]
     for column in columns:
         table.add_column(column, justify="left" if column == "clipper" else "right")
@@ -309,8 +331,8 @@ def _print_summary(rows, meta) -> None:
         return "—" if value is None or math.isnan(value) else text.format(value)
 
     for row in rows:
-        cells = [
-            row["clipper"],
+        cells = [row["clipper"]] + [describe_epsilon(spent.get(row["clipper"], math.nan))] * bool(spent)
+        cells += [
             number(row["metric_mean"], "{:.3f}"),
             f"{row['solved']}/{row['runs']}",
             f"{row['diverged']}/{row['runs']}",

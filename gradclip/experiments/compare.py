@@ -31,6 +31,7 @@ from typing import Any
 from gradclip._core.errors import GradClipError, InvalidArgumentError
 from gradclip.experiments.loading import LoadedTask, check_picklable, load_task
 from gradclip.experiments import runner as _runner
+from gradclip.experiments.private import PRIVATE_CLIPPERS, epsilon_of, plan_private
 from gradclip.experiments.runner import BACKENDS, OPTIMIZERS, RunConfig
 from gradclip.experiments.sweep import expand
 from gradclip.experiments.tasks import check_task_options
@@ -129,6 +130,7 @@ def plan_comparison(
     ray_address: str | None = None,
     resources: dict[str, float] | str | None = None,
     out: str | Path | None = None,
+    private: Any = None,
 ) -> Plan:
     """Check a comparison's inputs and build its runs; nothing runs and nothing is written.
 
@@ -141,14 +143,18 @@ def plan_comparison(
         TaskError: The task cannot be loaded (import error, missing attribute, wrong kind of
             object) or cannot be sent to worker processes.
         InvalidArgumentError: A bad clipper spec, sweep, seed count, step count, learning rate,
-            optimizer, option, backend or resource.
+            optimizer, option, backend, resource or privacy spec, or a clipper private training
+            refuses (ZClip, AutoClip, AdaGC, none...).
+        TaskError: With ``private``: the task cannot train privately (a layer without a
+            per-example rule, no training set or per-example losses).
     """
     loaded = task if isinstance(task, LoadedTask) else load_task(task)
     if isinstance(sweep, str):
         sweep = [sweep]
     specs = expand(list(clippers) if clippers else None, sweep)
     if not specs:
-        specs = list(loaded.default_clippers or DEFAULT_CLIPPERS)
+        # A private comparison's default: clippers DP-SGD accepts (the usual list holds ZClip...).
+        specs = list(PRIVATE_CLIPPERS if private is not None else loaded.default_clippers or DEFAULT_CLIPPERS)
         specs = expand(specs, None)
     seed_list = _seeds(seeds)
     if quick and isinstance(seeds, int):
@@ -177,6 +183,14 @@ def plan_comparison(
         check_task_options(loaded.target, options)
         lr_value = float(lr) if lr is not None else loaded.defaults.lr
         optimizer_value = optimizer or loaded.defaults.optimizer
+    settings, privacy = None, None
+    if private is not None:
+        if loaded.is_train_function:
+            raise InvalidArgumentError(
+                f"private applies to Task tasks; {loaded.label!r} is a train function, which runs its own loop "
+                "(use gradclip.torch.PerSample and DPOptimizer inside it)"
+            )
+        settings, privacy = plan_private(private, loaded.target, options, specs, steps)
     if backend == "ray":
         from gradclip.experiments.ray_backend import parse_resources
 
@@ -187,7 +201,7 @@ def plan_comparison(
         check_picklable(loaded)
     source = None if loaded.source.kind == "builtin" else loaded.source
     configs = [
-        RunConfig(loaded.label, spec, seed, steps, lr_value, optimizer_value, dict(options), source)
+        RunConfig(loaded.label, spec, seed, steps, lr_value, optimizer_value, dict(options), source, settings)
         for spec in specs
         for seed in seed_list
     ]
@@ -199,6 +213,8 @@ def plan_comparison(
         "seeds": len(seed_list),
         **options,
     }
+    if privacy is not None:
+        meta["private"] = privacy
     if backend != "local":
         meta["backend"] = backend
     return Plan(loaded, specs, configs, meta, Path(out) if out is not None else None, jobs, backend, ray_address, resources)
@@ -299,7 +315,11 @@ def run_comparison(
         meta["kernels"] = "/".join(capabilities)
     verdict = judge(records)
     files = write_outputs(records, plan.out, meta, verdict) if plan.out is not None else {}
-    return Comparison(records, summarise(records), verdict, meta, plan.out, files)
+    rows = summarise(records)
+    spent = epsilon_of(records)
+    for row in rows if spent else ():
+        row["epsilon"] = spent.get(row["clipper"], math.nan)  # the largest over the clipper's seeds
+    return Comparison(records, rows, verdict, meta, plan.out, files)
 
 
 def compare(
@@ -320,6 +340,7 @@ def compare(
     out: str | Path | None = None,
     on_progress: Callable[[int, int], None] | None = None,
     on_done: Callable[[int, dict[str, Any]], None] | None = None,
+    private: Any = None,
 ) -> Comparison:
     """Train ``task`` under each clipper and seed and compare them.
 
@@ -347,18 +368,27 @@ def compare(
             nothing).
         on_progress: ``(run index, steps done)``.
         on_done: ``(run index, record)`` as each run ends.
+        private: Train every run with DP-SGD (:mod:`~gradclip.experiments.private`): a spec
+            ``"noise_multiplier=1.1"`` or ``"epsilon=3,delta=1e-5"`` (or a dict of those keys).
+            Each record then holds ``epsilon`` (spent, at ``delta``), ``noise_multiplier`` and
+            ``sample_rate``, each summary row ``epsilon``. The clippers default to
+            :data:`~gradclip.experiments.private.PRIVATE_CLIPPERS`. None: ordinary training
+            (the non-private baseline).
 
     Returns:
         The :class:`Comparison`: records, summary rows, the verdict, the files written.
 
     Raises:
-        TaskError: The task cannot be loaded, or breaks the contract while running (a loss that
-            is not a scalar...); nothing is left in ``out``.
-        InvalidArgumentError: Any other bad argument, before anything runs.
+        TaskError: The task cannot be loaded, breaks the contract while running (a loss that
+            is not a scalar...), or cannot train privately (a layer without a per-example rule);
+            nothing is left in ``out``.
+        InvalidArgumentError: Any other bad argument (a clipper DP-SGD refuses, a privacy spec
+            out of range...), before anything runs.
     """
     plan = plan_comparison(
         task, clippers, sweep=sweep, seeds=seeds, steps=steps, lr=lr, optimizer=optimizer, quick=quick,
         task_options=task_options, jobs=jobs, backend=backend, ray_address=ray_address, resources=resources, out=out,
+        private=private,
     )
     return run_comparison(plan, on_progress=on_progress, on_done=on_done)
 

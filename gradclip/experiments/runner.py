@@ -70,9 +70,11 @@ class RunConfig:
     optimizer: str | None
     task_options: dict[str, Any] = field(default_factory=dict)
     source: TaskSource | None = field(default=None, repr=False, compare=False)
+    private: dict[str, Any] | None = None
 
     def public(self) -> dict[str, Any]:
-        """The config as plain data, as it appears in every record (``source`` left out)."""
+        """The config as plain data, as it appears in every record (``source`` left out;
+        ``private`` only for a private run)."""
         return {
             "task": self.task,
             "clipper": self.clipper,
@@ -81,6 +83,7 @@ class RunConfig:
             "lr": self.lr,
             "optimizer": self.optimizer,
             "task_options": dict(self.task_options),
+            **({"private": dict(self.private)} if self.private is not None else {}),
         }
 
 
@@ -187,6 +190,14 @@ def _run_task(cls: type[Task], config: RunConfig, report: Callable[[int], None] 
     model = task.model()
     optimizer = task.configure_optimizer(model.parameters(), config.optimizer, config.lr)
     clipper = _clipper(config)
+    if config.private is not None:
+        # DP-SGD's own loop: Poisson batches, per-example clipping, noise (experiments.private).
+        from gradclip.experiments.private import train_private
+
+        history, diverged, privacy = train_private(
+            task, model, optimizer, clipper, config.private, config.steps, config.seed, report
+        )
+        return {**_evaluated(task, config, model, history, diverged, started, report), **privacy}
     history: dict[str, list] = {key: [] for key in _HISTORY_KEYS}
     diverged = False
     try:
@@ -218,6 +229,14 @@ def _run_task(cls: type[Task], config: RunConfig, report: Callable[[int], None] 
     except NonFiniteError:
         # A clipper with nonfinite="raise" met NaN/inf gradients: the run blew up.
         diverged = True
+    return _evaluated(task, config, model, history, diverged, started, report)
+
+
+def _evaluated(
+    task: Task, config: RunConfig, model: Any, history: dict[str, list], diverged: bool, started: float,
+    report: Callable[[int], None] | None,
+) -> dict[str, Any]:
+    """Evaluate a trained Task's model and build the run's record."""
     evaluation = task.evaluate(model)
     if not isinstance(evaluation, dict) or task.metric_name not in evaluation or "loss" not in evaluation:
         raise TaskError(

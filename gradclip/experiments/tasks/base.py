@@ -131,6 +131,9 @@ class Task(ABC):
     reference_text: str = "a trivial predictor"
     #: Clipper specs ``gradclip compare`` runs on this task by default (None: the CLI's own).
     default_clippers: tuple[str, ...] | None = None
+    #: Examples per training batch: the expected batch size of private training (``gradclip
+    #: compare --private``, Poisson sampling at ``batch_size / N``). None: not declared.
+    batch_size: int | None = None
 
     def __init__(self, seed: int):
         import torch
@@ -192,3 +195,20 @@ class Task(ABC):
         """Hook between backward and clipping; returns the factor applied to the gradient (1)."""
         del model, step
         return 1.0
+
+    # -- private training (gradclip compare --private; gradclip.experiments.private) ----------
+    def training_set(self) -> Any:
+        """The training examples as tensors sharing their first dimension (``(x, y)``), which
+        private training draws Poisson batches from; None (the default): the task cannot train
+        privately (its batches are not draws from a fixed set of examples)."""
+        return None
+
+    def example_losses(self, model: Any, batch: Any) -> Any:
+        """One loss per example of ``batch`` (a tuple of rows of :meth:`training_set`): a 1-D
+        tensor, which per-example clipping differentiates example by example.
+
+        Raises:
+            TaskError: The task defines no per-example losses (the default).
+        """
+        del model, batch
+        raise TaskError(f"task {self.name!r} defines no example_losses(model, batch); private training needs one loss per example")
