@@ -58,26 +58,41 @@ A skipped step (``info.skip``, or a ``GradScaler`` that found inf/NaN) leaves th
 the update clipper's state alone: that is a host decision, one bool read per step when the step
 can be skipped (a clipper that may skip, or a scaler). The update's :class:`~gradclip.ClipInfo`
 is ``opt.last_update_info`` (the last step that was taken), and the update clipper's state is
-part of ``opt.state_dict()``. Closures (LBFGS) are not supported with an update clipper, and the
+part of ``opt.state_dict()`` (``state_dict()["gradclip"]["update_clipper"]``, the clipper's own
+checkpoint; a checkpoint without it, from a plain optimizer or before update clipping was
+switched on, starts the update clipper fresh with a warning). Closures (LBFGS) are not supported with an update clipper, and the
 update clipper may not skip (the optimizer has already stepped: use the gradient clipper to skip)
 nor read optimizer state.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import warnings
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
 
-from gradclip._core.checkpoint import CHILD, CHILDREN
+from gradclip._core.checkpoint import CHILD, CHILDREN, validate_checkpoint
 from gradclip._core.clipper import Clipper
-from gradclip._core.errors import InvalidArgumentError
+from gradclip._core.errors import InvalidArgumentError, StateError
 from gradclip._core.types import ClipInfo
 from gradclip.clippers.spam import SpikeAware
+from gradclip.torch.optim_state import KEY
 from gradclip.torch.scaling import scaler_enabled
 
-__all__ = ["OptimizerStateLink", "UpdateClipping", "optimizer_state_link", "update_clipping"]
+__all__ = [
+    "UPDATE_KEY",
+    "OptimizerStateLink",
+    "UpdateClipping",
+    "load_update_state",
+    "optimizer_state_link",
+    "save_update_state",
+    "update_clipping",
+]
+
+#: The key of the update clipper's checkpoint in gradclip's part of ClippedOptimizer.state_dict().
+UPDATE_KEY = "update_clipper"
 
 #: The per-parameter state keys of Adam's moments in torch's optimizers.
 FIRST_MOMENT = "exp_avg"
@@ -289,3 +304,46 @@ def update_clipping(where: str, clipper: Clipper, update_clipper: Any) -> Update
             "clipper is given"
         )
     return UpdateClipping(update_clipper)
+
+
+# -- checkpoints ------------------------------------------------------------------------------------
+def save_update_state(update: UpdateClipping | None, checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """``checkpoint`` (``ClippedOptimizer.state_dict()``) with the update clipper's state added
+    to gradclip's part under :data:`UPDATE_KEY` (unchanged without update clipping)."""
+    if update is not None:
+        checkpoint[KEY] = {**checkpoint[KEY], UPDATE_KEY: update.clipper.state_dict()}
+    return checkpoint
+
+
+def load_update_state(update: UpdateClipping | None, state_dict: Any) -> Callable[[], None]:
+    """Validate the update clipper's part of ``state_dict``, changing nothing; return what
+    restores it, to be called once the rest of the checkpoint has loaded.
+
+    Raises:
+        StateError: A part for an update clipper this optimizer does not have, or one its update
+            clipper refuses (as its ``load_state_dict`` would).
+    """
+    where = "ClippedOptimizer.load_state_dict"
+    part = state_dict.get(KEY) if isinstance(state_dict, Mapping) else None
+    saved = part.get(UPDATE_KEY) if isinstance(part, Mapping) else None
+    if update is None:
+        if saved is not None:
+            raise StateError(
+                f"{where}: the checkpoint holds an update clipper's state ({KEY!r}/{UPDATE_KEY!r}) but this "
+                "ClippedOptimizer has no update_clipper; build it with the same update_clipper to resume"
+            )
+        return lambda: None
+    if saved is None:
+
+        def fresh() -> None:
+            update.clipper.reset()
+            warnings.warn(
+                f"{where}: the checkpoint has no update clipper state; the update clipper "
+                f"{type(update.clipper).__name__} starts fresh",
+                UserWarning,
+                stacklevel=4,
+            )
+
+        return fresh
+    validate_checkpoint(update.clipper, saved)
+    return lambda: update.clipper.load_state_dict(saved)
