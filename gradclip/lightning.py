@@ -50,10 +50,9 @@ from typing import Any
 
 from gradclip._core.checkpoint import check_keys, validate_checkpoint
 from gradclip._core.clipper import Clipper
-from gradclip._core.errors import DivergenceError, InvalidArgumentError, StateError
-from gradclip._core.ops import get_ops
+from gradclip._core.errors import InvalidArgumentError, StateError
 from gradclip._core.streaks import SkipStreak
-from gradclip.torch.step_loss import StepLoss
+from gradclip.torch.trainer_signals import StepLoss, count_skips
 
 try:  # the unified package first, then the standalone one
     from lightning.pytorch import Callback as _Callback
@@ -216,15 +215,13 @@ class GradClipCallback(_Callback):
             if layout is not None:
                 clipper.process_group = layout
         info = clipper.clip_(named, loss=loss)
-        try:
-            info = slot.streak.observe(get_ops([info.norm], where="GradClipCallback"), info, loss, slot.may_skip)
-        except DivergenceError:
+        self.last_info = self.last_infos[index] = info
+
+        def stop() -> None:
             trainer.should_stop = True
-            for _, param in named:
-                param.grad = None
-            raise
-        finally:
-            self.last_info = self.last_infos[index] = info
+
+        info = count_skips(slot.streak, info, loss, slot.may_skip, named, stop)
+        self.last_info = self.last_infos[index] = info
         if self.monitor is not None:
             self.monitor.observe(info, step=int(trainer.global_step))
             before_step = getattr(self.monitor, "before_step", None)  # a duck-typed monitor may lack it

@@ -30,6 +30,22 @@ monitor's ``before_step``/``after_step`` and adds ``update_ratio/<name>`` (each 
 
 When the clipper asks to skip a step (``info.skip``), the gradients are cleared so the optimizer
 leaves the parameters alone (one host read per step, only for clippers able to skip).
+
+**The loss.** The Trainer gives callbacks no loss before the optimizer step. Add the callback with
+:meth:`GradClipCallback.attach` and it also wraps ``trainer.training_step``, catching each
+micro-batch's (detached) loss as the Trainer returns it; the clipper gets the step's loss
+(``clip_(..., loss=...)``: the sum of the micro-batch losses, which the Trainer has normalised for
+gradient accumulation, as the loss it logs), so ``SkipOnSpike(signal="loss")`` judges the step it
+would skip. A clipper that needs the loss is refused when training begins if the callback was not
+attached. (Under DeepSpeed ZeRO the engine clips inside the last ``backward``, before the loss is
+returned: no loss is passed there.)
+
+**Skip streaks.** With ``max_consecutive_skips=N`` the callback counts the optimizer steps skipped
+in a row (``ClipInfo.consecutive_skips``; added to the logs as ``consecutive_skips``). At the N-th
+it sets ``control.should_training_stop = True`` and raises :class:`gradclip.DivergenceError`
+(naming the streak, its gradient norms and losses) out of ``trainer.train()``; the weights are
+those of the last step taken (the skipped steps changed nothing), and the last checkpoint resumes
+as usual. Checking the bound reads the count on the host once per step.
 """
 
 from __future__ import annotations
@@ -40,6 +56,8 @@ from typing import Any
 from gradclip._core.clipper import Clipper
 from gradclip._core.errors import InvalidArgumentError, StateError
 from gradclip._core.registry import from_config
+from gradclip._core.streaks import SkipStreak
+from gradclip.torch.trainer_signals import StepLoss, count_skips
 
 try:
     import transformers as _transformers
@@ -76,13 +94,19 @@ class GradClipCallback(_TrainerCallback, _ExportableState):
         clipper: Any gradclip clipper, or its configuration ``{"clipper": name, "config": {...}}``.
         monitor: A :class:`gradclip.Monitor`, observed after each clip with the Trainer's global
             step; flushed when training ends (closing it stays yours).
+        max_consecutive_skips: Stop training when this many optimizer steps in a row were
+            skipped: ``control.should_training_stop = True`` and
+            :class:`~gradclip.DivergenceError` out of ``train()`` (an int ``>= 1``; None: never).
 
     Raises:
-        InvalidArgumentError: ``clipper`` is not a gradclip clipper or ``monitor`` has no ``observe``.
+        InvalidArgumentError: ``clipper`` is not a gradclip clipper, ``monitor`` has no
+            ``observe``, or ``max_consecutive_skips`` is not None or an int ``>= 1``; when
+            training begins, a clipper that needs the loss in a callback not added with
+            :meth:`attach`.
         RuntimeError: transformers is older than 4.45.
     """
 
-    def __init__(self, clipper: Clipper, monitor: Any = None):
+    def __init__(self, clipper: Clipper, monitor: Any = None, max_consecutive_skips: int | None = None):
         version = getattr(_transformers, "__version__", "0")
         if _version_tuple(version) < MIN_TRANSFORMERS_VERSION:
             raise RuntimeError(
@@ -100,6 +124,8 @@ class GradClipCallback(_TrainerCallback, _ExportableState):
                 f"GradClipCallback: monitor must have an observe(info) method, got {type(monitor).__qualname__}"
             )
 
+        self.streak = SkipStreak(max_consecutive_skips, "GradClipCallback")
+        self.max_consecutive_skips = max_consecutive_skips
         self.clipper = clipper
         # A clipper checkpoint to load when training begins (set by the Trainer's restore).
         self.clipper_state: dict[str, Any] | None = None
@@ -108,9 +134,15 @@ class GradClipCallback(_TrainerCallback, _ExportableState):
         self._may_skip = clipper.may_skip
         self._pending: list[Any] = []
         self._last_update: tuple[list[str], Any] | None = None
+        self._loss = StepLoss()
+        self._attached = False
 
     def attach(self, trainer: Any) -> GradClipCallback:
-        """Add this callback to ``trainer`` ahead of the others, so reporting callbacks see its logs.
+        """Add this callback to ``trainer`` ahead of the others, so reporting callbacks see its
+        logs, and give the clipper the step's loss (module documentation).
+
+        ``trainer.training_step`` is wrapped (once, on this Trainer object): it runs as before
+        and its returned, detached loss is recorded for the next optimizer step.
 
         Returns:
             This callback.
@@ -119,6 +151,18 @@ class GradClipCallback(_TrainerCallback, _ExportableState):
         if self in callbacks:
             callbacks.remove(self)
         callbacks.insert(0, self)
+        step = trainer.training_step
+        if getattr(step, "_gradclip_callback", None) is not self:
+            losses = self._loss
+
+            def training_step(*args: Any, **kwargs: Any) -> Any:
+                loss = step(*args, **kwargs)
+                losses.add(loss)
+                return loss
+
+            training_step._gradclip_callback = self  # type: ignore[attr-defined]
+            trainer.training_step = training_step
+        self._attached = True
         return self
 
     # -- checkpoints (transformers' ExportableState) ------------------------------------------------
@@ -127,12 +171,13 @@ class GradClipCallback(_TrainerCallback, _ExportableState):
 
         Returns:
             ``{"args": {"clipper": {"clipper": name, "config": {...}}}, "attributes":
-            {"clipper_state": clipper.state_dict()}}`` (plain JSON data).
+            {"clipper_state": clipper.state_dict()}}`` (plain JSON data); ``args`` also holds
+            ``max_consecutive_skips`` when one is set, so a callback the Trainer rebuilds keeps it.
         """
-        return {
-            "args": {"clipper": {"clipper": self.clipper.name, "config": self.clipper.config()}},
-            "attributes": {"clipper_state": self.clipper.state_dict()},
-        }
+        args: dict[str, Any] = {"clipper": {"clipper": self.clipper.name, "config": self.clipper.config()}}
+        if self.max_consecutive_skips is not None:
+            args["max_consecutive_skips"] = self.max_consecutive_skips
+        return {"args": args, "attributes": {"clipper_state": self.clipper.state_dict()}}
 
     def _restore(self, state: Any) -> None:
         """Load the clipper state saved in a resumed checkpoint's ``stateful_callbacks``.
@@ -164,7 +209,14 @@ class GradClipCallback(_TrainerCallback, _ExportableState):
             self.clipper.load_state_dict(saved)
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if not self._attached and _watches_loss(self.clipper):
+            raise InvalidArgumentError(
+                f"GradClipCallback: {type(self.clipper).__name__} needs the step's loss, which the Trainer "
+                "gives callbacks only through GradClipCallback.attach(trainer); add the callback with "
+                "callback.attach(trainer) instead of callbacks=[...]; nothing was trained"
+            )
         self._restore(state)
+        self._loss.clear()
         # DeepSpeed ZeRO: p.grad stays None and the engine steps inside accelerate's backward,
         # before on_pre_optimizer_step; clip at the engine's own clip point instead.
         from gradclip.deepspeed import attach, zero_optimizer_of
@@ -188,6 +240,7 @@ class GradClipCallback(_TrainerCallback, _ExportableState):
                 f"(the Trainer passes it as model=), got {type(model).__qualname__}; nothing was clipped"
             )
         zero = getattr(self, "_zero", None)
+        loss = self._loss.take(mean=False)  # the Trainer normalised each for accumulation
         if zero is not None:
             # Clipped inside the engine's step already: report that step's info.
             if zero.last_info is None:
@@ -196,8 +249,13 @@ class GradClipCallback(_TrainerCallback, _ExportableState):
         else:
             self._unscale_once(optimizer)
             named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-            info = self.clipper.clip_(named)
+            info = self.clipper.clip_(named, loss=loss)
         self.last_info = info
+
+        def stop() -> None:
+            control.should_training_stop = True
+
+        info = self.last_info = count_skips(self.streak, info, loss, self._may_skip, named, stop)
         if self.monitor is not None:
             self.monitor.observe(info, step=int(state.global_step))
             before_step = getattr(self.monitor, "before_step", None)  # a duck-typed monitor may lack it
@@ -215,6 +273,7 @@ class GradClipCallback(_TrainerCallback, _ExportableState):
                     coef,
                     info.threshold.detach().to(norm.device, torch.float32),
                     info.clipped.detach().to(norm.device, torch.float32),
+                    info.consecutive_skips.detach().to(norm.device, torch.float32),
                 ]
             )
         )
@@ -255,7 +314,7 @@ class GradClipCallback(_TrainerCallback, _ExportableState):
 
         pending, self._pending = self._pending, []
         rows = torch.stack([r.to(pending[0].device) for r in pending]).cpu().tolist()  # one sync
-        norm, norm_after, coef, threshold, _ = rows[-1]
+        norm, norm_after, coef, threshold, _, streak = rows[-1]
         added = {
             "grad_norm": norm,
             "grad_norm_clipped": norm_after,
@@ -263,6 +322,8 @@ class GradClipCallback(_TrainerCallback, _ExportableState):
             "clip_threshold": threshold,
             "clip_rate": sum(r[4] for r in rows) / len(rows),
         }
+        if self._may_skip:
+            added["consecutive_skips"] = int(streak)
         if self._last_update is not None:
             names, ratios = self._last_update
             self._last_update = None
@@ -275,3 +336,8 @@ class GradClipCallback(_TrainerCallback, _ExportableState):
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.monitor is not None and callable(getattr(self.monitor, "flush", None)):
             self.monitor.flush()
+
+
+def _watches_loss(clipper: Clipper) -> bool:
+    """Whether ``clipper`` or a clipper it wraps decides on the loss (``SkipOnSpike(signal="loss")``)."""
+    return bool(getattr(clipper, "watches_loss", False)) or any(_watches_loss(c) for c in clipper.children())

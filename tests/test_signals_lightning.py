@@ -15,6 +15,8 @@ import pytest
 torch = pytest.importorskip("torch")
 L = pytest.importorskip("lightning")
 
+from _signal_helpers import record_losses
+
 import gradclip
 from gradclip.lightning import GradClipCallback
 
@@ -87,18 +89,6 @@ def _distance(module, before):
     return math.sqrt(sum(float(((p.detach() - b) ** 2).sum()) for p, b in zip(module.parameters(), before)))
 
 
-def _record_losses(clipper):
-    """Wrap ``clipper.clip_`` to record the ``loss=`` it receives."""
-    seen, original = [], clipper.clip_
-
-    def clip_(parameters, **signals):
-        seen.append(None if signals.get("loss") is None else float(signals["loss"]))
-        return original(parameters, **signals)
-
-    clipper.clip_ = clip_
-    return seen
-
-
 class Moves(L.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_index):
         self.before = _snapshot(pl_module)
@@ -111,7 +101,7 @@ class Moves(L.Callback):
 # -- the loss ------------------------------------------------------------------------------------
 def test_the_clipper_gets_the_loss_of_the_step_it_clips(tmp_path):
     clipper = gradclip.GlobalNorm(100.0)
-    seen = _record_losses(clipper)
+    seen = record_losses(clipper)
     model = Tiny()
     _trainer([GradClipCallback(clipper)], tmp_path, 4).fit(model, _loader())
     assert seen == pytest.approx(model.losses, rel=1e-6)
@@ -119,7 +109,7 @@ def test_the_clipper_gets_the_loss_of_the_step_it_clips(tmp_path):
 
 def test_under_accumulation_the_loss_is_the_mean_of_the_micro_batches(tmp_path):
     clipper = gradclip.GlobalNorm(100.0)
-    seen = _record_losses(clipper)
+    seen = record_losses(clipper)
     model = Tiny()
     _trainer([GradClipCallback(clipper)], tmp_path, 2, accumulate_grad_batches=2).fit(model, _loader())
     want = [(model.losses[0] + model.losses[1]) / 2, (model.losses[2] + model.losses[3]) / 2]
@@ -130,7 +120,7 @@ def test_the_fp16_loss_scale_is_divided_out(tmp_path):
     from lightning.pytorch.plugins import MixedPrecision
 
     clipper = gradclip.GlobalNorm(100.0)
-    seen = _record_losses(clipper)
+    seen = record_losses(clipper)
     model = Tiny()
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
     _trainer([GradClipCallback(clipper)], tmp_path, 3, plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)]).fit(

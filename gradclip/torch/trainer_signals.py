@@ -1,0 +1,105 @@
+"""What the trainer integrations give the clip besides the gradients: the step's loss, and the
+count of steps skipped in a row.
+
+Lightning and the transformers Trainer clip in a hook fired after the step's last backward, but
+neither hands that hook the loss: the integrations catch each micro-batch's loss as it is
+computed (Lightning's ``on_before_backward``, the Trainer's ``training_step``) and
+:class:`StepLoss` turns them into the loss of the optimizer step, the signal
+``SkipOnSpike(signal="loss")`` judges (``clipper.clip_(..., loss=...)``).
+
+Under gradient accumulation the gradient the clipper sees is that of every micro-batch since the
+last optimizer step, so the loss is theirs too: the sum of the losses as given when the trainer
+has divided each by the number of micro-batches already (Lightning's automatic optimization, the
+transformers Trainer), their mean otherwise. Values stay on the device: a loss detached from its
+graph costs one small addition per micro-batch and no host read.
+
+:func:`count_skips` advances a :class:`~gradclip._core.streaks.SkipStreak` and, when the streak
+reaches its bound, stops the trainer and leaves the step's gradients cleared before the
+:class:`~gradclip.DivergenceError` propagates.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from gradclip._core.errors import DivergenceError
+from gradclip._core.ops import get_ops
+from gradclip._core.streaks import SkipStreak
+from gradclip._core.types import ClipInfo
+
+__all__ = ["StepLoss", "count_skips"]
+
+
+class StepLoss:
+    """The losses of the micro-batches since the last optimizer step (detached, on the device)."""
+
+    def __init__(self) -> None:
+        self._total: Any = None
+        self._count = 0
+
+    def add(self, loss: Any, scale: Any = None) -> None:
+        """Record one micro-batch's loss.
+
+        Args:
+            loss: A torch tensor (its graph is not kept), or None (ignored: a step that computed
+                no loss, e.g. a skipped batch).
+            scale: A loss scale the loss was multiplied by (an AMP ``GradScaler``'s scale, a
+                tensor or number), divided out here.
+        """
+        if loss is None:
+            return
+        # Anything else than a tensor (a number, another framework's array from an overridden
+        # training step) is kept as given: the clipper's signal check accepts or names it.
+        value = loss.detach().float() if hasattr(loss, "detach") else loss
+        if scale is not None:
+            value = value / scale
+        self._total = value if self._total is None else self._total + value
+        self._count += 1
+
+    def take(self, mean: bool = True) -> Any:
+        """The step's loss, forgetting the micro-batches (the next step starts afresh).
+
+        Args:
+            mean: Average the micro-batch losses (True), or sum them (False: each was divided
+                by the number of micro-batches already).
+
+        Returns:
+            A 0-d float32 tensor, or None when no loss was recorded since the last call.
+        """
+        total, count = self._total, self._count
+        self._total, self._count = None, 0
+        if total is None:
+            return None
+        return total / count if mean and count > 1 else total
+
+    def clear(self) -> None:
+        """Forget the recorded losses."""
+        self._total, self._count = None, 0
+
+
+def count_skips(streak: SkipStreak, info: ClipInfo, loss: Any, may_skip: bool, named: list[Any], stop: Callable[[], None]) -> ClipInfo:
+    """Count the step in ``streak``; at its bound stop the trainer and skip the step.
+
+    Args:
+        streak: The integration's streak of skipped steps.
+        info: The step's ClipInfo (torch tensors).
+        loss: The step's loss (for the error message), or None.
+        may_skip: Whether the clipper can skip at all (no count, no host read otherwise).
+        named: The ``(name, parameter)`` pairs clipped: their gradients are cleared on divergence
+            (the step the streak ends on is skipped too).
+        stop: Sets the trainer's stop flag (``trainer.should_stop``, ``control.should_training_stop``).
+
+    Returns:
+        ``info`` with ``consecutive_skips``.
+
+    Raises:
+        DivergenceError: The streak reached ``streak.max_consecutive_skips``, after ``stop()``.
+    """
+    try:
+        return streak.observe(get_ops([info.norm], where=streak.where), info, loss, may_skip)
+    except DivergenceError:
+        stop()
+        for _, param in named:
+            param.grad = None
+        raise
