@@ -284,7 +284,7 @@ class Ops:
         raise self._missing("select")
 
     # -- optional capabilities, with their defaults --------------------------------------------
-    # The four below are compositions of the primitives above, which a backend may replace by
+    # The five below are compositions of the primitives above, which a backend may replace by
     # one operation with the same results: adaptive state math is a few scalars, so on a GPU
     # its cost is the number of launches, not their work.
     def count_up(self, counter: Array, flag: Array) -> Array:
@@ -300,6 +300,13 @@ class Ops:
     def clamp_values(self, x: Array, low: Array, high: Array) -> Array:
         """``minimum(maximum(x, low), high)`` of a 0-d or 1-D array, with 0-d array bounds."""
         return self.minimum(self.maximum(x, low), high)
+
+    def ratio_or_one(self, cond: Array, num: Array, den: Array) -> Array:
+        """``num / den`` where ``cond``, else exactly 1 (in ``num``'s dtype); ``den`` may be 0 or
+        non-finite where ``cond`` does not hold. The default divides by 1 there, so NumPy never
+        warns about a quotient that is thrown away; torch divides as it is (no warnings)."""
+        one = self.scalar(1.0, accumulation(num))
+        return self.where(cond, num / self.where(cond, den, one), one)
 
     def count_at_most(self, ascending: Array, values: Array) -> Array:
         """For each entry ``v`` of the 1-D ``values`` (of static length), how many entries of the

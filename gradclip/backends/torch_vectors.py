@@ -138,6 +138,10 @@ class TorchVectorOps(Ops):
         # min(max(x, low), high), as torch.clamp defines it: one kernel instead of two.
         return torch.clamp(x, low, high)
 
+    def ratio_or_one(self, cond, num, den):
+        # The discarded quotients (x / 0, inf / inf) are computed harmlessly: no guard needed.
+        return torch.where(cond, num / den, self._one(_dtype_name(num.dtype)))
+
     def count_at_most(self, ascending, values):
         return torch.searchsorted(ascending, values, right=True)
 

@@ -27,7 +27,7 @@ __all__ = [
     "skip_flag",
     "ring_write",
     "prefix_percentile",
-    "prefix_median",
+    "prefix_median_mad",
     "SKETCH_SIZE",
     "sketch_insert",
     "sketch_percentile",
@@ -114,9 +114,9 @@ def _exact_at_ranks(q: float) -> bool:
     return q in (0.0, 1.0)
 
 
-def _ordered_prefix(ops: Ops, values: Any, count: Any, inf: Any, index: Any) -> tuple[Any, Any]:
-    """The first ``k = min(max(count, 1), len(values))`` entries of ``values`` sorted ascending
-    (the other slots ``+inf``, after them), and ``k - 1``, the int64 index of the last value.
+def _prefix(ops: Ops, values: Any, count: Any, index: Any) -> tuple[Any, Any]:
+    """Which slots of ``values`` hold the sample, its first ``k = min(max(count, 1), len(values))``
+    entries, and ``k - 1``, the int64 index of its last value once sorted.
 
     With no value yet (``count == 0``) slot 0 stands in for the sample (it is finite), so every
     rank and index below is valid and no ``inf - inf`` is formed.
@@ -124,8 +124,7 @@ def _ordered_prefix(ops: Ops, values: Any, count: Any, inf: Any, index: Any) -> 
     if index is None:
         index = ops.arange(values.shape[0])
     size = ops.clamp_values(count, ops.scalar(1, "int64"), ops.scalar(values.shape[0], "int64"))
-    valid = index < size
-    return ops.sort(ops.where(valid, values, inf)), size - 1
+    return index < size, size - 1
 
 
 def prefix_percentile(ops: Ops, values: Any, count: Any, q: float, inf: Any, index: Any = None) -> Any:
@@ -145,7 +144,9 @@ def prefix_percentile(ops: Ops, values: Any, count: Any, q: float, inf: Any, ind
     Returns:
         An fp32 0-d array.
     """
-    ordered, last = _ordered_prefix(ops, values, count, inf, index)
+    valid, last = _prefix(ops, values, count, index)
+    # The slots outside the sample sort after it.
+    ordered = ops.sort(ops.where(valid, values, inf))
     lower, gamma = _lower_rank(ops, last, q)
     a = ops.take(ordered, lower)
     if _exact_at_ranks(q):
@@ -157,22 +158,31 @@ def prefix_percentile(ops: Ops, values: Any, count: Any, q: float, inf: Any, ind
     return ops.where(count > 0, result, inf)
 
 
-def prefix_median(ops: Ops, values: Any, count: Any, inf: Any, index: Any = None) -> Any:
-    """``prefix_percentile(ops, values, count, 0.5, inf, index)`` for ``count >= 1``, in fewer
-    operations; for ``count == 0``, the median of slot 0 alone (no ``inf``: the caller knows
-    what slot 0 holds then).
+def prefix_median_mad(ops: Ops, values: Any, count: Any, inf: Any, index: Any = None) -> tuple[Any, Any]:
+    """The median of the first ``k = min(count, len(values))`` entries of ``values`` and their
+    median absolute deviation: ``m = numpy.median(v)`` and ``numpy.median(numpy.abs(v - m))``
+    bit for bit, for ``count >= 1`` and non-negative values. For ``count == 0`` slot 0 alone is
+    the sample (no ``inf``: the caller knows what slot 0 holds then).
 
     At ``q = 0.5`` the position ``last / 2`` is a whole rank or halfway between two, so NumPy's
     weight is 0 or 0.5: with ``lower = last // 2`` and ``upper = last - lower`` (the same rank
     when ``last`` is even), ``b - (b - a)·0.5``, NumPy's form for a weight of 0.5, gives its
     result in both cases (for even ``last`` it is ``a - 0``, which is ``a`` as NumPy's
-    ``a + (b - a)·0`` is; only the sign of a zero ``a`` may differ). Values are non-negative.
+    ``a + (b - a)·0`` is; only the sign of a zero ``a`` may differ). The two medians share the
+    sample's ranks, computed once.
     """
-    ordered, last = _ordered_prefix(ops, values, count, inf, index)
+    valid, last = _prefix(ops, values, count, index)
     lower = last // 2
-    a = ops.take(ordered, lower)
-    b = ops.take(ordered, last - lower)
-    return b + (b - a) * -0.5
+    upper = last - lower
+
+    def median(sample: Any) -> Any:
+        ordered = ops.sort(ops.where(valid, sample, inf))
+        a = ops.take(ordered, lower)
+        b = ops.take(ordered, upper)
+        return b + (b - a) * -0.5
+
+    centre = median(values)
+    return centre, median(ops.abs(values - centre))
 
 
 # -- the bounded sketch behind AutoClip(history=None) ------------------------------------------
@@ -200,8 +210,7 @@ def sketch_insert(ops: Ops, bins: Any, anchor: Any, value: Any, accept: Any, zer
     """
     anchor = ops.where(anchor > 0, anchor, value)
     positive = value > 0  # then the anchor is positive too
-    # The divisor is 1 where the ratio is not used, so no 0 / 0 is formed (NumPy would warn).
-    ratio = ops.where(positive, value / ops.where(positive, anchor, one), one)
+    ratio = ops.ratio_or_one(positive, value, anchor)
     position = ops.floor(ops.log(ratio) * (SKETCH_PER_OCTAVE / math.log(2.0))) + SKETCH_OFFSET
     # Never NaN (the ratio is positive), so minimum/maximum clamp as comparisons would.
     position = ops.clamp_values(position, one, ops.scalar(SKETCH_SIZE - 1.0, "float32"))

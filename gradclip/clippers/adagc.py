@@ -173,13 +173,13 @@ class AdaGC(Clipper):
         seen = seen | informative
         coefs = ops.where(warming, h, h_each)
         skip = skip_flag(ops, finite, self.nonfinite)
-        step = state.step + ops.cast(finite, "int64")
+        step = ops.count_up(state.step, finite)
 
         # The effective coefficient: every coef is <= 1, so the clipped global norm is at most the
         # (finite) global norm and the ratio is finite.
         after = ops.combine_norms(coefs * norms, 2.0)
         positive = total > 0
-        effective = ops.where(positive, after / ops.where(positive, total, one), one)
+        effective = ops.ratio_or_one(positive, after, total)
         # torch.distributed: combine_norms reduces over the process group, so a rank without
         # gradients must call it too.
         reduce = len(grads) or ops.distributed

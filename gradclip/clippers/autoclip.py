@@ -146,7 +146,7 @@ class AutoClip(Clipper):
         # the comparison, so the finiteness test is still needed only for inf.
         accept = fp32_finite(ops, norm, finite) & (measured > 0)
         x = ops.where(accept, measured, zero)
-        count = state.count + ops.cast(accept, "int64")
+        count = ops.count_up(state.count, accept)
         if self.history is None:
             bins, anchor = sketch_insert(ops, state.bins, state.anchor, x, accept, zero, ops.scalar(1.0, f32))
             # Before the first norm low and high are 0 (load_state_dict checks it), and x is 0

@@ -141,10 +141,10 @@ class _PerTensorNorm(Scheduled, Clipper):
         coefs, skip = settle(ops, coefs, finite if self.nonfinite == "skip" else per_tensor_finite, self.nonfinite)
         after = ops.combine_norms(coefs * norms, self.norm_type)
         one = ops.scalar(1.0, dtype)
-        # Divide only by a finite, positive norm: inf / inf warned under NumPy ("invalid value")
-        # whenever a gradient held inf; the coefficient reported for such steps is 1 anyway.
+        # Divide only by a finite, positive norm (inf / inf is NaN, and NumPy warns); the
+        # coefficient reported for other steps is 1.
         usable = (norm > 0) & finite
-        effective = ops.where(usable, after / ops.where(usable, norm, one), one)
+        effective = ops.ratio_or_one(usable, after, norm)
         effective = ops.where(ops.isfinite(effective), effective, one)
         clipped = ops.any(coefs < 1)
         info = make_info(ops, norm, threshold, effective, clipped, measured.given_finite, skip)
@@ -303,8 +303,6 @@ class NormSign(Clipper):
         clipped, norm = decision.coef, info.norm
         grads = ops.sign_where(grads, self.threshold, clipped)
         after = ops.global_norm(grads, 2.0)
-        one = ops.scalar(1.0, accumulation(norm))
-        # clipped implies a finite norm > threshold >= 0; the inner where keeps inf / inf (a
-        # NumPy "invalid value" warning) out of the steps whose result is discarded.
-        effective = ops.where(clipped, after / ops.where(clipped, norm, one), one)
+        # clipped implies a finite norm > threshold >= 0.
+        effective = ops.ratio_or_one(clipped, after, norm)
         return grads, info._replace(coef=effective)

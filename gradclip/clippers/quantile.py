@@ -114,8 +114,7 @@ class QuantileNorm(Clipper):
         moved = bound * ops.exp((unclipped - self.target_quantile) * -self.learning_rate)
         # Never NaN (C is positive and finite, exp never NaN), so minimum/maximum clamp as
         # comparisons would.
-        moved = ops.maximum(moved, ops.scalar(self.min_norm, "float32"))
-        moved = ops.minimum(moved, ops.scalar(self.max_norm, "float32"))
+        moved = ops.clamp_values(moved, ops.scalar(self.min_norm, "float32"), ops.scalar(self.max_norm, "float32"))
         new_bound = ops.where(informative, moved, bound)
         info = make_info(ops, norm, threshold, coef, coef < 1, found.given_finite, skip)
         return Decision(coef, QuantileNormState(new_bound), info)

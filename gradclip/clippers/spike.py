@@ -278,14 +278,14 @@ class SkipOnSpike(Clipper):
         if self.watches_norm:
             record = band.usable & taken
             fields["window"] = ring_write(ops, state.window, state.count % self.window, band.value, record, index)
-            fields["count"] = state.count + ops.cast(record, "int64")
+            fields["count"] = ops.count_up(state.count, record)
         if self.watches_loss:
             record = loss_band.usable & taken
             fields["loss_window"] = ring_write(
                 ops, state.loss_window, state.loss_count % self.window, loss_band.value, record, index
             )
-            fields["loss_count"] = state.loss_count + ops.cast(record, "int64")
-        fields["skipped"] = state.skipped + ops.cast(skip, "int64")
+            fields["loss_count"] = ops.count_up(state.loss_count, record)
+        fields["skipped"] = ops.count_up(state.skipped, skip)
         coef = ops.scalar(1.0, f32) if acc == f32 else ops.scalar(1.0, acc)
         info = make_info(ops, norm, ops.cast(threshold, acc), coef, ops.scalar(False, "bool"), finite, skip)
         return Decision(coef, self.state_type(**fields), info)

@@ -74,7 +74,7 @@ from gradclip.clippers._adaptive import (
     accumulation,
     as_f32,
     check_field,
-    prefix_median,
+    prefix_median_mad,
     ring_write,
     skip_flag,
 )
@@ -225,12 +225,10 @@ class ZClip(Scheduled, Clipper):
         else:
             # Median and scaled MAD of the buffer with the current norm: the statistics the
             # warm-up clips against, and those it ends with (on the last warm-up norm the
-            # buffer is full). Slots not reached yet are left out (prefix_median). With nothing
+            # buffer is full). Slots not reached yet are left out (prefix_median_mad). With nothing
             # recorded, slot 0 alone is the sample and holds 0 (the buffer's invariant): the
             # median and the MAD are then 0 (nothing is clipped), and no inf - inf is formed.
-            windex = ops.arange(self.warmup_steps)
-            median = prefix_median(ops, warmup, filled, inf, windex)
-            mad = prefix_median(ops, ops.abs(warmup - median), filled, inf, windex)
+            median, mad = prefix_median_mad(ops, warmup, filled, inf, ops.arange(self.warmup_steps))
             robust_std = mad * _MAD_TO_STD
             first_mean, first_var = median, robust_std * robust_std
             # Clipping starts once three norms are in the buffer; before the end of warm-up
