@@ -30,6 +30,13 @@ zero updates. A stateful optimizer later in the chain (Adam) still advances its 
 update; :func:`clip_then` wraps the optimizer so that a skipped step leaves its state untouched,
 as ``optax.apply_if_finite`` does.
 
+Update clipping is the same transformation placed *after* the optimizer: in optax the optimizer's
+output is the parameter update, so ``optax.chain(optax.adam(1e-3), gradclip.GlobalNorm(1e-2).as_optax())``
+bounds the update's global norm by 0.01 (torch: ``ClippedOptimizer(..., update_clipper=...)``),
+``gradclip.BlockRMS(1.0)`` there is Adafactor's per-tensor RMS update clipping, and a scheduled
+bound (``GlobalNorm(optax.linear_schedule(...))``) counts the updates. ``clip_info`` then reports
+the update's norm.
+
 The transformations take optax's *extra arguments* (``optax.GradientTransformationExtraArgs``):
 the step's loss reaches the clipper as ``update(updates, state, params, loss=loss)``, also through
 ``optax.chain`` (which hands every extra argument to every link; links that take none ignore
