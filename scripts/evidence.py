@@ -6,6 +6,9 @@ would (a subprocess, the same console output), keeps each run's outcome in
 
 * README.md between ``<!-- evidence:demo:start -->`` and ``<!-- evidence:demo:end -->``: what
   ``make demo`` prints (the command ``gradclip compare`` with no arguments);
+* README.md between ``<!-- evidence:bad-batches:start -->`` and ``<!-- evidence:bad-batches:end -->``:
+  the stability policies (loss- and norm-aware skipping, a fixed skip bound, ZClip, fixed
+  thresholds) on the ``badbatch`` task, five seeds (issue 17);
 * docs/evidence.md, whole: for every built-in task, the best fixed threshold in hindsight against
   each untuned adaptive clipper, three seeds, with the exact commands.
 
@@ -13,6 +16,7 @@ Usage::
 
     python scripts/evidence.py                 # everything: about an hour on two shared cores
     python scripts/evidence.py --only demo     # the README's table: about a minute
+    python scripts/evidence.py --only bad-batches   # the README's bad-batch table: about a minute
     python scripts/evidence.py --only gpt,digits
     python scripts/evidence.py --render        # rewrite the documents from the stored JSON only
 
@@ -48,6 +52,13 @@ SWEEP = "global_norm:max_norm=logspace(0.1,10,5)"
 #: The built-in tasks at their default sizes (``--steps`` etc. left at each task's defaults).
 TASKS = ("adding", "temporal-order", "digits", "spikes", "charlm", "gpt")
 DEMO_START, DEMO_END = "<!-- evidence:demo:start -->", "<!-- evidence:demo:end -->"
+#: The README's bad-batch comparison: every stability policy untuned (a skip bound at the usual
+#: max_norm of 1), beside no clipping and the sweep of fixed thresholds, on ``badbatch``.
+BAD_BATCHES = [
+    "--task", "badbatch", "--clipper", "none", "--sweep", SWEEP, "--clipper", "zclip",
+    "--clipper", "skip_on_spike", "--clipper", "skip_on_spike:signal=loss", "--clipper", "skip_on_spike:signal=both",
+    "--clipper", "skip_above:max_norm=1.0", "--seeds", "5",
+]
 
 
 #: The demo again with PyTorch's, MKL's and oneDNN's AVX-512 kernels: what the pins prevent.
@@ -135,14 +146,17 @@ def _verdict(entry: dict):
 
 
 def render_readme(demo: dict) -> None:
+    replace_readme_section("demo", f"$ make demo        # runs: {demo['command']}\n{demo['block']}")
+
+
+def replace_readme_section(name: str, content: str) -> None:
+    """Put ``content`` in a code block between README.md's ``<!-- evidence:NAME:start/end -->``."""
+    start, end = f"<!-- evidence:{name}:start -->", f"<!-- evidence:{name}:end -->"
     text = README.read_text()
-    block = (
-        f"{DEMO_START}\n```\n$ make demo        # runs: {demo['command']}\n{demo['block']}\n```\n{DEMO_END}"
-    )
-    pattern = re.compile(re.escape(DEMO_START) + ".*?" + re.escape(DEMO_END), re.S)
+    pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.S)
     if not pattern.search(text):
-        raise SystemExit(f"README.md has no {DEMO_START} ... {DEMO_END} markers")
-    README.write_text(pattern.sub(lambda _: block, text))
+        raise SystemExit(f"README.md has no {start} ... {end} markers")
+    README.write_text(pattern.sub(lambda _: f"{start}\n```\n{content}\n```\n{end}", text))
 
 
 def _percent(value: float) -> str:
@@ -380,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--render", action="store_true", help="only rewrite README.md and docs/evidence.md from the JSON")
     parser.add_argument("--jobs", type=int, default=2, help="parallel runs (default 2)")
     args = parser.parse_args(argv)
-    names = ["demo", "demo-avx512", *TASKS]
+    names = ["demo", "demo-avx512", "bad-batches", *TASKS]
     chosen = names if not args.only else [n.strip() for n in args.only.split(",")]
     unknown = sorted(set(chosen) - set(names))
     if unknown:
@@ -391,7 +405,7 @@ def main(argv: list[str] | None = None) -> int:
             if name == "demo-avx512" and not has_avx512():
                 print("skipping demo-avx512: this processor has no AVX-512", flush=True)
                 continue
-            arguments = [] if name.startswith("demo") else task_arguments(name)
+            arguments = [] if name.startswith("demo") else BAD_BATCHES if name == "bad-batches" else task_arguments(name)
             print(f"running {command_text(arguments)}", flush=True)
             entry = run(name, arguments, args.jobs, AVX512 if name == "demo-avx512" else None)
             (STORE / f"{name}.json").write_text(json.dumps(entry, indent=1) + "\n")
@@ -399,6 +413,9 @@ def main(argv: list[str] | None = None) -> int:
     demo = load("demo")
     if demo is not None:
         render_readme(demo)
+    bad_batches = load("bad-batches")
+    if bad_batches is not None:
+        replace_readme_section("bad-batches", f"$ {bad_batches['command']}\n{bad_batches['block']}")
     entries = {task: entry for task in TASKS if (entry := load(task)) is not None}
     render_evidence(entries, demo, load("demo-avx512"))
     return 0

@@ -10,6 +10,7 @@ import os
 import statistics
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -145,3 +146,23 @@ def test_compare_refuses_a_bad_task_option_before_any_run(tmp_path):
     assert result.returncode == 2
     assert "bad_fraction must be a number in [0, 1]" in result.stderr and "got 2" in result.stderr
     assert not (out / "results.jsonl").exists()
+
+
+def test_the_readme_table_is_what_this_code_gives(tmp_path):
+    # scripts/evidence.py --only bad-batches ran the README's comparison through the command line
+    # and stored each run's outcome; two of its runs again, the same way (a fresh process pins
+    # the kernels before torch starts), must give the same numbers.
+    root = Path(__file__).resolve().parent.parent
+    entry = json.loads((root / "docs" / "evidence" / "bad-batches.json").read_text())
+    assert entry["block"] in (root / "README.md").read_text()
+    out = tmp_path / "run"
+    clippers = ("none", "skip_on_spike:signal=loss")
+    result = _cli("--clipper", clippers[0], "--clipper", clippers[1], "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    for record in records:
+        stored = next(run for run in entry["runs"] if run["clipper"] == record["clipper"] and run["seed"] == 0)
+        assert record["steps"] == entry["steps"]
+        keys = ("metric", "solved", "diverged", "eval_loss", "cpu_capability")
+        assert {key: record[key] for key in keys} == {key: stored[key] for key in keys}, record["clipper"]
+    assert sorted(record["clipper"] for record in records) == sorted(clippers)
