@@ -122,6 +122,19 @@ def _states(clipper: Clipper, state: Any) -> Iterator[tuple[Clipper, Any]]:
                 yield from _states(child, part)
 
 
+def _roots(optimizer: torch.optim.Optimizer, clipper: Any) -> list[tuple[Clipper, list[torch.Tensor] | None]]:
+    """The clippers ClippedOptimizer calls, each with the parameters it clips (None: all of
+    them): its one clipper, or the clipped groups' clippers of a per-group mapping (``key ->
+    clipper or None`` in parameter-group order, :mod:`gradclip.torch.optim_groups`)."""
+    if isinstance(clipper, Clipper):
+        return [(clipper, None)]
+    return [
+        (clipper[key], list(group["params"]))
+        for key, group in zip(clipper, optimizer.param_groups)
+        if clipper[key] is not None
+    ]
+
+
 class OptimizerStateLink:
     """Hands the wrapped optimizer's second moments to a clipper that reads them, and performs
     SPAM's momentum reset (see the module documentation).
@@ -129,13 +142,16 @@ class OptimizerStateLink:
     Build it with :func:`optimizer_state_link`, which validates.
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, clipper: Clipper, reset_momentum: bool):
+    def __init__(self, optimizer: torch.optim.Optimizer, clipper: Any, reset_momentum: bool):
         self.optimizer = optimizer
         self.clipper = clipper
-        # The SPAM clippers whose resets the optimizer performs (none with reset_momentum=False).
-        self.resetting = [
-            node for node in _nodes(clipper) if isinstance(node, SpikeAware) and node.reset_interval is not None
-        ] if reset_momentum else []
+        # Per clipper called (with per-group clipping, one per clipped group): the ids of the SPAM
+        # clippers in it whose resets the optimizer performs (none with reset_momentum=False).
+        self.resetting = []
+        for root, params in _roots(optimizer, clipper):
+            spam = {id(node) for node in _nodes(root) if isinstance(node, SpikeAware) and node.reset_interval is not None}
+            if spam and reset_momentum:
+                self.resetting.append((root, params, spam))
 
     def signals(self, named: list[tuple[str, torch.Tensor]], where: str) -> dict[str, Any]:
         """``{"optimizer_state": [...]}``: each parameter's ``exp_avg_sq`` (None before the
@@ -153,7 +169,7 @@ class OptimizerStateLink:
             entry = state.get(param)  # .get: optimizer.state is a defaultdict, [] would insert
             if entry and SECOND_MOMENT not in entry:
                 raise InvalidArgumentError(
-                    f"{where}: {_needing(self.clipper)!r} reads the optimizer's second moment, but "
+                    f"{where}: {_needing(self.optimizer, self.clipper)!r} reads the optimizer's second moment, but "
                     f"{type(self.optimizer).__name__} keeps no {SECOND_MOMENT!r} in its state for {name} (it keeps "
                     f"{sorted(map(str, entry))}); use an Adam-family optimizer (Adam, AdamW, NAdam, RAdam). "
                     "Nothing was changed"
@@ -163,29 +179,30 @@ class OptimizerStateLink:
 
     def reset_if_due(self, named: list[tuple[str, torch.Tensor]]) -> None:
         """After the clip of step ``t``: zero ``exp_avg`` and ``exp_avg_sq`` where a SPAM
-        clipper's :meth:`~gradclip.SpikeAware.reset_due` holds for ``t``, on the device."""
-        if not self.resetting:
-            return
-        # The state the clip just committed counts step t (SpikeAwareState.step).
-        resetting = {id(node) for node in self.resetting}
-        due = None
-        for node, part in _states(self.clipper, self.clipper._kept.state):
-            if id(node) in resetting:
-                flag = node.reset_due(part.step)
-                due = flag if due is None else due | flag
+        clipper's :meth:`~gradclip.SpikeAware.reset_due` holds for ``t``, on the device, for the
+        parameters with a gradient that clipper clips (every one, or its group's)."""
         state = self.optimizer.state
-        for _, param in named:
-            entry = state.get(param) if param.grad is not None else None
-            for key in (FIRST_MOMENT, SECOND_MOMENT):
-                moment = entry.get(key) if entry else None
-                if moment is not None:
-                    moment.masked_fill_(due.to(moment.device), 0)
+        for root, params, spam in self.resetting:
+            # The state the clip just committed counts step t (SpikeAwareState.step).
+            due = None
+            for node, part in _states(root, root._kept.state):
+                if id(node) in spam:
+                    flag = node.reset_due(part.step)
+                    due = flag if due is None else due | flag
+            targets = [p for _, p in named] if params is None else params
+            for param in targets:
+                entry = state.get(param) if param.grad is not None else None
+                for key in (FIRST_MOMENT, SECOND_MOMENT):
+                    moment = entry.get(key) if entry else None
+                    if moment is not None:
+                        moment.masked_fill_(due.to(moment.device), 0)
 
 
 def optimizer_state_link(
-    where: str, optimizer: torch.optim.Optimizer, clipper: Clipper, reset_momentum: Any
+    where: str, optimizer: torch.optim.Optimizer, clipper: Any, reset_momentum: Any
 ) -> OptimizerStateLink | None:
-    """The link for ``clipper`` when it reads the optimizer's state, else None.
+    """The link for ``clipper`` (a clipper, or per-group clippers) when it reads the optimizer's
+    state, else None.
 
     Raises:
         InvalidArgumentError: ``reset_momentum`` not a bool; a clipper that reads the optimizer's
@@ -198,16 +215,17 @@ def optimizer_state_link(
     built_in = type(optimizer).__module__.startswith("torch.optim")
     if built_in and not isinstance(optimizer, _KEEP_SECOND_MOMENT):
         raise InvalidArgumentError(
-            f"{where}: {_needing(clipper)!r} reads the optimizer's second moment (state[p][{SECOND_MOMENT!r}]), "
+            f"{where}: {_needing(optimizer, clipper)!r} reads the optimizer's second moment (state[p][{SECOND_MOMENT!r}]), "
             f"but {type(optimizer).__name__} keeps none; use Adam, AdamW, NAdam or RAdam, or a clipper that "
             "does not need optimizer state"
         )
     return OptimizerStateLink(optimizer, clipper, reset_momentum)
 
 
-def _needing(clipper: Clipper) -> Clipper:
+def _needing(optimizer: torch.optim.Optimizer, clipper: Any) -> Any:
     """The innermost clipper of ``clipper`` that reads optimizer state, for messages."""
-    wanting = [node for node in _nodes(clipper) if node.needs_optimizer_state and not node.children()]
+    roots = [root for root, _ in _roots(optimizer, clipper)]
+    wanting = [node for root in roots for node in _nodes(root) if node.needs_optimizer_state and not node.children()]
     return wanting[0] if wanting else clipper
 
 
