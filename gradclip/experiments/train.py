@@ -4,9 +4,11 @@ Where :class:`~gradclip.experiments.Task` hands the runner a model, batches and 
 function keeps its own loop — a ``transformers.Trainer``, a Keras ``model.fit``, an optax loop,
 or any PyTorch loop — and only promises to:
 
-1. clip with the ``clipper`` it is given (``clipper.clip_(model)``,
+1. clip with the ``clipper`` it is given (``clipper.clip_(model, loss=loss)``,
    ``gradclip.keras.ClippingOptimizer(optimizer, clipper)``, ``clipper.as_optax()``,
-   ``gradclip.transformers.GradClipCallback(clipper)``...);
+   ``gradclip.transformers.GradClipCallback(clipper)``...), passing the step's loss where the
+   loop has it, as the runner's own loop does: ``skip_on_spike:signal=loss`` decides on it and
+   raises without it;
 2. seed everything from ``seed`` and take ``steps`` optimizer steps;
 3. call ``report(step, loss, info)`` after each step with the training loss (a scalar) and,
    where it has one, the step's :class:`~gradclip.ClipInfo` (or a dict with ``norm``,

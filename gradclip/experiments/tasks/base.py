@@ -92,7 +92,7 @@ class Task(ABC):
             loss = task.loss(model, task.batch(step))     # a scalar tensor
             loss.backward()
             task.perturb(model, step)                      # optional fault injection
-            info = clipper.clip_(model)                    # the clipper under comparison
+            info = clipper.clip_(model, loss=loss)         # the clipper under comparison
             optimizer.step()                               # skipped when info.skip
         metrics = task.evaluate(model)                     # {"loss": ..., metric_name: ...}
 
