@@ -54,6 +54,23 @@ With a fold, ``ClippedOptimizer`` never writes a gradient: the fused kernel divi
 the same pass. So after a step ``.grad`` holds the clipped, unscaled gradient, as on the unfolded
 path; after a step skipped on overflow it is left as it was (still scaled).
 
+Stability policies
+------------------
+* **The loss** (``opt.step(loss=loss)``, or a closure's returned loss) reaches the clipper's
+  decision, for ``SkipOnSpike(signal="loss" | "both")``. With ``accumulation_steps=k`` the
+  clipper sees the mean of the losses given to the step's k calls (on the device; calls without
+  ``loss=`` do not count): pass it on every micro-batch, or on the k-th call only.
+* **Skip streaks**: ``last_info.consecutive_skips`` counts the optimizer steps skipped in a row
+  (an int64 tensor on the device, every step). With ``max_consecutive_skips=N`` the N-th skipped
+  step in a row raises :class:`gradclip.DivergenceError` (after it was skipped), naming the streak
+  and its norms and losses, instead of skipping forever. Checking the bound reads one int per step,
+  and only for clippers that can skip (``clipper.may_skip``). The count is checkpointed.
+* **Per-group clipping**: ``ClippedOptimizer(optimizer, {0: gradclip.GlobalNorm(1.0), 1: None})``
+  (keys are group indices or ``"name"`` entries, every group named, None for "not clipped")
+  clips each parameter group with its own clipper and state; a skip from any group skips the
+  whole step; ``measure="all"`` reports the norm of every group while clipping only some;
+  ``last_infos`` holds each group's info. See :mod:`gradclip.torch.optim_groups`.
+
 Compiled steps: ``torch.compile(opt.step)`` compiles the clip (or the fold) with the step; torch's
 optimizers break the graph inside their own ``step()`` by design, and the clip adds no break of
 its own. With ``accumulation_steps=k`` each micro-batch count compiles once (the count is a Python
@@ -69,16 +86,25 @@ non-fused optimizer synchronises once per step on its own, as it always does.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import torch
 
 from gradclip._core.clipper import Clipper
-from gradclip._core.contract import Coefficient
-from gradclip._core.errors import InvalidArgumentError, StateError
+from gradclip._core.contract import Coefficient, signals_from
+from gradclip._core.errors import DivergenceError, InvalidArgumentError, StateError
+from gradclip._core.ops import get_ops
+from gradclip._core.streaks import SkipStreak
 from gradclip._core.types import ClipInfo
 from gradclip.torch import optim_state
+from gradclip.torch.optim_groups import MEASURES, GroupClippers
+from gradclip.torch.optim_state_aware import (
+    load_update_state,
+    optimizer_state_link,
+    save_update_state,
+    update_clipping,
+)
 from gradclip.torch.scaling import (
     clear_step_flags,
     fold_unsupported_reason,
@@ -89,6 +115,9 @@ from gradclip.torch.scaling import (
 
 __all__ = ["ClippedOptimizer", "fold_unsupported_reason", "scaler_enabled", "scaler_stage"]
 
+_UNSET: Any = object()  # add_param_group's clipper= not given
+
+
 class ClippedOptimizer(torch.optim.Optimizer):
     """A torch optimizer that unscales (AMP), clips and skips before it steps.
 
@@ -97,7 +126,9 @@ class ClippedOptimizer(torch.optim.Optimizer):
 
     Args:
         optimizer: Any ``torch.optim.Optimizer``.
-        clipper: Any gradclip clipper (``gradclip.GlobalNorm(1.0)``, ``gradclip.get("zclip")``...).
+        clipper: Any gradclip clipper (``gradclip.GlobalNorm(1.0)``, ``gradclip.get("zclip")``...),
+            or a mapping ``{group index or name: clipper or None}`` naming every parameter group
+            to clip each group apart (:mod:`gradclip.torch.optim_groups`).
         scaler: A ``torch.amp.GradScaler`` (or None). You still call ``scaler.scale(loss)`` before
             ``backward()`` and ``scaler.update()`` after a ``step()`` that stepped
             (``if opt.stepped: scaler.update()``; every call with ``accumulation_steps=1``).
@@ -106,15 +137,39 @@ class ClippedOptimizer(torch.optim.Optimizer):
         accumulation_steps: Micro-batches per optimizer step, ``>= 1``. Call ``step()`` and
             ``zero_grad()`` after every backward: only every k-th call clips and steps.
         monitor: A :class:`gradclip.Monitor`; ``monitor.observe(info)`` is called after each clip.
+        max_consecutive_skips: Keyword only. Raise :class:`gradclip.DivergenceError` when this
+            many optimizer steps in a row were skipped (an int ``>= 1``), or None (default) to
+            only count them in ``last_info.consecutive_skips``.
+        measure: Keyword only, with a per-group mapping: ``"clipped"`` (default) reports in
+            ``last_info.norm`` the clipped groups' norm, ``"all"`` the norm of every group's
+            gradients before clipping (one more read of them per step).
+        reset_momentum: With a SPAM clipper (``gradclip.SpikeAware(reset_interval=ΔT)``), zero the
+            optimizer's ``exp_avg`` and ``exp_avg_sq`` at the steps it resets (default True);
+            False keeps them. A clipper that reads the optimizer's state is given
+            ``optimizer_state=`` (Adam's ``exp_avg_sq``) either way
+            (:mod:`gradclip.torch.optim_state_aware`).
+        update_clipper: A clipper for the parameter update after the optimizer step (``Δ =
+            p_after − p_before`` becomes the clipped ``Δ``: ``gradclip.GlobalNorm(c)``,
+            Adafactor's ``gradclip.BlockRMS(1.0)``), or None. Costs one copy of the parameters
+            during the step (:mod:`gradclip.torch.optim_state_aware`).
 
     Attributes:
-        last_info: The :class:`~gradclip.ClipInfo` of the last optimizer step (None before it).
+        last_info: The :class:`~gradclip.ClipInfo` of the last optimizer step (None before it),
+            with ``consecutive_skips`` set; with a per-group mapping, the groups' infos combined.
+        last_infos: With a per-group mapping, ``{group key: ClipInfo}`` of the last step's
+            clipped groups; else None.
+        last_update_info: The :class:`~gradclip.ClipInfo` of ``update_clipper`` at the last step
+            taken (None before it, or without an update clipper).
         stepped: True when the last ``step()`` call reached an optimizer-step boundary (clipped,
             then stepped or skipped); with a scaler, call ``scaler.update()`` only then.
         folded: True when the last optimizer step folded the coefficient into the optimizer.
 
     Raises:
-        InvalidArgumentError: A bad argument, or ``fold=True`` where folding is impossible.
+        InvalidArgumentError: A bad argument, or ``fold=True`` where folding is impossible; a
+            clipper that reads optimizer state with an optimizer that keeps no ``exp_avg_sq``;
+            ``max_consecutive_skips`` not None or an int ``>= 1``; a bad per-group mapping (an
+            unknown group, a group left out or named twice, one clipper for two groups, a key
+            neither int nor str, a value neither clipper nor None, an empty mapping).
     """
 
     def __init__(
@@ -125,6 +180,11 @@ class ClippedOptimizer(torch.optim.Optimizer):
         fold: bool | None = None,
         accumulation_steps: int = 1,
         monitor: Any = None,
+        *,
+        max_consecutive_skips: int | None = None,
+        measure: str = "clipped",
+        reset_momentum: bool = True,
+        update_clipper: Clipper | None = None,
     ):
         # torch.optim.Optimizer.__init__ is deliberately not called: this object owns no
         # parameters of its own; param_groups/state/defaults are the wrapped optimizer's.
@@ -135,11 +195,16 @@ class ClippedOptimizer(torch.optim.Optimizer):
             )
         if isinstance(optimizer, ClippedOptimizer):
             raise InvalidArgumentError(f"{where}: optimizer is already a ClippedOptimizer; wrap the inner one once")
-        if not isinstance(clipper, Clipper):
+        if measure not in MEASURES:
+            raise InvalidArgumentError(f"{where}: measure must be one of {list(MEASURES)}, got {measure!r}")
+        if isinstance(clipper, Mapping):
+            clipper = GroupClippers(where, optimizer, clipper, measure)  # validates the mapping
+        elif not isinstance(clipper, Clipper):
             raise InvalidArgumentError(
-                f"{where}: clipper must be a gradclip clipper (e.g. gradclip.GlobalNorm(1.0)), "
-                f"got {type(clipper).__qualname__}"
+                f"{where}: clipper must be a gradclip clipper (e.g. gradclip.GlobalNorm(1.0)) or a mapping "
+                f"{{param group index or name: clipper or None}}, got {type(clipper).__qualname__}"
             )
+        streak = SkipStreak(max_consecutive_skips, where)  # validates max_consecutive_skips
         if scaler is not None and not all(hasattr(scaler, a) for a in ("scale", "unscale_", "step", "update")):
             raise InvalidArgumentError(
                 f"{where}: scaler must be a torch.amp.GradScaler or None, got {type(scaler).__qualname__}"
@@ -155,12 +220,19 @@ class ClippedOptimizer(torch.optim.Optimizer):
                 f"{where}: monitor must have an observe(info) method (gradclip.Monitor), "
                 f"got {type(monitor).__qualname__}"
             )
+        # SPAM's optimizer state and momentum reset, and update clipping (optim_state_aware.py).
+        self._state_link = optimizer_state_link(where, optimizer, clipper, reset_momentum)
+        self._update_clipping = update_clipping(where, clipper, update_clipper)
+        self.reset_momentum = reset_momentum
+        self.update_clipper = update_clipper
         self.optimizer = optimizer
         self.clipper = clipper
         self.scaler = scaler
         self.fold = fold
         self.accumulation_steps = accumulation_steps
         self.monitor = monitor
+        self.max_consecutive_skips = max_consecutive_skips
+        self._streak = streak
         self._progress = _Progress()
         self._may_skip = clipper.may_skip
         self._optimizer_reason = fold_unsupported_reason(optimizer)
@@ -214,8 +286,38 @@ class ClippedOptimizer(torch.optim.Optimizer):
             f"fold={self.fold!r}, accumulation_steps={self.accumulation_steps})"
         )
 
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        self.optimizer.add_param_group(param_group)
+    def add_param_group(self, param_group: dict[str, Any], clipper: Any = _UNSET) -> None:
+        """Add a parameter group to the wrapped optimizer.
+
+        Args:
+            param_group: As for ``torch.optim.Optimizer.add_param_group``.
+            clipper: With per-group clipping (a mapping was given), required: the new group's
+                clipper, or None to leave it unclipped; it is keyed by the group's ``"name"``, or
+                else its index. With one clipper, not allowed: that clipper clips every group.
+
+        Raises:
+            InvalidArgumentError: ``clipper`` missing with per-group clipping, given with one
+                clipper, not a clipper or None, already clipping another group, or making
+                ``fold=True`` impossible. Nothing is added then.
+        """
+        where = "ClippedOptimizer.add_param_group"
+        if not isinstance(self.clipper, GroupClippers):
+            if clipper is not _UNSET:
+                raise InvalidArgumentError(
+                    f"{where}: clipper= names a new group's clipper only with per-group clipping; this "
+                    f"ClippedOptimizer's {type(self.clipper).__name__} clips every group"
+                )
+            self.optimizer.add_param_group(param_group)
+            return
+        if clipper is _UNSET:
+            raise InvalidArgumentError(
+                f"{where}: this ClippedOptimizer clips per parameter group; say how the new group is clipped: "
+                "add_param_group(group, clipper=gradclip.GlobalNorm(1.0)), or clipper=None to leave it unclipped"
+            )
+        self.clipper.add_group(where, param_group, clipper, self.fold)
+        self._may_skip = self.clipper.may_skip
+        self._clipper_reason = self.clipper.cannot_fold_reason()
+        self._fold_active = self.fold is not False and self._optimizer_reason is None and self._clipper_reason is None
 
     @property
     def will_step(self) -> bool:
@@ -231,6 +333,12 @@ class ClippedOptimizer(torch.optim.Optimizer):
         return self._progress.last_info
 
     @property
+    def last_infos(self) -> dict[int | str, ClipInfo] | None:
+        """With per-group clipping, ``{group key: ClipInfo}`` of the clipped groups that took part
+        in the last optimizer step (see :mod:`gradclip.torch.optim_groups`); else None."""
+        return self.clipper.last_infos if isinstance(self.clipper, GroupClippers) else None
+
+    @property
     def stepped(self) -> bool:
         """Whether the last ``step()`` call reached an optimizer-step boundary (clipped, then
         stepped or skipped). With a GradScaler, call ``scaler.update()`` after ``step()`` only
@@ -238,6 +346,12 @@ class ClippedOptimizer(torch.optim.Optimizer):
         and ``GradScaler.update()`` would fail ("No inf checks were recorded"). With
         ``accumulation_steps=1`` it is True after every call."""
         return self._progress.stepped
+
+    @property
+    def last_update_info(self) -> ClipInfo | None:
+        """The update clipper's :class:`~gradclip.ClipInfo` at the last step taken (None before
+        it, or without ``update_clipper``)."""
+        return None if self._update_clipping is None else self._update_clipping.last_info
 
     @property
     def folded(self) -> bool:
@@ -260,16 +374,24 @@ class ClippedOptimizer(torch.optim.Optimizer):
         if self._progress.micro == 0 or self._progress.failed_boundary:
             self.optimizer.zero_grad(set_to_none=set_to_none)
             self._progress.micro, self._progress.failed_boundary = 0, False
+            self._progress.losses = (None, 0)  # the discarded step's losses go with its gradients
 
     @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+    def step(self, closure: Callable[[], Any] | None = None, *, loss: Any = None) -> Any:  # type: ignore[override]
         """Unscale once, clip once, then step the optimizer unless the step must be skipped.
 
         Args:
             closure: Re-evaluates the model and returns the loss (LBFGS needs it). With a closure
                 the gradients are clipped in place after every evaluation (no folding), and a
                 skipped step clears the gradients so the optimizer leaves the parameters alone.
-                Not supported together with a ``GradScaler``, as in torch.
+                Not supported together with a ``GradScaler``, as in torch. The loss it returns
+                is the step's loss signal.
+            loss: This micro-batch's loss (a number or a one-element tensor; its autograd
+                history is dropped), for clippers that decide on it (``SkipOnSpike(signal=
+                "loss")``). The clipper sees the mean of the losses given to the optimizer
+                step's calls, computed on the device: with ``accumulation_steps=k``, pass
+                ``loss=`` on every micro-batch for the step's mean loss, or only on the k-th call
+                for that micro-batch's alone. Not together with a closure (its loss is used).
 
         Returns:
             The loss returned by ``closure`` (or the inner optimizer's step), else None.
@@ -277,8 +399,13 @@ class ClippedOptimizer(torch.optim.Optimizer):
         Raises:
             StateError: The GradScaler already stepped this optimizer since its last
                 ``update()``; raised before the gradients are unscaled or clipped.
-            InvalidArgumentError: A closure together with a GradScaler, or ``fold=True`` where
-                the clipper turns out not to fold.
+            InvalidArgumentError: A closure together with a GradScaler or with ``loss=``, a
+                ``loss`` that is not a number or one-element tensor, or ``fold=True`` where the
+                clipper turns out not to fold.
+            DivergenceError: ``max_consecutive_skips`` steps in a row were skipped, this one
+                included. Raised after the step was skipped and counted (the call is complete:
+                :attr:`stepped` is True; call ``scaler.update()`` and ``zero_grad()`` as after
+                any step if you catch it and carry on).
 
         A call that raises (these errors, or one from the clipper such as ``nonfinite="raise"``)
         leaves the micro-batch count, :attr:`stepped` and :attr:`folded` as they were. Then
@@ -292,28 +419,46 @@ class ClippedOptimizer(torch.optim.Optimizer):
                 "ClippedOptimizer.step: closures are not supported together with a GradScaler "
                 "(torch.amp.GradScaler.step does not support them either)"
             )
+        if closure is not None and loss is not None:
+            raise InvalidArgumentError(
+                "ClippedOptimizer.step: give the loss either as loss= or as the closure's return value, not both"
+            )
+        if loss is not None:  # validated before anything changes (a detached one-element value)
+            loss = signals_from("ClippedOptimizer.step", {"loss": loss}, "torch").loss
         if self.will_step:
             self._check_scaler_not_stepped()  # before anything changes: gradients, state, counters
+            if self._update_clipping is not None:
+                self._update_clipping.check_call(closure)
         # A step() that raises counts for nothing: the counters go back to what they were, so a
         # retry after fixing the cause is the same call again. (The counters change up front
         # because a closure's zero_grad() looks at them.)
         progress = self._progress
-        counters = (progress.micro, progress.stepped, progress.folded)
+        counters = (progress.micro, progress.stepped, progress.folded, progress.losses)
         boundary = self.will_step
         try:
             # Clip (or fold) first, and call the inner step from this frame: torch's optimizers
             # break a torch.compile graph inside their step, and a break here, after every
             # attribute write of the clip, is the one dynamo resumes from reliably.
-            prepared = self._count_and_prepare(closure)
-            result = self._inner_step(*prepared) if isinstance(prepared, _InnerStep) else prepared
+            prepared = self._count_and_prepare(closure, loss)
+            if isinstance(prepared, _InnerStep) and self._update_clipping is not None:
+                result = self._update_clipping.step(self, prepared)  # the step, its update clipped
+            else:
+                result = self._inner_step(*prepared) if isinstance(prepared, _InnerStep) else prepared
+            if boundary and closure is not None:
+                self._count_closure_skips()
         except BaseException:
-            progress.micro, progress.stepped, progress.folded = counters
+            progress.micro, progress.stepped, progress.folded, progress.losses = counters
             progress.failed_boundary = boundary
+            progress.divergence = None
             raise
         progress.failed_boundary = False
+        # The step is complete (skipped and counted): a streak past the bound is raised now.
+        divergence, progress.divergence = progress.divergence, None
+        if divergence is not None:
+            raise divergence
         return result
 
-    def _count_and_prepare(self, closure: Callable[[], Any] | None) -> Any:
+    def _count_and_prepare(self, closure: Callable[[], Any] | None, loss: Any = None) -> Any:
         """Count the micro-batch; at a boundary clip or fold and return the inner step to take
         (an :class:`_InnerStep`), else the call's result (a closure's loss, or None)."""
         progress = self._progress
@@ -321,15 +466,22 @@ class ClippedOptimizer(torch.optim.Optimizer):
         if progress.micro < self.accumulation_steps:
             progress.stepped = False
             if closure is None:
+                progress.add_loss(loss)
                 return None
             with torch.enable_grad():
-                return closure()
+                result = closure()
+            progress.add_loss(self._closure_loss(result))
+            return result
         progress.micro = 0
         progress.stepped = True
         progress.folded = self._fold_active and closure is None
         if closure is not None:
-            return self.optimizer.step(self._clipping_closure(closure))
-        return self._fold() if self._fold_active else self._clip()
+            result = self.optimizer.step(self._clipping_closure(closure))
+            progress.losses = (None, 0)
+            return result
+        progress.add_loss(loss)
+        loss = progress.take_loss()
+        return self._fold(loss) if self._fold_active else self._clip(loss)
 
     def _check_scaler_not_stepped(self) -> None:
         """Refuse a second optimizer step before ``scaler.update()``, as ``GradScaler.step`` would
@@ -361,6 +513,30 @@ class ClippedOptimizer(torch.optim.Optimizer):
                 position += 1
         return pairs
 
+    def _count_skips(self, info: ClipInfo, loss: Any) -> ClipInfo:
+        """Count the optimizer step in the skip streak (on the device); a streak that reached
+        ``max_consecutive_skips`` is kept to be raised once the step is complete."""
+        ops = get_ops([info.norm], where="ClippedOptimizer.step")
+        try:
+            return self._streak.observe(ops, info, loss, may_skip=self._may_skip)
+        except DivergenceError as error:
+            self._progress.divergence = error
+            return info._replace(consecutive_skips=self._streak.count)
+
+    def _count_closure_skips(self) -> None:
+        """With a closure the clip runs once per evaluation: the optimizer step is counted once,
+        on the last evaluation's info, after the inner step."""
+        info = self._progress.last_info
+        if info is not None:
+            self._progress.last_info = self._count_skips(info, self._progress.closure_loss)
+
+    @staticmethod
+    def _closure_loss(result: Any) -> Any:
+        """A closure's return value as a loss signal (validated; None stays None)."""
+        if result is None:
+            return None
+        return signals_from("ClippedOptimizer.step", {"loss": result}, "torch").loss
+
     def _observe(self, info: ClipInfo, layer_norms: Any = None) -> None:
         self._progress.last_info = info
         if self.monitor is not None:
@@ -380,9 +556,12 @@ class ClippedOptimizer(torch.optim.Optimizer):
             if "already been called" not in str(error):
                 raise
 
-    def _clip(self) -> _InnerStep:
+    def _clip(self, loss: Any = None) -> _InnerStep:
         self._unscale_once()
-        info = self.clipper.clip_(self._named_parameters())
+        named = self._named_parameters()
+        info = self.clipper.clip_(named, **_signals(loss), **self._state_signals(named))
+        self._reset_momentum(named)
+        info = self._count_skips(info, loss)
         self._observe(info)
         return _InnerStep(info, None)
 
@@ -404,7 +583,7 @@ class ClippedOptimizer(torch.optim.Optimizer):
         finally:
             clear_step_flags(self.optimizer, flags)
 
-    def _fold(self) -> _InnerStep:
+    def _fold(self, loss: Any = None) -> _InnerStep:
         named = self._named_parameters()
         amp_scale = None
         if scaler_enabled(self.scaler) and scaler_stage(self.scaler, self.optimizer) != "unscaled":
@@ -414,21 +593,40 @@ class ClippedOptimizer(torch.optim.Optimizer):
                 one = torch.ones((), dtype=torch.float32, device=grads[0].device)
                 amp_scale = self.scaler.scale(one)
         # measure → decide without writing a gradient; the optimizer's step applies the scalar.
-        folded = self.clipper.fold_(named, divide_by=amp_scale, where="ClippedOptimizer.step")
+        folded = self.clipper.fold_(
+            named, divide_by=amp_scale, where="ClippedOptimizer.step", **_signals(loss), **self._state_signals(named)
+        )
+        self._reset_momentum(named)
         measured, coef = folded.measured, folded.coef
         layer_norms = None
         if measured.norm_type == 2.0 and measured.norms is not None and len(measured.names) == len(measured.norms):
             layer_norms = (list(measured.names), measured.norms * coef.to(measured.norms.dtype))
-        self._observe(folded.info, layer_norms)
+        info = self._count_skips(folded.info, loss)
+        self._observe(info, layer_norms)
         divisor = None if self.clipper.coefficient == Coefficient.NONE else torch.reciprocal(coef.to(torch.float32))
-        return _InnerStep(folded.info, divisor)
+        return _InnerStep(info, divisor)
+
+    def _state_signals(self, named: list[tuple[str, torch.Tensor]]) -> dict[str, Any]:
+        """``optimizer_state=`` for a clipper that reads it (SPAM), else nothing."""
+        if self._state_link is None:
+            return {}
+        return self._state_link.signals(named, "ClippedOptimizer.step")
+
+    def _reset_momentum(self, named: list[tuple[str, torch.Tensor]]) -> None:
+        """SPAM's momentum reset, after the clip and before the optimizer's update."""
+        if self._state_link is not None:
+            self._state_link.reset_if_due(named)
 
     def _clipping_closure(self, closure: Callable[[], Any]) -> Callable[[], Any]:
         def clipped():
             with torch.enable_grad():
                 loss = closure()
+            # This evaluation's loss with those of the step's earlier micro-batches.
+            signal = self._progress.mean_loss_with(self._closure_loss(loss))
+            self._progress.closure_loss = signal
             named = self._named_parameters()
-            info = self.clipper.clip_(named)
+            info = self.clipper.clip_(named, **_signals(signal), **self._state_signals(named))
+            self._reset_momentum(named)
             self._observe(info)
             if self._may_skip and bool(info.skip):
                 for _, param in named:
@@ -446,7 +644,8 @@ class ClippedOptimizer(torch.optim.Optimizer):
         ``"gradclip": {"format", "version": 2, "clipper", "micro_step"}`` (see
         :mod:`gradclip.torch.optim_state`). Loads with ``torch.load(weights_only=True)``.
         """
-        return optim_state.build(self.optimizer, self.clipper, self._progress.micro)
+        checkpoint = optim_state.build(self.optimizer, self.clipper, self._progress.micro, self._streak.state_dict())
+        return save_update_state(self._update_clipping, checkpoint)  # the update clipper's state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
         """Restore a checkpoint; on any error nothing changes.
@@ -463,8 +662,12 @@ class ClippedOptimizer(torch.optim.Optimizer):
             StateError: Anything of the above does not hold. The optimizer, the clipper and the
                 micro-batch count are then as they were.
         """
-        micro = optim_state.load(self, state_dict)
-        self._progress.micro, self._progress.failed_boundary = micro, False
+        restore_update = load_update_state(self._update_clipping, state_dict)  # validates, changes nothing
+        loaded = optim_state.load(self, state_dict)
+        restore_update()
+        self._progress.micro, self._progress.failed_boundary = loaded.micro_step, False
+        self._progress.losses = (None, 0)
+        self._streak.load_state_dict(loaded.consecutive_skips)
 
 
 class _Progress:
@@ -480,6 +683,40 @@ class _Progress:
         # The last optimizer-step boundary raised: the next zero_grad() discards its gradients.
         self.failed_boundary = False
         self.names: dict[int, str] | None = None  # parameter names of the monitor's model, by id
+        # The losses given to this optimizer step's calls so far: (their sum, how many), the sum
+        # a device tensor (or a Python number) so that averaging them never reads the device.
+        self.losses: tuple[Any, int] = (None, 0)
+        self.closure_loss: Any = None  # the loss signal of a closure's last evaluation
+        self.divergence: DivergenceError | None = None  # raised once the step is complete
+
+    def add_loss(self, loss: Any) -> None:
+        """Count one call's loss (None: the call gave none)."""
+        if loss is None:
+            return
+        if isinstance(loss, torch.Tensor):
+            # fp16/bf16 losses are summed in fp32; a one-element tensor becomes 0-d.
+            loss = loss.detach().reshape(()).to(torch.promote_types(loss.dtype, torch.float32))
+        total, count = self.losses
+        self.losses = (loss if total is None else total + loss, count + 1)
+
+    def mean_loss_with(self, loss: Any) -> Any:
+        """The mean of the losses counted so far and ``loss``, without counting ``loss``."""
+        saved = self.losses
+        self.add_loss(loss)
+        mean = self.take_loss()
+        self.losses = saved
+        return mean
+
+    def take_loss(self) -> Any:
+        """The mean of the losses counted for this optimizer step (None if none), and forget them."""
+        total, count = self.losses
+        self.losses = (None, 0)
+        return total if count <= 1 else total / count
+
+
+def _signals(loss: Any) -> dict[str, Any]:
+    """The signal keywords for the clipper (none when there is no loss, as before signals)."""
+    return {} if loss is None else {"loss": loss}
 
 
 class _InnerStep(NamedTuple):
