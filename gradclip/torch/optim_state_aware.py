@@ -19,13 +19,14 @@ refused at the step, before anything changes.
 
 SPAM also resets the momentum every ``ΔT`` steps (``SpikeAware(reset_interval=ΔT)``): at each step
 ``t`` with :meth:`SpikeAware.reset_due` true, ``exp_avg`` and ``exp_avg_sq`` of every parameter
-with a gradient are zeroed, as the reference's ``state["exp_avg"] = torch.zeros_like(grad)``
+with a gradient (with per-group clippers, of the SPAM clipper's group) are zeroed, as the reference's ``state["exp_avg"] = torch.zeros_like(grad)``
 (Adam's own step count is kept, so its bias correction goes on, as in the reference). The zeroing
 is ``masked_fill_`` with the device flag: no host read. ``ClippedOptimizer(...,
 reset_momentum=False)`` keeps the moments (the clip still pauses after each multiple of
 ``reset_interval``, as the clipper was told).
 
-Deviations from the reference (each a strict expectation in ``tests/test_optim_state_aware.py``):
+Deviations from the reference (strict expectations in ``tests/test_optim_state_aware.py``; its
+parity test follows the reference's clip and reset around torch's Adam, without the ramp):
 
 * The reset is made after the clip of step ``t`` and before its optimizer update; the reference
   resets before its clip. The clip pauses at a reset step whenever ``warmup_steps >= 1`` (``t %
@@ -42,10 +43,11 @@ Update clipping
 ``ClippedOptimizer(..., update_clipper=clipper)`` bounds the update itself after the optimizer
 step: ``Δ = p_after − p_before`` is clipped with ``clipper`` and the parameters become
 ``p_before + clipped Δ``. ``gradclip.GlobalNorm(c)`` bounds the update's global norm by ``c``;
-``gradclip.BlockRMS(d)`` is Adafactor's update clipping (Shazeer & Stern 2018, §6:
-``Δ ← Δ / max(1, RMS(Δ)/d)`` per tensor, ``d = 1`` there) and StableAdamW's per-tensor RMS bound
-(Wortsman et al. 2023); a clipper that needs parameters (``AGC``) sees ``p_before``. Any
-threshold may be a schedule (:mod:`gradclip.schedules`).
+``gradclip.BlockRMS(d)`` is Adafactor's update clipping (Shazeer & Stern 2018, "Adafactor:
+Adaptive Learning Rates with Sublinear Memory Cost", §6: ``U ← U / max(1, RMS(U)/d)`` per tensor,
+``d = 1`` there). Adafactor clips ``U`` before the learning rate multiplies it, so its ``d`` is
+``BlockRMS(lr·d)`` on ``Δ = lr·U`` here. A clipper that needs parameters (``AGC``) sees
+``p_before``. Any threshold may be a schedule (:mod:`gradclip.schedules`).
 
 Memory and cost: one copy of the parameters that have gradients (``p_before``), allocated for the
 step and freed after it; ``Δ`` is computed in that copy and clipped there in place, with
@@ -60,9 +62,9 @@ can be skipped (a clipper that may skip, or a scaler). The update's :class:`~gra
 is ``opt.last_update_info`` (the last step that was taken), and the update clipper's state is
 part of ``opt.state_dict()`` (``state_dict()["gradclip"]["update_clipper"]``, the clipper's own
 checkpoint; a checkpoint without it, from a plain optimizer or before update clipping was
-switched on, starts the update clipper fresh with a warning). Closures (LBFGS) are not supported with an update clipper, and the
-update clipper may not skip (the optimizer has already stepped: use the gradient clipper to skip)
-nor read optimizer state.
+switched on, starts the update clipper fresh with a warning). Closures (LBFGS) are not supported
+with an update clipper, and the update clipper may not skip (the optimizer has already stepped:
+use the gradient clipper to skip) nor read optimizer state.
 """
 
 from __future__ import annotations
