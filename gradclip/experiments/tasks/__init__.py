@@ -56,7 +56,7 @@ __all__ = [
 ]
 
 TASKS: dict[str, type[Task]] = {
-    task.name: task for task in (AddingTask, TemporalOrderTask, DigitsTask, SpikesTask, BadBatchTask, CharLMTask, GPTTask)
+    task.name: task for task in (AddingTask, TemporalOrderTask, DigitsTask, SpikesTask, CharLMTask, GPTTask, BadBatchTask)
 }
 
 
