@@ -108,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     compare.add_argument(
         "--task", default="adding", metavar="TASK",
-        help="adding, temporal-order, digits, spikes, charlm, gpt, or your own: path/to/file.py:factory or "
+        help="adding, temporal-order, digits, spikes, charlm, gpt, badbatch, or your own: path/to/file.py:factory or "
         "package.module:factory naming a gradclip.experiments.Task subclass, a TrainTask, a "
         "train(clipper, seed, steps, report) function, or a function returning one (default: adding)",
     )
