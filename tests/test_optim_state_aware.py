@@ -214,14 +214,21 @@ class _SquareAverage(torch.optim.Optimizer):
                     p.addcdiv_(p.grad, state["square_avg"].sqrt().add_(1e-8), value=-group["lr"])
 
 
-def test_a_third_party_optimizer_without_exp_avg_sq_is_refused_at_the_step_before_anything_changes():
+@pytest.mark.parametrize("with_scaler", [False, True], ids=["plain", "grad-scaler"])
+def test_a_third_party_optimizer_without_exp_avg_sq_is_refused_at_the_step_before_anything_changes(with_scaler):
+    """Refused before the clip and, with a GradScaler, before the gradients are unscaled."""
     model = _Model(0)
     clipper = gradclip.SpikeAware(50.0, 1)
-    opt = gct.ClippedOptimizer(_SquareAverage(model.parameters()), clipper)
-    batches = _batches(2)
-    _backward(model, batches[0])
-    opt.step()  # no state yet: nothing to compare against, as before Adam's first step
-    _backward(model, batches[1])
+    scaler = torch.amp.GradScaler("cpu", init_scale=256.0) if with_scaler else None
+    opt = gct.ClippedOptimizer(_SquareAverage(model.parameters()), clipper, scaler=scaler)
+    for step, (x, y, _) in enumerate(_batches(2)):
+        model.zero_grad(set_to_none=True)
+        loss = ((model(x) - y) ** 2).mean()
+        (scaler.scale(loss) if scaler else loss).backward()
+        if step == 0:
+            opt.step()  # no state yet: nothing to compare against, as before Adam's first step
+            if scaler:
+                scaler.update()
     params = [p.detach().clone() for p in model.parameters()]
     grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
     saved = clipper.state_dict()

@@ -557,9 +557,10 @@ class ClippedOptimizer(torch.optim.Optimizer):
                 raise
 
     def _clip(self, loss: Any = None) -> _InnerStep:
-        self._unscale_once()
         named = self._named_parameters()
-        info = self.clipper.clip_(named, **_signals(loss), **self._state_signals(named))
+        state_signals = self._state_signals(named)  # refuses a missing exp_avg_sq before unscaling
+        self._unscale_once()
+        info = self.clipper.clip_(named, **_signals(loss), **state_signals)
         self._reset_momentum(named)
         info = self._count_skips(info, loss)
         self._observe(info)
@@ -641,8 +642,9 @@ class ClippedOptimizer(torch.optim.Optimizer):
 
         Torch's layout at the top level (``state``, ``param_groups``), so a plain torch optimizer
         loads it and code that handles optimizer checkpoints keeps working; gradclip's part is
-        ``"gradclip": {"format", "version": 2, "clipper", "micro_step"}`` (see
-        :mod:`gradclip.torch.optim_state`). Loads with ``torch.load(weights_only=True)``.
+        ``"gradclip": {"format", "version": 2, "clipper", "micro_step"}``, and ``"update_clipper"``
+        with an update clipper (see :mod:`gradclip.torch.optim_state`). Loads with
+        ``torch.load(weights_only=True)``.
         """
         checkpoint = optim_state.build(self.optimizer, self.clipper, self._progress.micro, self._streak.state_dict())
         return save_update_state(self._update_clipping, checkpoint)  # the update clipper's state
