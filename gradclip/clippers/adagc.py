@@ -130,7 +130,7 @@ class AdaGC(Clipper):
         # compared with its own fp32 rounding would clip by an ulp, and one beyond fp32's range
         # would become inf (and inf·0 NaN). Only γ, the state, is fp32.
         acc = accumulation(norm)
-        one, zero, inf = ops.scalar(1.0, acc), ops.scalar(0.0, acc), ops.scalar(math.inf, acc)
+        one, zero = ops.scalar(1.0, acc), ops.scalar(0.0, acc)
         # A non-finite step changes nothing: its norms are replaced by 0 before any arithmetic
         # (so no inf * 0 or inf / inf is ever formed), which makes every coefficient below
         # exactly 1 and no tensor informative. (A finite global norm has finite per-tensor norms.)
@@ -139,20 +139,23 @@ class AdaGC(Clipper):
         gamma, seen = state.gamma, state.seen
         warming = state.step < self.start_clip_steps
 
+        # γ where a tensor has one, else inf (an unseen tensor's γ is 0, which load_state_dict
+        # checks): the warm-up's running minimum and the bounds below both want inf there.
+        known = ops.where(seen, gamma, ops.scalar(math.inf, "float32"))
+
         # Warm-up: one global coefficient; γ is the running minimum of the clipped norms (an
-        # unseen tensor's γ is 0, which load_state_dict checks: it takes the clipped norm).
+        # unseen tensor takes the clipped norm).
         warm_limit = ops.scalar(self.warmup_max_norm, acc)
         h = ops.clip_coefficient(total, warm_limit, self.eps)
         clipped_warm = as_f32(ops, h * norms)
-        gamma_warm = ops.where(seen, ops.minimum(clipped_warm, gamma), clipped_warm)
+        gamma_warm = ops.minimum(clipped_warm, known)
 
         # Afterwards: per-tensor coefficients against clip_ratio·γ; an unseen tensor has no bound.
-        limit = ops.cast(gamma, acc) * self.clip_ratio
-        bounds = ops.where(seen, limit, inf)
+        bounds = ops.cast(known, acc) * self.clip_ratio
         above = norms > bounds
         # With eps > 0 the divisor is positive; with eps = 0 it is 1 where unused (no 0 / 0).
         divisor = norms + self.eps if self.eps > 0 else ops.where(above, norms, one)
-        h_each = ops.where(above, limit / divisor, one)
+        h_each = ops.where(above, bounds / divisor, one)
         clipped_each = as_f32(ops, h_each * norms)
         ema = self.beta * gamma + (1.0 - self.beta) * clipped_each
         gamma_adaptive = ops.where(seen, ema, clipped_each)

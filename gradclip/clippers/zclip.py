@@ -232,8 +232,10 @@ class ZClip(Scheduled, Clipper):
             robust_std = mad * _MAD_TO_STD
             first_mean, first_var = median, robust_std * robust_std
             # Clipping starts once three norms are in the buffer; before the end of warm-up
-            # the robust statistics stand in for the EMA ones.
-            active = adaptive | (filled >= _ROBUST_START)
+            # the robust statistics stand in for the EMA ones. (filled >= step, so with at least
+            # three warm-up steps a finished warm-up has three norms: one comparison does.)
+            ready = filled >= _ROBUST_START
+            active = ready if self.warmup_steps >= _ROBUST_START else adaptive | ready
             old_mean = ops.where(adaptive, old_mean, median)
             old_var = ops.where(adaptive, old_var, first_var)
 
