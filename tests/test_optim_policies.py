@@ -121,6 +121,21 @@ def test_with_accumulation_the_clipper_sees_the_mean_of_the_losses_given():
     assert recorder.seen == [3.0, 5.0, 3.0, None]  # the mean of those given; None when none was
 
 
+def test_with_a_closure_and_accumulation_the_closures_losses_are_averaged():
+    model = _model()
+    recorder = LossRecorder()
+    opt = gct.ClippedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), recorder, accumulation_steps=2)
+    for given, x in zip((1.0, 3.0, 10.0, 20.0), _batches(4)):
+
+        def closure(given=given, x=x):
+            model(x).pow(2).mean().backward()
+            return torch.tensor(given)
+
+        opt.step(closure)
+        opt.zero_grad()
+    assert recorder.seen == [2.0, 15.0]
+
+
 def test_a_failed_boundary_discarded_by_zero_grad_forgets_its_losses():
     model = _model()
     recorder = LossRecorder()

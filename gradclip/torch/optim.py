@@ -96,6 +96,7 @@ from gradclip._core.contract import Coefficient, signals_from
 from gradclip._core.errors import DivergenceError, InvalidArgumentError, StateError
 from gradclip._core.ops import get_ops
 from gradclip._core.streaks import SkipStreak
+from gradclip._core.tracing import compiling
 from gradclip._core.types import ClipInfo
 from gradclip.torch import optim_state
 from gradclip.torch.optim_groups import MEASURES, GroupClippers
@@ -516,7 +517,13 @@ class ClippedOptimizer(torch.optim.Optimizer):
     def _count_skips(self, info: ClipInfo, loss: Any) -> ClipInfo:
         """Count the optimizer step in the skip streak (on the device); a streak that reached
         ``max_consecutive_skips`` is kept to be raised once the step is complete."""
-        ops = get_ops([info.norm], where="ClippedOptimizer.step")
+        # An Ops per step costs tens of microseconds: keep one per device (not one built while
+        # dynamo traces, whose constants belong to the graph).
+        ops = self._progress.streak_ops
+        if ops is None or ops.device != info.norm.device or compiling():
+            ops = get_ops([info.norm], where="ClippedOptimizer.step")
+            if not compiling():
+                self._progress.streak_ops = ops
         try:
             return self._streak.observe(ops, info, loss, may_skip=self._may_skip)
         except DivergenceError as error:
@@ -690,6 +697,7 @@ class _Progress:
         self.losses: tuple[Any, int] = (None, 0)
         self.closure_loss: Any = None  # the loss signal of a closure's last evaluation
         self.divergence: DivergenceError | None = None  # raised once the step is complete
+        self.streak_ops: Any = None  # the Ops the skip streak counts with (see _count_skips)
 
     def add_loss(self, loss: Any) -> None:
         """Count one call's loss (None: the call gave none)."""
