@@ -9,6 +9,9 @@ would (a subprocess, the same console output), keeps each run's outcome in
 * README.md between ``<!-- evidence:bad-batches:start -->`` and ``<!-- evidence:bad-batches:end -->``:
   the stability policies (loss- and norm-aware skipping, a fixed skip bound, ZClip, fixed
   thresholds) on the ``badbatch`` task, five seeds (issue 17);
+* README.md between ``<!-- evidence:private:start -->`` and ``<!-- evidence:private:end -->``:
+  DP-SGD on ``digits`` at ε ∈ {8, 3, 1} beside the same comparison without ``--private``
+  (issue 18), three seeds each;
 * docs/evidence.md, whole: for every built-in task, the best fixed threshold in hindsight against
   each untuned adaptive clipper, three seeds, with the exact commands.
 
@@ -17,6 +20,7 @@ Usage::
     python scripts/evidence.py                 # everything: about an hour on two shared cores
     python scripts/evidence.py --only demo     # the README's table: about a minute
     python scripts/evidence.py --only bad-batches   # the README's bad-batch table: about a minute
+    python scripts/evidence.py --only private       # the README's DP-SGD table: two to three minutes
     python scripts/evidence.py --only gpt,digits
     python scripts/evidence.py --render        # rewrite the documents from the stored JSON only
 
@@ -59,6 +63,23 @@ BAD_BATCHES = [
     "--clipper", "skip_on_spike", "--clipper", "skip_on_spike:signal=loss", "--clipper", "skip_on_spike:signal=both",
     "--clipper", "skip_above:max_norm=1.0", "--seeds", "5",
 ]
+
+#: The README's private-training table: DP-SGD at each ε, and the same comparison without
+#: --private. Learning rate 0.02 (SGD with momentum 0.9) for all four: at the task's 0.1 the noise
+#: of ε = 1 throws the weights out of range within a hundred steps.
+PRIVATE_EPSILONS = (8, 3, 1)
+PRIVATE_BASE = [
+    "--task", "digits", "--lr", "0.02", "--clipper", "global_norm:max_norm=1.0", "--clipper", "quantile_norm",
+    "--seeds", "3",
+]
+
+
+def private_runs() -> dict[str, list[str]]:
+    """The private table's comparisons, by the name each is stored under: the non-private
+    baseline, then one per ε."""
+    runs = {"private-none": PRIVATE_BASE}
+    runs.update({f"private-eps{e}": [*PRIVATE_BASE, "--private", f"epsilon={e}"] for e in PRIVATE_EPSILONS})
+    return runs
 
 
 #: The demo again with PyTorch's, MKL's and oneDNN's AVX-512 kernels: what the pins prevent.
@@ -117,7 +138,8 @@ def run(name: str, arguments: list[str], jobs: int, environment: dict[str, str] 
         records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     runs = [
         {key: record[key] for key in ("clipper", "seed", "metric", "eval_loss", "solved", "diverged", "status",
-                                      "steps_run", "cpu_capability")}
+                                      "steps_run", "cpu_capability", "epsilon", "noise_multiplier", "delta")
+         if key in record}  # the privacy fields of a --private run only
         for record in records
     ]
     first = records[0]
@@ -149,14 +171,60 @@ def render_readme(demo: dict) -> None:
     replace_readme_section("demo", f"$ make demo        # runs: {demo['command']}\n{demo['block']}")
 
 
-def replace_readme_section(name: str, content: str) -> None:
-    """Put ``content`` in a code block between README.md's ``<!-- evidence:NAME:start/end -->``."""
+def replace_readme_section(name: str, content: str, fenced: bool = True) -> None:
+    """Put ``content`` between README.md's ``<!-- evidence:NAME:start/end -->``, in a code block
+    unless ``fenced`` is False (Markdown of its own: a table)."""
     start, end = f"<!-- evidence:{name}:start -->", f"<!-- evidence:{name}:end -->"
     text = README.read_text()
     pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.S)
     if not pattern.search(text):
         raise SystemExit(f"README.md has no {start} ... {end} markers")
-    README.write_text(pattern.sub(lambda _: f"{start}\n```\n{content}\n```\n{end}", text))
+    block = f"```\n{content}\n```" if fenced else content
+    README.write_text(pattern.sub(lambda _: f"{start}\n{block}\n{end}", text))
+
+
+def render_private(entries: dict[str, dict]) -> None:
+    """README.md's DP-SGD table: accuracy per clipper (mean ± sd over the seeds, diverged runs
+    counted at 0) without --private and at each ε, then σ and the ε spent (the largest of any
+    run: one that diverged stopped early and spent less)."""
+    import statistics
+
+    from gradclip.experiments.private import describe_epsilon
+
+    names = list(private_runs())
+    if any(name not in entries for name in names):
+        return
+    columns = ["non-private", *[f"ε = {e}" for e in PRIVATE_EPSILONS]]
+    lines = ["| clipper | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
+    clippers = list(dict.fromkeys(run["clipper"] for run in entries[names[0]]["runs"]))
+    for clipper in clippers:
+        cells = []
+        for name in names:
+            runs = [run for run in entries[name]["runs"] if run["clipper"] == clipper]
+            accuracies = [100 * run["metric"] for run in runs]
+            diverged = sum(run["diverged"] for run in runs)
+            cell = f"{statistics.fmean(accuracies):.1f} ± {statistics.stdev(accuracies):.1f} %"
+            if diverged == len(runs):
+                cell = f"diverged ({diverged}/{len(runs)})"
+            elif diverged:
+                cell += f" ({diverged}/{len(runs)} diverged, counted at 0)"
+            cells.append(cell)
+        lines.append(f"| `{clipper}` | " + " | ".join(cells) + " |")
+    private = [entries[name]["runs"] for name in names[1:]]
+    lines.append("| σ (noise multiplier) | — | " + " | ".join(f"{runs[0]['noise_multiplier']:.3g}" for runs in private) + " |")
+    delta = private[0][0]["delta"]
+    lines.append(
+        f"| ε spent (δ = {delta:g}) | ∞ | "
+        + " | ".join(describe_epsilon(max(run["epsilon"] for run in runs)) for runs in private)
+        + " |"
+    )
+    first, seconds = entries[names[0]], sum(entries[name]["seconds"] for name in names)
+    settings = (
+        f"{first['steps']} steps ({first['optimizer']}, lr {first['lr']}), 3 seeds, {seconds:.0f} s wall time for the "
+        f"four commands on two shared cores ({first['date']}):"
+    )
+    lines += ["", settings, "", "```bash", *[entries[name]["command"] for name in names], "```"]
+    replace_readme_section("private", "\n".join(lines), fenced=False)
 
 
 def _percent(value: float) -> str:
@@ -394,7 +462,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--render", action="store_true", help="only rewrite README.md and docs/evidence.md from the JSON")
     parser.add_argument("--jobs", type=int, default=2, help="parallel runs (default 2)")
     args = parser.parse_args(argv)
-    names = ["demo", "demo-avx512", "bad-batches", *TASKS]
+    names = ["demo", "demo-avx512", "bad-batches", "private", *TASKS]
     chosen = names if not args.only else [n.strip() for n in args.only.split(",")]
     unknown = sorted(set(chosen) - set(names))
     if unknown:
@@ -404,6 +472,13 @@ def main(argv: list[str] | None = None) -> int:
         for name in chosen:
             if name == "demo-avx512" and not has_avx512():
                 print("skipping demo-avx512: this processor has no AVX-512", flush=True)
+                continue
+            if name == "private":  # four comparisons, stored one by one
+                for stored, arguments in private_runs().items():
+                    print(f"running {command_text(arguments)}", flush=True)
+                    entry = run(stored, arguments, args.jobs)
+                    (STORE / f"{stored}.json").write_text(json.dumps(entry, indent=1) + "\n")
+                    print(f"  {entry['seconds']:.0f} s", flush=True)
                 continue
             arguments = [] if name.startswith("demo") else BAD_BATCHES if name == "bad-batches" else task_arguments(name)
             print(f"running {command_text(arguments)}", flush=True)
@@ -416,6 +491,7 @@ def main(argv: list[str] | None = None) -> int:
     bad_batches = load("bad-batches")
     if bad_batches is not None:
         replace_readme_section("bad-batches", f"$ {bad_batches['command']}\n{bad_batches['block']}")
+    render_private({name: entry for name in private_runs() if (entry := load(name)) is not None})
     entries = {task: entry for task in TASKS if (entry := load(task)) is not None}
     render_evidence(entries, demo, load("demo-avx512"))
     return 0

@@ -8,7 +8,11 @@ from __future__ import annotations
 import importlib
 import json
 import math
+import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -245,3 +249,26 @@ def test_cli_bad_private_input_is_a_usage_error_before_training(args, message, t
     assert cli.main([*base, *args]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_the_readme_table_is_what_this_code_gives(tmp_path):
+    # scripts/evidence.py --only private ran the README's four comparisons through the command
+    # line and stored each run; one private run again, the same way (a fresh process pins the
+    # kernels before torch starts), must give the same accuracy and ε.
+    root = Path(__file__).resolve().parent.parent
+    entry = json.loads((root / "docs" / "evidence" / "private-eps3.json").read_text())
+    assert entry["command"] in (root / "README.md").read_text()
+    arguments = list(entry["arguments"])
+    quantile = arguments.index("quantile_norm")
+    del arguments[quantile - 1:quantile + 1]  # "--clipper quantile_norm": the fixed C of seed 0 only
+    arguments[arguments.index("--seeds") + 1] = "1"
+    out = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, "-m", "gradclip.cli", "compare", *arguments, "--no-progress", "--jobs", "1", "--out", str(out)],
+        check=False, capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
+    assert result.returncode == 0, result.stderr
+    (record,) = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    stored = next(run for run in entry["runs"] if run["clipper"] == "global_norm:max_norm=1.0" and run["seed"] == 0)
+    keys = ("metric", "eval_loss", "diverged", "epsilon", "noise_multiplier", "cpu_capability")
+    assert {key: record[key] for key in keys} == {key: stored[key] for key in keys}
