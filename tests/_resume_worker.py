@@ -11,7 +11,7 @@ Usage: ``python _resume_worker.py WORKDIR MODE`` with MODE one of
 
 Every case (one clipper each) trains its own copy of the seeds' digits MLP, all in one process so
 the whole test starts three interpreters, not three per clipper. A checkpoint holds, per case,
-the model, the :class:`~gradclip.torch.ClippedOptimizer` state (the SGD momentum and the
+the model, the :class:`~gradclip.torch.ClippedOptimizer` state (the SGD momentum, Adam's moments for SPAM, and the
 clipper's ``state_dict``) and the data generator's state, and is written every
 :data:`CHECKPOINT_EVERY` steps, atomically (write, then rename), so a kill never leaves a torn
 file. The results (``ClipInfo`` per step, final parameters and clipper state) go to
@@ -84,9 +84,13 @@ class Run:
         torch.manual_seed(0)
         self.model = self.task.model()
         self.clipper = make_clipper()
-        self.optimizer = ClippedOptimizer(
-            torch.optim.SGD(self.model.parameters(), lr=0.05, momentum=0.9), self.clipper
-        )
+        if self.clipper.needs_optimizer_state:
+            # SPAM compares against Adam's second moment (and resets Adam's moments): the
+            # checkpoint must carry them through the restart too.
+            inner = torch.optim.Adam(self.model.parameters(), lr=0.01)
+        else:
+            inner = torch.optim.SGD(self.model.parameters(), lr=0.05, momentum=0.9)
+        self.optimizer = ClippedOptimizer(inner, self.clipper)
         self.inject_nan = inject_nan
         self.infos: list[tuple[int, dict]] = []
 

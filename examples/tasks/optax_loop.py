@@ -48,7 +48,7 @@ def train(clipper, seed: int, steps: int, report) -> dict[str, float]:
     @jax.jit
     def step_fn(p, state, x, y):
         loss, grads = jax.value_and_grad(loss_fn)(p, x, y)
-        updates, state = tx.update(grads, state, p)
+        updates, state = tx.update(grads, state, p, loss=loss)  # loss: a signal for SkipOnSpike
         return optax.apply_updates(p, updates), state, loss
 
     for step in range(steps):

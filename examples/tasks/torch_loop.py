@@ -47,7 +47,9 @@ def train(clipper, seed: int, steps: int, report) -> dict[str, float]:
         loss = F.cross_entropy(model(x[index]), y[index])
         optimizer.zero_grad()
         loss.backward()
-        info = clipper.clip_(model)          # the clipper under comparison, between backward and step
+        # The clipper under comparison, between backward and step; the loss is a signal that
+        # loss-watching clippers (SkipOnSpike(signal="loss")) use and the others ignore.
+        info = clipper.clip_(model, loss=loss.detach())
         if not bool(info.skip):              # spike skippers ask for the step to be skipped
             optimizer.step()
         report(step, loss.detach(), info)    # the loss, and what the clipper did
