@@ -4,7 +4,8 @@
 
 Both private trainers get the same model initialisation, the same Poisson batches (q = 64/N),
 the same clipping bound C = 1, and σ from Opacus' RDP accountant for the target ε at δ = 1e-5
-over the run's steps; gradclip runs ``PerSample(mode="bk")`` + ``DPOptimizer``, Opacus its
+over the run's steps; gradclip runs ``PerSample(mode="bk")`` + ``DPOptimizer`` through
+``gradclip.experiments.private.DPSGD`` (the loop of ``gradclip compare --private``), Opacus its
 ``GradSampleModule`` (hooks) + ``DPOptimizer``. The noise draws differ (each library's own
 generator), so accuracies agree up to seed noise; three seeds are averaged. Non-private is the
 same model and schedule with mean loss and no clipping.
@@ -21,7 +22,8 @@ from torch import nn
 from torch.nn import functional as F
 
 import gradclip
-import gradclip.torch as gct
+from gradclip.experiments.private import DPSGD
+from gradclip.torch import PoissonBatchSampler
 from gradclip.torch.accounting import Accountant, noise_multiplier_for
 
 EPOCHS, BATCH, LR, C, DELTA = 15, 64, 0.5, 1.0, 1e-5
@@ -48,8 +50,8 @@ def _model(kind: str) -> nn.Module:
 
 
 def _batches(n: int, q: float, steps: int, seed: int):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.nonzero(torch.rand(n, generator=g) < q).flatten() for _ in range(steps)]
+    # The Poisson batches DPSGD draws from the same seed: the Opacus and non-private runs get them too.
+    return list(PoissonBatchSampler(n, q, steps=steps, generator=torch.Generator().manual_seed(seed)))
 
 
 def train(kind: str, trainer: str, epsilon: float | None, seed: int) -> tuple[float, float]:
@@ -72,14 +74,14 @@ def train(kind: str, trainer: str, epsilon: float | None, seed: int) -> tuple[fl
             F.cross_entropy(model(xtr[idx]), ytr[idx]).backward()
             opt.step()
     elif trainer == "gradclip":
-        ps = gct.PerSample(model, gradclip.GlobalNorm(C), mode="bk")
-        opt = gct.DPOptimizer(torch.optim.SGD(model.parameters(), lr=LR), ps, sigma, BATCH, sample_rate=q,
-                              generator=torch.Generator().manual_seed(seed))
-        for idx in batches:
-            opt.zero_grad()
-            opt.backward(F.cross_entropy(model(xtr[idx]), ytr[idx], reduction="none"))
-            opt.step()
-        spent = opt.epsilon(DELTA)
+        dp = DPSGD(model, torch.optim.SGD(model.parameters(), lr=LR), gradclip.GlobalNorm(C), (xtr, ytr),
+                   noise_multiplier=sigma, expected_batch_size=BATCH, mode="bk",
+                   noise_generator=torch.Generator().manual_seed(seed))
+        for _ in dp.run(lambda batch: F.cross_entropy(model(batch[0]), batch[1], reduction="none"), steps,
+                        batch_generator=torch.Generator().manual_seed(seed)):
+            pass
+        dp.remove()
+        spent = dp.epsilon(DELTA)
     else:
         from opacus import GradSampleModule
         from opacus.optimizers import DPOptimizer

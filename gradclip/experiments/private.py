@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,6 +52,7 @@ from gradclip.experiments.tasks.base import Task, TaskError
 
 __all__ = [
     "ACCOUNTANTS",
+    "DPSGD",
     "PRIVATE_CLIPPERS",
     "PrivateSpec",
     "check_private_clipper",
@@ -328,16 +329,84 @@ def plan_private(
     return settings, description
 
 
+class DPSGD:
+    """DP-SGD over a fixed training set (Abadi et al. 2016): the loop ``gradclip compare
+    --private`` runs, and ``benchmarks/dp_digits.py`` too.
+
+    Each step of :meth:`run` draws a Poisson batch (each example joins with probability
+    ``q = B / N``), clips every example's gradient with ``clipper``
+    (:class:`~gradclip.torch.PerSample`, hooks on ``model`` until :meth:`remove`), and lets
+    :class:`~gradclip.torch.DPOptimizer` add ``N(0, σ²C²)``, divide by ``B`` and step ``optimizer``.
+
+    Args:
+        model: The model (a ``torch.nn.Module``).
+        optimizer: The optimizer of its parameters.
+        clipper: The per-example clipper (``GlobalNorm(C)``, ``Norm(C)``, ``QuantileNorm``).
+        data: The training set: tensors sharing their first (example) dimension.
+        noise_multiplier: σ, ``>= 0``.
+        expected_batch_size: B, ``1 <= B <= N``.
+        mode: :class:`~gradclip.torch.PerSample`'s mode.
+        accountant: ``"rdp"``, ``"prv"`` or ``"gdp"``.
+        noise_generator: A seeded ``torch.Generator`` for the noise (None: from torch's global seed).
+
+    Raises:
+        InvalidArgumentError: From :class:`~gradclip.torch.PerSample` and
+            :class:`~gradclip.torch.DPOptimizer` (a refused clipper or layer, σ < 0...).
+    """
+
+    def __init__(
+        self, model: Any, optimizer: Any, clipper: Any, data: tuple, *, noise_multiplier: float,
+        expected_batch_size: int, mode: str = "auto", accountant: str = "rdp", noise_generator: Any = None,
+    ):
+        from gradclip.torch import DPOptimizer, PerSample
+
+        self.data = data
+        self.sample_rate = expected_batch_size / len(data[0])
+        self.per_sample = PerSample(model, clipper, mode=mode)
+        self.optimizer = DPOptimizer(
+            optimizer, self.per_sample, noise_multiplier, expected_batch_size, sample_rate=self.sample_rate,
+            accountant=accountant, generator=noise_generator,
+        )
+
+    def run(self, example_losses: Callable[[tuple], Any], steps: int, batch_generator: Any = None) -> Iterator[tuple]:
+        """Take ``steps`` DP-SGD steps, yielding after each.
+
+        Args:
+            example_losses: ``batch -> losses``: one loss per example of ``batch`` (a tuple of
+                rows of the training set; empty for an empty Poisson batch).
+            steps: Optimizer steps.
+            batch_generator: A seeded ``torch.Generator`` for the Poisson draws.
+
+        Yields:
+            ``(index, losses, info)``: the batch's example indices, its losses and the
+            per-example :class:`~gradclip.ClipInfo`, after the step was taken.
+        """
+        import torch
+
+        from gradclip.torch import PoissonBatchSampler
+
+        for index in PoissonBatchSampler(len(self.data[0]), self.sample_rate, steps=steps, generator=batch_generator):
+            self.optimizer.zero_grad()
+            losses = example_losses(_rows(self.data, torch.as_tensor(index, dtype=torch.long)))
+            info = self.optimizer.backward(losses)
+            self.optimizer.step()
+            yield index, losses, info
+
+    def epsilon(self, delta: float) -> float:
+        """ε spent so far at δ (``inf`` without noise)."""
+        return self.optimizer.epsilon(delta)
+
+    def remove(self) -> None:
+        """Take PerSample's hooks off the model."""
+        self.per_sample.remove()
+
+
 def train_private(
     task: Task, model: Any, optimizer: Any, clipper: Any, settings: Mapping[str, Any], steps: int, seed: int,
     report: Callable[[int], None] | None = None,
 ) -> tuple[dict[str, list], bool, dict[str, Any]]:
-    """Train ``model`` with DP-SGD for ``steps`` steps (the runner's loop for a private run).
-
-    Each step draws a Poisson batch of the task's training set, clips every example's gradient
-    with ``clipper`` (:class:`~gradclip.torch.PerSample`), and lets
-    :class:`~gradclip.torch.DPOptimizer` noise, divide by the expected batch size and step
-    ``optimizer``. The hooks are removed at the end.
+    """Train a task's model with :class:`DPSGD` for ``steps`` steps (the runner's loop for a
+    private run) and record what the runner records.
 
     Args:
         task: The run's task (with :meth:`~gradclip.experiments.Task.training_set` and
@@ -347,7 +416,7 @@ def train_private(
         clipper: The run's per-example clipper.
         settings: From :func:`plan_private`.
         steps: Optimizer steps.
-        seed: The run's seed (the batches and the noise).
+        seed: The run's seed (the noise; the batches come from the task's generator, seeded by it).
         report: Called with the number of steps done, every 10 steps.
 
     Returns:
@@ -362,27 +431,21 @@ def train_private(
     """
     import torch
 
-    from gradclip.torch import DPOptimizer, PerSample, PoissonBatchSampler
+    def losses_of(batch: tuple) -> Any:
+        losses = task.example_losses(model, batch)
+        _check_losses(task.name, losses, len(batch[0]))
+        return losses
 
-    data = _training_set(task, task.name)
-    sigma, q = settings["noise_multiplier"], settings["sample_rate"]
-    per_sample = PerSample(model, clipper, mode=settings["mode"])
-    private = DPOptimizer(
-        optimizer, per_sample, sigma, settings["expected_batch_size"], sample_rate=q,
-        accountant=settings["accountant"], generator=torch.Generator().manual_seed(10_000 + seed),
+    sigma = settings["noise_multiplier"]
+    private = DPSGD(
+        model, optimizer, clipper, _training_set(task, task.name), noise_multiplier=sigma,
+        expected_batch_size=settings["expected_batch_size"], mode=settings["mode"], accountant=settings["accountant"],
+        noise_generator=torch.Generator().manual_seed(10_000 + seed),
     )
-    # Batches from the task's generator (seeded by the run's seed), the noise from its own.
-    sampler = PoissonBatchSampler(len(data[0]), q, steps=steps, generator=task.generator)
     history: dict[str, list] = {key: [] for key in ("loss", "norm", "threshold", "clipped", "skipped", "spike")}
     diverged = False
     try:
-        for step, index in enumerate(sampler):
-            private.zero_grad()
-            batch = _rows(data, torch.as_tensor(index, dtype=torch.long))
-            losses = task.example_losses(model, batch)
-            _check_losses(task.name, losses, len(index))
-            info = private.backward(losses)
-            private.step()
+        for step, (index, losses, info) in enumerate(private.run(losses_of, steps, task.generator)):
             empty = len(index) == 0
             loss = None if empty else float(losses.detach().mean())
             history["loss"].append(loss)
@@ -397,12 +460,12 @@ def train_private(
             if report is not None and (step + 1) % 10 == 0:
                 report(step + 1)
     finally:
-        per_sample.remove()
+        private.remove()
     privacy = {
         "epsilon": private.epsilon(settings["delta"]),
         "delta": settings["delta"],
         "noise_multiplier": sigma,
-        "sample_rate": q,
+        "sample_rate": private.sample_rate,
     }
     return history, diverged, privacy
 
