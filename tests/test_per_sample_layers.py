@@ -82,6 +82,13 @@ def _cases():
         ("conv2d-same", lambda: nn.Conv2d(2, 2, 4, padding="same", padding_mode="reflect"), lambda: r(5, 2, 6, 6)),
         ("conv2d-groups", lambda: nn.Conv2d(4, 4, 3, groups=4, padding_mode="circular", padding=1), lambda: r(5, 4, 5, 5)),
         ("conv3d", lambda: nn.Conv3d(2, 4, 2, stride=(1, 2, 1), dilation=(2, 1, 1), groups=2), lambda: r(5, 2, 5, 4, 3)),
+        # Eight input channels per group or more: instantiated by the folded weight-gradient kernel
+        # (native symmetric padding; an asymmetric 'same' padded first); 3-d as well.
+        ("conv2d-folded", lambda: nn.Conv2d(8, 6, 3, stride=2, padding=1), lambda: r(5, 8, 7, 7)),
+        ("conv2d-folded-same", lambda: nn.Conv2d(16, 4, 4, padding="same", groups=2), lambda: r(5, 16, 5, 5)),
+        ("conv3d-folded", lambda: nn.Conv3d(8, 2, 2, stride=2, padding=1), lambda: r(5, 8, 3, 4, 4)),
+        # Two positions, T²(p + d) < pd: ghost-normed, the clipped sum by the conv's own kernel.
+        ("conv1d-ghost", lambda: nn.Conv1d(8, 8, 3, dilation=2), lambda: r(5, 8, 6)),
         ("layernorm", lambda: nn.LayerNorm((3, 4)), lambda: r(5, 2, 3, 4)),
         ("groupnorm", lambda: nn.GroupNorm(2, 4), lambda: r(5, 4, 3, 2)),
         ("mha", MHA, lambda: r(5, 4, 8)),
