@@ -31,8 +31,8 @@ LIMITS = {
     "non_finite": 12,
     "quantile_norm": 20,
     "skip_on_spike": 36,
-    "adagc": 43,
-    "autoclip": 68,
+    "adagc": 41,
+    "autoclip": 65,
     "zclip": 77,
 }
 

@@ -198,23 +198,23 @@ SKETCH_SIZE = 64 * SKETCH_PER_OCTAVE
 SKETCH_RELATIVE_ERROR = 2.0 ** (1.0 / (2 * SKETCH_PER_OCTAVE)) - 1.0
 
 
-def sketch_insert(ops: Ops, bins: Any, anchor: Any, value: Any, accept: Any, zero: Any, one: Any) -> tuple[Any, Any]:
+def sketch_insert(ops: Ops, bins: Any, anchor: Any, value: Any, accept: Any, one: Any) -> tuple[Any, Any]:
     """Count ``value`` into its log bin where ``accept``; returns ``(bins, anchor)``.
 
-    ``value`` is fp32, finite, ``>= 0``, and 0 where not ``accept``. The anchor becomes the first
-    positive value and then stays (a stored anchor is 0 or positive). Bin 0 holds exact zeros.
-    Bin ``i >= 1`` holds ``anchor · [2**((i - OFFSET) / 64), 2**((i - OFFSET + 1) / 64))``;
-    positive values below ``anchor · 2**-32`` go to bin 1, values above ``anchor · 2**32`` to the
-    last bin (the exact minimum and maximum are kept beside the bins, so the extremes are never
-    approximated). ``zero`` and ``one`` are fp32 scalars the caller has made.
+    ``value`` is fp32, finite and positive where ``accept``, 0 elsewhere. The anchor becomes the
+    first positive value and then stays (a stored anchor is 0 or positive). Bin 0 holds exact
+    zeros (counted by earlier versions; none is counted now). Bin ``i >= 1`` holds
+    ``anchor · [2**((i - OFFSET) / 64), 2**((i - OFFSET + 1) / 64))``; positive values below
+    ``anchor · 2**-32`` go to bin 1, values above ``anchor · 2**32`` to the last bin (the exact
+    minimum and maximum are kept beside the bins, so the extremes are never approximated).
+    ``one`` is an fp32 scalar the caller has made.
     """
     anchor = ops.where(anchor > 0, anchor, value)
-    positive = value > 0  # then the anchor is positive too
-    ratio = ops.ratio_or_one(positive, value, anchor)
+    # Where accepted the value is positive, and so is the anchor; elsewhere nothing is counted.
+    ratio = ops.ratio_or_one(accept, value, anchor)
     position = ops.floor(ops.log(ratio) * (SKETCH_PER_OCTAVE / math.log(2.0))) + SKETCH_OFFSET
     # Never NaN (the ratio is positive), so minimum/maximum clamp as comparisons would.
     position = ops.clamp_values(position, one, ops.scalar(SKETCH_SIZE - 1.0, "float32"))
-    position = ops.where(positive, position, zero)
     # A float index: the positions are whole numbers below 2**24, compared exactly.
     hit = (ops.arange(bins.shape[0], "float32") == position) & accept
     return ops.count_up(bins, hit), anchor

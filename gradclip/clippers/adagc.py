@@ -143,22 +143,25 @@ class AdaGC(Clipper):
         # checks): the warm-up's running minimum and the bounds below both want inf there.
         known = ops.where(seen, gamma, ops.scalar(math.inf, "float32"))
 
-        # Warm-up: one global coefficient; γ is the running minimum of the clipped norms (an
-        # unseen tensor takes the clipped norm).
+        # The coefficients: during warm-up one global coefficient; afterwards one per tensor,
+        # against clip_ratio·γ (an unseen tensor has no bound).
         warm_limit = ops.scalar(self.warmup_max_norm, acc)
         h = ops.clip_coefficient(total, warm_limit, self.eps)
-        clipped_warm = as_f32(ops, h * norms)
-        gamma_warm = ops.minimum(clipped_warm, known)
-
-        # Afterwards: per-tensor coefficients against clip_ratio·γ; an unseen tensor has no bound.
         bounds = ops.cast(known, acc) * self.clip_ratio
         above = norms > bounds
         # With eps > 0 the divisor is positive; with eps = 0 it is 1 where unused (no 0 / 0).
         divisor = norms + self.eps if self.eps > 0 else ops.where(above, norms, one)
         h_each = ops.where(above, bounds / divisor, one)
-        clipped_each = as_f32(ops, h_each * norms)
-        ema = self.beta * gamma + (1.0 - self.beta) * clipped_each
-        gamma_adaptive = ops.where(seen, ema, clipped_each)
+        coefs = ops.where(warming, h, h_each)
+
+        # γ from the clipped norms (the warm-up's or the per-tensor ones, as coefs is): during
+        # warm-up their running minimum (an unseen tensor takes its clipped norm), afterwards
+        # their EMA.
+        clipped_norms = coefs * norms
+        clipped_f32 = as_f32(ops, clipped_norms)
+        gamma_warm = ops.minimum(clipped_f32, known)
+        ema = self.beta * gamma + (1.0 - self.beta) * clipped_f32
+        gamma_adaptive = ops.where(seen, ema, clipped_f32)
 
         candidate = ops.where(warming, gamma_warm, gamma_adaptive)
         # Which tensors inform γ this step: positive norms (so finite steps) and a positive new γ
@@ -174,13 +177,12 @@ class AdaGC(Clipper):
             informative = informative & ops.isfinite(candidate)
         gamma = ops.where(informative, candidate, gamma)
         seen = seen | informative
-        coefs = ops.where(warming, h, h_each)
         skip = skip_flag(ops, finite, self.nonfinite)
         step = ops.count_up(state.step, finite)
 
         # The effective coefficient: every coef is <= 1, so the clipped global norm is at most the
         # (finite) global norm and the ratio is finite.
-        after = ops.combine_norms(coefs * norms, 2.0)
+        after = ops.combine_norms(clipped_norms, 2.0)
         positive = total > 0
         effective = ops.ratio_or_one(positive, after, total)
         # torch.distributed: combine_norms reduces over the process group, so a rank without

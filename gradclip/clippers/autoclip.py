@@ -142,13 +142,12 @@ class AutoClip(Clipper):
         # Only positive norms finite in fp32 enter the history: a non-finite one, or an fp64
         # norm beyond fp32's range (it would be inf in the fp32 state), is replaced by 0 and not
         # counted; nor is a zero norm (a step without signal: enough of them would pull the
-        # percentile to 0, and a threshold of 0 zeroes every later gradient). A NaN norm fails
-        # the comparison, so the finiteness test is still needed only for inf.
-        accept = fp32_finite(ops, norm, finite) & (measured > 0)
-        x = ops.where(accept, measured, zero)
+        # percentile to 0, and a threshold of 0 zeroes every later gradient).
+        x = ops.where(fp32_finite(ops, norm, finite), measured, zero)
+        accept = x > zero
         count = ops.count_up(state.count, accept)
         if self.history is None:
-            bins, anchor = sketch_insert(ops, state.bins, state.anchor, x, accept, zero, ops.scalar(1.0, f32))
+            bins, anchor = sketch_insert(ops, state.bins, state.anchor, x, accept, ops.scalar(1.0, f32))
             # Before the first norm low and high are 0 (load_state_dict checks it), and x is 0
             # where not accepted: the running maximum needs no condition.
             low = ops.where(accept, ops.where(state.count == 0, x, ops.minimum(x, state.low)), state.low)
