@@ -59,6 +59,24 @@ any norm and leaves AdaGC's threshold for it unchanged, and the inner optimizer 
 ``None`` for that variable, so it is not updated (Keras warns, as it does without clipping).
 Sparse ``tf.IndexedSlices`` gradients (embeddings) are densified before clipping.
 
+**The loss** of the step reaches the clipper (``SkipOnSpike(signal="loss")``) with nothing to turn
+on: Keras' own ``train_step`` hands it to ``optimizer.scale_loss`` before taking the gradients,
+and ``ClippingOptimizer.scale_loss`` keeps it for its ``apply`` in the same step (see
+:mod:`gradclip.keras._signals`). Under gradient accumulation the clipper gets the mean loss of the
+micro-batches, under ``tf.distribute`` the loss of the whole batch (summed across replicas with
+the gradients). A ``train_step`` of your own passes it the same way: call
+``loss = self.optimizer.scale_loss(loss)`` before taking the gradient, as Keras' does. Not
+available: on the JAX backend (the loss cannot leave ``jax.value_and_grad``; a clipper that needs
+it is refused there), and with a ``LossScaleOptimizer`` around this one (it does not pass the
+loss on; a clipper that needs it then raises when the step is traced).
+
+**Skip streaks.** ``ClippingOptimizer(..., max_consecutive_skips=N)`` counts the steps skipped in a
+row in a variable inside the compiled step (``last_info().consecutive_skips``) and keeps the last
+N norms and losses. Add ``gradclip.keras.StopOnDivergence()`` to ``fit``'s callbacks: after the
+N-th skipped step in a row it sets ``model.stop_training = True`` and raises
+:class:`gradclip.DivergenceError` out of ``fit`` (one integer read per batch). In a training loop
+of your own call ``optimizer.check_divergence()`` after each step instead.
+
 Importing this module imports keras.
 """
 
@@ -74,13 +92,15 @@ from gradclip._core.errors import InvalidArgumentError
 from gradclip._core.registry import from_config
 from gradclip._core.tree import flatten
 from gradclip._core.types import ClipInfo
+from gradclip._core.validation import check_int
 from gradclip.keras._distribute import all_reduce_sum, already_reduced, assign_each, check_strategy, nothing, replica_cond
+from gradclip.keras._signals import LossOfTheStep, StopOnDivergence, check_loss, divergence_error, watches_loss
 
-__all__ = ["ClippingOptimizer"]
+__all__ = ["ClippingOptimizer", "StopOnDivergence"]
 
-# The measured fields; consecutive_skips is counted by the optimizer step, not the clipper.
-_INFO_FIELDS = ClipInfo._fields[:6]
-_FLAG_FIELDS = ("clipped", "finite", "skip")
+# The six measured fields, and consecutive_skips, counted by this optimizer's step.
+_INFO_FIELDS = ClipInfo._fields
+_INFO_DTYPES = {"clipped": "bool", "finite": "bool", "skip": "bool", "consecutive_skips": "int32"}
 #: What the wrapper takes over from the wrapped optimizer (and gives back in ``get_config``).
 _TAKEN = ("gradient_accumulation_steps", "loss_scale_factor")
 
@@ -102,17 +122,23 @@ class ClippingOptimizer(keras.optimizers.Optimizer):
             documentation): set them there, before the first step.
         clipper: Any gradclip clipper, stateless or adaptive (or a ``gradclip.chain``).
         name: Optional name.
+        max_consecutive_skips: Count the steps skipped in a row and keep the last ones' norms and
+            losses, for :class:`StopOnDivergence` or :meth:`check_divergence` to raise
+            :class:`~gradclip.DivergenceError` at this many (an int ``>= 1``; None: count only).
 
     Raises:
         InvalidArgumentError: ``inner_optimizer`` is not a Keras optimizer, is a
             ``LossScaleOptimizer`` (nest it outside instead) or already built with gradient
             accumulation; ``clipper`` is not a gradclip clipper; the inner optimizer clips by
             itself as well; created under a ``tf.distribute`` strategy gradclip cannot clip
-            after aggregation, or on a backend other than TensorFlow inside a strategy scope.
+            after aggregation, or on a backend other than TensorFlow inside a strategy scope;
+            ``max_consecutive_skips`` is not None or an int ``>= 1``; a clipper that needs the
+            loss on the JAX backend (module documentation).
     """
 
-    def __init__(self, inner_optimizer, clipper: Clipper, name: str | None = None, **kwargs):
+    def __init__(self, inner_optimizer, clipper: Clipper, name: str | None = None, max_consecutive_skips: int | None = None, **kwargs):
         where = "ClippingOptimizer"
+        check_int(where, "max_consecutive_skips", max_consecutive_skips, low=1, allow_none=True)
         if not isinstance(inner_optimizer, keras.optimizers.Optimizer):
             raise InvalidArgumentError(
                 f"{where}: inner_optimizer must be a keras.optimizers.Optimizer, got "
@@ -138,6 +164,11 @@ class ClippingOptimizer(keras.optimizers.Optimizer):
             raise InvalidArgumentError(
                 f"{where}: unsupported arguments {sorted(kwargs)}; set them on the inner optimizer"
             )
+        if keras.backend.backend() == "jax" and watches_loss(clipper):
+            raise InvalidArgumentError(
+                f"{where}: {type(clipper).__name__} needs the step's loss, which Keras' JAX train step keeps "
+                "inside jax.value_and_grad; use the TensorFlow or torch backend, or a gradient-norm signal"
+            )
         steps = inner_optimizer.gradient_accumulation_steps
         if steps and inner_optimizer.built:
             raise InvalidArgumentError(
@@ -152,6 +183,12 @@ class ClippingOptimizer(keras.optimizers.Optimizer):
         self.accumulation_steps = steps or None
         self.inner_optimizer = inner_optimizer
         self.clipper = clipper
+        self.max_consecutive_skips = max_consecutive_skips
+        #: Set by StopOnDivergence when it watches this optimizer in fit.
+        self.divergence_watched = False
+        self._loss = LossOfTheStep()
+        self._loss_accumulator = None
+        self._streak_rings: list[Any] = []
         if keras.backend.backend() == "tensorflow":
             # This wrapper sums the gradients across replicas before clipping; the wrapped
             # optimizer applies that sum as it is (its own all-reduce would sum it again).
@@ -190,11 +227,19 @@ class ClippingOptimizer(keras.optimizers.Optimizer):
             self.add_variable(
                 shape=(),
                 initializer="ones" if field in ("coef", "finite") else "zeros",
-                dtype="bool" if field in _FLAG_FIELDS else "float32",
+                dtype=_INFO_DTYPES.get(field, "float32"),
                 name=f"clip_{field}",
             )
             for field in _INFO_FIELDS
         ]
+        self._streak_rings = []
+        if self.max_consecutive_skips is not None:
+            # The norms, losses and whether a loss was given, of the last max_consecutive_skips
+            # steps, newest last: what DivergenceError names.
+            self._streak_rings = [
+                self.add_variable(shape=(self.max_consecutive_skips,), initializer="zeros", dtype=dtype, name=f"streak_{kind}")
+                for kind, dtype in (("norms", "float32"), ("losses", "float32"), ("loss_given", "bool"))
+            ]
         self._accumulators = []
         if self.accumulation_steps:
             # Replica-local ("on_read") sums of each replica's own micro-batch gradients, summed
@@ -207,6 +252,12 @@ class ClippingOptimizer(keras.optimizers.Optimizer):
                     )
                     self._track_variable(accumulator)
                     self._accumulators.append(accumulator)
+                # The micro-batches' losses, summed like their gradients.
+                self._loss_accumulator = keras.Variable(
+                    initializer="zeros", shape=(), dtype="float32", trainable=False,
+                    synchronization="on_read", aggregation="sum", name="loss_accumulator",
+                )
+                self._track_variable(self._loss_accumulator)
         self.inner_optimizer.build(var_list)
         super().build(var_list)
 
@@ -225,7 +276,8 @@ class ClippingOptimizer(keras.optimizers.Optimizer):
 
         Raises:
             InvalidArgumentError: A gradient count that differs from the variables'; called in
-                a cross-replica context or under a strategy gradclip cannot handle.
+                a cross-replica context or under a strategy gradclip cannot handle; a clipper
+                that needs the loss, and no loss given to :meth:`scale_loss` in this step.
         """
         if trainable_variables is None:
             if not self.built:
@@ -242,47 +294,79 @@ class ClippingOptimizer(keras.optimizers.Optimizer):
                 "trainable variable(s); pass one gradient (or None) per variable"
             )
         check_strategy("ClippingOptimizer.apply", replica=True)
+        loss = self._loss.take()  # this step's, from scale_loss (module documentation)
+        if loss is None and watches_loss(self.clipper):
+            raise InvalidArgumentError(
+                f"ClippingOptimizer.apply: {type(self.clipper).__name__} needs the step's loss, and none was "
+                "given to scale_loss in this step. Keras' train_step gives it; a train_step of your own must call "
+                "loss = self.optimizer.scale_loss(loss) before taking the gradients; a LossScaleOptimizer "
+                "around this optimizer does not pass it on. Nothing was changed"
+            )
         if not self.built:
             with keras.name_scope(self.name, caller=self):
                 self.build(trainable_variables)
             self.built = True
         if self.loss_scale_factor is not None:
             grads = [None if g is None else g / self.loss_scale_factor for g in grads]
+        if loss is not None:
+            loss = keras.ops.cast(keras.ops.reshape(loss, ()) if _size(loss) == 1 else loss, "float32")
         if keras.backend.backend() == "tensorflow":
             if self.accumulation_steps:
                 update = keras.ops.equal((self._iterations + 1) % self.accumulation_steps, 0)
-                replica_cond(update, self._update_from_accumulated, self._accumulate, grads, trainable_variables)
+                replica_cond(update, self._update_from_accumulated, self._accumulate, grads, trainable_variables, loss)
             else:
-                self._tf_update(grads, trainable_variables)
+                self._tf_update(grads, trainable_variables, loss)
         else:
-            self._masked_update(grads, trainable_variables)
+            self._masked_update(grads, trainable_variables, loss)
         self._iterations.assign_add(1)
+
+    def scale_loss(self, loss):
+        """Keep ``loss`` for this step's :meth:`apply` (the clipper's loss signal), then scale it
+        as Keras does (``loss_scale_factor``). Keras' ``train_step`` calls it before taking the
+        gradients; so should a ``train_step`` of your own.
+
+        Raises:
+            InvalidArgumentError: ``loss`` is an array of another framework than the backend's
+                (a torch tensor on the TensorFlow backend); nothing is recorded.
+        """
+        if keras.backend.backend() != "jax":  # see the module documentation
+            self._loss.record(check_loss("ClippingOptimizer.scale_loss", loss))
+        return super().scale_loss(loss)
 
     def _accumulators_for(self, trainable_variables):
         return [self._accumulators[self._get_variable_index(v)] for v in trainable_variables]
 
-    def _accumulate(self, grads, trainable_variables):
+    def _accumulate(self, grads, trainable_variables, loss=None):
         for g, accumulator in zip(grads, self._accumulators_for(trainable_variables)):
             if g is not None:
                 accumulator.assign_add(keras.ops.cast(g, accumulator.dtype))
+        if loss is not None:
+            self._loss_accumulator.assign_add(loss)
 
-    def _update_from_accumulated(self, grads, trainable_variables):
-        # Keras' own formula: the mean of the k micro-batch gradients of this replica.
+    def _update_from_accumulated(self, grads, trainable_variables, loss=None):
+        # Keras' own formula: the mean of the k micro-batch gradients of this replica (and the
+        # mean of their losses).
         steps = self.accumulation_steps
         accumulators = self._accumulators_for(trainable_variables)
         averaged = [None if g is None else (g + a.value) / steps for g, a in zip(grads, accumulators)]
         for accumulator in accumulators:
             accumulator.assign(keras.ops.zeros(accumulator.shape, accumulator.dtype))
-        self._tf_update(averaged, trainable_variables)
+        if loss is not None:
+            loss = (loss + self._loss_accumulator.value) / steps
+            self._loss_accumulator.assign(keras.ops.zeros((), "float32"))
+        self._tf_update(averaged, trainable_variables, loss)
 
-    def _tf_update(self, grads, trainable_variables):
-        clipped, info = self._clip(all_reduce_sum(grads), trainable_variables)
+    def _tf_update(self, grads, trainable_variables, loss=None):
+        # The loss is summed across replicas with the gradients (one all-reduce): each replica's
+        # is its share of the batch's mean loss, as Keras scales it for distribution.
+        *grads, loss = all_reduce_sum([*grads, loss])
+        clipped, info = self._clip(grads, trainable_variables, loss=loss)
         if self.clipper.may_skip:
             replica_cond(info.skip, nothing, self.inner_optimizer.apply, clipped, trainable_variables)
         else:
             self.inner_optimizer.apply(clipped, trainable_variables)
 
-    def _masked_update(self, grads, trainable_variables):
+    def _masked_update(self, grads, trainable_variables, loss=None):
         # Backends without a stateful conditional (JAX traces both branches): compute
         # everything, and keep each new value only where the step happens.
         active = None
@@ -295,7 +379,11 @@ class ClippingOptimizer(keras.optimizers.Optimizer):
                 if g is not None:
                     a.assign(keras.ops.where(active, keras.ops.zeros_like(a.value), a.value + g))
             grads = averaged
-        clipped, info = self._clip(grads, trainable_variables, active)
+            if loss is not None:
+                total = self._loss_accumulator.value + loss
+                self._loss_accumulator.assign(keras.ops.where(active, keras.ops.zeros_like(total), total))
+                loss = total / steps
+        clipped, info = self._clip(grads, trainable_variables, active, loss)
         run = keras.ops.logical_not(info.skip) if self.clipper.may_skip else None
         if active is not None:
             run = active if run is None else keras.ops.logical_and(active, run)
@@ -310,9 +398,9 @@ class ClippingOptimizer(keras.optimizers.Optimizer):
         for variable, old in zip(kept, before):
             variable.assign(keras.ops.where(run, variable.value, old))
 
-    def _clip(self, grads, trainable_variables, active=None):
-        """Clip ``grads`` and store the clipper's next state and info (only where ``active``,
-        when given); return (grads, info)."""
+    def _clip(self, grads, trainable_variables, active=None, loss=None):
+        """Clip ``grads`` and store the clipper's next state, info and streak (only where
+        ``active``, when given); return (grads, info)."""
         grads = [keras.ops.convert_to_tensor(g) if g is not None and not hasattr(g, "shape") else g for g in grads]
         # A variable without a gradient (None: it took no part in the loss) gets a zero gradient
         # for the clipper only, so every position the state was built for (AdaGC keeps one
@@ -327,14 +415,25 @@ class ClippingOptimizer(keras.optimizers.Optimizer):
         ]
         # Read every variable up front, before this step assigns to any of them.
         state = self._state_like([keras.ops.convert_to_tensor(v) for v in self._state_variables])
+        streak = keras.ops.convert_to_tensor(self._info_variables[_INFO_FIELDS.index("consecutive_skips")])
         params = None
         if self.clipper.needs_params:
             params = [keras.ops.convert_to_tensor(v) for v in trainable_variables]
-        clipped, new_state, info = self.clipper.update(grads, state, params=params)
+        clipped, new_state, info = self.clipper.update(grads, state, params=params, loss=loss)
         clipped = [c if keep else None for c, keep in zip(clipped, given)]
+        # The streak: where(skip, n + 1, 0), on the device (never counts for a clipper that cannot skip).
+        zero = keras.ops.zeros((), streak.dtype)
+        skipped = keras.ops.cast(info.skip, "bool") if self.clipper.may_skip else keras.ops.zeros((), "bool")
+        info = info._replace(consecutive_skips=keras.ops.where(skipped, streak + 1, zero))
         new_leaves, _ = _flatten_state(new_state)
         values = list(zip(self._state_variables, new_leaves))
         values += [(v, getattr(info, field)) for v, field in zip(self._info_variables, _INFO_FIELDS)]
+        if self._streak_rings:
+            # Shift in this step's norm and loss.
+            newest = (info.norm, 0.0 if loss is None else loss, loss is not None)
+            for ring, value in zip(self._streak_rings, newest):
+                value = keras.ops.reshape(keras.ops.cast(value, ring.dtype), (1,))
+                values.append((ring, keras.ops.concatenate([ring.value[1:], value])))
         cast = [keras.ops.cast(value, variable.dtype) for variable, value in values]
         if active is not None:
             cast = [keras.ops.where(active, value, variable.value) for (variable, _), value in zip(values, cast)]
@@ -343,10 +442,34 @@ class ClippingOptimizer(keras.optimizers.Optimizer):
 
     # -- reading what happened ----------------------------------------------------------------
     def last_info(self) -> ClipInfo:
-        """The :class:`~gradclip.ClipInfo` of the last step (reads variables: call when logging)."""
+        """The :class:`~gradclip.ClipInfo` of the last step (reads variables: call when logging),
+        with ``consecutive_skips``, the steps skipped in a row up to it (an int64 0-d array)."""
         if not self.built:
             raise ValueError("ClippingOptimizer.last_info: no step has been taken yet")
-        return ClipInfo(**{f: _to_numpy(v) for f, v in zip(_INFO_FIELDS, self._info_variables)})
+        info = ClipInfo(**{f: _to_numpy(v) for f, v in zip(_INFO_FIELDS, self._info_variables)})
+        return info._replace(consecutive_skips=info.consecutive_skips.astype(np.int64))
+
+    def check_divergence(self) -> None:
+        """Raise when the last ``max_consecutive_skips`` steps were all skipped (reads one
+        variable; :class:`StopOnDivergence` calls it after each batch of ``fit``).
+
+        Raises:
+            DivergenceError: The streak reached ``max_consecutive_skips``; it names the streak
+                and the gradient norms and losses of its steps.
+            InvalidArgumentError: ``max_consecutive_skips`` was not set.
+        """
+        limit = self.max_consecutive_skips
+        if limit is None:
+            raise InvalidArgumentError(
+                "ClippingOptimizer.check_divergence: no max_consecutive_skips was set; "
+                "pass ClippingOptimizer(..., max_consecutive_skips=N)"
+            )
+        if not self.built:
+            return
+        streak = int(_to_numpy(self._info_variables[_INFO_FIELDS.index("consecutive_skips")]))
+        if streak >= limit:
+            norms, losses, given = (_to_numpy(ring) for ring in self._streak_rings)
+            raise divergence_error("ClippingOptimizer", limit, streak, norms, np.where(given, losses, None))
 
     def clipper_state_dict(self) -> dict[str, Any]:
         """The clipper's ``state_dict()`` with the state held in this optimizer's variables."""
@@ -387,11 +510,14 @@ class ClippingOptimizer(keras.optimizers.Optimizer):
         inner = serialize_keras_object(self.inner_optimizer)
         # What was taken over goes back where the user set it.
         inner["config"].update(gradient_accumulation_steps=self.accumulation_steps, loss_scale_factor=self.loss_scale_factor)
-        return {
+        config = {
             "name": self.name,
             "inner_optimizer": inner,
             "clipper": {"clipper": self.clipper.name, "config": self.clipper.config()},
         }
+        if self.max_consecutive_skips is not None:
+            config["max_consecutive_skips"] = self.max_consecutive_skips
+        return config
 
     @classmethod
     def from_config(cls, config, custom_objects=None):
@@ -407,6 +533,12 @@ def _to_numpy(x) -> np.ndarray:
     if hasattr(x, "numpy"):
         x = x.numpy()
     return np.asarray(x)
+
+
+def _size(x) -> int | None:
+    """The number of elements of ``x`` when its shape is known (None otherwise)."""
+    shape = tuple(getattr(x, "shape", ()))
+    return None if any(d is None for d in shape) else int(np.prod(shape, dtype=np.int64))
 
 
 def _eager_scope():
