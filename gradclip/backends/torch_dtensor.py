@@ -27,17 +27,27 @@ __all__ = [
 
 
 # -- DTensor helpers -------------------------------------------------------------------------------
+#: The DTensor class once ``torch.distributed.tensor`` is imported (a class does not change):
+#: remembered, so the checks made per tensor and per call cost one ``isinstance``.
+_DTENSOR: list[type] = []
+
+
 def _dtensor_type() -> type | None:
     # A DTensor can only exist once torch.distributed.tensor is imported: never import it here.
+    if _DTENSOR:
+        return _DTENSOR[0]
     module = sys.modules.get("torch.distributed.tensor")
-    return None if module is None else getattr(module, "DTensor", None)
+    cls = None if module is None else getattr(module, "DTensor", None)
+    if cls is not None:
+        _DTENSOR.append(cls)
+    return cls
 
 
 def is_dtensor(x: Any) -> bool:
     """Whether ``x`` is a ``torch.distributed.tensor.DTensor`` (never imports DTensor)."""
     if type(x) is torch.Tensor:
         return False
-    cls = _dtensor_type()
+    cls = _DTENSOR[0] if _DTENSOR else _dtensor_type()
     return cls is not None and isinstance(x, cls)
 
 
@@ -52,18 +62,20 @@ def any_dtensor(arrays: Sequence[Any]) -> bool:
 def local_tensor(x: torch.Tensor) -> torch.Tensor:
     """The local shard of a DTensor (the storage itself, so in-place writes reach the DTensor);
     a plain tensor is returned as it is."""
-    if not is_dtensor(x):
+    if type(x) is torch.Tensor or not is_dtensor(x):
         return x
-    with torch.no_grad():
-        local = x.to_local()
-    wait = getattr(local, "wait", None)
-    if type(local).__name__ == "AsyncCollectiveTensor" and callable(wait):
-        local = wait()
+    # What ``to_local()`` returns under ``no_grad``, read directly: the autograd function and
+    # the grad-mode context cost microseconds per tensor, which tens of thousands of tensors
+    # (MoE, LoRA) pay on every step. ``to_local`` stays the fallback for a DTensor without it.
+    local = getattr(x, "_local_tensor", None)
+    if local is None:
+        with torch.no_grad():
+            local = x.to_local()
+    if type(local) is not torch.Tensor and type(local).__name__ == "AsyncCollectiveTensor":
+        wait = getattr(local, "wait", None)
+        if callable(wait):
+            local = wait()
     return local
-
-
-def _is_replicate(placement: Any) -> bool:
-    return placement.is_replicate()
 
 
 def _is_partial(placement: Any) -> bool:
@@ -93,15 +105,33 @@ class _Meta(NamedTuple):
 
 
 def _meta(x: Any) -> _Meta | None:
-    if not is_dtensor(x):
+    """A DTensor's metadata (None for a plain tensor).
+
+    The DTensor's own ``DTensorSpec`` when it has one: it carries the same four attributes
+    (``mesh``, ``placements`` as a tuple, ``shape``, ``stride``) and is shared, not built, so a
+    step over tens of thousands of DTensors allocates nothing per tensor here (new objects
+    that live through a call make the garbage collector walk every tensor again and again).
+    """
+    if type(x) is torch.Tensor or not is_dtensor(x):
         return None
+    spec = getattr(x, "_spec", None)
+    if spec is not None and getattr(spec, "tensor_meta", None) is not None:
+        return spec
     return _Meta(x.device_mesh, tuple(x.placements), x.shape, x.stride())
+
+
+def _has_partial(placements: Sequence[Any]) -> bool:
+    """Whether any placement is ``Partial`` (a loop: no generator per tensor)."""
+    for placement in placements:
+        if placement.is_partial():
+            return True
+    return False
 
 
 def _readable(x: Any, meta: _Meta) -> tuple[torch.Tensor, tuple]:
     """The local tensor to read norms/extrema from, with ``Partial`` placements reduced first."""
     placements = meta.placements
-    if any(_is_partial(p) for p in placements):
+    if _has_partial(placements):
         from torch.distributed.tensor import Replicate
 
         with torch.no_grad():
@@ -123,12 +153,28 @@ def _mesh_groups(mesh: Any) -> list[Any]:
     return [mesh.get_group(d) for d in range(mesh.ndim) if mesh.size(d) > 1]
 
 
+#: ``_replicated_size`` per (mesh, placements): one lookup per tensor, whatever the mesh's rank.
+_SIZES: dict[tuple, int] = {}
+
+
 def _replicated_size(mesh: Any, placements: Sequence[Any], also: Any = None) -> int:
     """Product of the sizes of the mesh dimensions on which the tensor is replicated (Replicate,
     or Partial already reduced to Replicate), and of those for which ``also(placement)`` holds."""
+    if also is not None:
+        return _product(mesh, placements, also)
+    key = (mesh, placements)
+    size = _SIZES.get(key)
+    if size is None:
+        if len(_SIZES) >= 256:
+            _SIZES.clear()
+        size = _SIZES[key] = _product(mesh, placements, None)
+    return size
+
+
+def _product(mesh: Any, placements: Sequence[Any], also: Any) -> int:
     size = 1
     for d, placement in enumerate(placements):
-        if _is_replicate(placement) or _is_partial(placement) or (also is not None and also(placement)):
+        if placement.is_replicate() or placement.is_partial() or (also is not None and also(placement)):
             size *= mesh.size(d)
     return size
 
@@ -253,6 +299,6 @@ def _group_device(groups: Sequence[Any], fallback: torch.device) -> torch.device
         try:
             if module is not None and module.is_available():
                 return torch.device(kind, module.current_device())
-        except Exception:  # noqa: BLE001 - an accelerator module without these functions
+        except Exception:  # noqa: BLE001, S112 - an accelerator module without these functions
             continue
     return torch.device("cpu")
