@@ -211,7 +211,23 @@ def test_max_consecutive_skips_survives_a_config_round_trip():
     assert "max_consecutive_skips" not in ClippingOptimizer(keras.optimizers.SGD(0.01), gradclip.GlobalNorm(1.0)).get_config()
 
 
-# -- tf.distribute -----------------------------------------------------------------------------
+# -- other processes: logical devices, other backends --------------------------------------------
+def _run_child(code, backend):
+    """Run ``code`` in a fresh interpreter with ``KERAS_BACKEND=backend`` (Keras picks its backend,
+    TensorFlow its devices, once per process); the JSON of its ``RESULT`` line."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, KERAS_BACKEND=backend, PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
+    done = subprocess.run([sys.executable, "-c", code], check=False, env=env, capture_output=True, text=True, timeout=300, cwd=root)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return json.loads(next(line for line in done.stdout.splitlines() if line.startswith("RESULT "))[len("RESULT "):])
+
+
 MIRRORED_CHILD = r"""
 import json, os, sys
 os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
@@ -249,16 +265,45 @@ def test_under_mirrored_strategy_the_clipper_gets_the_whole_batch_loss():
     """Two replicas (logical CPUs, a subprocess: devices are fixed before TensorFlow starts):
     each computes its half of the batch's loss; the clipper gets their sum, the loss of the
     whole batch, identical on both replicas."""
-    import json
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parent.parent
-    env = dict(os.environ, KERAS_BACKEND="tensorflow", PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
-    done = subprocess.run([sys.executable, "-c", MIRRORED_CHILD], check=False, env=env, capture_output=True, text=True, timeout=300, cwd=root)
-    assert done.returncode == 0, done.stderr[-4000:]
-    out = json.loads(next(line for line in done.stdout.splitlines() if line.startswith("RESULT "))[len("RESULT "):])
+    out = _run_child(MIRRORED_CHILD, "tensorflow")
     assert len(out["want"]) == 4
     np.testing.assert_allclose(out["got"], out["want"], rtol=1e-5)
+
+
+JAX_CHILD = r"""
+import json
+import numpy as np
+import keras
+import gradclip
+from gradclip.keras import ClippingOptimizer, StopOnDivergence
+
+try:
+    ClippingOptimizer(keras.optimizers.SGD(0.01), gradclip.SkipOnSpike(signal="loss"))
+    refused = ""
+except gradclip.InvalidArgumentError as error:
+    refused = str(error)
+rng = np.random.default_rng(0)
+x, y = rng.normal(size=(64, 6)).astype(np.float32), rng.normal(size=(64, 2)).astype(np.float32)
+x[16:] = np.nan
+model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(2)])
+model.compile(optimizer=ClippingOptimizer(keras.optimizers.SGD(0.01), gradclip.GlobalNorm(1.0, nonfinite="skip"),
+                                          max_consecutive_skips=3), loss="mse")
+try:
+    model.fit(x, y, batch_size=8, shuffle=False, verbose=0, callbacks=[StopOnDivergence()])
+    streak = None
+except gradclip.DivergenceError as error:
+    streak = error.streak
+print("RESULT " + json.dumps({"backend": keras.backend.backend(), "refused": refused, "streak": streak,
+                              "stopped": bool(model.stop_training)}))
+"""
+
+
+def test_on_the_jax_backend_streaks_stop_fit_and_a_loss_clipper_is_refused():
+    """``KERAS_BACKEND=jax`` (a subprocess: Keras picks its backend on import): the loss cannot
+    leave ``jax.value_and_grad`` there, so a clipper that needs it is refused when built; the
+    streak is counted in the jitted step and stops ``fit``."""
+    pytest.importorskip("jax", reason="the JAX Keras backend needs jax")
+    out = _run_child(JAX_CHILD, "jax")
+    assert out["backend"] == "jax"
+    assert "SkipOnSpike needs the step's loss, which Keras' JAX train step keeps inside jax.value_and_grad" in out["refused"]
+    assert out["streak"] == 3 and out["stopped"]

@@ -118,7 +118,8 @@ class StopOnDivergence(keras.callbacks.Callback):
     ``max_consecutive_skips`` steps in a row.
 
     After each batch it reads the optimizer's streak (one integer: Keras reads the batch's logs
-    then anyway); at the bound it sets ``model.stop_training = True`` and raises
+    then anyway; on the JAX backend the trainer's state is written back to the variables for it,
+    as for any callback that reads the model); at the bound it sets ``model.stop_training = True`` and raises
     :class:`~gradclip.DivergenceError`, naming the streak and its gradient norms and losses, out
     of ``fit``. ``model.optimizer`` may be the ``ClippingOptimizer`` or a
     ``LossScaleOptimizer`` around one.
@@ -145,8 +146,11 @@ class StopOnDivergence(keras.callbacks.Callback):
         found.divergence_watched = True
 
     def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
+        # Reading self.model first makes Keras' JAX trainer write its state back into the
+        # variables, which it otherwise does only at the end of an epoch.
+        model = self.model
         try:
             self._optimizer.check_divergence()
         except DivergenceError:
-            self.model.stop_training = True
+            model.stop_training = True
             raise
