@@ -30,7 +30,7 @@ LIMITS = {
     "global_norm": 12,
     "non_finite": 12,
     "quantile_norm": 20,
-    "skip_on_spike": 36,
+    "skip_on_spike": 35,
     "adagc": 41,
     "autoclip": 65,
     "zclip": 77,

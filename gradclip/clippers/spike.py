@@ -217,16 +217,17 @@ class SkipOnSpike(Clipper):
         f32 = "float32"
         zero, one, inf = ops.scalar(0.0, f32), ops.scalar(1.0, f32), ops.scalar(math.inf, f32)
         valid = index < count
-        kf = ops.cast(ops.sum(valid), f32)
+        # max(k, 1) from the count itself, and max(k - 1, 1) from it: small whole numbers, exact.
+        size = ops.cast(ops.clamp_values(count, ops.scalar(1, "int64"), ops.scalar(self.window, "int64")), f32)
         if self.log_space:
             # Recorded values are positive in log space (and norms always): log of the valid
             # slots, 0 elsewhere.
             values = ops.where(valid, ops.log(ops.where(valid, window, one)), zero)
         else:
             values = window
-        mean = ops.sum(values) / ops.maximum(kf, one)
+        mean = ops.sum(values) / size
         centred = ops.where(valid, values - mean, zero)
-        std = ops.sqrt(ops.sum(centred * centred) / ops.maximum(kf - 1.0, one))
+        std = ops.sqrt(ops.sum(centred * centred) / ops.maximum(size - 1.0, one))
         if self.std_floor > 0:  # (with 0 the floor is 0 <= std)
             if self.log_space:
                 floor = ops.scalar(self.std_floor, f32)
