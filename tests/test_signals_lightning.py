@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -139,8 +140,17 @@ def test_a_loss_spike_skips_that_step(tmp_path):
     assert [m == 0.0 for m in moves.moves] == [False, False, False, False, True, False]
 
 
-def test_a_loss_of_the_wrong_shape_is_refused_before_clipping():
-    """Lightning hands a scalar loss; one of another shape is refused and nothing changes."""
+@pytest.mark.parametrize(
+    "loss, match",
+    [
+        (torch.ones(3), r"QuantileNorm.clip_: loss must be a scalar \(one element\), got an array of shape \(3,\)"),
+        (np.float32(1.0), r"QuantileNorm.clip_: loss is a numpy array but the gradients are torch arrays"),
+    ],
+    ids=["shape", "numpy"],
+)
+def test_a_bad_loss_is_refused_before_clipping(loss, match):
+    """Lightning hands a scalar torch loss; one of another shape or framework (a hook of one's
+    own calling the callback) is refused and nothing changes."""
     model = Tiny()
     ((model.lin(torch.ones(2, 4)) ** 2).sum()).backward()
     grads = [p.grad.clone() for p in model.parameters()]
@@ -149,8 +159,8 @@ def test_a_loss_of_the_wrong_shape_is_refused_before_clipping():
     callback = GradClipCallback(clipper)
     trainer = SimpleNamespace(optimizers=[optimizer], precision_plugin=None, global_step=0, strategy=None)
     callback.on_fit_start(trainer, model)
-    callback.on_before_backward(trainer, model, torch.ones(3))
-    with pytest.raises(gradclip.InvalidArgumentError, match=r"QuantileNorm.clip_: loss must be a scalar"):
+    callback.on_before_backward(trainer, model, loss)
+    with pytest.raises(gradclip.InvalidArgumentError, match=match):
         callback.on_before_optimizer_step(trainer, model, optimizer)
     assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads))
     assert clipper.state_dict()["state"] is None and callback.last_info is None
