@@ -89,6 +89,12 @@ def _cases():
         ("conv3d-folded", lambda: nn.Conv3d(8, 2, 2, stride=2, padding=1), lambda: r(5, 8, 3, 4, 4)),
         # Two positions, T²(p + d) < pd: ghost-normed, the clipped sum by the conv's own kernel.
         ("conv1d-ghost", lambda: nn.Conv1d(8, 8, 3, dilation=2), lambda: r(5, 8, 6)),
+        # Outputs rewritten in place afterwards (a new grad_fn on the same tensor): each rule
+        # still gets the gradient of the output its module returned.
+        ("inplace-after", lambda: nn.Sequential(nn.Conv2d(2, 4, 3), nn.GroupNorm(2, 4), nn.ReLU(inplace=True)),
+         lambda: r(5, 2, 5, 5)),
+        ("inplace-after-linear", lambda: nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 3), nn.ReLU(inplace=True)),
+         lambda: r(5, 2, 4)),
         ("layernorm", lambda: nn.LayerNorm((3, 4)), lambda: r(5, 2, 3, 4)),
         ("groupnorm", lambda: nn.GroupNorm(2, 4), lambda: r(5, 4, 3, 2)),
         ("mha", MHA, lambda: r(5, 4, 8)),

@@ -44,7 +44,7 @@ from gradclip.torch.per_sample_func import (
     owned_parameters,
 )
 from gradclip.torch.per_sample_ghost import ghost_norms
-from gradclip.torch.per_sample_hooks import Recorder, check_graph
+from gradclip.torch.per_sample_hooks import Recorder, check_graph, output_grads
 from gradclip.torch.per_sample_rules import Direct, contributions, refusal, rule_for
 
 __all__ = ["MODES", "PerSample"]
@@ -266,10 +266,8 @@ class PerSample:
             names = [n for n, p in self.parameters if id(p) in norms_by_param]
             norms_sq = torch.stack([norms_by_param[id(p)] for _, p in self.parameters if id(p) in norms_by_param], 1)
         else:
-            outputs = [o for call in calls for o in call.outputs]
-            grads = torch.autograd.grad(losses.sum(), outputs, allow_unused=True)
-            del outputs
-            pieces = self._pieces(calls, list(grads), batch)
+            grads = output_grads(losses.sum(), calls)
+            pieces = self._pieces(calls, grads, batch)
             del grads
             names = [n for n, p in self.parameters if id(p) in pieces]
             norms_sq = torch.stack([self._norm_sq(pieces, p, False) for _, p in self.parameters if id(p) in pieces], 1)
@@ -285,14 +283,11 @@ class PerSample:
             self._write(pieces, coef)
         return info
 
-    def _pieces(self, calls: list, grads: list, batch: int) -> dict[int, list[Any]]:
-        """Every parameter's contributions from every call, ``{id(param): [piece, ...]}``."""
+    def _pieces(self, calls: list, grads: list[list[Any]], batch: int) -> dict[int, list[Any]]:
+        """Every parameter's contributions from every call (``grads``: each call's output
+        gradients), ``{id(param): [piece, ...]}``."""
         pieces: dict[int, list[Any]] = {}
-        at = 0
-        for call in calls:
-            count = len(call.outputs)
-            call_grads = grads[at : at + count]
-            at += count
+        for call, call_grads in zip(calls, grads):
             for piece in self.call_pieces(call, call_grads, batch):
                 pieces.setdefault(id(piece.param), []).append(piece)
         self._seen = set(pieces)
@@ -308,7 +303,7 @@ class PerSample:
         self._recorder.enabled = False  # the module re-runs under torch.func
         try:
             return func_contributions(
-                unit.name, unit.module, unit.params, call.args, call.kwargs, call.outputs, call_grads,
+                unit.name, unit.module, unit.params, call.args, call.kwargs, call.shapes, call_grads,
                 batch, self.chunk_size,
             )
         finally:

@@ -47,7 +47,7 @@ def func_contributions(
     params: list[tuple[str, torch.Tensor]],
     args: tuple,
     kwargs: dict[str, Any],
-    outputs: list[torch.Tensor],
+    output_shapes: list[torch.Size],
     grads: list[torch.Tensor | None],
     batch: int,
     chunk_size: int | None,
@@ -59,7 +59,7 @@ def func_contributions(
         module: The module.
         params: ``(name relative to module, parameter)`` pairs to differentiate.
         args, kwargs: The call's arguments as recorded (tensors detached).
-        outputs: The call's floating-point output tensors, in order.
+        output_shapes: The shapes of the call's floating-point outputs, in order.
         grads: Their gradients (None for an output the loss did not use).
         batch: The number of examples.
         chunk_size: Examples per vectorized chunk (None: all at once).
@@ -109,10 +109,10 @@ def func_contributions(
     # averaged weights) along dim 0.
     out_dims = tuple(dim if i == 0 else 0 for i in used)
     for i, odim in zip(used, out_dims):
-        if not (outputs[i].dim() > odim and outputs[i].shape[odim] == batch):
+        if not (len(output_shapes[i]) > odim and output_shapes[i][odim] == batch):
             raise InvalidArgumentError(
                 f"PerSample: an output of {name} ({type(module).__name__}) does not hold {batch} examples along "
-                f"dim {odim} (shape {tuple(outputs[i].shape)}); its per-example gradients cannot be taken"
+                f"dim {odim} (shape {tuple(output_shapes[i])}); its per-example gradients cannot be taken"
             )
     # The math attention kernel has batching rules; the fused CPU/GPU ones would make vmap
     # fall back to a Python loop over examples.

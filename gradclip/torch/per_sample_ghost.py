@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from gradclip.torch.per_sample_hooks import as_output, output_grads
+
 __all__ = ["ghost_norms"]
 
 
@@ -42,38 +44,35 @@ def ghost_norms(ps: Any, losses: torch.Tensor, calls: list, batch: int) -> dict[
                 norms[key] = piece.norm_sq("auto")
             piece.release()
 
-    sources, source_calls, handles, arrived = [], [], [], set()
+    source_calls, handles, arrived = [], [], set()
     for index, call in enumerate(calls):
-        if not call.input_nodes or len(call.outputs) != 1:
+        edge = call.edges[0]
+        if not call.input_nodes or len(call.edges) != 1 or edge is None:
             # A first layer (its gradient is what the pass returns), or a call with several
             # outputs (all needed at once): their gradients come back from autograd.grad.
-            sources.extend(call.outputs)
             source_calls.append(call)
             continue
 
-        def hook(grad: torch.Tensor, call: Any = call, index: int = index) -> None:
+        def hook(grad_outputs: tuple, call: Any = call, index: int = index, slot: int = edge.output_nr) -> None:
             arrived.add(index)
-            take(call, [grad])
+            take(call, [as_output(grad_outputs[slot], call.shapes[0])])
 
-        handles.append(call.outputs[0].register_hook(hook))
+        # On the node that produced the output (not on the tensor, which a later in-place
+        # operation may have moved to another node): it sees the gradient of the output itself.
+        handles.append(edge.node.register_prehook(hook))
     try:
-        grads = torch.autograd.grad(losses.sum(), sources, retain_graph=True, allow_unused=True) if sources else ()
+        grads = output_grads(losses.sum(), source_calls, retain_graph=True)
     finally:
         for handle in handles:
             handle.remove()
-    at = 0
-    for call in source_calls:
-        count = len(call.outputs)
-        take(call, list(grads[at : at + count]))
-        at += count
+    for call, call_grads in zip(source_calls, grads):
+        take(call, call_grads)
     del grads
     # Calls the pass did not reach (their inputs descend from a leaf that is not a recorded
     # call's output): one more retained pass for them alone.
     missing = [c for i, c in enumerate(calls) if c not in source_calls and i not in arrived]
-    if missing:
-        outs = [c.outputs[0] for c in missing]
-        for call, grad in zip(missing, torch.autograd.grad(losses.sum(), outs, retain_graph=True, allow_unused=True)):
-            take(call, [grad])
+    for call, call_grads in zip(missing, output_grads(losses.sum(), missing, retain_graph=True)):
+        take(call, call_grads)
     for key, sample in shared.items():
         norms[key] = sample.reshape(sample.shape[0], -1).pow(2).sum(1)
     return norms

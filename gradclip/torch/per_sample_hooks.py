@@ -18,27 +18,62 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.autograd.graph import get_gradient_edge
 
 from gradclip._core.errors import InvalidArgumentError
 from gradclip.torch.per_sample_func import floating_outputs
+from gradclip.torch.per_sample_rules import rule_for
 
-__all__ = ["Call", "Recorder", "check_graph"]
+__all__ = ["Call", "Recorder", "as_output", "check_graph", "output_grads"]
 
 
 class Call:
-    """One recorded call of a hooked module."""
+    """One recorded call of a hooked module.
 
-    __slots__ = ("args", "input_leaves", "input_nodes", "kwargs", "outputs", "unit")
+    Its outputs are kept as gradient edges (the autograd node that produced each and the slot),
+    not as tensors: the gradient that reaches an edge is the gradient with respect to the output
+    *as the module returned it*, even when a later in-place operation (``ReLU(inplace=True)``)
+    rewrites the tensor and its ``grad_fn``; and an output that autograd does not save is freed
+    as in plain training instead of living until the backward pass.
+    """
+
+    __slots__ = ("args", "edges", "input_leaves", "input_nodes", "kwargs", "shapes", "unit")
 
     def __init__(self, unit: Any, args: tuple, kwargs: dict, outputs: list[torch.Tensor]):
         self.unit = unit
-        # Detached: the rules only read values; the graph is reached through ``outputs``.
+        # Detached: the rules only read values; the graph is reached through ``edges``.
         self.args = tuple(x.detach() if isinstance(x, torch.Tensor) else x for x in args)
         self.kwargs = {k: (v.detach() if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()}
-        self.outputs = outputs
+        #: One per floating output: its gradient edge, or None for an output without gradient.
+        known = rule_for(unit.module) is not None  # a layer whose forward is known (in any mode)
+        self.edges = [_edge(o, known) for o in outputs]
+        self.shapes = [o.shape for o in outputs]
         tensors = [x for x in (*args, *kwargs.values()) if isinstance(x, torch.Tensor) and x.requires_grad]
         self.input_nodes = [x.grad_fn for x in tensors if x.grad_fn is not None]
         self.input_leaves = [x for x in tensors if x.grad_fn is None]
+
+
+def _edge(out: torch.Tensor, own_base: bool) -> Any:
+    """The gradient edge whose gradient is that of ``out`` as returned (reshaped to its shape).
+
+    An output that is a reshaped view of a tensor the module made (``nn.Linear`` on a 3-D input
+    returns a view of its 2-D matmul) loses its own node if a later operation modifies it in
+    place (autograd rebases the view's history onto its base); the base's edge receives the
+    same gradient either way. Only for the layers with a rule, whose forward makes the base and
+    uses it for nothing else."""
+    if not out.requires_grad:
+        return None
+    base = out._base
+    if (
+        own_base
+        and base is not None
+        and base.grad_fn is not None
+        and base.numel() == out.numel()
+        and base.is_contiguous()
+        and out.is_contiguous()
+    ):
+        return get_gradient_edge(base)
+    return get_gradient_edge(out)
 
 
 class Recorder:
@@ -99,9 +134,9 @@ def check_graph(losses: torch.Tensor, calls: list[Call], tracked: dict[int, str]
     for call in calls:
         if not call.unit.opaque:
             continue
-        for out in call.outputs:
-            if out.grad_fn is not None:
-                jumps.setdefault(out.grad_fn, []).extend(call.input_nodes)
+        for edge in call.edges:
+            if edge is not None:
+                jumps.setdefault(edge.node, []).extend(call.input_nodes)
     stack = [losses.grad_fn]
     seen: set[Any] = set()
     while stack:
@@ -118,7 +153,7 @@ def check_graph(losses: torch.Tensor, calls: list[Call], tracked: dict[int, str]
             offenders.append(tracked[id(variable)])
             continue
         stack.extend(n for n, _ in node.next_functions)
-    reached = [c for c in calls if any(o.grad_fn in seen for o in c.outputs)]
+    reached = [c for c in calls if any(e is not None and e.node in seen for e in c.edges)]
     for call in reached:
         for leaf in call.input_leaves:  # a parameter fed to a module as its input
             if id(leaf) in tracked:
@@ -132,3 +167,17 @@ def check_graph(losses: torch.Tensor, calls: list[Call], tracked: dict[int, str]
             "parameter, which mode='auto' handles) or freeze the parameter. Gradients are unchanged."
         )
     return reached
+
+
+def output_grads(loss: torch.Tensor, calls: list[Call], retain_graph: bool = False) -> list[list[Any]]:
+    """The gradient of ``loss`` with respect to every recorded output, per call (None where the
+    loss does not depend on it), in one backward pass that computes no parameter gradient."""
+    edges = [e for call in calls for e in call.edges if e is not None]
+    grads = iter(torch.autograd.grad(loss, edges, retain_graph=retain_graph, allow_unused=True) if edges else ())
+    return [[None if e is None else as_output(next(grads), shape) for e, shape in zip(call.edges, call.shapes)]
+            for call in calls]
+
+
+def as_output(grad: torch.Tensor | None, shape: torch.Size) -> torch.Tensor | None:
+    """An edge's gradient in the shape of the output it stands for (see :func:`_edge`)."""
+    return grad if grad is None or grad.shape == shape else grad.reshape(shape)
