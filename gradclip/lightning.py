@@ -180,8 +180,11 @@ class GradClipCallback(_Callback):
     def on_before_backward(self, trainer: Any, pl_module: Any, loss: Any) -> None:
         # Under "16-mixed" Lightning hands the hook the scaled loss; the scale does not change
         # before the optimizer step (the scaler updates after it), so it is divided out here.
+        # The scale stays on the device (GradScaler.get_scale() would read it on the host).
         scaler = getattr(getattr(trainer, "precision_plugin", None), "scaler", None)
-        scale = scaler._get_scale_async() if scaler is not None and scaler.is_enabled() else None
+        scale = None
+        if scaler is not None and scaler.is_enabled():
+            scale = getattr(scaler, "_get_scale_async", lambda: getattr(scaler, "_scale", None))()
         self._loss.add(loss, scale)
 
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
@@ -215,7 +218,7 @@ class GradClipCallback(_Callback):
             if layout is not None:
                 clipper.process_group = layout
         info = clipper.clip_(named, loss=loss)
-        self.last_info = self.last_infos[index] = info
+        self.last_info = self.last_infos[index] = info  # kept if the streak raises below
 
         def stop() -> None:
             trainer.should_stop = True
