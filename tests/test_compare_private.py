@@ -82,6 +82,21 @@ def test_epsilon_target_solves_sigma_over_the_runs_steps():
     assert record["private"]["target_epsilon"] == 2.0 and record["delta"] == 1e-4
 
 
+def test_an_epsilon_no_noise_reaches_is_refused_before_anything_runs(nothing_runs):
+    # Rényi DP over Opacus' orders (up to 63) cannot certify ε below about ln(1/δ)/62 ≈ 0.19 at
+    # δ = 1e-5, however large σ; its search gives up with a bare ValueError.
+    with pytest.raises(InvalidArgumentError, match=r"no noise multiplier reaches epsilon=0.05 at delta=1e-05 over 5 steps"):
+        compare("digits", ["global_norm:max_norm=1.0"], seeds=1, steps=5, private="epsilon=0.05")
+
+
+def test_planning_leaves_the_callers_random_state_alone():
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    compare_module.plan_comparison("digits", ["global_norm:max_norm=1.0"], seeds=1, steps=5, private="noise_multiplier=1")
+    assert torch.equal(torch.rand(3), expected)
+
+
 def test_no_noise_is_infinite_epsilon_and_per_example_clipping_alone():
     result = compare("digits", ["global_norm:max_norm=1.0"], seeds=1, steps=10, private="noise_multiplier=0")
     assert math.isinf(result.records[0]["epsilon"])
@@ -204,6 +219,37 @@ class _MeanLosses(_NoTrainingSet):
 def test_a_task_without_per_example_losses_is_refused(task, message, nothing_runs):
     with pytest.raises(TaskError, match=message):
         compare(task, ["global_norm:max_norm=1.0"], seeds=1, steps=5, private="noise_multiplier=1")
+
+
+class _Scale(torch.nn.Module):
+    """A module with a parameter and no dedicated per-example rule (torch.func handles it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(3))
+
+    def forward(self, x):
+        return x * self.weight
+
+
+class _CustomLayer(_MeanLosses):
+    name = "custom-layer"
+
+    def model(self):
+        return torch.nn.Sequential(_Scale(), torch.nn.Linear(3, 2))
+
+    def example_losses(self, model, batch):
+        return torch.nn.functional.cross_entropy(model(batch[0]), batch[1], reduction="none")
+
+
+def test_the_layer_check_uses_the_mode_asked_for(nothing_runs):
+    # mode=auto differentiates _Scale with torch.func; mode=bk has no rule for it.
+    plan = compare_module.plan_comparison(_CustomLayer, ["global_norm:max_norm=1.0"], seeds=1, steps=5,
+                                          private="noise_multiplier=1")
+    assert plan.configs[0].private["mode"] == "auto"
+    with pytest.raises(TaskError, match=r"task 'custom-layer' cannot train privately: 0 \(_Scale\) has trainable "
+                       r"parameters and no per-example rule in mode='bk'"):
+        compare(_CustomLayer, ["global_norm:max_norm=1.0"], seeds=1, steps=5, private="noise_multiplier=1,mode=bk")
 
 
 def test_a_train_function_is_refused(nothing_runs):

@@ -20,8 +20,10 @@ The privacy spec is ``key=value`` pairs, as a clipper spec's parameters:
 * ``mode=auto|bk|ghost|instantiate|vmap`` (:class:`~gradclip.torch.PerSample`'s; default ``auto``);
 * ``batch_size=B`` (default: the task's :attr:`~gradclip.experiments.Task.batch_size`).
 
-One privacy setting per comparison, so the verdict compares clippers at equal privacy; the
-non-private baseline is the same command without ``--private`` (the same model, optimizer, learning
+One privacy setting per comparison, so the verdict compares clippers at equal privacy (its
+best C "in hindsight" is picked on the private data, which each run's ε does not cover: tuning
+spends privacy too, Papernot & Steinke 2022, "Hyperparameter tuning with Rényi differential
+privacy"); the non-private baseline is the same command without ``--private`` (the same model, optimizer, learning
 rate, steps and batch size, with the task's own batches and mean loss), and ``noise_multiplier=0``
 isolates what per-example clipping alone costs. A task trains privately when it declares its
 training set (:meth:`~gradclip.experiments.Task.training_set`) and one loss per example
@@ -197,16 +199,32 @@ def _owner(cls: type, attribute: str) -> type:
     return next(klass for klass in cls.__mro__ if attribute in vars(klass))
 
 
-def _model_refusal(task: Task, name: str) -> None:
-    """Build the task's model and let PerSample check its layers (then take its hooks off)."""
+def _probe(cls: type[Task], options: Mapping[str, Any], mode: str) -> int:
+    """Build the task once (seed 0) and check what private training will need of it: every layer
+    has a per-example rule in ``mode`` (PerSample's hooks go on and off again), a training set,
+    one loss per example. The caller's random state is left as it was.
+
+    Returns:
+        The training set's size N.
+    """
+    import torch
+
     import gradclip
     from gradclip.torch import PerSample
 
-    model = task.model()
-    try:
-        PerSample(model, gradclip.GlobalNorm(1.0)).remove()
-    except InvalidArgumentError as error:
-        raise TaskError(f"task {name!r} cannot train privately: {_reason(error)}") from None
+    name = cls.name
+    with torch.random.fork_rng(devices=[]):  # Task.__init__ seeds torch's global generator
+        task = cls(0, **options)
+        model = task.model()
+        try:
+            PerSample(model, gradclip.GlobalNorm(1.0), mode=mode).remove()
+        except InvalidArgumentError as error:
+            raise TaskError(f"task {name!r} cannot train privately: {_reason(error)}") from None
+        data = _training_set(task, name)
+        examples = len(data[0])
+        with torch.no_grad():
+            _check_losses(name, task.example_losses(model, _rows(data, slice(0, 2))), min(2, examples))
+    return examples
 
 
 def _check_losses(name: str, losses: Any, examples: int) -> None:
@@ -287,10 +305,7 @@ def plan_private(
             f"training set from {examples_from.__name__}.training_set, so Poisson batches of that set would not be "
             f"the data {name!r} trains on; define training_set() (and example_losses()) in {batches.__name__}"
         )
-    task = cls(0, **options)
-    _model_refusal(task, name)
-    data = _training_set(task, name)
-    examples = len(data[0])
+    examples = _probe(cls, options, spec.mode)
     batch = spec.batch_size if spec.batch_size is not None else cls.batch_size
     if batch is None:
         raise TaskError(f"task {name!r} declares no batch_size; give one: private batch_size=B")
@@ -299,10 +314,6 @@ def plan_private(
         raise InvalidArgumentError(
             f"{_WHERE}: batch_size must be at most the training set's {examples} examples (q = B / N <= 1), got {batch}"
         )
-    import torch
-
-    with torch.no_grad():
-        _check_losses(name, task.example_losses(task.model(), _rows(data, slice(0, 2))), min(2, examples))
     delta = spec.delta if spec.delta is not None else min(DEFAULT_DELTA, 1.0 / examples)
     q = batch / examples
     sigma = spec.noise_multiplier
@@ -313,7 +324,15 @@ def plan_private(
             # The bisection probes large σ, where Opacus' RDP orders reach their end and it says
             # so; the σ it returns is accounted with orders to spare.
             warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
-            sigma = noise_multiplier_for(spec.epsilon, delta, q, steps, kind=spec.accountant)
+            try:
+                sigma = noise_multiplier_for(spec.epsilon, delta, q, steps, kind=spec.accountant)
+            except ValueError as error:  # Opacus' search gives up past its largest σ
+                raise InvalidArgumentError(
+                    f"{_WHERE} {spec.text!r}: no noise multiplier reaches epsilon={spec.epsilon:g} at delta={delta:g} "
+                    f"over {steps} steps at q={batch}/{examples} (Opacus: {error}); raise epsilon or delta, or use "
+                    "accountant=prv (the rdp accountant's largest order, 63, puts a floor of about ln(1/delta)/62 "
+                    "under epsilon)"
+                ) from None
     settings = {
         "noise_multiplier": float(sigma),
         "delta": float(delta),
