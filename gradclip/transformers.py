@@ -129,6 +129,8 @@ class GradClipCallback(_TrainerCallback, _ExportableState):
         self.clipper = clipper
         # A clipper checkpoint to load when training begins (set by the Trainer's restore).
         self.clipper_state: dict[str, Any] | None = None
+        # The streak to restore likewise (an int).
+        self.consecutive_skips: int | None = None
         self.monitor = monitor
         self.last_info = None
         self._may_skip = clipper.may_skip
@@ -172,21 +174,26 @@ class GradClipCallback(_TrainerCallback, _ExportableState):
         Returns:
             ``{"args": {"clipper": {"clipper": name, "config": {...}}}, "attributes":
             {"clipper_state": clipper.state_dict()}}`` (plain JSON data); ``args`` also holds
-            ``max_consecutive_skips`` when one is set, so a callback the Trainer rebuilds keeps it.
+            ``max_consecutive_skips`` when one is set, so a callback the Trainer rebuilds keeps it,
+            and ``attributes`` the streak (``"consecutive_skips"``) for a clipper able to skip.
         """
         args: dict[str, Any] = {"clipper": {"clipper": self.clipper.name, "config": self.clipper.config()}}
         if self.max_consecutive_skips is not None:
             args["max_consecutive_skips"] = self.max_consecutive_skips
-        return {"args": args, "attributes": {"clipper_state": self.clipper.state_dict()}}
+        attributes: dict[str, Any] = {"clipper_state": self.clipper.state_dict()}
+        if self._may_skip:
+            attributes["consecutive_skips"] = self.streak.state_dict()
+        return {"args": args, "attributes": attributes}
 
     def _restore(self, state: Any) -> None:
-        """Load the clipper state saved in a resumed checkpoint's ``stateful_callbacks``.
+        """Load the clipper state and streak saved in a resumed checkpoint's ``stateful_callbacks``.
 
         Raises:
             StateError: The saved state does not fit this clipper (another clipper, another
-                configuration, bad values); the clipper is unchanged.
+                configuration, bad values), or the streak is not an int ``>= 0``; nothing is
+                loaded then.
         """
-        saved = self.clipper_state
+        saved, streak = self.clipper_state, self.consecutive_skips
         if saved is None:
             if getattr(state, "global_step", 0) == 0:
                 return  # not a resumed run: the entry is this callback's own state at Trainer creation
@@ -203,10 +210,15 @@ class GradClipCallback(_TrainerCallback, _ExportableState):
                         f"{mine}; resume with the clipper the run was trained with"
                     )
                 return
-            saved = matching[0].get("attributes", {}).get("clipper_state")
-        self.clipper_state = None
+            attributes = matching[0].get("attributes", {})
+            saved, streak = attributes.get("clipper_state"), attributes.get("consecutive_skips")
+        self.clipper_state = self.consecutive_skips = None
+        if streak is not None and (isinstance(streak, bool) or not isinstance(streak, int) or streak < 0):
+            raise StateError(f"GradClipCallback: the checkpoint's consecutive_skips must be an int >= 0, got {streak!r}")
         if saved is not None:
-            self.clipper.load_state_dict(saved)
+            self.clipper.load_state_dict(saved)  # validated whole before anything changes
+        if streak is not None:
+            self.streak.load_state_dict(streak)
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if not self._attached and _watches_loss(self.clipper):

@@ -127,7 +127,8 @@ def test_a_streak_of_max_consecutive_skips_stops_training_with_divergence_error(
         trainer.train()
     assert trainer.control.should_training_stop
     assert caught.value.streak == 2 and len(caught.value.losses) == 2
-    assert all(math.isnan(v) for v in caught.value.losses)
+    # The NaN inputs' losses (SkipStreak keeps NaN for "no value", so it may report them as None).
+    assert all(v is None or math.isnan(v) for v in caught.value.losses)
     assert all(p.isfinite().all() for p in model.parameters())
     assert len(meter.moves) == 3 and meter.moves[2] == 0.0  # steps 0, 1 moved; 2 skipped; 3 raised
 
@@ -143,3 +144,34 @@ def test_a_rebuilt_callback_keeps_max_consecutive_skips():
     state = GradClipCallback(gradclip.ZClip(), max_consecutive_skips=7).state()
     assert GradClipCallback(**state["args"]).max_consecutive_skips == 7
     assert "max_consecutive_skips" not in GradClipCallback(gradclip.ZClip()).state()["args"]
+
+
+@pytest.mark.parametrize("rebuild", [False, True], ids=["this_callback_loads", "trainer_rebuilds"])
+def test_the_streak_survives_resume_from_checkpoint(rebuild, tmp_path):
+    """Non-finite batches from batch 2 on: steps 2 and 3 are skipped before the checkpoint at
+    step 4; the resumed run's first step is the third skipped in a row, which
+    max_consecutive_skips=3 does not let pass (whether this callback or the Trainer's rebuilt
+    one restores the streak)."""
+    def trainer_for(steps):
+        callback = GradClipCallback(gradclip.GlobalNorm(1.0, nonfinite="skip"), max_consecutive_skips=3)
+        trainer = _trainer(_model(), [callback], tmp_path, steps=steps, learning_rate=1e-3, save_strategy="steps",
+                           save_steps=4, restore_callback_states_from_checkpoint=rebuild)
+        return _in_order(trainer, Spiky(nan_from=2)), callback
+
+    first, callback = trainer_for(4)
+    first.train()
+    assert callback.streak.state_dict() == 2
+    resumed, _ = trainer_for(6)
+    with pytest.raises(gradclip.DivergenceError, match="3 optimizer steps in a row"):
+        resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-4"))
+    assert resumed.state.global_step == 4  # the first resumed step raised
+
+
+def test_a_bad_streak_in_a_checkpoint_is_refused_and_nothing_is_loaded(tmp_path):
+    callback = GradClipCallback(gradclip.ZClip(nonfinite="skip"))
+    callback.clipper_state = gradclip.ZClip(nonfinite="skip").state_dict()
+    callback.consecutive_skips = -1
+    with pytest.raises(gradclip.StateError, match=r"consecutive_skips must be an int >= 0, got -1"):
+        callback._restore(SimpleNamespace(global_step=3))
+    assert callback.streak.state_dict() == 0
+
