@@ -109,6 +109,15 @@ def test_the_clippers_default_to_ones_dp_sgd_accepts():
     assert all(config.private["noise_multiplier"] == 1.0 for config in plan.configs)
 
 
+def test_the_spec_may_be_a_mapping_of_the_same_keys():
+    text = compare_module.plan_comparison("digits", ["norm:max_norm=0.5"], seeds=1, steps=5,
+                                          private="noise_multiplier=0.8,delta=1e-6,accountant=prv")
+    mapping = compare_module.plan_comparison("digits", ["norm:max_norm=0.5"], seeds=1, steps=5,
+                                             private={"accountant": "prv", "delta": 1e-6, "noise_multiplier": 0.8})
+    assert text.configs[0].private == mapping.configs[0].private
+    assert text.configs[0].private["accountant"] == "prv" and text.configs[0].private["delta"] == 1e-6
+
+
 def test_the_non_private_baseline_is_the_same_comparison_without_private():
     plan = compare_module.plan_comparison("digits", ["global_norm:max_norm=1.0"], seeds=1, steps=5)
     assert plan.configs[0].private is None and "private" not in plan.configs[0].public()
