@@ -12,10 +12,10 @@ optimizer), and records the ε spent at δ (Opacus' accountant) in every run's r
 The privacy spec is ``key=value`` pairs, as a clipper spec's parameters:
 
 * ``noise_multiplier=σ`` (``>= 0``; 0 clips per example without noise: ε is infinite), or
-  ``epsilon=ε`` (``> 0``): the σ that spends exactly ε over the run's steps
+  ``epsilon=ε`` (``> 0``): the σ that spends at most ε, within 0.01, over the run's steps
   (:func:`~gradclip.torch.accounting.noise_multiplier_for`), solved once for every run;
 * ``delta=δ`` in ``(0, 1)`` (default: ``1e-5``, or ``1/N`` when the training set is larger than
-  100,000 examples, so δ stays at most the chance of leaking one example);
+  100,000 examples: a δ above 1/N would allow leaking one whole example);
 * ``accountant=rdp|prv|gdp`` (default ``rdp``, Opacus' default);
 * ``mode=auto|bk|ghost|instantiate|vmap`` (:class:`~gradclip.torch.PerSample`'s; default ``auto``);
 * ``batch_size=B`` (default: the task's :attr:`~gradclip.experiments.Task.batch_size`).
@@ -23,9 +23,9 @@ The privacy spec is ``key=value`` pairs, as a clipper spec's parameters:
 One privacy setting per comparison, so the verdict compares clippers at equal privacy (its
 best C "in hindsight" is picked on the private data, which each run's ε does not cover: tuning
 spends privacy too, Papernot & Steinke 2022, "Hyperparameter tuning with Rényi differential
-privacy"); the non-private baseline is the same command without ``--private`` (the same model, optimizer, learning
-rate, steps and batch size, with the task's own batches and mean loss), and ``noise_multiplier=0``
-isolates what per-example clipping alone costs. A task trains privately when it declares its
+privacy"); the non-private baseline is the same command without ``--private`` (the same model,
+optimizer, learning rate, steps and batch size, with the task's own batches and mean loss), and
+``noise_multiplier=0`` isolates what per-example clipping alone costs. A task trains privately when it declares its
 training set (:meth:`~gradclip.experiments.Task.training_set`) and one loss per example
 (:meth:`~gradclip.experiments.Task.example_losses`).
 
