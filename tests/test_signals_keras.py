@@ -66,12 +66,12 @@ def _loss_spike_clipper():
 
 
 # -- the loss ------------------------------------------------------------------------------------
-@pytest.mark.parametrize("eager", [False, True], ids=["compiled", "eager"])
-def test_a_loss_spike_skips_that_batch_in_fit(eager):
+@pytest.mark.parametrize("mode", [{"jit_compile": True}, {"jit_compile": False}, {"run_eagerly": True}], ids=["xla", "tf_function", "eager"])
+def test_a_loss_spike_skips_that_batch_in_fit(mode):
     x, y = _data(spike_at=4)
     optimizer = ClippingOptimizer(keras.optimizers.SGD(0.01), _loss_spike_clipper())
     batches = Batches(x, y)
-    _model(optimizer, run_eagerly=eager).fit(x, y, batch_size=BATCH, shuffle=False, verbose=0, callbacks=[batches])
+    _model(optimizer, **mode).fit(x, y, batch_size=BATCH, shuffle=False, verbose=0, callbacks=[batches])
     assert batches.moved == [True, True, True, True, False, True]
     # The losses the clipper recorded (its window keeps the accepted ones, in order) are those
     # of each batch at the weights it started from: the current step's, not the previous one's.
