@@ -185,5 +185,7 @@ def settle(ops: Ops, coef: Any, finite: Any, policy: str) -> tuple[Any, Any]:
     one = ops.scalar(1.0, accumulation(coef))
     coef = ops.where(finite, coef, one)
     # Only what the policy needs: every scalar operation is a kernel launch on a GPU.
-    skip = ops.any(~finite) if policy == "skip" else ops.scalar(False, "bool")
-    return coef, skip
+    if policy != "skip":
+        return coef, ops.scalar(False, "bool")
+    # A 0-d flag is its own any().
+    return coef, ~finite if getattr(finite, "ndim", None) == 0 else ops.any(~finite)

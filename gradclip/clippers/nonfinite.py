@@ -102,22 +102,22 @@ class NonFinite(Clipper):
         norm = ops.global_norm(grads, 2.0)
         if self.policy == "raise":
             raise_if_nonfinite(ops, grads, norm, names, "NonFinite")
-        finite = ops.isfinite(norm)
+        finite = ops.finite_norm(norm)
         return Measured(grads, None, norm, finite, finite, 2.0, names, params)
 
     def decide(self, ops, measured: Measured, state, signals=NO_SIGNALS):
         norm, finite = measured.norm, measured.finite
-        bad = ops.cast(~finite, "int64")
-        consecutive = ops.where(finite, state.consecutive * 0, state.consecutive + 1)
-        total = state.total + bad
+        bad = ~finite
+        consecutive = ops.where(finite, ops.scalar(0, "int64"), state.consecutive + 1)
+        total = ops.count_up(state.total, bad)
         acc = accumulation(norm)
         one = ops.scalar(1.0, acc)
         no = ops.scalar(False, "bool")
         skip, clipped = no, no
         if self.policy == "zero":
-            clipped = ~finite
+            clipped = bad
         elif self.policy == "skip":
-            skip = ~finite
+            skip = bad
             if self.max_consecutive is not None:
                 skip = skip & (consecutive <= self.max_consecutive)
         threshold = ops.scalar(math.inf, acc)
