@@ -260,6 +260,58 @@ def test_clipped_optimizer_step_under_inductor_folded():
         _assert_params_close(models[1], models[0])
 
 
+@pytest.mark.parametrize("clipper", ["global_norm", "skip_above"])
+def test_compiled_fold_and_skip_reach_the_fused_kernel(clipper):
+    """Regression: dynamo drops attribute writes on optimizers inside a traced frame, so a
+    compiled folded step once applied no clip coefficient (Adam's scale invariance hid it) and a
+    compiled skip stepped anyway. With plain fused SGD the update is lr * the folded gradient:
+    its norm is exactly lr * max_norm after a clip, and 0 after a skip."""
+    model = _model()
+    make = gradclip.GlobalNorm(1.0) if clipper == "global_norm" else gradclip.SkipAbove(1.0)
+    opt = gct.ClippedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1, fused=True), make, fold=True)
+    step = torch.compile(opt.step, backend=CompileCounter())
+    for i in range(4):
+        _set_grads(i, model)
+        before = [p.detach().clone() for p in model.parameters()]
+        step()
+        assert opt.folded and float(opt.last_info.norm) > 1.0
+        moved = torch.linalg.vector_norm(torch.cat([(p - b).reshape(-1) for p, b in zip(model.parameters(), before)]))
+        expected = 0.0 if clipper == "skip_above" else 0.1
+        assert float(moved) == pytest.approx(expected, rel=1e-5, abs=1e-7)
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["fold_off", "fold_on"])
+def test_clipped_optimizer_step_with_loss_and_streak_compiles_once(fused):
+    """Issue 17's signals inside a compiled step: ``step(loss=...)`` reaching a loss-watching
+    SkipOnSpike, and the skip streak of ``max_consecutive_skips``, give the eager results (the
+    same skips and counts), and after two steps the other 50 compile nothing. The streak's bound
+    is one host read per step (a graph break, not a recompile)."""
+    options = {"fused": True} if fused else {"foreach": True}
+    models = _model(), _model()
+
+    def wrap(model):
+        clipper = gradclip.SkipOnSpike(signal="loss", min_history=3)
+        inner = torch.optim.AdamW(model.parameters(), lr=1e-2, **options)
+        return gct.ClippedOptimizer(inner, clipper, max_consecutive_skips=STEPS)
+
+    eager, opt = wrap(models[0]), wrap(models[1])
+    counter = CompileCounter()
+    step = torch.compile(opt.step, backend=counter)
+    skips = 0
+    for i in range(STEPS):
+        _set_grads(i, *models)
+        loss = torch.tensor(100.0 if i % 7 == 6 else 1.0 + 0.01 * i)  # a loss spike every 7th step
+        eager.step(loss=loss)
+        step(loss=loss.clone())
+        _assert_equal(opt.last_info, eager.last_info)
+        _assert_params_close(models[1], models[0])
+        skips += int(opt.last_info.skip)
+        if i == 1:
+            after_two = counter.frame_count
+    assert skips >= 5  # the spikes after the window filled were skipped
+    assert counter.frame_count == after_two
+
+
 # -- bad input inside a compiled region -----------------------------------------------------------
 
 

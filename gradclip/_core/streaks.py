@@ -17,7 +17,7 @@ its caller skipped, so its :class:`~gradclip.ClipInfo` has ``consecutive_skips=N
 
 from __future__ import annotations
 
-from collections import deque
+import math
 from typing import Any
 
 from gradclip._core.errors import DivergenceError, StateError
@@ -44,8 +44,11 @@ class SkipStreak:
         self.where = where
         self._count: Any = None
         self._host_count = 0  # the count as last read on the host (checkpoints, messages)
-        # The norms and losses of the current streak's steps (arrays; read only to raise).
-        self._recent: deque[tuple[Any, Any]] = deque(maxlen=max_consecutive_skips or 1)
+        # With a bound: the norms and losses of the last max_consecutive_skips steps, oldest
+        # first, as two fixed-shape 1-D arrays on the device (NaN: no value). Fixed shapes, not a
+        # growing list, so a compiled step sees the same types every step and never recompiles.
+        self._norms: Any = None
+        self._losses: Any = None
 
     @property
     def count(self) -> Any:
@@ -58,7 +61,7 @@ class SkipStreak:
         Args:
             ops: The gradients' backend (``gradclip._core.ops.Ops``).
             info: The step's ClipInfo; ``info.skip`` says whether the step was skipped.
-            loss: The step's loss (kept for the error message), or None.
+            loss: The step's loss (kept for the error message, with a bound only), or None.
             may_skip: False when the clipper can never skip: the count stays 0 and the bound
                 is not checked (no host read).
 
@@ -77,22 +80,34 @@ class SkipStreak:
             count = ops.where(ops.cast(info.skip, "bool"), previous + 1, zero)
         self._count = count
         info = info._replace(consecutive_skips=count)
-        if not may_skip:
-            self._recent.clear()
+        if not may_skip or self.max_consecutive_skips is None:
             return info
-        # A loss with autograd history would keep the step's whole graph alive: keep the value.
-        self._recent.append((info.norm, loss.detach() if hasattr(loss, "detach") else loss))
-        if self.max_consecutive_skips is not None:
-            streak = int(ops.to_host(count))
-            self._host_count = streak
-            if streak >= self.max_consecutive_skips:
-                raise self._error(ops, streak)
+        self._remember(ops, info.norm, loss)
+        streak = int(ops.to_host(count))
+        self._host_count = streak
+        if streak >= self.max_consecutive_skips:
+            raise self._error(ops, streak)
         return info
 
+    def _remember(self, ops: Any, norm: Any, loss: Any) -> None:
+        """Shift this step's norm and loss into the fixed-length history (no host read)."""
+        if self._norms is None:
+            empty = [math.nan] * self.max_consecutive_skips
+            self._norms, self._losses = ops.array(empty, "float32"), ops.array(empty, "float32")
+        if loss is None:
+            loss = ops.scalar(math.nan)
+        elif isinstance(loss, (int, float)):
+            loss = ops.scalar(float(loss))
+        else:
+            # A loss with autograd history would keep the step's whole graph alive: keep the value.
+            loss = ops.cast(loss.detach() if hasattr(loss, "detach") else loss, "float32")
+        self._norms = ops.flat_concat([self._norms[1:], ops.cast(norm, "float32")])
+        self._losses = ops.flat_concat([self._losses[1:], loss])
+
     def _error(self, ops: Any, streak: int) -> DivergenceError:
-        recent = list(self._recent)[-streak:]
-        norms = [float(ops.to_host(norm)) for norm, _ in recent]
-        losses = [None if loss is None else float(loss.item() if hasattr(loss, "item") else loss) for _, loss in recent]
+        shown = min(streak, self.max_consecutive_skips)
+        norms = [float(v) for v in ops.to_list(self._norms)[-shown:]]
+        losses = [None if math.isnan(v) else float(v) for v in ops.to_list(self._losses)[-shown:]]
         shown_losses = ", ".join("-" if v is None else f"{v:.6g}" for v in losses)
         return DivergenceError(
             f"{self.where}: {streak} optimizer steps in a row were skipped "
@@ -107,7 +122,7 @@ class SkipStreak:
     def reset(self) -> None:
         """Forget the streak (after a restart from a checkpoint the user chose to roll back to)."""
         self._count, self._host_count = None, 0
-        self._recent.clear()
+        self._norms = self._losses = None
 
     # -- checkpoints ---------------------------------------------------------------------------
     def state_dict(self) -> int:
@@ -125,4 +140,4 @@ class SkipStreak:
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise StateError(f"{self.where}: the checkpoint's consecutive_skips must be an int >= 0, got {value!r}")
         self._count, self._host_count = None, value
-        self._recent.clear()
+        self._norms = self._losses = None

@@ -73,7 +73,10 @@ Stability policies
 
 Compiled steps: ``torch.compile(opt.step)`` compiles the clip (or the fold) with the step; torch's
 optimizers break the graph inside their own ``step()`` by design, and the clip adds no break of
-its own. With ``accumulation_steps=k`` each micro-batch count compiles once (the count is a Python
+its own, except where it hands a fused optimizer its ``grad_scale``/``found_inf`` (fold, or a skip
+on the device): those attribute writes run outside the trace, because dynamo drops writes made on
+an optimizer inside one (a fused step compiled with them traced applied no clip and no skip;
+``tests/test_compile.py`` checks the update itself). With ``accumulation_steps=k`` each micro-batch count compiles once (the count is a Python
 number the step branches on). The counters live in a plain object, not on this optimizer: dynamo
 models ``torch.optim.Optimizer`` instances specially and drops attribute writes made on them.
 
@@ -284,7 +287,10 @@ class ClippedOptimizer(torch.optim.Optimizer):
     def __repr__(self) -> str:
         return (
             f"ClippedOptimizer({self.optimizer!r}, clipper={self.clipper!r}, "
-            f"fold={self.fold!r}, accumulation_steps={self.accumulation_steps})"
+            f"fold={self.fold!r}, accumulation_steps={self.accumulation_steps}"
+            + (f", max_consecutive_skips={self.max_consecutive_skips}" if self.max_consecutive_skips is not None else "")
+            + (f", update_clipper={self.update_clipper!r}" if self.update_clipper is not None else "")
+            + ")"
         )
 
     def add_param_group(self, param_group: dict[str, Any], clipper: Any = _UNSET) -> None:

@@ -91,10 +91,10 @@ def set_step_flags(
     undo with :func:`clear_step_flags` after the step (in a ``finally``).
 
     Without a GradScaler the attributes are set on the optimizer now (combined with any already
-    there): plain attribute writes, which ``torch.compile`` traces (no context manager around
-    the step either: torch's optimizers break the graph inside their step, which dynamo cannot
-    do inside a generator context manager). ``GradScaler.step`` sets its own
-    ``grad_scale``/``found_inf`` just before it calls the step, so with ``through_scaler`` a step
+    there): plain attribute writes, made outside any ``torch.compile`` trace (see
+    ``_set_step_flags``; no context manager around the step either: torch's optimizers break the
+    graph inside their step, which dynamo cannot do inside a generator context manager).
+    ``GradScaler.step`` sets its own ``grad_scale``/``found_inf`` just before it calls the step, so with ``through_scaler`` a step
     pre-hook combines them with these at that moment; the attributes it creates are removed
     after the step, as ``GradScaler`` does.
 
@@ -102,7 +102,17 @@ def set_step_flags(
         None when there is nothing to set, else the record :func:`clear_step_flags` takes.
     """
     if divisor is None and skip is None:
-        return None
+        return None  # nothing to write: no graph break either
+    return _set_step_flags(optimizer, divisor, skip, through_scaler)
+
+
+# The writes run outside any torch.compile trace (a graph break each): dynamo models torch
+# optimizers specially and silently drops attribute writes made on them inside a traced frame, so
+# a traced ``optimizer.grad_scale = ...`` never reached the fused kernel: a compiled, folded step
+# applied no clip coefficient and a skipped one stepped anyway. Run eagerly, the writes are real
+# and the compiled optimizer step reads them (and guards on them) like any attribute.
+@torch.compiler.disable
+def _set_step_flags(optimizer: Any, divisor: Any, skip: Any, through_scaler: bool) -> StepFlags:
     if not through_scaler:
         previous = {name: optimizer.__dict__.get(name) for name in ("grad_scale", "found_inf")}
         _combine(optimizer, divisor, skip)
@@ -118,8 +128,12 @@ def set_step_flags(
 def clear_step_flags(optimizer: torch.optim.Optimizer, flags: StepFlags | None) -> None:
     """Put the optimizer's ``grad_scale``/``found_inf`` back as they were before
     :func:`set_step_flags`."""
-    if flags is None:
-        return
+    if flags is not None:
+        _clear_step_flags(optimizer, flags)
+
+
+@torch.compiler.disable  # see _set_step_flags
+def _clear_step_flags(optimizer: Any, flags: StepFlags) -> None:
     if flags.handle is not None:
         flags.handle.remove()
         for name in flags.created:
