@@ -56,6 +56,8 @@ class Ops:
     ``context()``               a null context
     ``global_norm``             ``combine_norms(norms(grads))``
     ``clip_coefficient``        the generic ``where`` formula (torch overrides it, fewer kernels)
+    ``count_up`` and the like   compositions of the primitives above (``abs``, ``clamp_values``,
+                                ``ratio_or_one``, ``count_at_most``; torch: one kernel each)
     ``unit_totals``             the local sum of each value vector (nothing to reduce)
     ``world_size()``            1
     ``finish_info(info)``       ``info`` unchanged
