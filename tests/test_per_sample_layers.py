@@ -195,3 +195,16 @@ def test_per_layer_norm_clipper(mode):
     total = torch.cat([g.flatten(1) for g in ref.values()], 1).norm(dim=1)
     torch.testing.assert_close(info.norm, total, rtol=1e-10, atol=1e-10)
     assert info.coef.shape == (4,) and bool((info.coef < 1).all())
+
+
+CHUNKED = [c for c in CASES if c[0] in ("conv2d", "conv1d-ghost", "layernorm", "inplace-after")]
+
+
+@pytest.mark.parametrize("case", CHUNKED, ids=[c[0] for c in CHUNKED])
+def test_rules_one_chunk_of_examples_at_a_time(case, monkeypatch):
+    # Patches and recomputed normalizations are built a chunk of examples at a time to bound
+    # memory; with one example per chunk the results are the same.
+    from gradclip.torch import per_sample_rules
+
+    monkeypatch.setattr(per_sample_rules, "_CHUNK_ELEMENTS", 1)
+    test_rule_matches_torch_func_fp64(case, "bk")

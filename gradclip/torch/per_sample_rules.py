@@ -27,6 +27,7 @@ Every rule here is checked against ``torch.func`` per-example gradients in fp64
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -41,6 +42,22 @@ __all__ = ["ConvWeight", "Direct", "Outer", "Rows", "contributions", "ghost_chea
 def _wide(x: torch.Tensor) -> torch.Tensor:
     """Half-precision values are widened: per-example norms accumulate in fp32 (DESIGN rule 2)."""
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+#: Elements of the largest full-size temporary a rule makes at once (unfolded patches, a
+#: recomputed normalization and its product with the output gradient): 1 MiB in fp32. Such
+#: temporaries are built a chunk of examples at a time, so a layer's per-example work adds a
+#: bounded amount to the backward pass's peak memory (ghost mode takes norms while the whole
+#: graph is retained).
+_CHUNK_ELEMENTS = 1 << 18
+
+
+def _chunks(x: torch.Tensor, elements_per_example: int | None = None) -> list[slice]:
+    """Slices of the batch (dim 0 of ``x``) whose temporaries hold about ``_CHUNK_ELEMENTS``."""
+    batch = x.shape[0]
+    per = elements_per_example if elements_per_example is not None else x[0].numel()
+    step = max(1, _CHUNK_ELEMENTS // max(per, 1))
+    return [slice(i, i + step) for i in range(0, batch, step)]
 
 
 def _sq_norms(samples: torch.Tensor) -> torch.Tensor:
@@ -286,26 +303,28 @@ class ConvWeight:
 
     def __init__(self, module: nn.modules.conv._ConvNd, a: torch.Tensor, g: torch.Tensor):
         self.module, self.param, self.a, self.g = module, module.weight, a, g
-        self._outer: Outer | None = None
         self._samples: torch.Tensor | None = None
 
-    def _as_outer(self) -> Outer:
-        if self._outer is None:
-            m, b, groups = self.module, self.a.shape[0], self.module.groups
-            patches = _unfold(m, self.a)  # (B, C_in K, L)
+    def _outers(self) -> Iterator[Outer]:
+        """:class:`Outer` over the unfolded patches, one chunk of examples at a time."""
+        m, groups = self.module, self.module.groups
+        patch_elements = self.param[0].numel() * groups * math.prod(self.g.shape[2:])  # C_in K L
+        for rows in _chunks(self.a, patch_elements):
+            a, g = self.a[rows], self.g[rows]
+            b = a.shape[0]
+            patches = _unfold(m, a)  # (b, C_in K, L)
             length = patches.shape[-1]
             # Transposed views, no copies: the batched matmuls read them with strides.
-            patches = patches.view(b, groups, -1, length).transpose(2, 3)  # (B, G, L, C_in/G K)
-            gg = self.g.reshape(b, groups, m.out_channels // groups, -1).transpose(2, 3)  # (B, G, L, C_out/G)
-            self._outer = Outer(self.param, gg, patches)
-        return self._outer
+            patches = patches.view(b, groups, -1, length).transpose(2, 3)  # (b, G, L, C_in/G K)
+            gg = g.reshape(b, groups, m.out_channels // groups, -1).transpose(2, 3)  # (b, G, L, C_out/G)
+            yield Outer(self.param, gg, patches)
 
     def norm_sq(self, how: str = "auto") -> torch.Tensor:
         m = self.module
         t = math.prod(self.g.shape[2:])
         p, d = m.out_channels // m.groups, self.param[0].numel()
         if how == "ghost" or (how == "auto" and ghost_cheaper(t, p, d)):
-            return self._as_outer().norm_sq("ghost")
+            return torch.cat([outer.norm_sq("ghost") for outer in self._outers()])
         return _sq_norms(self.grad_sample())
 
     def grad_sample(self) -> torch.Tensor:
@@ -314,8 +333,7 @@ class ConvWeight:
             if m.in_channels // m.groups >= _FOLD_MIN_CHANNELS and math.prod(m.kernel_size) > 1:
                 self._samples = _conv_weight_grad(m, _wide(self.a), _wide(self.g), per_example=True)
             else:
-                self._samples = self._as_outer().grad_sample()
-            self._outer = None  # the patches are no longer needed
+                self._samples = torch.cat([outer.grad_sample() for outer in self._outers()])
         return self._samples
 
     def weighted(self, c: torch.Tensor) -> torch.Tensor:
@@ -325,7 +343,7 @@ class ConvWeight:
         return _conv_weight_grad(self.module, self.a, g, per_example=False)
 
     def release(self) -> None:
-        self.a = self.g = self._outer = self._samples = None  # type: ignore[assignment]
+        self.a = self.g = self._samples = None  # type: ignore[assignment]
 
 
 def _conv(m: nn.modules.conv._ConvNd, a: torch.Tensor, g: torch.Tensor) -> list[Any]:
@@ -344,10 +362,11 @@ def _conv(m: nn.modules.conv._ConvNd, a: torch.Tensor, g: torch.Tensor) -> list[
     return out
 
 
-def _affine(m: nn.Module, normalized: torch.Tensor, g: torch.Tensor, keep: int) -> list[Any]:
+def _affine(m: nn.Module, normalize: Any, a: torch.Tensor, g: torch.Tensor, keep: int) -> list[Any]:
     """Weight and bias of a normalization layer: ``Σ g·x̂`` and ``Σ g`` over the dims that the
     affine parameters broadcast across (all but the batch and the ``keep`` trailing ones, or the
-    channel dim for GroupNorm: ``keep = -1``)."""
+    channel dim for GroupNorm: ``keep = -1``). ``x̂ = normalize(a)`` is recomputed a chunk of
+    examples at a time (each example is normalized on its own)."""
     if keep == -1:  # GroupNorm: parameters per channel, dim 1
         dims = tuple(range(2, g.dim()))
     else:
@@ -355,26 +374,26 @@ def _affine(m: nn.Module, normalized: torch.Tensor, g: torch.Tensor, keep: int) 
     out: list[Any] = []
     weight, bias = getattr(m, "weight", None), getattr(m, "bias", None)
     if _trainable(weight):
-        prod = _wide(g) * _wide(normalized)
-        out.append(Direct(weight, prod.sum(dims) if dims else prod))
+        sums = []
+        for rows in _chunks(a):
+            prod = _wide(g[rows]) * _wide(normalize(a[rows]))
+            sums.append(prod.sum(dims) if dims else prod)
+        out.append(Direct(weight, torch.cat(sums)))
     if _trainable(bias):
         out.append(Direct(bias, _wide(g).sum(dims) if dims else _wide(g)))
     return out
 
 
 def _layer_norm(m: nn.LayerNorm, a: torch.Tensor, g: torch.Tensor) -> list[Any]:
-    normalized = F.layer_norm(a, m.normalized_shape, None, None, m.eps)
-    return _affine(m, normalized, g, len(m.normalized_shape))
+    return _affine(m, lambda x: F.layer_norm(x, m.normalized_shape, None, None, m.eps), a, g, len(m.normalized_shape))
 
 
 def _rms_norm(m: nn.Module, a: torch.Tensor, g: torch.Tensor) -> list[Any]:
-    normalized = F.rms_norm(a, m.normalized_shape, None, m.eps)
-    return _affine(m, normalized, g, len(m.normalized_shape))
+    return _affine(m, lambda x: F.rms_norm(x, m.normalized_shape, None, m.eps), a, g, len(m.normalized_shape))
 
 
 def _group_norm(m: nn.GroupNorm, a: torch.Tensor, g: torch.Tensor) -> list[Any]:
-    normalized = F.group_norm(a, m.num_groups, None, None, m.eps)
-    return _affine(m, normalized, g, -1)
+    return _affine(m, lambda x: F.group_norm(x, m.num_groups, None, None, m.eps), a, g, -1)
 
 
 _RULES: dict[type, Any] = {
