@@ -15,7 +15,8 @@ on every rank and counted locally.
   slice (empty, or None, where the rank holds none of it). Its whole norm is the sum of its
   pieces over the shard group: each gets a *slot* in the group's per-tensor vector (see
   :mod:`gradclip.backends.torch_groups`), so ``Norm``, ``AdaGC`` and ``BlockRMS`` see the whole
-  tensors' norms on every rank.
+  tensors' norms on every rank. A piece may cut rows: unit-wise ``AGC`` gets each row's norm
+  from per-row partial sums over the shard group (:mod:`gradclip.backends.torch_fsdp_units`).
 
 :func:`implied_group` is called by ``Clipper.clip_``-style entry points with the target they
 were given; it costs one ``sys.modules`` lookup when FSDP is not imported.
@@ -25,15 +26,30 @@ from __future__ import annotations
 
 import sys
 import weakref
-from itertools import repeat
 from collections.abc import Sequence
+from itertools import repeat
 from typing import Any
 
 import torch
 
 from gradclip._core.contract import Coefficient
-from gradclip._core.errors import InvalidArgumentError
-from gradclip.backends.torch_groups import Assign, Assigner, group_label, local_assign
+from gradclip._core.errors import BackendError, InvalidArgumentError
+from gradclip.backends.torch_dtensor import _sum_, _unit_count, is_dtensor
+from gradclip.backends.torch_fsdp_units import (
+    Piece,
+    owned_sums,
+    per_element,
+    piece_of,
+    unit_sums,
+    units_of,
+)
+from gradclip.backends.torch_groups import (
+    Assign,
+    Assigner,
+    assigned_totals,
+    group_label,
+    local_assign,
+)
 
 __all__ = ["FSDPLayout", "fsdp_layout", "implied_group", "needs_whole_tensors"]
 
@@ -65,6 +81,12 @@ class FSDPLayout(Assigner):
         self.has_flat = False
         #: (handle, first slot): original parameters' slots in their group's vector.
         self._first: list[int] = []
+        #: Per shard group, how many units (AGC's rows) its original parameters have, and per
+        #: handle the index of its first unit in that group's unit vector (-1: not views).
+        self.units: dict[Any, int] = {}
+        self._first_unit: list[int] = []
+        #: Whether some original parameters have (multi-dimensional) shapes their views lose.
+        self.cut_shapes = False
         for handle in self.handles:
             group = handle.process_group if handle.uses_sharded_strategy else None
             if group is not None and group not in self.total_groups:
@@ -75,9 +97,15 @@ class FSDPLayout(Assigner):
                     self.slots[group] = 0
                 self._first.append(self.slots[group])
                 self.slots[group] += len(handle.flat_param._params)
+                self._first_unit.append(self.units.get(group, 0))
+                self.units[group] = self._first_unit[-1] + sum(map(units_of, handle.flat_param._shapes))
+                self.cut_shapes = self.cut_shapes or any(len(shape) >= 2 for shape in handle.flat_param._shapes)
             else:
                 self.has_flat = self.has_flat or not handle._use_orig_params
                 self._first.append(-1)
+                self._first_unit.append(-1)
+        # Unit-wise statistics of views are formed here (unit_norms, unit_totals).
+        self.forms_units = bool(self.shard_groups)
 
     def _table(self) -> dict[int, Assign]:
         table: dict[int, Assign] = {}
@@ -103,26 +131,124 @@ class FSDPLayout(Assigner):
 
     def refuse_per_tensor(self, clipper: Any, grads: Sequence[torch.Tensor], where: str) -> None:
         """Raise before anything is clipped when ``clipper`` needs whole tensors and a gradient
-        is a flat slice.
+        is a flat slice, or forms units other than rows from views that lost their shapes.
 
         Raises:
-            InvalidArgumentError: Naming the flat parameter, its group and the clipper.
+            InvalidArgumentError: Naming the flat parameter, its group and the clipper (or the
+                unit axis that views cannot give).
         """
-        if not self.has_flat:
-            return
         needs = needs_whole_tensors(clipper)
         if needs is None:
             return
+        if self.cut_shapes:
+            for found in _walk(needs):
+                axis = found.config().get("axis") if found.coefficient == Coefficient.PER_UNIT else None
+                if axis not in (None, 0, (0,)):
+                    raise InvalidArgumentError(
+                        f"{where}: {found!r} forms units along axis={axis!r}, but under FSDP1 with "
+                        "use_orig_params=True each rank holds 1-D pieces of the parameters flattened "
+                        "row by row: only rows (axis=None, the default) can be formed from them. "
+                        "Nothing was clipped."
+                    )
+        if not self.has_flat:
+            return
         for a in self.assign(grads, where):
             if a.flat:
+                kind = "per unit (rows)" if needs.coefficient == Coefficient.PER_UNIT else "per tensor"
                 raise InvalidArgumentError(
-                    f"{where}: {needs!r} works per tensor, but {a.name} is an FSDP1 flat parameter "
+                    f"{where}: {needs!r} works {kind}, but {a.name} is an FSDP1 flat parameter "
                     f"({'sharded over the ' + group_label(a.total) if a.total is not None else 'NO_SHARD, whole on this rank'}; "
-                    "use_orig_params=False): it concatenates several parameters. "
-                    "pieces of several parameters. Wrap with FullyShardedDataParallel(..., "
-                    "use_orig_params=True), use FSDP2 (fully_shard), or a global-norm clipper. "
-                    "Nothing was clipped."
+                    "use_orig_params=False): it concatenates pieces of several parameters. Wrap with "
+                    "FullyShardedDataParallel(..., use_orig_params=True), use FSDP2 (fully_shard), "
+                    "or a global-norm clipper. Nothing was clipped."
                 )
+
+    # -- unit-wise statistics of views (AGC) ------------------------------------------------------
+    def _pieces(self) -> dict[int, Piece]:
+        """This rank's :class:`Piece` of every original parameter of the sharded
+        ``use_orig_params=True`` units, keyed by the id of the parameter and of its gradient."""
+        pieces: dict[int, Piece] = {}
+        for handle, unit in zip(self.handles, self._first_unit):
+            if unit < 0:
+                continue
+            flat = handle.flat_param
+            for param, fqn, shape, info in zip(flat._params, flat._fqns, flat._shapes, flat._shard_param_infos):
+                start, length = (info.intra_param_start_idx, info.numel_in_shard) if info.in_shard else (None, None)
+                piece = pieces[id(param)] = piece_of(handle.process_group, unit, shape, start, length, fqn)
+                if param.grad is not None:
+                    pieces[id(param.grad)] = piece
+                unit += units_of(shape)
+        return pieces
+
+    def _whole_or_refuse(self, arrays: Sequence[torch.Tensor], pieces: dict[int, Piece], where: str) -> list[int]:
+        """Indices of the arrays whole on this rank; raise for a DTensor or a flat shard."""
+        flat = {key for key, a in self._table().items() if a.flat}
+        whole = []
+        for i, array in enumerate(arrays):
+            if id(array) in pieces:
+                continue
+            if is_dtensor(array) or id(array) in flat:
+                what = "a DTensor" if is_dtensor(array) else "an FSDP1 flat parameter shard"
+                raise BackendError(
+                    f"{where}: unit-wise clipping (AGC) of gradient #{i}, {what}, under an FSDP1 "
+                    "layout is not supported (rows are formed for use_orig_params=True views only); "
+                    "use a global-norm or per-tensor clipper here. Nothing was clipped."
+                )
+            whole.append(i)
+        return whole
+
+    def unit_norms(self, ops: Any, arrays: Sequence[torch.Tensor], axes: Sequence[Any], where: str) -> list[torch.Tensor]:
+        """``Ops.unit_norms`` under this layout: whole tensors' units locally; each view's rows
+        from per-row partial sums, one all-reduce per shard group (every rank joins each, in the
+        same order, with or without a piece in it), given per element of the view.
+
+        Raises:
+            BackendError: A DTensor or a flat shard among ``arrays`` (before any collective).
+        """
+        pieces = self._pieces()
+        whole = self._whole_or_refuse(arrays, pieces, where)
+        out: list[Any] = [None] * len(arrays)
+        if whole:
+            for i, norms in zip(whole, ops._twin.unit_norms([arrays[i] for i in whole], [axes[i] for i in whole])):
+                out[i] = norms
+        sums = {i: unit_sums(a, pieces[id(a)]) for i, a in enumerate(arrays) if id(a) in pieces}
+        for group in self.shard_groups:
+            vector = torch.zeros((self.units[group],), dtype=torch.float64, device=ops.device)
+            mine = [i for i in sums if pieces[id(arrays[i])].group is group]
+            for i in mine:
+                index, values = sums[i]
+                vector[index : index + values.numel()] += values.to(ops.device)
+            vector = _sum_(vector, [group]).sqrt()
+            for i in mine:
+                index, values = sums[i]
+                acc = torch.float64 if arrays[i].dtype == torch.float64 else torch.float32
+                out[i] = per_element(vector[index : index + values.numel()].to(acc), pieces[id(arrays[i])])
+        return out
+
+    def unit_totals(
+        self, ops: Any, values: Sequence[torch.Tensor], arrays: Sequence[torch.Tensor], axes: Sequence[Any], where: str
+    ) -> list[torch.Tensor]:
+        """``Ops.unit_totals`` under this layout: each vector laid out as
+        ``flat_concat(unit_norms(arrays, axes))`` is summed with every unit counted once (a
+        view's row where its first element lies) and reduced over each array's group."""
+        pieces = self._pieces()
+        self._whole_or_refuse(arrays, pieces, where)
+        counts = [pieces[id(a)].length if id(a) in pieces else _unit_count(a, kept) for a, kept in zip(arrays, axes)]
+        rows = []
+        for vector in values:
+            parts = torch.split(vector.to(ops.device, torch.float64), counts) if arrays else ()
+            sums = [owned_sums(part, pieces[id(a)]) if id(a) in pieces else part.sum() for part, a in zip(parts, arrays)]
+            rows.append(torch.stack(sums) if sums else torch.zeros((0,), dtype=torch.float64, device=ops.device))
+        partials = torch.stack(rows) if rows else torch.zeros((0, len(arrays)), dtype=torch.float64, device=ops.device)
+        totals = assigned_totals(self, partials, list(range(len(arrays))), self.assign(arrays, where), False)
+        return list(totals.to(ops.acc).unbind())
+
+
+def _walk(clipper: Any):
+    """``clipper`` and every clipper nested in it."""
+    yield clipper
+    for child in clipper.children() if hasattr(clipper, "children") else ():
+        yield from _walk(child)
 
 
 def needs_whole_tensors(clipper: Any) -> Any:
@@ -141,7 +267,7 @@ def needs_whole_tensors(clipper: Any) -> Any:
     return None
 
 
-_LAYOUTS: "weakref.WeakKeyDictionary[torch.nn.Module, FSDPLayout | None]" = weakref.WeakKeyDictionary()
+_LAYOUTS: weakref.WeakKeyDictionary[torch.nn.Module, FSDPLayout | None] = weakref.WeakKeyDictionary()
 
 
 def fsdp_layout(module: Any) -> FSDPLayout | None:

@@ -104,6 +104,9 @@ class Assigner:
     slots: dict[Any, int]
     #: Whether gradients of this layout may be FSDP1 flat shards (then per-tensor methods refuse).
     has_flat = False
+    #: Whether unit-wise statistics (AGC's rows) are formed by the assigner itself
+    #: (:meth:`unit_norms`, :meth:`unit_totals`): pieces that cut rows anywhere (FSDP1 views).
+    forms_units = False
 
     def assign(self, grads: Sequence[torch.Tensor], where: str) -> list[Assign]:  # pragma: no cover
         """One :class:`Assign` per gradient.
@@ -116,6 +119,17 @@ class Assigner:
     def device(self, fallback: torch.device) -> torch.device:
         """The device collectives run on for a rank holding no gradient (see ``_group_device``)."""
         return fallback
+
+    def unit_norms(self, ops: Any, arrays: Sequence[torch.Tensor], axes: Sequence[Any], where: str) -> list[torch.Tensor]:  # pragma: no cover
+        """``Ops.unit_norms`` of this layout's arrays (only when :attr:`forms_units`)."""
+        raise NotImplementedError
+
+    def unit_totals(
+        self, ops: Any, values: Sequence[torch.Tensor], arrays: Sequence[torch.Tensor], axes: Sequence[Any], where: str
+    ) -> list[torch.Tensor]:  # pragma: no cover
+        """``Ops.unit_totals`` of vectors laid out as this layout's :meth:`unit_norms` (only when
+        :attr:`forms_units`)."""
+        raise NotImplementedError
 
 
 # -- reductions under an assigner -------------------------------------------------------------------

@@ -285,6 +285,8 @@ class DistributedReducer:
             )
 
     def unit_norms(self, ops, arrays, axes):
+        if self.assigner is not None and self.assigner.forms_units:  # FSDP1 views: rows cut anywhere
+            return self.assigner.unit_norms(ops, arrays, axes, self.caller)
         self._refuse_split(ops, arrays, "unit-wise clipping (AGC)")
         out = []
         for array, kept in zip(arrays, axes):
@@ -313,6 +315,8 @@ class DistributedReducer:
         """Sums of per-unit vectors: each DTensor's units weighted by ``1 / replicas`` (a unit
         whole on every rank that shards one of its reduced axes counts once) and summed over
         its mesh; plain tensors' over the partition groups."""
+        if self.assigner is not None and self.assigner.forms_units:
+            return self.assigner.unit_totals(ops, values, arrays, axes, self.caller)
         arrays = list(arrays)
         metas = [_meta(a) for a in arrays]
         counts = [_unit_count(local_tensor(a), kept) for a, kept in zip(arrays, axes)]

@@ -13,8 +13,13 @@ shard groups cannot be found from them; set the layout on the clipper once::
 
 With ``use_orig_params=True`` the original parameters' gradients are 1-D views of their piece
 of the shard: per-tensor methods (``Norm``, ``AverageNorm``, ``BlockRMS``, ``AdaGC``) see each
-whole tensor's norm. With ``use_orig_params=False`` they, and unit-wise ``AGC`` in both modes,
-raise before anything is clipped (FSDP2's ``fully_shard`` keeps shapes, and supports them).
+whole tensor's norm, and unit-wise ``AGC`` each row's norm, though a piece may begin or end
+inside a row (per-row partial sums are all-reduced over the shard group once per call; a view's
+unit vector holds its row's norm per element, so AGC's decision costs a few fp32 vectors as long
+as this rank's shard). AGC forms rows only (its default ``axis``): another axis is refused.
+With ``use_orig_params=False`` per-tensor and unit-wise methods raise, naming the flat parameter
+and its group, before anything is clipped (FSDP2's ``fully_shard`` keeps shapes and supports
+them all).
 """
 
 from __future__ import annotations

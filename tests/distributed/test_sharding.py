@@ -85,12 +85,6 @@ def test_fsdp1_per_tensor_methods_on_original_parameter_views(sharding, strategy
         sharding.assert_ok(f"fsdp1/{strategy}.orig1.{name}.info_norm", minimum=3)
 
 
-def test_fsdp1_agc_on_flat_views_refused_and_nothing_clipped(sharding):
-    for strategy in ("FULL_SHARD", "SHARD_GRAD_OP"):
-        sharding.assert_ok(f"fsdp1/{strategy}.orig1.agc_refused")
-    sharding.assert_ok("fsdp1/NO_SHARD.orig1.agc_refused")  # whole tensors: AGC works
-
-
 @pytest.mark.parametrize("label", ["norm", "chain_with_adagc", "flat_list_without_module"])
 def test_fsdp1_flat_parameters_refuse_per_tensor_clippers(sharding, label):
     """use_orig_params=False: per-tensor clippers (also inside a Chain) and flat parameters given
