@@ -307,3 +307,31 @@ def test_on_the_jax_backend_streaks_stop_fit_and_a_loss_clipper_is_refused():
     assert out["backend"] == "jax"
     assert "SkipOnSpike needs the step's loss, which Keras' JAX train step keeps inside jax.value_and_grad" in out["refused"]
     assert out["streak"] == 3 and out["stopped"]
+
+
+def test_an_optimizer_saved_before_the_streak_variables_loads():
+    """Keras saves optimizer variables by position: a checkpoint written before the streak
+    counter and the accumulated loss existed still restores every other variable (the
+    clipper's state included), and the streak starts at 0."""
+    def built():
+        optimizer = ClippingOptimizer(keras.optimizers.Adam(1e-2, gradient_accumulation_steps=2), gradclip.ZClip(warmup_steps=1))
+        variables = [keras.Variable(np.zeros(3, np.float32))]
+        optimizer.build(variables)
+        return optimizer, variables
+
+    optimizer, variables = built()
+    step = tf.function(lambda g: optimizer.apply(g, variables))
+    for seed in range(4):
+        step([tf.constant(np.random.default_rng(seed).normal(size=3).astype(np.float32))])
+    store = {}
+    optimizer.save_own_variables(store)
+    added = {"clip_consecutive_skips", "loss_accumulator"}
+    old = [store[str(i)] for i, v in enumerate(optimizer.variables) if v.name not in added]
+    assert len(old) == len(store) - 2
+    fresh, _ = built()
+    fresh.load_own_variables({str(i): value for i, value in enumerate(old)})
+    assert fresh.clipper_state_dict() == optimizer.clipper_state_dict()
+    assert int(fresh.iterations.numpy()) == 2 and int(fresh.last_info().consecutive_skips) == 0
+    again, _ = built()
+    again.load_own_variables(store)  # a checkpoint of this version: every variable
+    assert again.clipper_state_dict() == optimizer.clipper_state_dict()

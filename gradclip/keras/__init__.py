@@ -252,12 +252,12 @@ class ClippingOptimizer(keras.optimizers.Optimizer):
                     )
                     self._track_variable(accumulator)
                     self._accumulators.append(accumulator)
-                # The micro-batches' losses, summed like their gradients.
+                # The micro-batches' losses, summed like their gradients (tracked as an
+                # attribute: Keras' optimizers track the variables set on them).
                 self._loss_accumulator = keras.Variable(
                     initializer="zeros", shape=(), dtype="float32", trainable=False,
                     synchronization="on_read", aggregation="sum", name="loss_accumulator",
                 )
-                self._track_variable(self._loss_accumulator)
         self.inner_optimizer.build(var_list)
         super().build(var_list)
 
@@ -500,6 +500,25 @@ class ClippingOptimizer(keras.optimizers.Optimizer):
     def iterations(self):
         """The wrapped optimizer's steps (one per ``gradient_accumulation_steps`` batches)."""
         return self.inner_optimizer.iterations
+
+    def load_own_variables(self, store):
+        """Restore the variables Keras saved (``model.save``, ``save_weights``).
+
+        A checkpoint of an earlier gradclip, saved before the optimizer kept the skip streak
+        (``clip_consecutive_skips``, the streak's norms and losses) and the accumulated loss,
+        loads too: every other variable keeps its position, and the new ones start at zero.
+        """
+        added = [self._info_variables[_INFO_FIELDS.index("consecutive_skips")], *self._streak_rings]
+        if self._loss_accumulator is not None:
+            added.append(self._loss_accumulator)
+        if self.built and len(store.keys()) == len(self.variables) - len(added):
+            kept = [v for v in self.variables if all(v is not a for a in added)]
+            for position, variable in enumerate(kept):
+                variable.assign(store[str(position)])
+            for variable in added:
+                variable.assign(keras.ops.zeros(variable.shape, variable.dtype))
+            return
+        super().load_own_variables(store)
 
     def finalize_variable_values(self, var_list):
         self.inner_optimizer.finalize_variable_values(var_list)
