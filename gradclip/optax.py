@@ -88,7 +88,8 @@ class ClipperState(NamedTuple):
     Attributes:
         clipper: The clipper's own state (a NamedTuple of arrays; empty for stateless methods).
         info: The :class:`~gradclip.ClipInfo` of the last update (before the first one: norm 0,
-            threshold 0, coef 1, not clipped, finite, not skipped).
+            threshold 0, coef 1, not clipped, finite, not skipped), with ``consecutive_skips``
+            the updates skipped in a row (int32; 0 for a clipper that never skips).
     """
 
     clipper: Any
@@ -197,6 +198,7 @@ def as_optax(clipper: Clipper, axis_name: Any = None):
             clipped=jnp.zeros(shapes.clipped.shape, shapes.clipped.dtype),
             finite=jnp.ones(shapes.finite.shape, shapes.finite.dtype),
             skip=jnp.zeros(shapes.skip.shape, shapes.skip.dtype),
+            consecutive_skips=jnp.zeros((), jnp.int32),
         )
         return ClipperState(clipper=state, info=info)
 
@@ -216,8 +218,14 @@ def as_optax(clipper: Clipper, axis_name: Any = None):
                 )
             param_leaves, _, _ = _leaves(treedef.flatten_up_to(params), where)
         new, inner, info = step(leaves, names, state.clipper, param_leaves, signals)
-        # A skipped step changes nothing: zero updates (where, not a Python branch).
+        # A skipped step changes nothing: zero updates (where, not a Python branch). This
+        # transformation skips the step, so it counts the skips in a row (a state of an earlier
+        # version, without the count, starts at 0).
         new = [jnp.where(info.skip, jnp.zeros_like(n), n) for n in new]
+        previous = state.info.consecutive_skips
+        previous = jnp.zeros((), jnp.int32) if previous is None else previous
+        skipped = info.skip if clipper.may_skip else False
+        info = info._replace(consecutive_skips=jnp.where(skipped, previous + 1, 0).astype(jnp.int32))
         return jax.tree_util.tree_unflatten(treedef, new), ClipperState(clipper=inner, info=info)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -121,12 +121,30 @@ def test_clip_info_before_any_step_and_of_several_clippers():
     state = tx.init(params)
     first = gco.clip_info(state)
     assert first.to_dict() == {"norm": 0.0, "threshold": 0.0, "coef": 1.0, "clipped": False,
-                               "finite": True, "skip": False}
+                               "finite": True, "skip": False, "consecutive_skips": 0}
     _, state = tx.update(tree(5), state)
     infos = gco.clip_info(state, all=True)
     assert len(infos) == 2 and bool(infos[0].clipped)
     with pytest.raises(gradclip.InvalidArgumentError, match="no gradclip clipper state"):
         gco.clip_info(optax.adam(1e-3).init(params))
+
+
+def test_the_transformation_counts_the_updates_it_skipped_in_a_row():
+    """The optax transformation owns the skip (it outputs zero updates), so its info counts the
+    streak, on the device and under jit: 1, 2, 3 while skipping, 0 after an update goes through."""
+    params = {"w": jnp.ones(3)}
+    tx = gradclip.SkipAbove(1.0).as_optax()
+    update = jax.jit(tx.update)
+    state = tx.init(params)
+    counts = []
+    for scale in (5.0, 5.0, 5.0, 0.1, 5.0):
+        _, state = update({"w": jnp.full(3, scale)}, state)
+        counts.append(int(gco.clip_info(state).consecutive_skips))
+    assert counts == [1, 2, 3, 0, 1]
+    # A clipper that never skips keeps the count at 0.
+    tx = gradclip.GlobalNorm(1.0).as_optax()
+    _, state = tx.update({"w": jnp.full(3, 5.0)}, tx.init(params))
+    assert int(gco.clip_info(state).consecutive_skips) == 0
 
 
 def test_none_leaves_and_masked_updates_pass_through():

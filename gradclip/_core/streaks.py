@@ -45,10 +45,12 @@ class SkipStreak:
         self._count: Any = None
         self._host_count = 0  # the count as last read on the host (checkpoints, messages)
         # With a bound: the norms and losses of the last max_consecutive_skips steps, oldest
-        # first, as two fixed-shape 1-D arrays on the device (NaN: no value). Fixed shapes, not a
+        # first, as fixed-shape 1-D arrays on the device, with a 0/1 array saying which steps
+        # gave a loss (a NaN loss is a value to report, not a missing one). Fixed shapes, not a
         # growing list, so a compiled step sees the same types every step and never recompiles.
         self._norms: Any = None
         self._losses: Any = None
+        self._given: Any = None
 
     @property
     def count(self) -> Any:
@@ -94,6 +96,8 @@ class SkipStreak:
         if self._norms is None:
             empty = [math.nan] * self.max_consecutive_skips
             self._norms, self._losses = ops.array(empty, "float32"), ops.array(empty, "float32")
+            self._given = ops.array([0.0] * self.max_consecutive_skips, "float32")
+        given = ops.scalar(0.0 if loss is None else 1.0)
         if loss is None:
             loss = ops.scalar(math.nan)
         elif isinstance(loss, (int, float)):
@@ -103,11 +107,13 @@ class SkipStreak:
             loss = ops.cast(loss.detach() if hasattr(loss, "detach") else loss, "float32")
         self._norms = ops.flat_concat([self._norms[1:], ops.cast(norm, "float32")])
         self._losses = ops.flat_concat([self._losses[1:], loss])
+        self._given = ops.flat_concat([self._given[1:], given])
 
     def _error(self, ops: Any, streak: int) -> DivergenceError:
         shown = min(streak, self.max_consecutive_skips)
         norms = [float(v) for v in ops.to_list(self._norms)[-shown:]]
-        losses = [None if math.isnan(v) else float(v) for v in ops.to_list(self._losses)[-shown:]]
+        given = ops.to_list(self._given)[-shown:]
+        losses = [float(v) if g else None for v, g in zip(ops.to_list(self._losses)[-shown:], given)]
         shown_losses = ", ".join("-" if v is None else f"{v:.6g}" for v in losses)
         return DivergenceError(
             f"{self.where}: {streak} optimizer steps in a row were skipped "
@@ -122,7 +128,7 @@ class SkipStreak:
     def reset(self) -> None:
         """Forget the streak (after a restart from a checkpoint the user chose to roll back to)."""
         self._count, self._host_count = None, 0
-        self._norms = self._losses = None
+        self._norms = self._losses = self._given = None
 
     # -- checkpoints ---------------------------------------------------------------------------
     def state_dict(self) -> int:
@@ -140,4 +146,4 @@ class SkipStreak:
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise StateError(f"{self.where}: the checkpoint's consecutive_skips must be an int >= 0, got {value!r}")
         self._count, self._host_count = None, value
-        self._norms = self._losses = None
+        self._norms = self._losses = self._given = None
