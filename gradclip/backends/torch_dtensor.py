@@ -140,6 +140,23 @@ def _readable(x: Any, meta: _Meta) -> tuple[torch.Tensor, tuple]:
     return local_tensor(x), placements
 
 
+def _readables(grads: Sequence[Any], metas: Sequence[_Meta], indices: Sequence[int]) -> tuple[list, list]:
+    """:func:`_readable` of ``grads[i]`` for each of ``indices``, as two lists (local tensors,
+    placements). No pair per tensor stays alive: tens of thousands of live objects made during
+    a call get the garbage collector to walk every tensor again and again (cost growing faster
+    than the tensor count)."""
+    locals_, placements = [], []
+    for i in indices:
+        meta = metas[i]
+        if _has_partial(meta.placements):
+            local, placed = _readable(grads[i], meta)
+        else:
+            local, placed = local_tensor(grads[i]), meta.placements
+        locals_.append(local)
+        placements.append(placed)
+    return locals_, placements
+
+
 def _rewrap(local: torch.Tensor, meta: _Meta):
     from torch.distributed.tensor import DTensor
 

@@ -39,6 +39,7 @@ from gradclip.backends.torch_dtensor import (
     _Meta,
     _meta,
     _readable,
+    _readables,
     _replicated_size,
     _rewrap,
     _shard_dim,
@@ -181,10 +182,11 @@ class DistributedReducer:
             for i, value in zip(plain, local.norms([grads[i] for i in plain], norm_type).unbind()):
                 out[i] = value
         for mesh, indices in _by_mesh(metas):
-            read = [_readable(grads[i], metas[i]) for i in indices]
-            locals_ = [r[0] for r in read]
+            locals_, placements = _readables(grads, metas, indices)
             dtype = torch.float64 if any(t.dtype == torch.float64 for t in locals_) else torch.float32
-            full = self._full_norms(ops, local.norms(locals_, norm_type), mesh, [r[1] for r in read], norm_type, dtype)
+            full = self._full_norms(ops, local.norms(locals_, norm_type), mesh, placements, norm_type, dtype)
+            if len(indices) == len(grads):  # one mesh holds them all, in order: no scalar per tensor
+                return full
             for i, value in zip(indices, full.unbind()):
                 out[i] = value
         return ops.stack(out)

@@ -691,6 +691,29 @@ class _Counter:
         dist.all_reduce = self._all_reduce
 
 
+class _PythonCalls:
+    """Counts Python function calls (``sys.setprofile`` "call" events) during a call: the
+    per-tensor Python work (helpers called per DTensor, per-tensor objects) without timing."""
+
+    def __enter__(self):
+        self.count = 0
+
+        def profile(frame, event, arg):
+            if event == "call":
+                self.count += 1
+
+        sys.setprofile(profile)
+        return self
+
+    def __exit__(self, *exc):
+        sys.setprofile(None)
+
+
+#: Python calls per DTensor gradient allowed in one GlobalNorm.clip_ (about 18 today, 56 when each
+#: tensor went through DTensor.to_local under no_grad and got a fresh metadata tuple).
+PYTHON_CALLS_PER_TENSOR = 24
+
+
 def scenario_scale(checks: Checks, rank: int, world: int) -> None:
     """20,000 DTensor gradients (Shard(0) on a 1-D mesh), clipped in place: gradclip's aten
     operations grow at most linearly with the count and its collectives not at all (counted, not
@@ -713,12 +736,15 @@ def scenario_scale(checks: Checks, rank: int, world: int) -> None:
             out.append(p)
         return out
 
-    counts = {}
+    counts, calls = {}, {}
     for n in SCALE_COUNTS:
         ours = params_of(n)
         with _Counter() as c:
             info = gradclip.GlobalNorm(1e-3).clip_(ours)
         counts[n] = (c.ops, c.collectives)
+        with _PythonCalls() as python:
+            gradclip.GlobalNorm(1e-3).clip_(ours)
+        calls[n] = python.count
     # torch side by side on 300 tensors (its cost grows faster than linearly: 2,000 take it
     # about 40 s on one CPU core, 20,000 far longer), gradclip on the same 300.
     ours, theirs = params_of(300), params_of(300)
@@ -733,6 +759,10 @@ def scenario_scale(checks: Checks, rank: int, world: int) -> None:
     detail = f"operations {small} -> {large}, collectives {small_c} -> {large_c} for {SCALE_COUNTS}"
     checks.ok("scale/dtensor.ops_at_most_linear", large <= ratio * small + 50, detail)
     checks.ok("scale/dtensor.collectives_independent_of_count", large_c == small_c <= 2, detail)
+    small_calls, large_calls = calls[SCALE_COUNTS[0]], calls[SCALE_COUNTS[1]]
+    detail = f"Python calls {small_calls} -> {large_calls} for {SCALE_COUNTS}"
+    checks.ok("scale/dtensor.python_calls_at_most_linear", large_calls <= ratio * small_calls + 1000, detail)
+    checks.ok("scale/dtensor.python_calls_per_tensor", large_calls <= PYTHON_CALLS_PER_TENSOR * SCALE_COUNTS[1], detail)
 
 
 def scenario_offload(checks: Checks, rank: int, world: int) -> None:

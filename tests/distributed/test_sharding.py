@@ -215,11 +215,14 @@ def test_megatron_core_tp2_equals_its_filtered_norm(sharding2):
 
 # -- scale ------------------------------------------------------------------------------------------------
 def test_20000_dtensor_gradients_linear_cost(sharding2):
-    """2,000 and 20,000 DTensor gradients clipped in place on 2 processes: aten operations at
-    most linear in the count, collectives constant (counted, not timed); equal to torch's DTensor
-    clip_grad_norm_ side by side (on 300: torch's own cost grows faster than linearly)."""
+    """2,000 and 20,000 DTensor gradients clipped in place on 2 processes: aten operations and
+    Python calls at most linear in the count (and few Python calls per tensor), collectives
+    constant (counted, not timed); equal to torch's DTensor clip_grad_norm_ side by side (on
+    300: torch's own cost grows faster than linearly)."""
     sharding2.assert_ok("scale/dtensor.ops_at_most_linear")
     sharding2.assert_ok("scale/dtensor.collectives_independent_of_count")
+    sharding2.assert_ok("scale/dtensor.python_calls_at_most_linear")
+    sharding2.assert_ok("scale/dtensor.python_calls_per_tensor")
     sharding2.assert_ok("scale/dtensor.norm_equals_torch")
     sharding2.assert_ok("scale/dtensor.grads_equal_torch", minimum=100)
 
