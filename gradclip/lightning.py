@@ -52,6 +52,7 @@ from gradclip._core.checkpoint import check_keys, validate_checkpoint
 from gradclip._core.clipper import Clipper
 from gradclip._core.errors import InvalidArgumentError, StateError
 from gradclip._core.streaks import SkipStreak
+from gradclip.torch.optim_groups import check_mapped_clipper
 from gradclip.torch.trainer_signals import StepLoss, count_skips
 
 try:  # the unified package first, then the standalone one
@@ -351,27 +352,16 @@ def _clippers_by_index(where: str, mapping: Mapping[Any, Any]) -> dict[int, Clip
             clipper nor None, one clipper under two indices, or no clipper at all.
     """
     clippers: dict[int, Clipper] = {}
-    seen: dict[int, int] = {}
+    owners: dict[int, Any] = {}
     for index, clipper in mapping.items():
         if isinstance(index, bool) or not isinstance(index, int) or index < 0:
             raise InvalidArgumentError(
                 f"{where}: the clipper mapping's keys must be optimizer indices (ints >= 0, positions in "
                 f"trainer.optimizers), got {index!r}"
             )
-        if clipper is None:
-            continue
-        if not isinstance(clipper, Clipper):
-            raise InvalidArgumentError(
-                f"{where}: the clipper for optimizer {index} must be a gradclip clipper or None, "
-                f"got {type(clipper).__qualname__}"
-            )
-        if id(clipper) in seen:
-            raise InvalidArgumentError(
-                f"{where}: the same {type(clipper).__name__} object is mapped to optimizers {seen[id(clipper)]} "
-                f"and {index}; give each optimizer its own clipper (its state follows one set of gradients)"
-            )
-        seen[id(clipper)] = index
-        clippers[index] = clipper
+        check_mapped_clipper(where, index, clipper, owners, unit="optimizer")
+        if clipper is not None:
+            clippers[index] = clipper
     if not clippers:
         raise InvalidArgumentError(f"{where}: the clipper mapping {dict(mapping)!r} names no clipper")
     return dict(sorted(clippers.items()))

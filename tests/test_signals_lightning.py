@@ -212,7 +212,7 @@ def test_a_mapping_index_beyond_the_optimizers_is_refused_before_training(tmp_pa
         ({"0": gradclip.GlobalNorm(1.0)}, r"keys must be optimizer indices \(ints >= 0.*got '0'"),
         ({-1: gradclip.GlobalNorm(1.0)}, r"got -1"),
         ({True: gradclip.GlobalNorm(1.0)}, r"got True"),
-        ({0: "global_norm"}, r"the clipper for optimizer 0 must be a gradclip clipper or None, got str"),
+        ({0: "global_norm"}, r"the clipper for optimizer 0 must be a gradclip clipper or None \(not clipped\), got str"),
         ({0: None}, r"names no clipper"),
     ],
     ids=["str_key", "negative", "bool", "not_a_clipper", "no_clipper"],

@@ -107,7 +107,7 @@ class GroupClippers(Mapping):
                     f"{where}: keys {by_index[index].key!r} and {key!r} both name parameter group {index}; "
                     "name each group once"
                 )
-            _check_clipper(where, key, clipper, owners)
+            check_mapped_clipper(where, key, clipper, owners)
             by_index[index] = _Entry(key, clipper)
         missing = [i for i in range(len(groups)) if i not in by_index]
         if missing:
@@ -269,7 +269,7 @@ class GroupClippers(Mapping):
         owners = {id(c): key for key, c in self.clipped}
         name = param_group.get("name") if isinstance(param_group, Mapping) else None
         key: int | str = name if isinstance(name, str) else len(self._entries)
-        _check_clipper(where, key, clipper, owners)
+        check_mapped_clipper(where, key, clipper, owners)
         if any(entry.key == key and type(entry.key) is type(key) for entry in self._entries):
             raise InvalidArgumentError(f"{where}: a parameter group is already keyed {key!r}; give the new group another name")
         if fold is True:
@@ -354,20 +354,33 @@ def _group_index(where: str, groups: list[dict[str, Any]], key: Any) -> int:
     return matches[0]
 
 
-def _check_clipper(where: str, key: Any, clipper: Any, owners: dict[int, Any]) -> None:
-    """``clipper`` is a clipper not used for another group, or None; records it in ``owners``."""
+def check_mapped_clipper(where: str, key: Any, clipper: Any, owners: dict[int, Any], unit: str = "parameter group") -> None:
+    """One entry of a ``{key: clipper | None}`` mapping (parameter groups here, optimizers in the
+    Lightning callback): ``clipper`` is a clipper not mapped to another key, or None.
+
+    Args:
+        where: The public entry point, for messages.
+        key: The entry's key (a group index or name, an optimizer index).
+        clipper: The entry's value.
+        owners: ``id(clipper) -> key`` of the entries checked so far; this one is added.
+        unit: What a key names, for messages (``"parameter group"``, ``"optimizer"``).
+
+    Raises:
+        InvalidArgumentError: ``clipper`` is neither a clipper nor None, or is already mapped to
+            another key (its state would advance twice per step, on two sets of gradients).
+    """
     if clipper is None:
         return
     if not isinstance(clipper, Clipper):
         raise InvalidArgumentError(
-            f"{where}: the clipper for parameter group {key!r} must be a gradclip clipper or None (not clipped), "
+            f"{where}: the clipper for {unit} {key!r} must be a gradclip clipper or None (not clipped), "
             f"got {type(clipper).__qualname__}"
         )
     if id(clipper) in owners:
         raise InvalidArgumentError(
-            f"{where}: the same {type(clipper).__name__} object is mapped to parameter groups {owners[id(clipper)]!r} "
-            f"and {key!r}; its state would advance twice per step on two groups' statistics. Give each group "
-            "its own clipper (e.g. gradclip.GlobalNorm(1.0) twice)"
+            f"{where}: the same {type(clipper).__name__} object is mapped to {unit}s {owners[id(clipper)]!r} "
+            f"and {key!r}; its state would advance twice per step on two sets of gradients. Give each "
+            f"{unit} its own clipper (e.g. gradclip.GlobalNorm(1.0) twice)"
         )
     owners[id(clipper)] = key
 
