@@ -13,11 +13,14 @@ McMahan et al. 2018), ``QuantileNorm`` adapts ``C`` to a quantile of the per-exa
 Modes (how the per-example norms and the clipped sum are computed):
 
 * ``"bk"`` — book-keeping (Bu et al. 2023, ICML): one backward pass to the layers' outputs; per
-  layer the per-example norm by ghost norm or instantiation, whichever is cheaper; then one
-  weight-gradient matmul per layer on the rescaled output gradients.
-* ``"ghost"`` — ghost clipping (Li et al. 2022): a first backward pass measures norms only
-  (ghost norms, never a per-example gradient of a Linear/Conv/Embedding weight), a second ordinary
-  backward of ``Σ_i c_i ℓ_i`` writes the clipped sum. Least memory.
+  layer the per-example norm by ghost norm or instantiation (``per_sample_rules.ghost_cheaper``:
+  the faster unless instantiating holds more); then the clipped sum from the instantiated
+  gradients, or one weight-gradient matmul per ghost-normed layer on the rescaled output
+  gradients.
+* ``"ghost"`` — ghost clipping (Li et al. 2022): a first backward pass measures norms only, each
+  layer's as its output gradient arrives (ghost norm, or an instantiated gradient dropped at once
+  where that is faster and smaller), a second ordinary backward of ``Σ_i c_i ℓ_i`` writes the
+  clipped sum. Least memory.
 * ``"instantiate"`` — per-example gradients kept in ``p.grad_sample`` (``(B, *p.shape)``, as
   Opacus' hooks mode), then summed with the coefficients.
 * ``"vmap"`` — every module through ``torch.func`` (``vmap`` of ``vjp``, in chunks): any module
