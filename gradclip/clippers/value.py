@@ -31,8 +31,10 @@ def elementwise_info(ops: Ops, before_norm: Any, after: list[Any], threshold: An
     after_norm = ops.global_norm(after, 2.0)
     safe_before = ops.where(before_norm > 0, before_norm, one)
     coef = ops.where(clipped, after_norm / safe_before, one)
-    coef = ops.where(ops.isfinite(coef), coef, one)
-    return make_info(ops, before_norm, threshold, coef, clipped, ops.isfinite(before_norm))
+    # A ratio of norms is >= 0 or NaN, as a norm is: finite_norm tells NaN and inf apart in one
+    # comparison.
+    coef = ops.where(ops.finite_norm(coef), coef, one)
+    return make_info(ops, before_norm, threshold, coef, clipped, ops.finite_norm(before_norm))
 
 
 class ElementwiseBound(Clipper):
@@ -48,16 +50,33 @@ class ElementwiseBound(Clipper):
     def _rewrite(self, ops: Ops, grads: list[Any]) -> list[Any]:
         raise NotImplementedError
 
+    def _symmetric(self) -> bool:
+        low, high = self._bounds()
+        return low == -high
+
     def measure(self, ops, grads, names, params):
         norm = ops.global_norm(grads, 2.0)
-        finite = ops.isfinite(norm)
-        return Measured(grads, None, norm, finite, finite, 2.0, names, params, extra=ops.extrema(grads))
+        finite = ops.finite_norm(norm)
+        if self._symmetric():
+            # Elements leave [-b, b] exactly where |g| > b: the largest |g| of each tensor (a norm
+            # of order inf) is one multi-tensor kernel, where the extrema take a reduction per
+            # tensor (on a GPU a launch each). In fp32, as the extrema are (rounding is monotonic
+            # and symmetric, so the comparisons below are the same).
+            extra = ops.cast(ops.norms(grads, math.inf), "float32")
+        else:
+            extra = ops.extrema(grads)
+        return Measured(grads, None, norm, finite, finite, 2.0, names, params, extra=extra)
 
     def decide(self, ops, measured: Measured, state, signals=NO_SIGNALS):
         low, high = self._bounds()
-        highs, lows = measured.extra
         grads = measured.grads
-        clipped = ops.any((highs > high) | (lows < low)) if len(grads) else ops.scalar(False, "bool")
+        if not len(grads):
+            clipped = ops.scalar(False, "bool")
+        elif self._symmetric():
+            clipped = ops.any(measured.extra > high)
+        else:
+            highs, lows = measured.extra
+            clipped = ops.any((highs > high) | (lows < low))
         largest = max(abs(low), abs(high))
         threshold = ops.scalar(largest if math.isfinite(low) or math.isfinite(high) else math.inf, "float32")
         one = ops.scalar(1.0, accumulation(measured.norm))
