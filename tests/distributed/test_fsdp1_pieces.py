@@ -31,7 +31,7 @@ def _cuts(numel: int, parts: int):
     """Every way of cutting ``range(numel)`` into ``parts`` consecutive (start, length) pieces."""
     for bounds in itertools.combinations_with_replacement(range(numel + 1), parts - 1):
         edges = (0, *bounds, numel)
-        yield [(a, b - a) for a, b in zip(edges, edges[1:])]
+        yield [(a, b - a) for a, b in itertools.pairwise(edges)]
 
 
 def _whole_rows(tensor: torch.Tensor) -> torch.Tensor:
@@ -78,7 +78,7 @@ def test_a_piece_inside_one_row():
 
 def test_an_empty_piece_touches_nothing():
     piece = piece_of("group", 4, (4, 10), None, None, "w")
-    index, sums = unit_sums(torch.ones(0), piece)
+    _, sums = unit_sums(torch.ones(0), piece)
     assert sums.numel() == 0
     assert per_element(torch.ones(0, dtype=torch.float64), piece).numel() == 0
     assert float(owned_sums(torch.ones(0), piece)) == 0.0
