@@ -35,6 +35,8 @@ LIMITS = {
     "autoclip": 65,
     "zclip": 77,
     "value": 20,
+    "norm": 23,
+    "average_norm": 25,
 }
 
 

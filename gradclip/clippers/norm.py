@@ -133,11 +133,16 @@ class _PerTensorNorm(Scheduled, Clipper):
         dtype = accumulation(norm)
         step = self._step_of(ops, state, signals)
         threshold = self._setting(ops, "threshold", step, dtype)
-        # Empty tensors have divisor 0; their statistic is defined as 0 (nothing to clip).
-        divisors = ops.array([d if d > 0 else 1.0 for d in self._divisors(ops, grads)], dtype)
-        coefs = ops.clip_coefficient(norms / divisors if len(grads) else norms, threshold)
+        # Empty tensors have divisor 0; their statistic is defined as 0 (nothing to clip). Norm's
+        # divisors are all 1: its statistic is the norms themselves (no array to make each step).
+        divisors = [d if d > 0 else 1.0 for d in self._divisors(ops, grads)]
+        statistic = norms
+        if any(d != 1.0 for d in divisors):
+            statistic = norms / ops.array(divisors, dtype)
+        coefs = ops.clip_coefficient(statistic, threshold)
         # A tensor with NaN/inf keeps coef 1 under "propagate"; "skip" leaves every tensor alone.
-        per_tensor_finite = ops.isfinite(norms)
+        # (Norms, and their ratios below, are >= 0 or NaN: finite_norm tests them in one step.)
+        per_tensor_finite = ops.finite_norm(norms)
         coefs, skip = settle(ops, coefs, finite if self.nonfinite == "skip" else per_tensor_finite, self.nonfinite)
         after = ops.combine_norms(coefs * norms, self.norm_type)
         one = ops.scalar(1.0, dtype)
@@ -145,7 +150,7 @@ class _PerTensorNorm(Scheduled, Clipper):
         # coefficient reported for other steps is 1.
         usable = (norm > 0) & finite
         effective = ops.ratio_or_one(usable, after, norm)
-        effective = ops.where(ops.isfinite(effective), effective, one)
+        effective = ops.where(ops.finite_norm(effective), effective, one)
         clipped = ops.any(coefs < 1)
         info = make_info(ops, norm, threshold, effective, clipped, measured.given_finite, skip)
         return Decision(coefs, self._advance(state, step), info)
