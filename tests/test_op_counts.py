@@ -24,8 +24,8 @@ from gradclip.bench.workloads import _count_ops
 
 #: The most operations one ``clip_`` of each clipper (registry defaults) may dispatch, counted
 #: on CPU with the foreach kernels a GPU takes. torch's ``clip_grad_norm_(foreach=True)`` takes
-#: 8; GlobalNorm's 4 more are its exact-1 coefficient at or under the threshold (DESIGN rule 4)
-#: and the ``finite`` and ``clipped`` flags of its ClipInfo.
+#: 8; GlobalNorm's 4 more are its exact-1 coefficient at or under the threshold (DESIGN rule 4),
+#: the non-finite policy, and the ``finite`` and ``clipped`` flags of its ClipInfo.
 LIMITS = {
     "global_norm": 12,
     "non_finite": 8,
