@@ -216,3 +216,32 @@ def test_an_evaluation_forward_with_gradients_enabled_is_ignored():
     ps.backward(model(x).pow(2).sum(1))
     for name, p in model.named_parameters():
         torch.testing.assert_close(p.grad, want[name])
+
+
+def test_outputs_that_autograd_does_not_save_are_not_kept_alive():
+    # The recorder keeps each output's gradient edge, not the tensor: a Linear output that only
+    # feeds tanh (which saves its own result) is freed after the forward, as in plain training.
+    import weakref
+
+    model = _mlp()
+    ps = gct.PerSample(model, gradclip.GlobalNorm(1.0), mode="bk")
+    seen = []
+    handle = model[0].register_forward_hook(lambda m, a, out: seen.append(weakref.ref(out)))
+    losses = _losses(model)
+    handle.remove()
+    assert seen and seen[0]() is None
+    info = ps.backward(losses)
+    assert info.norm.shape == (6,) and model[0].weight.grad is not None
+
+
+def test_book_keeping_choice_per_layer():
+    # The ghost norm where instantiating would hold more than the ghost path's input and output
+    # gradient (pd > T(p + d)); instantiation, faster, elsewhere (ghost_cheaper(T, p, d)).
+    from gradclip.torch.per_sample_rules import ghost_cheaper
+
+    assert not ghost_cheaper(32, 64, 64)  # attention projection, T = 32: pd = T(p + d)
+    assert ghost_cheaper(32, 256, 64)  # MLP: pd > T(p + d)
+    assert not ghost_cheaper(1024, 16, 27)  # a convolution over 32x32 positions
+    assert not ghost_cheaper(64, 32, 288)  # and over 8x8: the folded kernel instantiates
+    assert ghost_cheaper(1, 4, 64)  # one position: the ghost norm is faster outright
+    assert ghost_cheaper(128, 768, 768) and not ghost_cheaper(1024, 768, 768)  # GPT-2 width

@@ -75,6 +75,7 @@ def _cases():
         ("linear-2d", lambda: nn.Linear(7, 3), lambda: r(5, 7)),
         ("linear-4d", lambda: nn.Linear(4, 3), lambda: r(5, 2, 3, 4)),
         ("linear-wide", lambda: nn.Linear(2, 2), lambda: r(5, 9, 2)),  # 2T² > pd: instantiated
+        ("linear-ghost", lambda: nn.Linear(16, 16), lambda: r(5, 3, 16)),  # pd > T(p + d): ghost norm
         ("embedding", lambda: nn.Embedding(11, 4, padding_idx=3), lambda: ids),
         ("embedding-noncontig", lambda: nn.Embedding(11, 4), lambda: ids.t().contiguous().t()),
         ("conv1d", lambda: nn.Conv1d(4, 6, 3, stride=2, padding=1, dilation=2, groups=2), lambda: r(5, 4, 11)),

@@ -81,14 +81,11 @@ def ghost_cheaper(t: int, p: int, d: int) -> bool:
     once and then serves both the norm and the clipped sum (``p·d`` each). Instantiation is
     therefore the faster unless ``T²(p + d) < p·d`` (a handful of positions), but it keeps ``p·d``
     numbers per example until every norm is known, where the ghost path keeps the layer's input
-    and output gradient (``T·(p + d)``). Instantiate when that is faster and holds no more;
-    otherwise Bu et al.'s space rule (2023, Sec. 3): the ghost norm when ``2T² < p·d``.
+    and output gradient, ``T·(p + d)``. So the ghost norm exactly when ``p·d > T·(p + d)``: that
+    covers the faster-ghost case, and implies Bu et al.'s space rule (2023, Sec. 3),
+    ``2T² < p·d`` (``p·d > T(p + d) >= 2T·sqrt(p·d)`` gives ``p·d > 4T²``).
     """
-    if t * t * (p + d) < p * d:  # faster and (then 2T² < pd too) smaller
-        return True
-    if p * d <= t * (p + d):
-        return False
-    return 2 * t * t < p * d
+    return p * d > t * (p + d)
 
 
 class Outer:
