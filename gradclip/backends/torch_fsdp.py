@@ -85,8 +85,8 @@ class FSDPLayout(Assigner):
         #: handle the index of its first unit in that group's unit vector (-1: not views).
         self.units: dict[Any, int] = {}
         self._first_unit: list[int] = []
-        #: Whether some original parameters have (multi-dimensional) shapes their views lose.
-        self.cut_shapes = False
+        #: A (name, shape) of an original parameter with rows whose view is 1-D, else None.
+        self.cut_shape: tuple[str, tuple] | None = None
         for handle in self.handles:
             group = handle.process_group if handle.uses_sharded_strategy else None
             if group is not None and group not in self.total_groups:
@@ -99,7 +99,8 @@ class FSDPLayout(Assigner):
                 self.slots[group] += len(handle.flat_param._params)
                 self._first_unit.append(self.units.get(group, 0))
                 self.units[group] = self._first_unit[-1] + sum(map(units_of, handle.flat_param._shapes))
-                self.cut_shapes = self.cut_shapes or any(len(shape) >= 2 for shape in handle.flat_param._shapes)
+                shaped = [(n, tuple(s)) for n, s in zip(handle.flat_param._fqns, handle.flat_param._shapes) if len(s) >= 2]
+                self.cut_shape = self.cut_shape or (shaped[0] if shaped else None)
             else:
                 self.has_flat = self.has_flat or not handle._use_orig_params
                 self._first.append(-1)
@@ -140,15 +141,16 @@ class FSDPLayout(Assigner):
         needs = needs_whole_tensors(clipper)
         if needs is None:
             return
-        if self.cut_shapes:
+        if self.cut_shape is not None:
             for found in _walk(needs):
                 axis = found.config().get("axis") if found.coefficient == Coefficient.PER_UNIT else None
                 if axis not in (None, 0, (0,)):
+                    name, shape = self.cut_shape
                     raise InvalidArgumentError(
-                        f"{where}: {found!r} forms units along axis={axis!r}, but under FSDP1 with "
-                        "use_orig_params=True each rank holds 1-D pieces of the parameters flattened "
-                        "row by row: only rows (axis=None, the default) can be formed from them. "
-                        "Nothing was clipped."
+                        f"{where}: {found!r} forms units along axis={axis!r}, but {name} (shape "
+                        f"{shape}), like every parameter of an FSDP1 unit with use_orig_params=True, "
+                        "is held as a 1-D piece of its rows flattened one after another: only rows "
+                        "(axis=None, the default) can be formed from such pieces. Nothing was clipped."
                     )
         if not self.has_flat:
             return
@@ -182,13 +184,13 @@ class FSDPLayout(Assigner):
 
     def _whole_or_refuse(self, arrays: Sequence[torch.Tensor], pieces: dict[int, Piece], where: str) -> list[int]:
         """Indices of the arrays whole on this rank; raise for a DTensor or a flat shard."""
-        flat = {key for key, a in self._table().items() if a.flat}
+        flat = {key: a.name for key, a in self._table().items() if a.flat}
         whole = []
         for i, array in enumerate(arrays):
             if id(array) in pieces:
                 continue
             if is_dtensor(array) or id(array) in flat:
-                what = "a DTensor" if is_dtensor(array) else "an FSDP1 flat parameter shard"
+                what = "a DTensor" if is_dtensor(array) else f"the FSDP1 flat parameter shard {flat[id(array)]}"
                 raise BackendError(
                     f"{where}: unit-wise clipping (AGC) of gradient #{i}, {what}, under an FSDP1 "
                     "layout is not supported (rows are formed for use_orig_params=True views only); "

@@ -101,7 +101,9 @@ class AGC(Scheduled, Clipper):
             A pattern that matches no gradient is warned about once.
         axis: Which axes index units for tensors with ``ndim >= 2`` (an int or a tuple of ints;
             the norm is taken over the others). ``None`` uses the backend's layout
-            (``Ops.unit_axis``). Vectors and scalars are always one unit.
+            (``Ops.unit_axis``). Vectors and scalars are always one unit. Under FSDP1 with
+            ``use_orig_params=True`` (1-D pieces of each parameter) the backend forms the rows
+            of the original shapes, and only ``None`` is accepted.
         nonfinite: Non-finite policy (see :mod:`gradclip.clippers.nonfinite`); under
             ``"propagate"`` units whose gradient norm is not finite are left as they are.
 

@@ -107,7 +107,7 @@ def refused(checks: Checks, rank: int, world: int) -> None:
     """A unit axis other than rows on views, and AGC on flat parameters: a clear error naming
     what cannot be done (the flat parameter and its group), nothing clipped."""
     for label, orig, clipper, expect in (
-        ("axis_on_views", True, gradclip.get("agc", axis=1), ("axis=(1,)", "use_orig_params=True", "Nothing was clipped")),
+        ("axis_on_views", True, gradclip.get("agc", axis=1), ("axis=(1,)", "0.weight (shape (16, 8))", "use_orig_params=True", "Nothing was clipped")),
         ("agc_on_flat", False, gradclip.get("agc"), ("FlatParameter(", "group of ranks", "per unit (rows)", "Nothing was clipped")),
         ("chain_agc_on_flat", False, gradclip.Chain(gradclip.get("agc"), gradclip.GlobalNorm(1.0)), ("FlatParameter(", "group of ranks", "Nothing was clipped")),
     ):
