@@ -4,11 +4,11 @@ Ghost clipping (Li et al. 2022, "Large language models can be strong differentia
 learners"; Bu et al. 2023) takes two backward passes: the first only measures each example's
 norm, the second is an ordinary backward of ``Σ_i c_i ℓ_i``. To keep the first pass lean, each
 recorded call's output gradient is turned into that layer's per-example squared norms inside a
-hook on the autograd node that produced the output, as soon as autograd produces the gradient,
-and dropped: at most one layer's output gradient
-(plus what autograd itself holds) is alive at a time, instead of every layer's. The pass is
-asked for the gradients of the *first* calls' outputs only (those whose inputs carry no
-history), which makes autograd traverse every later call without computing any weight gradient.
+hook on the autograd node that produced the output, as soon as autograd produces it, and
+dropped: at most one layer's output gradient (plus what autograd itself holds) is alive at a
+time, instead of every layer's. The pass is asked for the gradients of the *first* calls'
+outputs only (those whose inputs carry no history), which makes autograd traverse every later
+call without computing any weight gradient.
 """
 
 from __future__ import annotations
