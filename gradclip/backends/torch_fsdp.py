@@ -183,11 +183,33 @@ class FSDPLayout(Assigner):
         return pieces
 
     def _whole_or_refuse(self, arrays: Sequence[torch.Tensor], pieces: dict[int, Piece], where: str) -> list[int]:
-        """Indices of the arrays whole on this rank; raise for a DTensor or a flat shard."""
+        """Indices of the arrays whole on this rank; raise for a DTensor, a flat shard, or a
+        view whose size is not its piece's (parameters unsharded at this point)."""
+        for handle, unit in zip(self.handles, self._first_unit):
+            # Decided per unit, the same on every rank (a rank may hold whole parameters only):
+            # unsharded, the views hold every element, more than the shard's pieces.
+            if unit < 0:
+                continue
+            flat_param = handle.flat_param
+            held = sum(p.numel() for p in flat_param._params)
+            if held != sum(i.numel_in_shard or 0 for i in flat_param._shard_param_infos if i.in_shard):
+                raise BackendError(
+                    f"{where}: the FSDP1 unit holding {', '.join(flat_param._fqns[:3])} has its parameters "
+                    "unsharded at this point (summon_full_params, or between forward and backward): "
+                    "their rows are not this rank's pieces. Clip between backward() and the optimizer "
+                    "step. Nothing was clipped."
+                )
         flat = {key: a.name for key, a in self._table().items() if a.flat}
         whole = []
         for i, array in enumerate(arrays):
-            if id(array) in pieces:
+            piece = pieces.get(id(array))
+            if piece is not None:
+                if array.numel() != piece.length:
+                    raise BackendError(
+                        f"{where}: {piece.name} holds {array.numel()} element(s) here where FSDP1's "
+                        f"shard holds {piece.length}: its parameters are not sharded at this point "
+                        "(clip between backward() and the optimizer step). Nothing was clipped."
+                    )
                 continue
             if is_dtensor(array) or id(array) in flat:
                 what = "a DTensor" if is_dtensor(array) else f"the FSDP1 flat parameter shard {flat[id(array)]}"

@@ -122,6 +122,20 @@ def refused(checks: Checks, rank: int, world: int) -> None:
             checks.ok(f"units/refused.{label}", all(part in text for part in expect), text)
         after = [p.grad for p in model.parameters() if p.grad is not None]
         checks.ok(f"units/refused.{label}.nothing_clipped", len(before) == len(after) and all(torch.equal(a, b) for a, b in zip(before, after)))
+    # Inside summon_full_params every rank holds whole parameters and gradients, not its pieces:
+    # the layout's rows would count them once per rank. Refused on every rank, nothing clipped.
+    model = wrap(model_of(), True, "FULL_SHARD")
+    fsdp_step(model, 1, rank, world)
+    with type(model).summon_full_params(model, with_grads=True):
+        before = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+        try:
+            gradclip.get("agc", clip_factor=0.02).clip_(model)
+            checks.ok("units/refused.unsharded", False, "no error raised")
+        except gradclip.GradClipError as error:
+            text = str(error)
+            checks.ok("units/refused.unsharded", "unsharded at this point" in text and "0.weight, 0.bias" in text, text)
+        after = [p.grad for p in model.parameters() if p.grad is not None]
+        checks.ok("units/refused.unsharded.nothing_clipped", len(before) == len(after) and all(torch.equal(a, b) for a, b in zip(before, after)))
 
 
 def scenario_units(checks: Checks, rank: int, world: int) -> None:

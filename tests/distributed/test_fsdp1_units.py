@@ -61,9 +61,10 @@ def test_agc_collectives_do_not_grow_with_the_tensor_count(units2):
     units2.assert_ok("units/collectives_independent_of_depth")
 
 
-@pytest.mark.parametrize("case", ["axis_on_views", "agc_on_flat", "chain_agc_on_flat"])
+@pytest.mark.parametrize("case", ["axis_on_views", "agc_on_flat", "chain_agc_on_flat", "unsharded"])
 def test_agc_refusals_name_the_parameter_and_clip_nothing(units2, case):
     """A unit axis views cannot give; AGC (alone or in a Chain) on use_orig_params=False flat
-    parameters: a clear error (the flat parameter and its group), nothing clipped."""
+    parameters; views unsharded (inside summon_full_params): a clear error naming the parameter
+    (and the flat parameter's group), nothing clipped."""
     units2.assert_ok(f"units/refused.{case}")
     units2.assert_ok(f"units/refused.{case}.nothing_clipped")
