@@ -534,6 +534,7 @@ DOCUMENTED_BASES = {
     "ReadOnlyArrayError": (errors.BackendError, TypeError, ValueError),
     "NonFiniteError": (ValueError, RuntimeError),
     "StateError": (ValueError,),
+    "DivergenceError": (RuntimeError,),
 }
 
 
@@ -547,6 +548,7 @@ def test_error_classes_subclass_gradclip_error_and_the_documented_builtins():
     # A bad value is not a bad type and vice versa (except where documented).
     assert not issubclass(errors.InvalidArgumentError, TypeError)
     assert not issubclass(errors.BackendError, ValueError)
+    assert not issubclass(errors.DivergenceError, ValueError)  # a run that diverged, not a bad value
 
 
 def test_error_classes_are_exported():
