@@ -245,3 +245,28 @@ def test_book_keeping_choice_per_layer():
     assert not ghost_cheaper(64, 32, 288)  # and over 8x8: the folded kernel instantiates
     assert ghost_cheaper(1, 4, 64)  # one position: the ghost norm is faster outright
     assert ghost_cheaper(128, 768, 768) and not ghost_cheaper(1024, 768, 768)  # GPT-2 width
+
+
+def test_ghost_second_pass_holds_no_layer_input():
+    # Ghost mode's first pass drops each recorded layer input once that layer's norm is taken:
+    # the second pass then frees every activation as plain training does. The second layer's
+    # weight is frozen, so autograd does not save its input: gradclip's record is its only holder.
+    import weakref
+
+    torch.manual_seed(0)
+    first, second = nn.Linear(4, 8), nn.Linear(8, 3)
+    second.weight.requires_grad_(False)
+    model = nn.Sequential(first, second)
+    ps = gct.PerSample(model, gradclip.GlobalNorm(0.5), mode="ghost")
+    storage = {}
+    handle = first.register_forward_hook(lambda m, a, out: storage.update(ref=weakref.ref(out.untyped_storage())))
+    held = []  # a parameter's hook fires in the second pass only (the first computes no .grad)
+    first.weight.register_hook(lambda g: held.append(storage["ref"]() is not None))
+    x = torch.randn(6, 4)
+    ps.backward(model(x).pow(2).sum(1))
+    assert held == [False]
+    handle.remove()
+    _, expected = clipped_sum(per_example_grads(model, lambda out, x: out.pow(2).sum(), x), 0.5)
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, expected[name], rtol=1e-5, atol=1e-6)

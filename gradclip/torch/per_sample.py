@@ -252,15 +252,7 @@ class PerSample:
             calls = check_graph(losses, calls, self._tracked)
         if not calls:
             raise missing
-        for call in calls:
-            dim = batch_dim_of(call.unit.module)
-            first = call.args[0] if call.args and isinstance(call.args[0], torch.Tensor) else None
-            if first is not None and (first.dim() <= dim or first.shape[dim] != batch):
-                raise InvalidArgumentError(
-                    f"{where}: per_example_losses has {batch} entries but {call.unit.name or 'the model'} saw an "
-                    f"input of shape {tuple(first.shape)} (examples along dim {dim}); pass one loss per example "
-                    "(reduction='none'); gradients are unchanged"
-                )
+        _check_batch(where, calls, batch)
         ghost = self.mode == "ghost" and self.kind == "global"
         if ghost:
             # Norms taken as each layer's output gradient arrives; nothing per layer is kept.
@@ -392,6 +384,22 @@ class PerSample:
         if self.kind == "layer":
             return threshold * math.sqrt(len(self.parameters))
         return threshold
+
+
+def _check_batch(where: str, calls: list, batch: int) -> None:
+    """Refuse losses whose count differs from the examples every recorded call saw.
+
+    A function of its own so that no reference to a layer's input outlives the check: a local
+    of ``backward`` would keep one activation alive through ghost mode's second pass."""
+    for call in calls:
+        dim = batch_dim_of(call.unit.module)
+        first = call.args[0] if call.args and isinstance(call.args[0], torch.Tensor) else None
+        if first is not None and (first.dim() <= dim or first.shape[dim] != batch):
+            raise InvalidArgumentError(
+                f"{where}: per_example_losses has {batch} entries but {call.unit.name or 'the model'} saw an "
+                f"input of shape {tuple(first.shape)} (examples along dim {dim}); pass one loss per example "
+                "(reduction='none'); gradients are unchanged"
+            )
 
 
 def _noised_sample_norms(total: torch.Tensor, bound: torch.Tensor, count_noise: Any, expected: int | None) -> torch.Tensor:

@@ -9,6 +9,11 @@ dropped: at most one layer's output gradient (plus what autograd itself holds) i
 time, instead of every layer's. The pass is asked for the gradients of the *first* calls'
 outputs only (those whose inputs carry no history), which makes autograd traverse every later
 call without computing any weight gradient.
+
+Each call's recorded inputs are dropped as soon as its norm is taken. They are detached views
+of the layers' inputs, sharing storage; kept, they would hold every activation through the
+second pass, which then could not free each saved tensor as it passes the layer (as plain
+training does): on a small CNN that was 5 MiB over plain training's peak in the second pass.
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ def ghost_norms(ps: Any, losses: torch.Tensor, calls: list, batch: int) -> dict[
             else:
                 norms[key] = piece.norm_sq("auto")
             piece.release()
+        call.release()  # the second pass reads autograd's saved tensors, not these
 
     source_calls, handles, arrived = [], [], set()
     for index, call in enumerate(calls):

@@ -52,6 +52,12 @@ class Call:
         self.input_nodes = [x.grad_fn for x in tensors if x.grad_fn is not None]
         self.input_leaves = [x for x in tensors if x.grad_fn is None]
 
+    def release(self) -> None:
+        """Drop the recorded inputs once the call's contributions are computed (ghost mode's
+        first pass): they share storage with the activations, which autograd can then free
+        during the second pass as it does in plain training."""
+        self.args, self.kwargs = (), {}
+
 
 def _edge(out: torch.Tensor, own_base: bool) -> Any:
     """The gradient edge whose gradient is that of ``out`` as returned (reshaped to its shape).
