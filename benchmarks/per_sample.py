@@ -197,7 +197,18 @@ def _vm_kib() -> dict[str, int] | None:
 
 def _reset_peak_rss() -> bool:
     """Reset the kernel's peak-RSS counter (``VmHWM``) to the current RSS; False where that is
-    not possible (not Linux, or ``/proc`` read-only)."""
+    not possible (not Linux, or ``/proc`` read-only).
+
+    Freed heap memory that glibc's allocator still holds is first returned to the system
+    (``malloc_trim``): left resident, it would be in the base, and the next steps would reuse it
+    without raising the peak, hiding part of what they need."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim(0)
+    except (OSError, AttributeError, TypeError):
+        pass  # another C library: the base keeps what its allocator retains
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
