@@ -16,7 +16,8 @@ Peak extra memory (CPU), each method alone in a fresh subprocess, three columns:
 
 * **steady** (the target's measure): three warm-up steps, then the kernel's peak-RSS counter is
   reset (``5`` written to ``/proc/self/clear_refs`` resets ``VmHWM``), and the peak over three
-  more steps (``VmHWM``) minus the resident size after the warm-up (``VmRSS``). Until 2026-12-06
+  more steps (``VmHWM``) minus the resident size after the warm-up (``VmRSS``, read once glibc
+  has returned the freed heap to the system: ``malloc_trim``). Until 2026-12-06
   this benchmark reported the growth of ``ru_maxrss`` over the process' first three steps, and
   about half of that was one-time cost that is no method's memory: library code paged in on
   first use, kernels' and the allocator's first arenas (15 of 32 MiB for non-private training on
