@@ -169,13 +169,31 @@ def test_stop_on_divergence_stops_fit_with_divergence_error():
     assert all(np.isfinite(w).all() for w in model.get_weights())
 
 
+def test_a_bound_that_nothing_watches_warns_once_and_a_watched_one_does_not():
+    """max_consecutive_skips without StopOnDivergence would let fit skip forever: say so."""
+    import warnings
+
+    x, y = _data(batches=3)
+
+    def fit(callbacks):
+        optimizer = ClippingOptimizer(keras.optimizers.SGD(0.01), gradclip.GlobalNorm(1.0), max_consecutive_skips=3)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            _model(optimizer).fit(x, y, batch_size=BATCH, shuffle=False, verbose=0, callbacks=callbacks)
+        return [w for w in caught if "no gradclip.keras.StopOnDivergence() callback watches it" in str(w.message)]
+
+    assert len(fit([])) == 1
+    assert fit([StopOnDivergence()]) == []
+
+
 def test_check_divergence_in_a_loop_of_ones_own():
     optimizer = ClippingOptimizer(
         keras.optimizers.SGD(0.01), gradclip.GlobalNorm(1.0, nonfinite="skip"), max_consecutive_skips=2
     )
     variables = [keras.Variable(np.zeros(3, np.float32))]
     step = tf.function(lambda g: optimizer.apply(g, variables))
-    step([tf.constant([np.nan, 0.0, 0.0])])
+    with pytest.warns(UserWarning, match="call optimizer.check_divergence"):  # traced before the first check
+        step([tf.constant([np.nan, 0.0, 0.0])])
     optimizer.check_divergence()  # one skipped step: not yet
     step([tf.constant([np.nan, 0.0, 0.0])])
     with pytest.raises(gradclip.DivergenceError, match=r"last losses: \[-, -\]") as caught:

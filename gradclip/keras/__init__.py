@@ -82,6 +82,7 @@ Importing this module imports keras.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import keras
@@ -185,7 +186,9 @@ class ClippingOptimizer(keras.optimizers.Optimizer):
         self.clipper = clipper
         self.max_consecutive_skips = max_consecutive_skips
         #: Set by StopOnDivergence when it watches this optimizer in fit.
+        # Set by StopOnDivergence (and check_divergence): the streak's bound is checked by someone.
         self.divergence_watched = False
+        self._warned_unwatched = False
         self._loss = LossOfTheStep()
         self._loss_accumulator = None
         self._streak_rings: list[Any] = []
@@ -416,6 +419,17 @@ class ClippingOptimizer(keras.optimizers.Optimizer):
         # Read every variable up front, before this step assigns to any of them.
         state = self._state_like([keras.ops.convert_to_tensor(v) for v in self._state_variables])
         streak = keras.ops.convert_to_tensor(self._info_variables[_INFO_FIELDS.index("consecutive_skips")])
+        if self.max_consecutive_skips is not None and not self.divergence_watched and not self._warned_unwatched:
+            # Python, so once per trace: a bound nobody checks would let fit skip forever, silently.
+            self._warned_unwatched = True
+            warnings.warn(
+                f"ClippingOptimizer: max_consecutive_skips={self.max_consecutive_skips} is set, but no "
+                "gradclip.keras.StopOnDivergence() callback watches it, so fit will not stop on a streak "
+                "of skipped steps; add it to fit's callbacks (in a loop of your own, call "
+                "optimizer.check_divergence() after each step)",
+                UserWarning,
+                stacklevel=2,
+            )
         params = None
         if self.clipper.needs_params:
             params = [keras.ops.convert_to_tensor(v) for v in trainable_variables]
@@ -464,6 +478,7 @@ class ClippingOptimizer(keras.optimizers.Optimizer):
                 "ClippingOptimizer.check_divergence: no max_consecutive_skips was set; "
                 "pass ClippingOptimizer(..., max_consecutive_skips=N)"
             )
+        self.divergence_watched = True
         if not self.built:
             return
         streak = int(_to_numpy(self._info_variables[_INFO_FIELDS.index("consecutive_skips")]))
