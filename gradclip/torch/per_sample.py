@@ -20,7 +20,8 @@ Modes (how the per-example norms and the clipped sum are computed):
 * ``"ghost"`` — ghost clipping (Li et al. 2022): a first backward pass measures norms only, each
   layer's as its output gradient arrives (ghost norm, or an instantiated gradient dropped at once
   where that is faster and smaller), a second ordinary backward of ``Σ_i c_i ℓ_i`` writes the
-  clipped sum. Least memory.
+  clipped sum. Least memory. Above a cut (``cut=``), the first pass frees the graph as it goes
+  and those layers' clipped sums are taken book-keeping style.
 * ``"instantiate"`` — per-example gradients kept in ``p.grad_sample`` (``(B, *p.shape)``, as
   Opacus' hooks mode), then summed with the coefficients.
 * ``"vmap"`` — every module through ``torch.func`` (``vmap`` of ``vjp``, in chunks): any module
@@ -46,7 +47,7 @@ from gradclip.torch.per_sample_func import (
     func_contributions,
     owned_parameters,
 )
-from gradclip.torch.per_sample_ghost import ghost_norms
+from gradclip.torch.per_sample_ghost import auto_cut, find_cut, ghost_norms
 from gradclip.torch.per_sample_hooks import Recorder, check_graph, output_grads
 from gradclip.torch.per_sample_rules import Direct, contributions, refusal, rule_for
 
@@ -112,6 +113,11 @@ class PerSample:
         chunk_size: Examples per vectorized chunk of the ``torch.func`` rule (None: all).
         check_graph: Walk the autograd graph each step to refuse parameters used outside the
             calls of their modules (cheap; turn off only for a model known to be clean).
+        cut: Ghost mode only (with ``GlobalNorm``/``QuantileNorm``): where its first pass stops
+            retaining the graph (``per_sample_ghost``). ``"auto"``: at the input of the layer
+            an estimate from the recorded sizes favours, or nowhere; a module with trainable
+            parameters, called once per step: at its input; ``None``: never. Exact in every
+            case; a cut that would not be (a skip connection around it) is not taken.
 
     Raises:
         InvalidArgumentError: An unknown mode; an unsupported clipper; a module that mixes
@@ -121,7 +127,14 @@ class PerSample:
     """
 
     def __init__(
-        self, model: nn.Module, clipper: Any, mode: str = "auto", *, chunk_size: int | None = 32, check_graph: bool = True
+        self,
+        model: nn.Module,
+        clipper: Any,
+        mode: str = "auto",
+        *,
+        chunk_size: int | None = 32,
+        check_graph: bool = True,
+        cut: Any = "auto",
     ):
         if mode not in MODES:
             raise InvalidArgumentError(f"PerSample: mode must be one of {MODES}, got {mode!r}")
@@ -139,6 +152,7 @@ class PerSample:
         self._tracked = {id(p): n for n, p in self.parameters}
         self._recorder = Recorder({u.module: u for u in self._units})
         self._state: Any = None
+        self._cut_choice = self._cut_rule(cut)
 
     # -- construction ------------------------------------------------------------------------
     def _plan(self, model: nn.Module, mode: str) -> list[_Unit]:
@@ -167,6 +181,26 @@ class PerSample:
                 self._need_func(mode, name, module)
             units.append(_Unit(name, module, rule, params))
         return units
+
+    def _cut_rule(self, cut: Any) -> Any:
+        """``calls -> index or None``: at which recorded call's input ghost mode cuts."""
+        if cut is None:
+            return None
+        if isinstance(cut, nn.Module):
+            if cut not in {u.module for u in self._units}:
+                raise InvalidArgumentError(
+                    f"PerSample: cut must be one of the model's modules with trainable parameters, got "
+                    f"{type(cut).__name__}. Nothing was changed."
+                )
+
+            def at_module(calls: list, batch: int) -> list[int]:
+                found = [i for i, c in enumerate(calls) if c.unit.module is cut]
+                return found if len(found) == 1 else []  # a module called twice: no single cut
+
+            return at_module
+        if cut == "auto":
+            return auto_cut
+        raise InvalidArgumentError(f"PerSample: cut must be 'auto', None or a module, got {cut!r}. Nothing was changed.")
 
     @staticmethod
     def _need_func(mode: str, name: str, module: nn.Module) -> None:
@@ -255,8 +289,10 @@ class PerSample:
         _check_batch(where, calls, batch)
         ghost = self.mode == "ghost" and self.kind == "global"
         if ghost:
-            # Norms taken as each layer's output gradient arrives; nothing per layer is kept.
-            norms_by_param = ghost_norms(self, losses, calls, batch)
+            # Norms taken as each layer's output gradient arrives; nothing per layer is kept
+            # (but for the layers above a cut, whose clipped sum is taken book-keeping style).
+            cut = None if self._cut_choice is None else find_cut(losses, calls, self._cut_choice(calls, batch))
+            norms_by_param = ghost_norms(self, losses, calls, batch, cut)
             self._seen = set(norms_by_param)
             names = [n for n, p in self.parameters if id(p) in norms_by_param]
             norms_sq = torch.stack([norms_by_param[id(p)] for _, p in self.parameters if id(p) in norms_by_param], 1)
@@ -271,9 +307,12 @@ class PerSample:
             norms = norms / torch.as_tensor(loss_scale, dtype=norms.dtype, device=norms.device)
         coef, info = self._decide(norms, names, count_noise, expected_batch_size)
         if ghost:
-            params = [p for _, p in self.parameters if id(p) in self._seen]
             weights = coef.to(losses.dtype).detach()
-            torch.autograd.backward((losses * weights).sum(), inputs=params)
+            if cut is None:
+                params = [p for _, p in self.parameters if id(p) in self._seen]
+                torch.autograd.backward((losses * weights).sum(), inputs=params)
+            else:
+                _second_pass_cut([p for _, p in self.parameters if id(p) in self._seen], cut, weights)
         else:
             self._write(pieces, coef)
         return info
@@ -384,6 +423,36 @@ class PerSample:
         if self.kind == "layer":
             return threshold * math.sqrt(len(self.parameters))
         return threshold
+
+
+def _second_pass_cut(seen: list, cut: Any, weights: torch.Tensor) -> None:
+    """Ghost mode's second pass with a cut: ``Σ_i c_i ∇_i`` from both sides of it.
+
+    Below the cut, a backward from ``h`` with ``c_i`` times the first pass's gradient of
+    ``Σ_i ℓ_i`` at ``h``, row by row: each loss depends on its own example's row of ``h`` only
+    (what per-example clipping presumes, and why BatchNorm is refused), so
+    ``∂(Σ_j c_j ℓ_j)/∂h_i = c_i ∂ℓ_i/∂h_i = c_i ∂(Σ_j ℓ_j)/∂h_i``, and the lower graph receives
+    exactly what a backward of ``Σ_i c_i ℓ_i`` would send it. Above the cut (whose graph the
+    first pass did not retain), each layer's clipped sum from its input and rescaled output
+    gradient, one weight-gradient product per layer, as book-keeping does (Bu et al. 2023,
+    "Differentially private optimization on large model at small cost", ICML). A parameter used
+    on both sides (tied weights) receives both.
+    """
+    # Above the cut first: its pieces are freed before the lower backward runs.
+    for found in cut.pieces.values():
+        param = found[0].param
+        grad = sum(piece.weighted(weights) for piece in found).to(param.dtype)
+        for piece in found:
+            piece.release()
+        param.grad = grad
+    cut.pieces = {}
+    if cut.grad is not None and seen:
+        shape = [1] * cut.grad.dim()
+        shape[cut.dim] = -1
+        scaled = cut.grad * weights.to(cut.grad.dtype).view(shape)
+        cut.grad = None
+        # Accumulates into a tied parameter's .grad, which already holds its upper part.
+        torch.autograd.backward(cut.edge, [scaled], inputs=seen)
 
 
 def _check_batch(where: str, calls: list, batch: int) -> None:

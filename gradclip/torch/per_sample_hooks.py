@@ -37,7 +37,7 @@ class Call:
     as in plain training instead of living until the backward pass.
     """
 
-    __slots__ = ("args", "edges", "input_leaves", "input_nodes", "kwargs", "shapes", "unit")
+    __slots__ = ("args", "edges", "input_edge", "input_leaves", "input_nodes", "kwargs", "shapes", "unit")
 
     def __init__(self, unit: Any, args: tuple, kwargs: dict, outputs: list[torch.Tensor]):
         self.unit = unit
@@ -51,6 +51,9 @@ class Call:
         tensors = [x for x in (*args, *kwargs.values()) if isinstance(x, torch.Tensor) and x.requires_grad]
         self.input_nodes = [x.grad_fn for x in tensors if x.grad_fn is not None]
         self.input_leaves = [x for x in tensors if x.grad_fn is None]
+        #: The gradient edge of the call's only differentiable input, when it has exactly one and
+        #: that one carries history: where ghost mode may cut its first pass (per_sample_ghost).
+        self.input_edge = get_gradient_edge(tensors[0]) if len(tensors) == 1 and tensors[0].grad_fn is not None else None
 
     def release(self) -> None:
         """Drop the recorded inputs once the call's contributions are computed (ghost mode's
@@ -175,13 +178,20 @@ def check_graph(losses: torch.Tensor, calls: list[Call], tracked: dict[int, str]
     return reached
 
 
-def output_grads(loss: torch.Tensor, calls: list[Call], retain_graph: bool = False) -> list[list[Any]]:
+def output_grads(
+    loss: Any, calls: list[Call], retain_graph: bool = False, grad_outputs: Any = None, also: Any = None
+) -> Any:
     """The gradient of ``loss`` with respect to every recorded output, per call (None where the
-    loss does not depend on it), in one backward pass that computes no parameter gradient."""
+    loss does not depend on it), in one backward pass that computes no parameter gradient.
+    ``loss`` may be a gradient edge, with its gradient in ``grad_outputs``. With ``also`` (one
+    more gradient edge), ``(its gradient, per call)``."""
     edges = [e for call in calls for e in call.edges if e is not None]
-    grads = iter(torch.autograd.grad(loss, edges, retain_graph=retain_graph, allow_unused=True) if edges else ())
-    return [[None if e is None else as_output(next(grads), shape) for e, shape in zip(call.edges, call.shapes)]
-            for call in calls]
+    wanted = edges if also is None else [also, *edges]
+    found = torch.autograd.grad(loss, wanted, grad_outputs, retain_graph=retain_graph, allow_unused=True) if wanted else ()
+    grads = iter(found if also is None else found[1:])
+    per_call = [[None if e is None else as_output(next(grads), shape) for e, shape in zip(call.edges, call.shapes)]
+                for call in calls]
+    return per_call if also is None else (found[0], per_call)
 
 
 def as_output(grad: torch.Tensor | None, shape: torch.Size) -> torch.Tensor | None:

@@ -52,6 +52,16 @@ def _wide(x: torch.Tensor) -> torch.Tensor:
 _CHUNK_ELEMENTS = 1 << 18
 
 
+def _smaller(a: Any, g: Any, samples: Any) -> tuple[Any, Any, Any]:
+    """``(a, g, samples)`` with either the instantiated per-example gradients or the input and
+    output gradient dropped, whichever holds more (both give the weighted sum)."""
+    if samples is None or a is None:
+        return a, g, samples
+    if samples.numel() <= a.numel() + g.numel():
+        return None, None, samples
+    return a, g, None
+
+
 def _chunks(x: torch.Tensor, elements_per_example: int | None = None) -> list[slice]:
     """Slices of the batch (dim 0 of ``x``) whose temporaries hold about ``_CHUNK_ELEMENTS``."""
     batch = x.shape[0]
@@ -136,6 +146,12 @@ class Outer:
             out = torch.einsum("bgtp,bgtd->gpd", g, self.a)
         return out.reshape(self.param.shape)
 
+    def compact(self) -> None:
+        """Keep only what :meth:`weighted` needs: the instantiated gradients if they were made
+        and are the smaller, else ``a`` and ``g`` (ghost mode keeps the pieces above its cut
+        until the coefficients are known)."""
+        self.a, self.g, self._samples = _smaller(self.a, self.g, self._samples)
+
     def release(self) -> None:
         self.g = self.a = self._samples = None  # type: ignore[assignment]
 
@@ -178,6 +194,9 @@ class Rows:
         out = torch.zeros(self.param.shape, dtype=g.dtype, device=g.device)
         return out.index_add_(0, self.ids.reshape(-1), g.reshape(-1, d))
 
+    def compact(self) -> None:
+        """Nothing to drop: ids and output gradients are all :meth:`weighted` reads."""
+
     def release(self) -> None:
         self.ids = self.g = None  # type: ignore[assignment]
 
@@ -196,6 +215,9 @@ class Direct:
 
     def weighted(self, c: torch.Tensor) -> torch.Tensor:
         return _weighted_sum(c, self.samples)
+
+    def compact(self) -> None:
+        """Nothing to drop: the gradients are all it holds."""
 
     def release(self) -> None:
         self.samples = None  # type: ignore[assignment]
@@ -343,6 +365,10 @@ class ConvWeight:
             return _weighted_sum(c, self._samples)
         g = self.g * c.to(self.g.dtype).view(-1, *([1] * (self.g.dim() - 1)))
         return _conv_weight_grad(self.module, self.a, g, per_example=False)
+
+    def compact(self) -> None:
+        """As :meth:`Outer.compact`."""
+        self.a, self.g, self._samples = _smaller(self.a, self.g, self._samples)
 
     def release(self) -> None:
         self.a = self.g = self._samples = None  # type: ignore[assignment]
