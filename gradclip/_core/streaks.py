@@ -18,13 +18,14 @@ its caller skipped, so its :class:`~gradclip.ClipInfo` has ``consecutive_skips=N
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 from gradclip._core.errors import DivergenceError, StateError
 from gradclip._core.types import ClipInfo
 from gradclip._core.validation import check_int
 
-__all__ = ["SkipStreak"]
+__all__ = ["SkipStreak", "divergence_error"]
 
 
 class SkipStreak:
@@ -110,20 +111,9 @@ class SkipStreak:
         self._given = ops.flat_concat([self._given[1:], given])
 
     def _error(self, ops: Any, streak: int) -> DivergenceError:
-        shown = min(streak, self.max_consecutive_skips)
-        norms = [float(v) for v in ops.to_list(self._norms)[-shown:]]
-        given = ops.to_list(self._given)[-shown:]
-        losses = [float(v) if g else None for v, g in zip(ops.to_list(self._losses)[-shown:], given)]
-        shown_losses = ", ".join("-" if v is None else f"{v:.6g}" for v in losses)
-        return DivergenceError(
-            f"{self.where}: {streak} optimizer steps in a row were skipped "
-            f"(max_consecutive_skips={self.max_consecutive_skips}); training is not progressing. "
-            f"Last gradient norms: [{', '.join(f'{v:.6g}' for v in norms)}]; last losses: [{shown_losses}]. "
-            "Lower the learning rate, check the data of these steps, or resume from an earlier checkpoint.",
-            streak,
-            norms,
-            losses,
-        )
+        given = ops.to_list(self._given)
+        losses = [v if g else None for v, g in zip(ops.to_list(self._losses), given)]
+        return divergence_error(self.where, self.max_consecutive_skips, streak, ops.to_list(self._norms), losses)
 
     def reset(self) -> None:
         """Forget the streak (after a restart from a checkpoint the user chose to roll back to)."""
@@ -147,3 +137,36 @@ class SkipStreak:
             raise StateError(f"{self.where}: the checkpoint's consecutive_skips must be an int >= 0, got {value!r}")
         self._count, self._host_count = None, value
         self._norms = self._losses = self._given = None
+
+
+def divergence_error(
+    where: str, limit: int, streak: int, norms: Sequence[float], losses: Sequence[float | None]
+) -> DivergenceError:
+    """The :class:`~gradclip.DivergenceError` for ``streak`` skipped steps in a row.
+
+    Shared by :class:`SkipStreak` and Keras' ``ClippingOptimizer``, which keeps its streak in
+    variables of its own.
+
+    Args:
+        where: The owner, for the message.
+        limit: ``max_consecutive_skips``.
+        streak: The steps skipped in a row.
+        norms: The gradient norms of the last ``limit`` steps, oldest first (host values).
+        losses: Their losses, None where no loss was given.
+
+    Returns:
+        The error, naming the streak and the norms and losses of its last ``min(streak, limit)``
+        steps (also its ``streak``, ``norms`` and ``losses`` attributes).
+    """
+    shown = max(0, min(streak, limit))
+    norms = [float(v) for v in list(norms)[len(norms) - shown:]]
+    losses = [None if v is None else float(v) for v in list(losses)[len(losses) - shown:]]
+    return DivergenceError(
+        f"{where}: {streak} optimizer steps in a row were skipped (max_consecutive_skips={limit}); "
+        f"training is not progressing. Last gradient norms: [{', '.join(f'{v:.6g}' for v in norms)}]; "
+        f"last losses: [{', '.join('-' if v is None else f'{v:.6g}' for v in losses)}]. "
+        "Lower the learning rate, check the data of these steps, or resume from an earlier checkpoint.",
+        streak,
+        norms,
+        losses,
+    )

@@ -91,11 +91,24 @@ import numpy as np
 from gradclip._core.clipper import Clipper
 from gradclip._core.errors import InvalidArgumentError
 from gradclip._core.registry import from_config
+from gradclip._core.streaks import divergence_error
 from gradclip._core.tree import flatten
 from gradclip._core.types import ClipInfo
 from gradclip._core.validation import check_int
-from gradclip.keras._distribute import all_reduce_sum, already_reduced, assign_each, check_strategy, nothing, replica_cond
-from gradclip.keras._signals import LossOfTheStep, StopOnDivergence, check_loss, divergence_error, watches_loss
+from gradclip.keras._distribute import (
+    all_reduce_sum,
+    already_reduced,
+    assign_each,
+    check_strategy,
+    nothing,
+    replica_cond,
+)
+from gradclip.keras._signals import (
+    LossOfTheStep,
+    StopOnDivergence,
+    check_loss,
+    watches_loss,
+)
 
 __all__ = ["ClippingOptimizer", "StopOnDivergence"]
 

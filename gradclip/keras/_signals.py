@@ -29,7 +29,7 @@ import numpy as np
 from gradclip._core.errors import BackendError, DivergenceError, InvalidArgumentError
 from gradclip._core.ops import framework_of
 
-__all__ = ["LossOfTheStep", "StopOnDivergence", "check_loss", "divergence_error", "watches_loss"]
+__all__ = ["LossOfTheStep", "StopOnDivergence", "check_loss", "watches_loss"]
 
 #: The gradclip framework of each Keras backend's tensors.
 _FRAMEWORK_OF_BACKEND = {"tensorflow": "tensorflow", "torch": "torch", "jax": "jax", "numpy": "numpy"}
@@ -94,23 +94,6 @@ class LossOfTheStep:
 def watches_loss(clipper: Any) -> bool:
     """Whether ``clipper`` or a clipper it wraps decides on the loss (``SkipOnSpike(signal="loss")``)."""
     return bool(getattr(clipper, "watches_loss", False)) or any(watches_loss(c) for c in clipper.children())
-
-
-def divergence_error(where: str, limit: int, streak: int, norms: np.ndarray, losses: np.ndarray) -> DivergenceError:
-    """The :class:`~gradclip.DivergenceError` for a streak of ``streak`` skipped steps, from the
-    rings of the last ``limit`` steps' norms and losses (None where no loss was given)."""
-    shown = max(0, min(streak, limit))
-    norms_list = [float(v) for v in norms[len(norms) - shown:]]
-    losses_list = [None if v is None else float(v) for v in losses[len(losses) - shown:]]
-    return DivergenceError(
-        f"{where}: {streak} optimizer steps in a row were skipped (max_consecutive_skips={limit}); "
-        f"training is not progressing. Last gradient norms: [{', '.join(f'{v:.6g}' for v in norms_list)}]; "
-        f"last losses: [{', '.join('-' if v is None else f'{v:.6g}' for v in losses_list)}]. "
-        "Lower the learning rate, check the data of these steps, or resume from an earlier checkpoint.",
-        streak,
-        norms_list,
-        losses_list,
-    )
 
 
 class StopOnDivergence(keras.callbacks.Callback):
