@@ -5,7 +5,7 @@
 Both private trainers get the same model initialisation, the same Poisson batches (q = 64/N),
 the same clipping bound C = 1, and σ from Opacus' RDP accountant for the target ε at δ = 1e-5
 over the run's steps; gradclip runs ``PerSample(mode="bk")`` + ``DPOptimizer`` through
-``gradclip.experiments.private.DPSGD`` (the loop of ``gradclip compare --private``), Opacus its
+``gradclip.experiments.private_training.DPSGD`` (the loop of ``gradclip compare --private``), Opacus its
 ``GradSampleModule`` (hooks) + ``DPOptimizer``. The noise draws differ (each library's own
 generator), so accuracies agree up to seed noise; three seeds are averaged. Non-private is the
 same model and schedule with mean loss and no clipping.
@@ -22,7 +22,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import gradclip
-from gradclip.experiments.private import DPSGD
+from gradclip.experiments.private_training import DPSGD
 from gradclip.torch import PoissonBatchSampler
 from gradclip.torch.accounting import Accountant, noise_multiplier_for
 

@@ -191,8 +191,8 @@ def _run_task(cls: type[Task], config: RunConfig, report: Callable[[int], None] 
     optimizer = task.configure_optimizer(model.parameters(), config.optimizer, config.lr)
     clipper = _clipper(config)
     if config.private is not None:
-        # DP-SGD's own loop: Poisson batches, per-example clipping, noise (experiments.private).
-        from gradclip.experiments.private import train_private
+        # DP-SGD's own loop: Poisson batches, per-example clipping, noise (experiments.private_training).
+        from gradclip.experiments.private_training import train_private
 
         history, diverged, privacy = train_private(
             task, model, optimizer, clipper, config.private, config.steps, config.seed, report
