@@ -76,10 +76,10 @@ class SkipStreak:
                 (a caught error followed by another skipped step raises again).
         """
         zero = ops.scalar(0, "int64")
-        previous = self._count if self._count is not None else ops.scalar(self._host_count, "int64")
         if not may_skip or info.skip is None:
-            count = zero
+            count = zero  # one operation per step for the clippers that never skip
         else:
+            previous = self._count if self._count is not None else ops.scalar(self._host_count, "int64")
             count = ops.where(ops.cast(info.skip, "bool"), previous + 1, zero)
         self._count = count
         info = info._replace(consecutive_skips=count)
