@@ -116,6 +116,7 @@ from gradclip.torch.scaling import (
     scaler_stage,
     set_step_flags,
 )
+from gradclip.torch.trainer_signals import StepLoss
 
 __all__ = ["ClippedOptimizer", "fold_unsupported_reason", "scaler_enabled", "scaler_stage"]
 
@@ -381,7 +382,7 @@ class ClippedOptimizer(torch.optim.Optimizer):
         if self._progress.micro == 0 or self._progress.failed_boundary:
             self.optimizer.zero_grad(set_to_none=set_to_none)
             self._progress.micro, self._progress.failed_boundary = 0, False
-            self._progress.losses = (None, 0)  # the discarded step's losses go with its gradients
+            self._progress.losses.clear()  # the discarded step's losses go with its gradients
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None, *, loss: Any = None) -> Any:  # type: ignore[override]
@@ -440,7 +441,7 @@ class ClippedOptimizer(torch.optim.Optimizer):
         # retry after fixing the cause is the same call again. (The counters change up front
         # because a closure's zero_grad() looks at them.)
         progress = self._progress
-        counters = (progress.micro, progress.stepped, progress.folded, progress.losses)
+        counters = (progress.micro, progress.stepped, progress.folded, progress.losses.snapshot())
         boundary = self.will_step
         try:
             # Clip (or fold) first, and call the inner step from this frame: torch's optimizers
@@ -454,7 +455,8 @@ class ClippedOptimizer(torch.optim.Optimizer):
             if boundary and closure is not None:
                 self._count_closure_skips()
         except BaseException:
-            progress.micro, progress.stepped, progress.folded, progress.losses = counters
+            progress.micro, progress.stepped, progress.folded, losses = counters
+            progress.losses.restore(losses)
             progress.failed_boundary = boundary
             progress.divergence = None
             raise
@@ -473,21 +475,21 @@ class ClippedOptimizer(torch.optim.Optimizer):
         if progress.micro < self.accumulation_steps:
             progress.stepped = False
             if closure is None:
-                progress.add_loss(loss)
+                progress.losses.add(loss)
                 return None
             with torch.enable_grad():
                 result = closure()
-            progress.add_loss(self._closure_loss(result))
+            progress.losses.add(self._closure_loss(result))
             return result
         progress.micro = 0
         progress.stepped = True
         progress.folded = self._fold_active and closure is None
         if closure is not None:
             result = self.optimizer.step(self._clipping_closure(closure))
-            progress.losses = (None, 0)
+            progress.losses.clear()
             return result
-        progress.add_loss(loss)
-        loss = progress.take_loss()
+        progress.losses.add(loss)
+        loss = progress.losses.take()
         return self._fold(loss) if self._fold_active else self._clip(loss)
 
     def _check_scaler_not_stepped(self) -> None:
@@ -636,7 +638,7 @@ class ClippedOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
             # This evaluation's loss with those of the step's earlier micro-batches.
-            signal = self._progress.mean_loss_with(self._closure_loss(loss))
+            signal = self._progress.losses.mean_with(self._closure_loss(loss))
             self._progress.closure_loss = signal
             named = self._named_parameters()
             info = self.clipper.clip_(named, **_signals(signal), **self._state_signals(named))
@@ -681,7 +683,7 @@ class ClippedOptimizer(torch.optim.Optimizer):
         loaded = optim_state.load(self, state_dict)
         restore_update()
         self._progress.micro, self._progress.failed_boundary = loaded.micro_step, False
-        self._progress.losses = (None, 0)
+        self._progress.losses.clear()
         self._streak.load_state_dict(loaded.consecutive_skips)
 
 
@@ -698,36 +700,12 @@ class _Progress:
         # The last optimizer-step boundary raised: the next zero_grad() discards its gradients.
         self.failed_boundary = False
         self.names: dict[int, str] | None = None  # parameter names of the monitor's model, by id
-        # The losses given to this optimizer step's calls so far: (their sum, how many), the sum
-        # a device tensor (or a Python number) so that averaging them never reads the device.
-        self.losses: tuple[Any, int] = (None, 0)
+        # The losses given to this optimizer step's calls so far, summed on the device (averaging
+        # them never reads it).
+        self.losses = StepLoss()
         self.closure_loss: Any = None  # the loss signal of a closure's last evaluation
         self.divergence: DivergenceError | None = None  # raised once the step is complete
         self.streak_ops: Any = None  # the Ops the skip streak counts with (see _count_skips)
-
-    def add_loss(self, loss: Any) -> None:
-        """Count one call's loss (None: the call gave none)."""
-        if loss is None:
-            return
-        if isinstance(loss, torch.Tensor):
-            # fp16/bf16 losses are summed in fp32; a one-element tensor becomes 0-d.
-            loss = loss.detach().reshape(()).to(torch.promote_types(loss.dtype, torch.float32))
-        total, count = self.losses
-        self.losses = (loss if total is None else total + loss, count + 1)
-
-    def mean_loss_with(self, loss: Any) -> Any:
-        """The mean of the losses counted so far and ``loss``, without counting ``loss``."""
-        saved = self.losses
-        self.add_loss(loss)
-        mean = self.take_loss()
-        self.losses = saved
-        return mean
-
-    def take_loss(self) -> Any:
-        """The mean of the losses counted for this optimizer step (None if none), and forget them."""
-        total, count = self.losses
-        self.losses = (None, 0)
-        return total if count <= 1 else total / count
 
 
 def _signals(loss: Any) -> dict[str, Any]:

@@ -23,6 +23,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import torch
+
 from gradclip._core.errors import DivergenceError
 from gradclip._core.ops import get_ops
 from gradclip._core.streaks import SkipStreak
@@ -32,7 +34,11 @@ __all__ = ["StepLoss", "count_skips"]
 
 
 class StepLoss:
-    """The losses of the micro-batches since the last optimizer step (detached, on the device)."""
+    """The losses of the micro-batches since the last optimizer step (detached, on the device).
+
+    Also :class:`~gradclip.torch.ClippedOptimizer`'s record of the losses given to the calls of
+    an accumulated step (``step(loss=...)``).
+    """
 
     def __init__(self) -> None:
         self._total: Any = None
@@ -51,7 +57,13 @@ class StepLoss:
             return
         # Anything else than a tensor (a number, another framework's array from an overridden
         # training step) is kept as given: the clipper's signal check accepts or names it.
-        value = loss.detach().float() if hasattr(loss, "detach") else loss
+        value = loss
+        if isinstance(loss, torch.Tensor):
+            # fp16/bf16 losses are summed in fp32 (fp64 ones in fp64); a one-element tensor
+            # becomes 0-d (any other shape is left for the clipper's signal check to name).
+            value = loss.detach().to(torch.promote_types(loss.dtype, torch.float32))
+            if value.numel() == 1:
+                value = value.reshape(())
         if scale is not None:
             value = value / scale
         self._total = value if self._total is None else self._total + value
@@ -65,13 +77,30 @@ class StepLoss:
                 by the number of micro-batches already).
 
         Returns:
-            A 0-d float32 tensor, or None when no loss was recorded since the last call.
+            A 0-d tensor (fp32, or fp64 for fp64 losses), or None when no loss was recorded since
+            the last call.
         """
         total, count = self._total, self._count
         self._total, self._count = None, 0
         if total is None:
             return None
         return total / count if mean and count > 1 else total
+
+    def mean_with(self, loss: Any) -> Any:
+        """The mean of the recorded losses and ``loss``, without recording ``loss``."""
+        saved = self.snapshot()
+        self.add(loss)
+        mean = self.take()
+        self.restore(saved)
+        return mean
+
+    def snapshot(self) -> tuple[Any, int]:
+        """What is recorded, for :meth:`restore` (a call that fails puts it back)."""
+        return self._total, self._count
+
+    def restore(self, snapshot: tuple[Any, int]) -> None:
+        """Go back to a :meth:`snapshot`."""
+        self._total, self._count = snapshot
 
     def clear(self) -> None:
         """Forget the recorded losses."""
