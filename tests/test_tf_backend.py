@@ -20,7 +20,6 @@ from gradclip._core.clipper import make_info  # noqa: E402
 from gradclip._core.contract import Decision  # noqa: E402
 from gradclip._core.ops import get_ops  # noqa: E402
 from gradclip.backends.tensorflow import TensorFlowOps  # noqa: E402
-from gradclip.clippers.norm import clip_coefficient  # noqa: E402
 from _frameworks import convert, tolerance  # noqa: E402
 from _ops_cases import CASES, case_ids, compare  # noqa: E402
 

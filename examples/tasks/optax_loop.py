@@ -9,8 +9,6 @@ clipper's request to skip a step, and ``gradclip.optax.clip_info`` reads what it
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 from gradclip.experiments import TrainTask

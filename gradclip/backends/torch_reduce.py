@@ -27,7 +27,6 @@ from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import torch
-import torch.distributed as dist
 
 from gradclip._core.errors import BackendError
 from gradclip.backends.torch_dtensor import (

@@ -340,7 +340,7 @@ def scenario_groups(checks: Checks, rank: int, world: int) -> None:
 
 
 def bad_input_groups(checks, rank, world, model, layout, rules, tp, tps, mp):
-    from gradclip.torch.reduction import ReductionSpec, replicated, sharded
+    from gradclip.torch.reduction import ReductionSpec, replicated
 
     set_grads(model, layout, whole_grads(0))
     before = [p.grad.clone() for _, p in model.named()]

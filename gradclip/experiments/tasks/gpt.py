@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 
-from gradclip.experiments.tasks.base import Task, TaskDefaults, make_optimizer
+from gradclip.experiments.tasks.base import TaskDefaults, make_optimizer
 from gradclip.experiments.tasks.charlm import CharWindowTask, _stdlib_text
 
 __all__ = ["GPTTask"]
