@@ -71,6 +71,15 @@ Stability policies
   whole step; ``measure="all"`` reports the norm of every group while clipping only some;
   ``last_infos`` holds each group's info. See :mod:`gradclip.torch.optim_groups`.
 
+Checkpoints
+-----------
+``state_dict()`` is the wrapped optimizer's own (``state`` and ``param_groups`` at the top level,
+so a plain torch optimizer, and code that handles optimizer checkpoints, take it) with gradclip's
+part under one extra key: the clipper's state, the micro-batch count, the skip streak and the
+update clipper's state. ``load_state_dict`` also takes a plain optimizer's checkpoint (the clipper
+then starts fresh, with a ``UserWarning``). The format and its validation:
+:mod:`gradclip.torch.optim_state`.
+
 Compiled steps: ``torch.compile(opt.step)`` compiles the clip (or the fold) with the step; torch's
 optimizers break the graph inside their own ``step()`` by design, and the clip adds no break of
 its own, except where it hands a fused optimizer its ``grad_scale``/``found_inf`` (fold, or a skip
