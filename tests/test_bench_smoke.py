@@ -83,3 +83,32 @@ def test_count_ops_counts_each_dispatched_operation_once():
     x = torch.ones(3)
     assert bench._count_ops(lambda: (x + 1).mul_(2).sum()) == 3
     assert bench._count_ops(lambda: None) == 0
+
+
+def test_the_critical_path_follows_what_each_operation_reads():
+    import torch
+
+    from gradclip.bench.workloads import _op_profile
+
+    x = torch.ones(3)
+    # A chain: each operation reads the one before (the in-place mul_ writes what sum reads).
+    assert _op_profile(lambda: (x + 1).mul_(2).sum()) == (3, 3)
+    # Three independent operations: one launch deep.
+    assert _op_profile(lambda: (x + 1, x + 2, x * 3)) == (3, 1)
+    # A write the operation does not return (_foreach_mul_ returns nothing) still carries its
+    # depth: the sum reads the scaled tensors, two operations after the norm.
+    ys = [torch.ones(4), torch.ones(5)]
+
+    def scaled_then_summed():
+        norm = torch.linalg.vector_norm(x)
+        torch._foreach_mul_(ys, norm)
+        return ys[0].sum()
+
+    assert _op_profile(scaled_then_summed) == (3, 3)
+    # torch's own clip_grad_norm_(foreach=True) is one dependent chain from the per-tensor
+    # norms to the scale.
+    params = [torch.nn.Parameter(torch.ones(8)) for _ in range(3)]
+    for param in params:
+        param.grad = torch.ones(8)
+    count, path = _op_profile(lambda: torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True))
+    assert path == count

@@ -20,7 +20,7 @@ torch = pytest.importorskip("torch")
 import gradclip
 from gradclip._core.ops import Ops
 from gradclip.backends.torch import TorchOps
-from gradclip.bench.workloads import _count_ops
+from gradclip.bench.workloads import _count_ops, _op_profile
 
 #: The most operations one ``clip_`` of each clipper (registry defaults) may dispatch, counted
 #: on CPU with the foreach kernels a GPU takes. torch's ``clip_grad_norm_(foreach=True)`` takes
@@ -37,6 +37,25 @@ LIMITS = {
     "value": 20,
     "norm": 23,
     "average_norm": 25,
+}
+
+#: The longest chain of dependent operations in one ``clip_`` (the step's latency in launches on
+#: a GPU, and the fewest launches any regrouping of its independent operations could reach
+#: without fusing). torch's ``clip_grad_norm_`` is one chain of 8; GlobalNorm's 9th is the
+#: non-finite policy's select after the exact-1 select. The adaptive clippers' chains are their
+#: state math (a percentile of AutoClip's sketch, ZClip's warm-up median and MAD then its EMAs):
+#: longer than GlobalNorm's count + 8 for AutoClip and ZClip, which is why only a compiled or
+#: captured step can bring them under it (benchmarks/RESULTS.md, rows OPS and C2).
+CRITICAL_PATHS = {
+    "global_norm": 9,
+    "non_finite": 6,
+    "quantile_norm": 11,
+    "skip_on_spike": 19,
+    "adagc": 18,
+    "autoclip": 37,
+    "zclip": 43,
+    "value": 9,
+    "norm": 13,
 }
 
 
@@ -64,6 +83,18 @@ def test_a_step_dispatches_at_most_its_limit(name):
         f"{name}: one clip_ dispatches {count} ATen operations, more than its limit {LIMITS[name]} "
         "(each is a kernel launch on a GPU)"
     )
+
+
+@pytest.mark.parametrize("name", sorted(CRITICAL_PATHS))
+def test_a_step_s_chain_of_dependent_operations_is_at_most_its_limit(name):
+    clipper = gradclip.get(name)
+    params = _params(20)
+    count, path = _op_profile(lambda: clipper.clip_(params, allow_repeat=True))
+    assert path <= CRITICAL_PATHS[name], (
+        f"{name}: one clip_ chains {path} dependent ATen operations, more than its limit "
+        f"{CRITICAL_PATHS[name]} (the step's latency in launches on a GPU)"
+    )
+    assert path <= count
 
 
 @pytest.mark.parametrize("name", ["global_norm", "adagc", "value"])

@@ -56,19 +56,57 @@ def _scaled(shapes, factor: float):
 
 def _count_ops(fn: Callable[[], Any]) -> int:
     """ATen operations ``fn`` dispatches (after one warm-up call), counted by a dispatch mode."""
-    from torch.utils._python_dispatch import TorchDispatchMode
+    return _op_profile(fn)[0]
 
-    class Counter(TorchDispatchMode):
-        count = 0
+
+def _op_profile(fn: Callable[[], Any]) -> tuple[int, int]:
+    """``(operations, critical path)`` of one call of ``fn`` (after one warm-up call).
+
+    The critical path is the longest chain of operations each of which reads what the one before
+    it wrote: a lower bound on the launches of the same dataflow that no regrouping of
+    independent operations can go under, only fusing dependent ones into one kernel (a compiled
+    or captured step). Tensors are followed by their storage, so views and in-place writes
+    (``mul_``, ``_foreach_mul_``, ``copy_`` into state) carry their writer's depth; every
+    operation's outputs are kept alive until the count ends, so no storage address is reused
+    for a different tensor while the depths are read. Tensors made before the call (gradients,
+    state) have depth 0.
+    """
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    def key(tensor):
+        storage = tensor.untyped_storage()
+        return storage.data_ptr() if storage.nbytes() else ("empty", id(tensor))
+
+    class Profiler(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.count, self.longest, self.depth, self.alive = 0, 0, {}, []
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            Counter.count += 1
-            return func(*args, **(kwargs or {}))
+            kwargs = kwargs or {}
+            inputs = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+            depth = 1 + max((self.depth.get(key(t), 0) for t in inputs), default=0)
+            out = func(*args, **kwargs)
+            written = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+            # An in-place or out= operation writes its mutated arguments, which it may not return
+            # (``_foreach_mul_`` returns nothing): the schema says which ones.
+            for position, argument in enumerate(func._schema.arguments):
+                if argument.alias_info is not None and argument.alias_info.is_write:
+                    value = args[position] if position < len(args) else kwargs.get(argument.name)
+                    written += [t for t in tree_leaves(value) if isinstance(t, torch.Tensor)]
+            for tensor in written:
+                self.depth[key(tensor)] = depth
+            self.alive.append(out)
+            self.count += 1
+            self.longest = max(self.longest, depth)
+            return out
 
     fn()
-    with Counter():
+    with Profiler() as profiler:
         fn()
-    return Counter.count
+    return profiler.count, profiler.longest
 
 
 def _peak_extra_bytes(fn: Callable[[], Any], device) -> int:
