@@ -172,12 +172,14 @@ def threshold_scope(clipper: str) -> str | None:
         None when the threshold is a global-norm bound (it can be drawn over the norm trace),
         else a phrase such as ``"bounds each element"``.
     """
+    from gradclip.clippers.chain import Chain
     from gradclip.clippers.subset import Subset
     from gradclip.experiments.spec import parse_spec
 
     built = parse_spec(clipper).build()
-    while isinstance(built, Subset):  # it reports the wrapped clipper's threshold
-        built = built.clipper
+    # A Subset reports the wrapped clipper's threshold, a Chain its last link's.
+    while isinstance(built, (Subset, Chain)):
+        built = built.clipper if isinstance(built, Subset) else built.clippers[-1]
     return None if built is None else _LOCAL_THRESHOLDS.get(built.name)
 
 

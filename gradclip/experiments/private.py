@@ -173,8 +173,8 @@ def check_private_clipper(text: str) -> None:
         InvalidArgumentError: ``none`` (no bound on an example's gradient, so no sensitivity),
             or a clipper :class:`~gradclip.torch.PerSample` refuses: ZClip, AutoClip and AdaGC
             (thresholds that follow private gradient norms without noise), element-wise and
-            unit-wise clippers (no per-example norm bound), a norm other than L2. The message
-            names the clipper and why.
+            unit-wise clippers (no per-example norm bound), a norm other than L2, a chain
+            (``a+b``). The message names the clipper and why.
     """
     spec = parse_spec(text)
     if spec.name == NONE:
@@ -182,6 +182,13 @@ def check_private_clipper(text: str) -> None:
             f"{_WHERE}: clipper 'none' bounds no example's gradient, so DP-SGD's noise has no sensitivity to "
             "scale to; for a non-private baseline run the same comparison without private (--private), "
             "for per-example clipping without noise use noise_multiplier=0"
+        )
+    if spec.links:
+        # PerSample bounds each example with one norm clipper and would refuse the built Chain
+        # by its class name; say it in the spec's own terms.
+        raise InvalidArgumentError(
+            f"{_WHERE}: clipper {spec.text!r} is a chain, and DP-SGD clips each example with one clipper "
+            "(global_norm, norm or quantile_norm); give one of them without '+'"
         )
     from gradclip.torch.per_sample import check_clipper
 

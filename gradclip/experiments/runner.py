@@ -112,9 +112,25 @@ def _clipper(config: RunConfig):
 
         # Measures the norm, never changes a gradient: "none" runs through the same code path.
         return gradclip.GlobalNorm(max_norm=math.inf)
-    if "seed" in clipper.config() and clipper.config()["seed"] is None:
-        clipper = parse_spec(f"{spec.text}{',' if spec.kwargs else ':'}seed={config.seed}").build()
-    return clipper
+    # A clipper drawing a random stream with its seed left unset (Subset) takes the run's seed,
+    # so a run is reproducible; in a chain each such link does.
+    links = spec.links or (spec,)
+    built = clipper.clippers if spec.links else (clipper,)
+    if not any(map(_unseeded, built)):
+        return clipper
+    texts = [_seeded(link.text, config.seed) if _unseeded(one) else link.text for link, one in zip(links, built)]
+    return parse_spec("+".join(texts)).build()
+
+
+def _unseeded(clipper) -> bool:
+    """Whether a clipper has a ``seed`` setting left at None."""
+    settings = clipper.config()
+    return "seed" in settings and settings["seed"] is None
+
+
+def _seeded(text: str, seed: int) -> str:
+    """A single clipper's canonical spec text with ``seed=`` added."""
+    return f"{text}{',' if ':' in text else ':'}seed={seed}"
 
 
 def _summary_fields(history: dict[str, list], started: float) -> dict[str, Any]:
