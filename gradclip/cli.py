@@ -117,7 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         metavar="SPEC",
         help="clipper spec, e.g. global_norm:max_norm=1.0 or value:min_value=-0.5,max_value=0.5 "
-        "or zclip or none (repeatable; default: the task's list, for adding: %s)" % " ".join(DEFAULT_CLIPPERS),
+        "or zclip or none; join specs with + to chain clippers, e.g. zclip+skip_on_spike:sigma=3 "
+        "(repeatable; default: the task's list, for adding: %s)" % " ".join(DEFAULT_CLIPPERS),
     )
     compare.add_argument(
         "--sweep", action="append", metavar="SPEC",
