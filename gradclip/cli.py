@@ -10,7 +10,9 @@ reported beside the metric (``--private epsilon=3`` or ``--private noise_multipl
 
 Exit codes: 0 success, 2 usage error (unknown task or clipper, a task that cannot be imported or
 breaks the contract, bad parameter, unwritable output directory, a missing optional
-dependency), 1 anything else.
+dependency), 1 anything else. ``gradclip compare`` exits 1 when no run finished (every run
+failed or was killed: there is nothing to compare); when only some runs failed it exits 0, and
+the table's ``failed`` column, the verdict's note and the ``failed run:`` lines name them.
 """
 
 from __future__ import annotations
@@ -268,6 +270,16 @@ def _compare(args: argparse.Namespace) -> int:
     for line in failure_lines(result.records):
         print(f"failed run: {line}")
     print(f"\nwrote {', '.join(p.name for p in result.files.values())} to {result.out}")
+    finished = sum(r.get("status", "ok") in ("ok", "diverged") for r in result.records)
+    if not finished:
+        # Nothing to compare is a failure of the command (exit 1), not a result; some failed
+        # runs among finished ones are a result, reported in the failed column (exit 0).
+        print(
+            f"gradclip compare: error: no run finished ({len(result.records)} of {len(result.records)} failed "
+            "or were killed); see the failed runs above",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 

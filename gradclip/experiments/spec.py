@@ -145,8 +145,9 @@ def parse_spec(text: str) -> ClipperSpec:
         UnknownNameError: Unknown clipper name (the message lists the valid ones), or a
             parameter the clipper does not take (the message lists the ones it does); in a
             chain the message names the link.
-        InvalidArgumentError: Malformed text, a value the clipper rejects (the message names
-            the parameter and its expected type), or in a chain an empty link or ``none``.
+        InvalidArgumentError: Malformed text, a parameter given twice, a value the clipper
+            rejects (the message names the parameter and its expected type), or in a chain an
+            empty link or ``none``.
     """
     if not isinstance(text, str) or not text.strip():
         raise InvalidArgumentError(f"clipper spec must be a non-empty string like 'global_norm:max_norm=1.0', got {text!r}")
@@ -199,6 +200,9 @@ def _parse_one(text: str, where: str) -> ClipperSpec:
             raise UnknownNameError(
                 f"{where}: {name} has no parameter {key!r}; its parameters: {', '.join(parameters) or '(none)'}"
             )
+        if key in kwargs:
+            # Silently keeping the last value would run another clipper than one of those typed.
+            raise InvalidArgumentError(f"{where}: {key} is given twice; give each parameter once")
         kwargs[key] = _parse_value(raw)
     try:
         get(name, **kwargs)  # the constructor validates every value

@@ -309,15 +309,36 @@ def judge(records: Sequence[dict[str, Any]], tolerance: float = TOLERANCE) -> Ve
             notes.append(edge)
         unclipped = next((s for s in standings if s.kind == "none" and s.finished), None)
         if unclipped is not None and unclipped.metric_mean == best_fixed.metric_mean:
-            notes.append(
-                f"no clipping reached the same {metric} as the best fixed threshold: on this task the bound "
-                "mattered little"
-            )
+            notes.append(_unclipped_note(unclipped, best_fixed, metric, greater, tolerance))
         equivalent = [s.clipper for s in fixed[1:] if _compare_to(s, best_fixed, greater, tolerance)[0]]
         if equivalent:
             notes.append(f"also within 5% of the best fixed threshold: {', '.join(equivalent)}")
     recommendation = _recommend(best, best_fixed, distances, ranked, metric, greater, tolerance)
     return Verdict(metric, greater, standings, best_fixed, best, distances, recommendation, notes)
+
+
+def _unclipped_note(unclipped: Standing, best_fixed: Standing, metric: str, greater: bool, tolerance: float) -> str:
+    """The note when no clipping's metric equals the best fixed threshold's.
+
+    An equal metric says the bound mattered little only when no clipping also diverged no more
+    often and, where the metric ties at 0 (nothing solved, so clippers are ranked by held-out
+    loss), its held-out loss is as close as "within" asks. A diverged run counts with the
+    task's diverged metric (0 for accuracy), so a metric of 0 can hide runs that blew up.
+    """
+    if unclipped.diverged > best_fixed.diverged:
+        return (
+            f"no clipping reached the same {metric} as the best fixed threshold, but it diverged on "
+            f"{unclipped.diverged}/{unclipped.runs} seeds against {best_fixed.diverged}/{best_fixed.runs}: "
+            "the bound kept runs from diverging"
+        )
+    within, _, basis = _compare_to(unclipped, best_fixed, greater, tolerance)
+    if basis == "eval loss" and not within:
+        return (
+            f"no clipping reached the same {metric} as the best fixed threshold (no seed solved either), but a "
+            f"held-out loss of {unclipped.eval_loss_median:.4g} against {best_fixed.eval_loss_median:.4g}: "
+            "the bound mattered"
+        )
+    return f"no clipping reached the same {metric} as the best fixed threshold: on this task the bound mattered little"
 
 
 def _better(a: float, b: float, greater: bool) -> bool:

@@ -1,0 +1,128 @@
+"""Defects a new user met in ``gradclip compare``/``bench`` and the experiment runner, each pinned
+by a small, fast check: exit statuses, the verdict's note on divergence, repeated spec keys,
+argument validation, single specs given as a string, wall time without start-up costs, and
+``--quick`` runs that meet the perturbation their task is about."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("torch", reason="the experiment runner trains torch models")
+pytest.importorskip("rich", reason="compare prints rich tables")
+pytest.importorskip("matplotlib", reason="compare writes plots")
+
+from gradclip import InvalidArgumentError  # noqa: E402
+from gradclip import cli  # noqa: E402
+from gradclip.experiments import judge  # noqa: E402
+
+
+def _compare(tmp_path: Path, *args: str) -> list[str]:
+    return ["compare", "--seeds", "1", "--jobs", "1", "--no-progress", "--out", str(tmp_path / "run"), *args]
+
+
+# -- 1: a comparison where no run finished exits 1 -----------------------------------------------
+
+FAILING = '''
+def train(clipper, seed, steps, report):
+    raise RuntimeError("boom: my training loop crashed")
+'''
+
+SOMETIMES = '''
+def train(clipper, seed, steps, report):
+    if clipper.config().get("max_norm") == 1.0:
+        raise RuntimeError("boom")
+    for step in range(steps):
+        report(step, 1.0 / (step + 1))
+    return {"accuracy": 0.5, "loss": 0.5}
+'''
+
+
+def test_compare_exits_1_when_no_run_finished(tmp_path, capsys):
+    task = tmp_path / "failing_task.py"
+    task.write_text(FAILING)
+    status = cli.main(_compare(tmp_path, "--task", f"{task}:train", "--clipper", "none",
+                               "--clipper", "global_norm:max_norm=1", "--steps", "3"))
+    captured = capsys.readouterr()
+    assert status == 1
+    assert "no run finished (2 of 2 failed or were killed)" in captured.err
+    assert "failed run:" in captured.out  # the errors are still listed, and the report written
+    assert (tmp_path / "run" / "results.jsonl").is_file()
+
+
+def test_compare_exits_0_when_only_some_runs_failed(tmp_path, capsys):
+    task = tmp_path / "sometimes.py"
+    task.write_text(SOMETIMES)
+    status = cli.main(_compare(tmp_path, "--task", f"{task}:train", "--clipper", "none",
+                               "--clipper", "global_norm:max_norm=1.0", "--steps", "3"))
+    out = capsys.readouterr().out
+    assert status == 0
+    row = next(line for line in out.splitlines() if line.startswith("│ global_norm"))
+    assert "1/1" in row and "failed" in out  # the failed column names the failure
+
+
+# -- 2: the verdict counts divergence ------------------------------------------------------------
+
+
+def _record(clipper, seed, metric, eval_loss=0.1, diverged=False):
+    return {"clipper": clipper, "seed": seed, "metric_name": "success", "greater_is_better": True,
+            "metric": metric, "solved": metric >= 0.9 and not diverged, "diverged": diverged,
+            "eval_loss": eval_loss, "status": "diverged" if diverged else "ok"}
+
+
+def test_no_clipping_that_diverges_where_the_bound_does_not_is_not_called_a_bound_that_mattered_little():
+    records = []
+    for seed in range(2):
+        records.append(_record("none", seed, 0.0, math.nan, diverged=True))
+        records.append(_record("global_norm:max_norm=1.0", seed, 0.0, 0.17))
+    verdict = judge(records)
+    assert verdict.best_fixed.clipper == "global_norm:max_norm=1.0"
+    text = "\n".join(verdict.lines())
+    assert "mattered little" not in text
+    assert "diverged on 2/2 seeds against 0/2: the bound kept runs from diverging" in text
+
+
+def test_a_tied_metric_at_zero_with_a_worse_held_out_loss_is_not_called_little():
+    records = []
+    for seed in range(2):
+        records.append(_record("none", seed, 0.0, 0.9))
+        records.append(_record("global_norm:max_norm=1.0", seed, 0.0, 0.2))
+    text = "\n".join(judge(records).lines())
+    assert "mattered little" not in text and "held-out loss of 0.9 against 0.2: the bound mattered" in text
+
+
+def test_no_clipping_as_good_and_as_stable_still_mattered_little():
+    records = []
+    for seed in range(2):
+        records.append(_record("none", seed, 0.95))
+        records.append(_record("global_norm:max_norm=1.0", seed, 0.95))
+    assert any("on this task the bound mattered little" in note for note in judge(records).notes)
+
+
+# -- 5: a key given twice in a spec ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text", ["global_norm:max_norm=1,max_norm=2", "zclip+global_norm:max_norm=1, max_norm=1"])
+def test_a_spec_naming_a_key_twice_is_refused(text):
+    from gradclip.experiments.spec import parse_spec
+
+    with pytest.raises(InvalidArgumentError, match=r"max_norm is given twice") as error:
+        parse_spec(text)
+    assert repr(text) in str(error.value)
+
+
+def test_a_sweep_naming_a_key_twice_is_refused():
+    from gradclip.experiments.sweep import parse_sweep
+
+    with pytest.raises(InvalidArgumentError, match=r"--sweep 'global_norm:max_norm=1,2,max_norm=3': max_norm is given twice"):
+        parse_sweep("global_norm:max_norm=1,2,max_norm=3")
+
+
+def test_compare_refuses_a_repeated_key_as_a_usage_error(tmp_path, capsys):
+    status = cli.main(_compare(tmp_path, "--task", "digits", "--steps", "2",
+                               "--clipper", "global_norm:max_norm=1,max_norm=2"))
+    assert status == 2
+    assert "clipper spec 'global_norm:max_norm=1,max_norm=2': max_norm is given twice" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "results.jsonl").exists()
