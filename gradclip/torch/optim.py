@@ -123,7 +123,9 @@ from gradclip.torch.scaling import (
     fold_unsupported_reason,
     scaler_enabled,
     scaler_stage,
+    scaler_step_outside_trace,
     set_step_flags,
+    share_wrapper_stage,
 )
 from gradclip.torch.trainer_signals import StepLoss
 
@@ -150,10 +152,14 @@ class ClippedOptimizer(torch.optim.Optimizer):
             ``True`` require it, ``False`` never (see the module documentation).
         accumulation_steps: Micro-batches per optimizer step, ``>= 1``. Call ``step()`` and
             ``zero_grad()`` after every backward: only every k-th call clips and steps.
-        monitor: A :class:`gradclip.Monitor`; ``monitor.observe(info)`` is called after each clip.
+        monitor: A :class:`gradclip.Monitor`; ``monitor.observe(info)`` is called after each clip,
+            and with ``Monitor(updates=True)`` its ``before_step()``/``after_step()`` around each
+            optimizer step (the update's norms join the step's record; call neither yourself).
         max_consecutive_skips: Keyword only. Raise :class:`gradclip.DivergenceError` when this
             many optimizer steps in a row were skipped (an int ``>= 1``), or None (default) to
-            only count them in ``last_info.consecutive_skips``.
+            only count them in ``last_info.consecutive_skips``. The clipper's skips count (warns
+            if it can never skip); a GradScaler's overflow skips do not: they are how the scaler
+            finds its scale, often several in a row at the start.
         measure: Keyword only, with a per-group mapping: ``"clipped"`` (default) reports in
             ``last_info.norm`` the clipped groups' norm, ``"all"`` the norm of every group's
             gradients before clipping (one more read of them per step).
@@ -249,6 +255,7 @@ class ClippedOptimizer(torch.optim.Optimizer):
         self._streak = streak
         self._progress = _Progress()
         self._may_skip = clipper.may_skip
+        streak.warn_if_never_skips(clipper)
         self._optimizer_reason = fold_unsupported_reason(optimizer)
         self._clipper_reason = clipper.cannot_fold_reason()
         if fold is True:
@@ -333,6 +340,7 @@ class ClippedOptimizer(torch.optim.Optimizer):
             )
         self.clipper.add_group(where, param_group, clipper, self.fold)
         self._may_skip = self.clipper.may_skip
+        self._streak.warn_if_never_skips(self.clipper)
         self._clipper_reason = self.clipper.cannot_fold_reason()
         self._fold_active = self.fold is not False and self._optimizer_reason is None and self._clipper_reason is None
 
@@ -443,6 +451,9 @@ class ClippedOptimizer(torch.optim.Optimizer):
         if loss is not None:  # validated before anything changes (a detached one-element value)
             loss = signals_from("ClippedOptimizer.step", {"loss": loss}, "torch").loss
         if self.will_step:
+            if scaler_enabled(self.scaler):
+                # scaler.unscale_(this wrapper), torch's AMP recipe: one unscale, not two.
+                share_wrapper_stage(self.scaler, self, self.optimizer)
             self._check_scaler_not_stepped()  # before anything changes: gradients, state, counters
             if self._update_clipping is not None:
                 self._update_clipping.check_call(closure)
@@ -452,6 +463,8 @@ class ClippedOptimizer(torch.optim.Optimizer):
         progress = self._progress
         counters = (progress.micro, progress.stepped, progress.folded, progress.losses.snapshot())
         boundary = self.will_step
+        if boundary:
+            self._monitor_call("before_step")  # the parameters before the update, with updates=True
         try:
             # Clip (or fold) first, and call the inner step from this frame: torch's optimizers
             # break a torch.compile graph inside their step, and a break here, after every
@@ -470,6 +483,8 @@ class ClippedOptimizer(torch.optim.Optimizer):
             progress.divergence = None
             raise
         progress.failed_boundary = False
+        if boundary:
+            self._monitor_call("after_step")  # the update's norms, into the step's record
         # The step is complete (skipped and counted): a streak past the bound is raised now.
         divergence, progress.divergence = progress.divergence, None
         if divergence is not None:
@@ -569,6 +584,13 @@ class ClippedOptimizer(torch.optim.Optimizer):
             else:
                 self.monitor.observe(info, layer_norms=layer_norms)
 
+    def _monitor_call(self, name: str) -> None:
+        """Call the monitor's ``before_step``/``after_step`` (they do nothing unless
+        ``updates=True``); a duck-typed monitor with only ``observe`` is left alone."""
+        method = getattr(self.monitor, name, None)
+        if callable(method):
+            method()
+
     def _unscale_once(self) -> None:
         if not scaler_enabled(self.scaler):
             return
@@ -602,6 +624,8 @@ class ClippedOptimizer(torch.optim.Optimizer):
         through_scaler = scaler_enabled(self.scaler)
         flags = set_step_flags(self.optimizer, divisor, skip, through_scaler)
         try:
+            if through_scaler and takes_flags:
+                return scaler_step_outside_trace(self.scaler, self.optimizer)
             if through_scaler:
                 return self.scaler.step(self.optimizer)
             return self.optimizer.step()

@@ -21,7 +21,9 @@ __all__ = [
     "fold_unsupported_reason",
     "scaler_enabled",
     "scaler_stage",
+    "scaler_step_outside_trace",
     "set_step_flags",
+    "share_wrapper_stage",
 ]
 
 
@@ -66,6 +68,42 @@ def scaler_stage(scaler: Any, optimizer: torch.optim.Optimizer) -> str | None:
         return "ready"
     stage = getattr(state.get("stage"), "name", None)
     return {"READY": "ready", "UNSCALED": "unscaled", "STEPPED": "stepped"}.get(stage or "", None)
+
+
+@torch.compiler.disable  # a write into the scaler's own bookkeeping, like _set_step_flags
+def share_wrapper_stage(scaler: Any, wrapper: Any, optimizer: torch.optim.Optimizer) -> None:
+    """Make ``optimizer``'s GradScaler record the one kept for ``wrapper`` once the scaler has
+    unscaled the gradients through the wrapper.
+
+    GradScaler keeps each optimizer's stage and inf checks by ``id(optimizer)``. A wrapper that
+    steps ``optimizer`` through the scaler has the same ``param_groups``, so torch's AMP recipe
+    ``scaler.unscale_(wrapper)`` (to inspect the gradients before ``step()``), or code kept from
+    before the wrapper, ``scaler.step(wrapper)``, unscales the gradients under the wrapper's id,
+    and the scaler, asked about ``optimizer``, would unscale them a second time. Sharing the
+    record (the same dict under both ids) makes both ids see one unscale and one inf check;
+    ``update()`` reads the same inf flags twice, which changes nothing. Nothing happens unless the
+    wrapper's gradients were unscaled and ``optimizer``'s were not.
+    """
+    states = getattr(scaler, "_per_optimizer_states", None)
+    if not isinstance(states, dict):
+        return
+    if scaler_stage(scaler, wrapper) == "unscaled" and scaler_stage(scaler, optimizer) == "ready":
+        states[id(optimizer)] = states[id(wrapper)]
+
+
+@torch.compiler.disable
+def scaler_step_outside_trace(scaler: Any, optimizer: torch.optim.Optimizer) -> Any:
+    """``scaler.step(optimizer)`` for an optimizer that reads ``grad_scale``/``found_inf``,
+    always run eagerly.
+
+    ``GradScaler.step`` hands a fused optimizer its scale and inf flags by writing them as
+    attributes on the optimizer just before its step (and the pre-hook of :func:`set_step_flags`
+    combines the clip's into them at that moment). Inside a ``torch.compile`` trace dynamo drops
+    such writes on an optimizer silently, so a compiled ``opt.step`` applied neither the clip
+    coefficient nor the skip. A fused step is one kernel per parameter group: tracing it gains
+    nothing, and run eagerly every write is real.
+    """
+    return scaler.step(optimizer)
 
 
 
