@@ -80,6 +80,7 @@ class _Slot:
     def __init__(self, clipper: Clipper, max_consecutive_skips: int | None, where: str):
         self.clipper = clipper
         self.streak = SkipStreak(max_consecutive_skips, where)
+        self.streak.warn_if_never_skips(clipper)
         self.may_skip = clipper.may_skip
 
 

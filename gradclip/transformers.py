@@ -125,6 +125,7 @@ class GradClipCallback(_TrainerCallback, _ExportableState):
             )
 
         self.streak = SkipStreak(max_consecutive_skips, "GradClipCallback")
+        self.streak.warn_if_never_skips(clipper)
         self.max_consecutive_skips = max_consecutive_skips
         self.clipper = clipper
         # A clipper checkpoint to load when training begins (set by the Trainer's restore).

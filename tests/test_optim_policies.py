@@ -229,7 +229,8 @@ def test_a_step_taken_resets_the_streak():
 def test_consecutive_skips_is_counted_without_a_bound_and_without_a_host_read(fused):
     model = _model()
     inner = torch.optim.Adam(model.parameters(), lr=0.01, fused=True) if fused else torch.optim.SGD(model.parameters(), lr=0.1)
-    opt = gct.ClippedOptimizer(inner, gradclip.GlobalNorm(0.5), max_consecutive_skips=2)
+    with pytest.warns(UserWarning, match="max_consecutive_skips=2 has no effect: GlobalNorm never skips"):
+        opt = gct.ClippedOptimizer(inner, gradclip.GlobalNorm(0.5), max_consecutive_skips=2)
     for x in _batches(3):
         model(x).pow(2).mean().backward()
         with record_host_reads() as reads:

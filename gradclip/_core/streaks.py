@@ -18,6 +18,7 @@ its caller skipped, so its :class:`~gradclip.ClipInfo` has ``consecutive_skips=N
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -52,6 +53,21 @@ class SkipStreak:
         self._norms: Any = None
         self._losses: Any = None
         self._given: Any = None
+
+    def warn_if_never_skips(self, clipper: Any) -> None:
+        """Warn when a bound is set but ``clipper`` can never skip a step: the bound would never
+        fire, silently. (A GradScaler's overflow skips are not counted: they are how the scaler
+        finds its scale, often several in a row at the start, not the clipper's judgement.)"""
+        if self.max_consecutive_skips is None or getattr(clipper, "may_skip", True):
+            return
+        warnings.warn(
+            f"{self.where}: max_consecutive_skips={self.max_consecutive_skips} has no effect: "
+            f"{type(clipper).__name__} never skips a step, so no streak can form. Give a clipper "
+            "that can skip (nonfinite='skip', SkipAbove, SkipOnSpike, ...), or leave the bound out. "
+            "A GradScaler's overflow skips are not counted.",
+            UserWarning,
+            stacklevel=3,
+        )
 
     @property
     def count(self) -> Any:
