@@ -17,8 +17,9 @@
 What ``step()`` does, in order:
 
 1. **Unscale** the gradients with the ``torch.amp.GradScaler`` given as ``scaler``, exactly once:
-   when you already called ``scaler.unscale_(optimizer)`` (to inspect the gradients yourself) it
-   is not done again.
+   when you already called ``scaler.unscale_(opt)`` on this wrapper or on the optimizer inside it
+   (to inspect the gradients yourself) it is not done again, and code that kept torch's
+   ``scaler.step(opt)`` steps once with gradients unscaled once.
 2. **Clip** with the clipper, once per optimizer step. With ``accumulation_steps=k`` only every
    k-th call to ``step()`` clips and steps; the calls in between (and their ``zero_grad()``) do
    nothing, so gradients accumulate over k micro-batches and the clipper's state advances once.
