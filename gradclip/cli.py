@@ -359,6 +359,13 @@ def _print_summary(rows, meta, spent=None) -> None:
 
 
 def _read_log(path: Path) -> list[dict[str, Any]]:
+    if path.is_dir():
+        logs = sorted(p.name for p in path.glob("*.jsonl"))[:3]
+        hint = f" (there: {', '.join(logs)})" if logs else ""
+        raise UsageError(
+            f"{str(path)!r} is a directory; give the path of a Monitor JSON Lines log file (one JSON record "
+            f"with a 'norm' field per line, e.g. {str(path / 'clip.jsonl')!r}){hint}"
+        )
     if not path.is_file():
         raise UsageError(f"log file {str(path)!r} does not exist")
     records = []

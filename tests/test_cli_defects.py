@@ -126,3 +126,75 @@ def test_compare_refuses_a_repeated_key_as_a_usage_error(tmp_path, capsys):
     assert status == 2
     assert "clipper spec 'global_norm:max_norm=1,max_norm=2': max_norm is given twice" in capsys.readouterr().err
     assert not (tmp_path / "run" / "results.jsonl").exists()
+
+
+# -- 4: gradclip bench checks its options before running -----------------------------------------
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (["--device", "tpu"], "--device must be cpu, cuda or cuda:N, got 'tpu'"),
+        (["--threads", "-1"], "argument --threads: must be an integer >= 1, got '-1'"),
+        (["--threads", "0"], "argument --threads: must be an integer >= 1, got '0'"),
+        (["--rounds", "-3"], "argument --rounds: must be an integer >= 1, got '-3'"),
+        (["--rounds", "0"], "argument --rounds: must be an integer >= 1, got '0'"),
+    ],
+)
+def test_bench_refuses_bad_options_as_usage_errors(options, message, capsys, tmp_path):
+    from gradclip import bench
+
+    out = tmp_path / "RESULTS.md"
+    with pytest.raises(SystemExit) as exit_:
+        bench.main(["--quick", "--only", "p3", "--out", str(out), *options])
+    assert exit_.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()  # refused before anything ran
+
+
+def test_bench_refuses_cuda_on_a_machine_without_it(capsys):
+    import torch
+
+    from gradclip import bench
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(SystemExit) as exit_:
+        bench.main(["--quick", "--only", "p3", "--device", "cuda"])
+    assert exit_.value.code == 2
+    assert "--device 'cuda': this PyTorch sees no CUDA device" in capsys.readouterr().err
+
+
+def test_gradclip_bench_exits_2_on_a_bad_option(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["bench", "--quick", "--only", "p3", "--rounds", "0"])
+    assert exit_.value.code == 2
+
+
+# -- 6: one spec as a string; a directory given as a log -----------------------------------------
+
+
+def test_compare_takes_one_spec_given_as_a_string():
+    from gradclip.experiments.compare import plan_comparison
+
+    plan = plan_comparison("digits", "global_norm", seeds=1, steps=2)
+    assert plan.clippers == ["global_norm"]
+    plan = plan_comparison("digits", "zclip+skip_on_spike", seeds=1, steps=2)
+    assert [c.clipper for c in plan.configs] == ["zclip+skip_on_spike"]
+    plan = plan_comparison("digits", "none", sweep="global_norm:max_norm=1,2", seeds=1, steps=2)
+    assert plan.clippers == ["none", "global_norm:max_norm=1.0", "global_norm:max_norm=2.0"]
+
+
+def test_expand_reads_a_string_as_one_spec():
+    from gradclip.experiments.sweep import expand
+
+    assert expand("zclip", "global_norm:max_norm=1,2") == ["zclip", "global_norm:max_norm=1.0", "global_norm:max_norm=2.0"]
+
+
+@pytest.mark.parametrize("command", ["suggest", "report"])
+def test_a_directory_given_as_the_log_is_named_a_directory(command, tmp_path, capsys):
+    (tmp_path / "clip.jsonl").write_text('{"norm": 1.0}\n')
+    assert cli.main([command, str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert f"'{tmp_path}' is a directory; give the path of a Monitor JSON Lines log file" in err
+    assert "does not exist" not in err and "(there: clip.jsonl)" in err

@@ -77,26 +77,65 @@ __all__ = [
 ]
 
 
+def _at_least_one(text: str) -> int:
+    """An argparse ``type=``: an integer >= 1 (argparse names the option in the usage error)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return value
+
+
+def _device(parser: argparse.ArgumentParser, text: str | None):
+    """The ``--device`` as a ``torch.device``: cpu, or cuda/cuda:N on a machine that has it.
+
+    Anything else is a usage error (``parser.error``: exit status 2) naming the value."""
+    import torch
+
+    if text is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    kind, colon, index = text.strip().lower().partition(":")
+    if kind not in ("cpu", "cuda") or (colon and not index.isdigit()) or (kind == "cpu" and colon and index != "0"):
+        parser.error(f"--device must be cpu, cuda or cuda:N, got {text!r}")
+    if kind == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            parser.error(f"--device {text!r}: this PyTorch sees no CUDA device (torch.cuda.is_available() is False); "
+                         "use --device cpu")
+        if colon and int(index) >= count:
+            parser.error(f"--device {text!r}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
+    return torch.device(f"{kind}{colon}{index}")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmarks, print a table, and write RESULTS.md unless ``--quick``.
 
     Returns:
         0, or 1 when a benchmark failed to run (a missed target is not a failure).
+
+    Raises:
+        SystemExit: Status 2 for a bad option (argparse's usage error): an unknown group, a
+            ``--device`` other than cpu/cuda/cuda:N or one this machine lacks, ``--rounds`` or
+            ``--threads`` below 1; the message names the option, the value and the valid range.
     """
     parser = argparse.ArgumentParser(prog="gradclip bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smoke sizes, few rounds, no RESULTS.md unless --out")
     parser.add_argument("--out", type=Path, help="where to write RESULTS.md (default benchmarks/RESULTS.md)")
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     parser.add_argument("--only", nargs="*", choices=GROUPS, help="benchmark groups to run (default: all)")
-    parser.add_argument("--rounds", type=int, default=None, help="timed rounds per benchmark (default 11, quick 3)")
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads before running")
+    parser.add_argument("--rounds", type=_at_least_one, default=None,
+                        help="timed rounds per benchmark, >= 1 (default 11, quick 3)")
+    parser.add_argument("--threads", type=_at_least_one, default=None,
+                        help="torch.set_num_threads before running, >= 1 (default: torch's)")
     parser.add_argument("--label", default="", help="names this run's section of RESULTS.md (with the device)")
     args = parser.parse_args(argv)
+    device = _device(parser, args.device)  # checked before anything runs or is written
     import torch
 
-    if args.threads:
+    if args.threads is not None:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     bench = _Bench(args.quick, str(device), args.rounds)
     started = time.perf_counter()
     machine = _machine(device)

@@ -116,7 +116,7 @@ def _seeds(seeds: Any) -> list[int]:
 
 def plan_comparison(
     task: Any,
-    clippers: Sequence[str] | None = None,
+    clippers: Sequence[str] | str | None = None,
     *,
     sweep: Sequence[str] | str | None = None,
     seeds: int | Sequence[int] = 3,
@@ -149,6 +149,9 @@ def plan_comparison(
             per-example rule, no training set or per-example losses).
     """
     loaded = task if isinstance(task, LoadedTask) else load_task(task)
+    # One spec given as a string is one clipper, not a list of one-letter specs.
+    if isinstance(clippers, str):
+        clippers = [clippers]
     if isinstance(sweep, str):
         sweep = [sweep]
     specs = expand(list(clippers) if clippers else None, sweep)
@@ -324,7 +327,7 @@ def run_comparison(
 
 def compare(
     task: Any,
-    clippers: Sequence[str] | None = None,
+    clippers: Sequence[str] | str | None = None,
     *,
     sweep: Sequence[str] | str | None = None,
     seeds: int | Sequence[int] = 3,
@@ -349,11 +352,11 @@ def compare(
             ``"package.module:factory"``, a :class:`~gradclip.experiments.Task` subclass, a
             :class:`~gradclip.experiments.TrainTask` or a ``train(clipper, seed, steps,
             report)`` function (see :mod:`gradclip.experiments.loading`).
-        clippers: Clipper specs (``"global_norm:max_norm=1.0"``, ``"zclip"``, ``"none"``).
-            Default, when ``sweep`` is not given either: the task's own default list, else
+        clippers: Clipper specs (``"global_norm:max_norm=1.0"``, ``"zclip"``, ``"none"``), or
+            one spec as a string (``"zclip+skip_on_spike"`` is one chained clipper). Default, when ``sweep`` is not given either: the task's own default list, else
             :data:`DEFAULT_CLIPPERS`.
-        sweep: Sweep texts (``"global_norm:max_norm=logspace(0.1,10,5)"``), expanded after
-            ``clippers`` (see :func:`~gradclip.experiments.sweep`).
+        sweep: Sweep texts (``"global_norm:max_norm=logspace(0.1,10,5)"``), or one as a string,
+            expanded after ``clippers`` (see :func:`~gradclip.experiments.sweep`).
         seeds: How many seeds (0, 1, ...), or the seeds themselves.
         steps: Optimizer steps per run (default: the task's).
         lr: Learning rate (Task tasks; default: the task's).

@@ -264,14 +264,17 @@ def _identity(text: str) -> tuple:
     )
 
 
-def expand(clippers: Sequence[str] | None, sweeps: Sequence[str] | None) -> list[str]:
+def expand(clippers: Sequence[str] | str | None, sweeps: Sequence[str] | str | None) -> list[str]:
     """Clipper specs, then every sweep's, canonical and without repeats (the first spelling of
-    a clipper is kept: ``max_norm=1`` and ``max_norm=1.0`` are one clipper).
+    a clipper is kept: ``max_norm=1`` and ``max_norm=1.0`` are one clipper). A string is one
+    spec (or one sweep), not a list of one-letter specs.
 
     Raises:
         InvalidArgumentError, UnknownNameError: As :func:`~gradclip.experiments.spec.parse_spec`
             and :func:`parse_sweep`.
     """
+    clippers = [clippers] if isinstance(clippers, str) else clippers
+    sweeps = [sweeps] if isinstance(sweeps, str) else sweeps
     specs: list[str] = []
     seen: set[tuple] = set()
     candidates = [parse_spec(text).text for text in clippers or ()]
