@@ -213,3 +213,21 @@ def test_state_dict_round_trip_keeps_accountant_and_quantile_bound(tmp_path):
     opt2.load_state_dict(state)
     assert float(ps2.state.norm) == float(ps.state.norm) != 0.01
     assert opt2.accountant.steps == 3 and opt2.epsilon(1e-5) == opt.epsilon(1e-5)
+
+
+def test_amp_scaler_unscaled_through_the_wrapper_unscales_once():
+    # torch's AMP recipe calls scaler.unscale_(optimizer) before step() to look at the gradients;
+    # the optimizer the user holds is the DPOptimizer, whose param_groups are the inner one's.
+    x = torch.randn(8, 6)
+    model, _, opt = _setup()
+    opt.backward(_loss(model, x))
+    opt.step()
+    plain = [p.detach().clone() for p in model.parameters()]
+    scaler = torch.amp.GradScaler("cpu", init_scale=256.0)
+    model, _, opt = _setup(scaler=scaler)
+    opt.backward(_loss(model, x))
+    scaler.unscale_(opt)
+    opt.step()
+    scaler.update()
+    for a, p in zip(plain, model.parameters()):
+        torch.testing.assert_close(p.detach(), a)

@@ -29,6 +29,7 @@ from gradclip._core.errors import InvalidArgumentError
 from gradclip.clippers import QuantileNorm
 from gradclip.torch.accounting import Accountant, check_noise
 from gradclip.torch.optim import scaler_enabled, scaler_stage
+from gradclip.torch.scaling import share_wrapper_stage
 from gradclip.torch.per_sample import PerSample
 
 __all__ = ["DPOptimizer", "PoissonBatchSampler", "poisson_loader"]
@@ -188,6 +189,8 @@ class DPOptimizer:
             raise InvalidArgumentError("DPOptimizer.step: closures are not supported (the noise is drawn once)")
         params = [p for _, p in self.per_sample.parameters]
         through_scaler = scaler_enabled(self.scaler)
+        if through_scaler:
+            share_wrapper_stage(self.scaler, self, self.optimizer)  # scaler.unscale_(this): once
         if through_scaler and scaler_stage(self.scaler, self.optimizer) != "unscaled":
             self.scaler.unscale_(self.optimizer)
         for p in params:
