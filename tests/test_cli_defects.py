@@ -198,3 +198,86 @@ def test_a_directory_given_as_the_log_is_named_a_directory(command, tmp_path, ca
     err = capsys.readouterr().err
     assert f"'{tmp_path}' is a directory; give the path of a Monitor JSON Lines log file" in err
     assert "does not exist" not in err and "(there: clip.jsonl)" in err
+
+
+# -- 3: wall time counts training, not a process's start-up --------------------------------------
+
+from gradclip.experiments import Task  # noqa: E402
+
+
+class _SlowToBuild(Task):
+    """A tiny regression whose construction takes 0.4 s (as loading a data set or importing a
+    heavy library does on a worker's first run)."""
+
+    name = "slow-to-build"
+    metric_name = "loss"
+    greater_is_better = False
+
+    def __init__(self, seed):
+        import time
+
+        time.sleep(0.4)
+        super().__init__(seed)
+
+    def model(self):
+        import torch
+
+        return torch.nn.Linear(2, 1)
+
+    def batch(self, step):
+        import torch
+
+        return torch.ones(4, 2), torch.zeros(4, 1)
+
+    def loss(self, model, batch):
+        x, y = batch
+        return ((model(x) - y) ** 2).mean()
+
+    def evaluate(self, model):
+        loss = float(self.loss(model, self.batch(0)).detach())
+        return {"loss": loss}
+
+    def solved(self, metric):
+        return metric < 0.1
+
+
+def test_wall_time_leaves_out_building_the_task(tmp_path):
+    from gradclip.experiments import compare
+
+    result = compare(_SlowToBuild, "none", seeds=1, steps=3, jobs=1)
+    (record,) = result.records
+    assert record["status"] == "ok", record.get("error")
+    assert 0 < record["wall_time"] < 0.4
+
+
+def test_wall_time_leaves_out_a_clippers_first_use_in_the_process(monkeypatch):
+    import time
+
+    import gradclip
+    from gradclip.experiments import compare, runner
+
+    original, calls = gradclip.GlobalNorm.clip_, []
+
+    def clip_(self, *args, **kwargs):
+        if not calls:
+            time.sleep(0.4)  # a lazy import on the first use, say
+        calls.append(1)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(gradclip.GlobalNorm, "clip_", clip_)
+    monkeypatch.setattr(runner, "_WARM", set())
+    result = compare(_SlowToBuild, "global_norm:max_norm=1.0", seeds=1, steps=3, jobs=1)
+    (record,) = result.records
+    assert record["status"] == "ok", record.get("error")
+    assert len(calls) == 3 + 1 and record["wall_time"] < 0.4
+
+
+def test_the_warm_up_changes_no_result():
+    # The first run of a spec in a process (warmed up) and a later one (not) are bit for bit equal.
+    from gradclip.experiments import runner
+    from gradclip.experiments.runner import RunConfig, run_one
+
+    config = RunConfig("digits", "zclip", 0, 25, 0.1, "sgd")
+    runner._WARM.discard("zclip")
+    first, again = run_one(config), run_one(config)
+    assert first["history"] == again["history"] and first["metric"] == again["metric"]
