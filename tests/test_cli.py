@@ -29,8 +29,9 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: int = 300) -> subproce
 @pytest.fixture(scope="module")
 def quick_compare(tmp_path_factory):
     # spikes for 60 steps: unclipped, seed 0 is thrown out of range by the spikes at steps 31-56
-    # and diverges while seed 1 (no spike) learns, so diverged, solved and the medians that
-    # leave diverged runs out are all exercised; the clipped runs learn.
+    # and diverges while seed 1 (one spike, x161 at step 30: a run this short meets one) does
+    # not, so diverged, solved and the medians that leave diverged runs out are all exercised;
+    # the clipped runs learn.
     out = tmp_path_factory.mktemp("compare") / "run"
     result = run_cli(
         "compare", "--task", "spikes", "--quick", "--steps", "60", "--seeds", "2", "--jobs", "2", "--no-progress",

@@ -281,3 +281,49 @@ def test_the_warm_up_changes_no_result():
     runner._WARM.discard("zclip")
     first, again = run_one(config), run_one(config)
     assert first["history"] == again["history"] and first["metric"] == again["metric"]
+
+
+# -- 7: a --quick run meets the perturbation its task is about -----------------------------------
+
+
+@pytest.mark.parametrize("task", ["spikes", "badbatch"])
+def test_a_quick_run_meets_a_perturbation_on_every_seed(task):
+    pytest.importorskip("sklearn", reason="spikes and badbatch load scikit-learn's digits")
+    from gradclip.experiments.compare import plan_comparison
+    from gradclip.experiments.runner import run_one
+
+    plan = plan_comparison(task, "none", quick=True)
+    assert [c.seed for c in plan.configs] == [0, 1]
+    digits = run_one(plan_comparison("digits", "none", seeds=1, quick=True).configs[0])
+    for config in plan.configs:
+        record = run_one(config)
+        if task == "spikes":
+            assert any(f != 1.0 for f in record["history"]["spike"]), config
+        else:  # a bad batch raises the loss far above digits' at that step
+            assert config.seed != 0 or max(record["history"]["loss"]) > 5 * max(digits["history"]["loss"][5:])
+        assert config.seed != 0 or record["history"]["loss"] != digits["history"]["loss"]
+
+
+def test_a_run_that_meets_faults_anyway_keeps_its_schedule():
+    pytest.importorskip("sklearn", reason="spikes and badbatch load scikit-learn's digits")
+    from gradclip.experiments.tasks import make_task
+    from gradclip.experiments.tasks.digits import CLEAN_START, ensure_fault, fault_schedule
+
+    draws, _ = fault_schedule(0, salt=20_000)
+    for steps in (400, 200, 60):  # seed 0 of spikes meets a spike at step 31
+        assert ensure_fault(draws, 0.03, steps) is draws
+    short = ensure_fault(draws, 0.03, 30)
+    changed = (short != draws).nonzero().flatten().tolist()
+    assert len(changed) == 1 and CLEAN_START <= changed[0] < 30 and short[changed[0]] == 0
+    assert ensure_fault(draws, 0.0, 30) is draws  # faults off: none added
+    plain = make_task("badbatch", 1, bad_fraction=0.0)
+    plain.begin_run(30)
+    assert not any(plain.is_bad(step) for step in range(30))
+    # The full-length runs behind the README's evidence tables (400 steps, seeds 0-4) are unchanged.
+    for task, seeds in (("spikes", range(3)), ("badbatch", range(5))):
+        for seed in seeds:
+            before, after = make_task(task, seed), make_task(task, seed)
+            after.begin_run(400)
+            flags = (lambda t: [t.is_bad(s) for s in range(400)]) if task == "badbatch" else (
+                lambda t: t._spike_draws[:400].tolist())
+            assert flags(before) == flags(after), (task, seed)

@@ -231,6 +231,7 @@ def _run_task(cls: type[Task], config: RunConfig, report: Callable[[int], None] 
     torch.manual_seed(config.seed)
     check_task_options(cls, config.task_options)
     task = cls(config.seed, **config.task_options)
+    task.begin_run(config.steps)
     model = task.model()
     optimizer = task.configure_optimizer(model.parameters(), config.optimizer, config.lr)
     clipper = _clipper(config)

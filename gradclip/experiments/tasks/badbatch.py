@@ -16,7 +16,8 @@ data stream is otherwise unchanged) with every label wrong — shifted by the sa
 pixel intensities of scikit-learn's digits instead of 0-1). Which steps are bad, and their shifts,
 come from a generator seeded apart from the data's
 (:func:`~gradclip.experiments.tasks.digits.fault_schedule`): every clipper of a seed meets the same
-bad batches at the same steps, and none in the first 20 steps.
+bad batches at the same steps, and none in the first 20 steps; a run too short to meet one by
+chance (``--quick``: 30 steps) meets one.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import math
 from typing import Any
 
 from gradclip._core.errors import InvalidArgumentError
-from gradclip.experiments.tasks.digits import DigitsTask, fault_schedule
+from gradclip.experiments.tasks.digits import DigitsTask, ensure_fault, fault_schedule
 
 __all__ = ["BadBatchTask"]
 
@@ -84,6 +85,11 @@ class BadBatchTask(DigitsTask):
                 f"task {cls.name!r}: input_scale must be a finite number > 0 (what a bad batch's inputs are "
                 f"multiplied by), got {scale!r}"
             )
+
+    def begin_run(self, steps: int) -> None:
+        """A run too short to meet a bad batch by chance (``--quick``) still meets one
+        (:func:`~gradclip.experiments.tasks.digits.ensure_fault`)."""
+        self._bad_draws = ensure_fault(self._bad_draws, self.bad_fraction, steps)
 
     def is_bad(self, step: int) -> bool:
         """Whether the batch of ``step`` is a bad one (the same for every clipper of this seed)."""

@@ -86,6 +86,7 @@ class Task(ABC):
     Subclass it to compare clippers on your own model (``gradclip compare --task
     my_task.py:MyTask``). The runner builds one instance per run, ``MyTask(seed)``, then::
 
+        task.begin_run(steps)                              # optional: the run's length
         model = task.model()
         optimizer = task.configure_optimizer(model.parameters(), optimizer_name, lr)
         for step in range(steps):
@@ -195,6 +196,14 @@ class Task(ABC):
         """Hook between backward and clipping; returns the factor applied to the gradient (1)."""
         del model, step
         return 1.0
+
+    def begin_run(self, steps: int) -> None:
+        """Called once before the first step with the run's length (default: nothing).
+
+        A task whose point is a perturbation (``spikes``, ``badbatch``) uses it so that a short
+        run (``--quick``) meets at least one; runs that meet one anyway are left as they are.
+        """
+        del steps
 
     # -- private training (gradclip compare --private; gradclip.experiments.private) ----------
     def training_set(self) -> Any:

@@ -9,7 +9,7 @@ from typing import Any
 
 from gradclip.experiments.tasks.base import Task, TaskDefaults
 
-__all__ = ["DigitsTask", "SpikesTask", "fault_schedule"]
+__all__ = ["DigitsTask", "SpikesTask", "fault_schedule", "ensure_fault"]
 
 #: Steps covered by a fault schedule (more than any run takes).
 FAULT_HORIZON = 100_000
@@ -40,6 +40,27 @@ def fault_schedule(seed: int, salt: int) -> tuple[Any, Any]:
     uniform = torch.rand(FAULT_HORIZON, generator=generator)
     draws[:CLEAN_START] = 1.0
     return draws, uniform
+
+
+def ensure_fault(draws: Any, probability: float, steps: int) -> Any:
+    """``draws`` (from :func:`fault_schedule`) with at least one fault in a run of ``steps``.
+
+    A run whose schedule fires a fault within its steps (every full-length run of the built-in
+    tasks' seeds does) keeps it unchanged. A shorter one, such as a ``--quick`` smoke run that
+    would end before its first fault, gets one: at the step after :data:`CLEAN_START` (or, in a
+    run that short, at its middle) whose draw is smallest, so it is the same for every clipper
+    of a seed and sized by that step's own draw. ``probability`` 0 (faults off) adds none.
+
+    Returns:
+        ``draws`` itself, or a copy with one draw set to 0.
+    """
+    if probability <= 0 or steps <= 0 or bool((draws[:steps] < probability).any()):
+        return draws
+    start = min(CLEAN_START, steps // 2)
+    step = start + int(draws[start:steps].argmin())
+    draws = draws.clone()
+    draws[step] = 0.0
+    return draws
 
 
 class DigitsTask(Task):
@@ -111,7 +132,8 @@ class DigitsTask(Task):
 
 class SpikesTask(DigitsTask):
     """``digits`` with gradient spikes: at about 3 % of steps the gradient is multiplied by a
-    factor drawn log-uniformly from [100, 1000], after backward and before clipping.
+    factor drawn log-uniformly from [100, 1000], after backward and before clipping; a run too
+    short to meet one by chance (``--quick``) meets one (:func:`ensure_fault`).
 
     This imitates the loss spikes of large-model training (bad batches, numerical blow-ups):
     without clipping one spike throws the weights far away; global-norm clipping bounds the
@@ -128,6 +150,10 @@ class SpikesTask(DigitsTask):
         super().__init__(seed)
         self._spike_draws, uniform = fault_schedule(seed, salt=20_000)
         self._spike_factors = 10 ** (2 + uniform)
+
+    def begin_run(self, steps):
+        # A run too short to meet a spike by chance (--quick) still meets one.
+        self._spike_draws = ensure_fault(self._spike_draws, self.spike_probability, steps)
 
     def perturb(self, model, step):
         if step >= len(self._spike_draws) or self._spike_draws[step] >= self.spike_probability:
