@@ -109,10 +109,14 @@ def _leaves(tree: Any, where: str):
     import jax.numpy as jnp
     import numpy as np
 
+    from gradclip.backends.jax import refuse_float0
+
     with_path, treedef = jax.tree_util.tree_flatten_with_path(tree)
     leaves, names = [], []
     for path, leaf in with_path:
         name = jax.tree_util.keystr(path) or "#0"
+        if isinstance(leaf, (jax.Array, jax.core.Tracer, np.ndarray)) and leaf.dtype == jax.dtypes.float0:
+            refuse_float0(where, [leaf.dtype], [name])
         if isinstance(leaf, (jax.Array, jax.core.Tracer)):
             leaves.append(leaf)
         elif isinstance(leaf, (np.ndarray, np.generic, int, float)):
@@ -158,7 +162,8 @@ def as_optax(clipper: Clipper, axis_name: Any = None):
             axis name or tuple of names; (when ``update`` is called) an axis not bound there, a
             leaf that varies along a mapped axis not named (it would be clipped per device), or a
             ``loss``/``step`` that is not a number or a one-element JAX array.
-        BackendError: (when called) leaves that are torch or TensorFlow arrays.
+        BackendError: (when called) leaves that are torch or TensorFlow arrays, or not floating
+            point (the ``float0`` gradients of ``jax.grad(..., allow_int=True)`` included).
     """
     import jax
     import jax.numpy as jnp

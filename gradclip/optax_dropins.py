@@ -21,9 +21,21 @@ expectation in ``tests/upstream/test_upstream_optax_clipping.py``:
 * **Non-finite norms leave the updates alone**, as gradclip's ``nonfinite="propagate"``: an inf
   or NaN global norm (or block RMS, or unit norm for AGC) returns those updates as they are,
   where optax scales them to 0, NaN for the non-finite elements.
-* **Bad numbers are refused** when the transformation is built (a negative or NaN ``max_norm``,
-  ``max_delta``, ``threshold``, ``clipping``, ``eps``), with gradclip's ``InvalidArgumentError``;
-  arrays (``inject_hyperparams``) are taken as given.
+* **Bad arguments are refused** when the transformation is built, with gradclip's
+  ``InvalidArgumentError`` naming the argument: a negative or NaN ``max_norm``, ``max_delta``,
+  ``threshold``, ``clipping``, ``eps`` (a number, a NumPy or a concrete JAX scalar or array), and
+  anything that is not a number or a real numeric array (a string, None, a bool, a schedule
+  function: optax takes none of these either, and fails only at ``update``). A traced array (the
+  hyperparameters ``optax.inject_hyperparams`` passes under ``jax.jit``) is taken as given.
+* **Only floating-point (or complex) updates.** A leaf of integer or bool dtype, or the
+  ``float0`` gradient ``jax.grad(..., allow_int=True)`` gives for an integer input, is refused
+  with gradclip's ``BackendError`` (a ``TypeError``) naming the leaf's path and dtype, when
+  ``update`` runs or is traced (inside ``jax.jit`` too), by all four transformations.
+  ``optax.clip_by_global_norm`` raises a ``TypeError`` there too (and all of optax's on
+  ``float0``), but ``optax.clip``, ``clip_by_block_rms`` and ``adaptive_grad_clip`` silently
+  turn an integer leaf into a float one (a step counter 5 becomes 1.0): gradclip refuses integer
+  gradients on every entry point (docs/reliability.md). Leave such leaves out with
+  ``optax.masked``.
 
 optax and jax are imported when a transformation is built, not when gradclip is imported.
 """
@@ -33,6 +45,7 @@ from __future__ import annotations
 import numbers
 from typing import Any
 
+from gradclip._core.errors import BackendError, InvalidArgumentError
 from gradclip._core.validation import check_number
 
 __all__ = ["adaptive_grad_clip", "clip", "clip_by_block_rms", "clip_by_global_norm", "unitwise_norm"]
@@ -42,11 +55,80 @@ _DIV_EPS = 1e-6
 
 
 def _checked(where: str, name: str, value: Any) -> Any:
-    """A Python number (or bool, which is refused) is checked: ``>= 0``, not NaN. An array is an
-    ``inject_hyperparams`` value, taken as given."""
-    if isinstance(value, numbers.Real):
+    """Refuse what optax would fail on only at ``update``, and negative or NaN values.
+
+    A number (not a bool) must be ``>= 0`` and not NaN. A NumPy or concrete JAX array (a
+    ``jnp.float32(1.0)`` included) must have a real numeric dtype and hold such values. A traced
+    array (``optax.inject_hyperparams`` under ``jax.jit``) is taken as given: its value is not
+    known yet. Anything else (a string, None, a bool, a callable) is refused.
+
+    Raises:
+        InvalidArgumentError: Naming the argument, the value and what is valid.
+    """
+    import jax
+    import numpy as np
+
+    valid = "(valid: a number >= 0, not NaN, or a JAX/NumPy array of them, as optax takes)"
+    if isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_)):
         return check_number(where, name, value)
-    return value
+    if isinstance(value, jax.core.Tracer):
+        return value
+    if isinstance(value, (jax.Array, np.ndarray, np.generic)):
+        dtype = np.dtype(value.dtype)
+        if dtype.kind not in "iuf" and not jax.numpy.issubdtype(dtype, jax.numpy.floating):
+            raise InvalidArgumentError(f"{where}: {name} must be a real number, got an array of dtype {dtype} {valid}")
+        try:
+            host = np.asarray(value, dtype=np.float64)
+        except Exception:  # noqa: BLE001 - an array this process cannot read whole: as given
+            return value
+        if np.isnan(host).any() or (host < 0).any():
+            raise InvalidArgumentError(f"{where}: {name} must be >= 0 and not NaN, got {value!r} {valid}")
+        return value
+    hint = (
+        "; optax's clipping transformations take no schedule: wrap them in optax.inject_hyperparams, "
+        "or use a gradclip clipper with a schedule threshold and .as_optax()"
+        if callable(value)
+        else ""
+    )
+    raise InvalidArgumentError(
+        f"{where}: {name} must be a real number, got {value!r} of type {type(value).__name__} {valid}{hint}"
+    )
+
+
+def _check_updates(where: str, updates: Any) -> None:
+    """Refuse update leaves that are not floating point (or complex), naming the leaf: integer
+    and bool leaves, and the ``float0`` leaves of ``jax.grad(..., allow_int=True)``. Dtypes are
+    static, so this runs once per trace under ``jax.jit`` and raises there.
+
+    Raises:
+        BackendError: A ``TypeError``, as optax's own error on such a leaf.
+    """
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    for path, leaf in jax.tree_util.tree_flatten_with_path(updates)[0]:
+        dtype = getattr(leaf, "dtype", None)
+        dtype = np.result_type(leaf) if dtype is None else np.dtype(dtype)
+        if dtype != jax.dtypes.float0 and jnp.issubdtype(dtype, jnp.inexact):
+            continue
+        label = jax.tree_util.keystr(path) or "(the root)"
+        if dtype == jax.dtypes.float0:
+            dtype = "float0"  # numpy prints it as [('float0', 'V')]
+            why = (
+                "the empty gradient jax.grad(..., allow_int=True) gives for an integer input (it "
+                "holds no values)"
+            )
+        else:
+            why = (
+                "not floating point (clipping would count it in the norm and scale, truncate or "
+                "cast it)"
+            )
+        raise BackendError(
+            f"{where}: update leaf {label} has dtype {dtype}, {why}; updates must be floating point. "
+            "Leave such leaves out of the transformation with optax.masked(tx, mask) (mask False "
+            "there), or differentiate only the floating-point parameters. Nothing was changed."
+        )
 
 
 def _wide(x: Any) -> Any:
@@ -72,7 +154,8 @@ def clip_by_global_norm(max_norm: Any):
         An ``optax.GradientTransformation`` with an empty state.
 
     Raises:
-        InvalidArgumentError: A negative or NaN ``max_norm``.
+        InvalidArgumentError: A negative or NaN ``max_norm``, or not a number or numeric array.
+        BackendError: (at ``update``, traced or not) an update leaf that is not floating point.
     """
     import jax
     import jax.numpy as jnp
@@ -82,6 +165,7 @@ def clip_by_global_norm(max_norm: Any):
 
     def update_fn(updates, state, params=None):
         del params
+        _check_updates("clip_by_global_norm", updates)
         g_norm = optax.tree.norm(jax.tree.map(_wide, updates))
         # optax's trigger, plus a zero or non-finite norm: nothing to divide by (see the module).
         trigger = jnp.squeeze((g_norm < max_norm) | (g_norm == 0) | ~jnp.isfinite(g_norm))
@@ -99,7 +183,8 @@ def clip(max_delta: Any):
     """``optax.clip``: clamp every element into ``[-max_delta, max_delta]`` (NaN stays NaN).
 
     Raises:
-        InvalidArgumentError: A negative or NaN ``max_delta``.
+        InvalidArgumentError: A negative or NaN ``max_delta``, or not a number or numeric array.
+        BackendError: (at ``update``, traced or not) an update leaf that is not floating point.
     """
     import jax
     import jax.numpy as jnp
@@ -109,6 +194,7 @@ def clip(max_delta: Any):
 
     def update_fn(updates, state, params=None):
         del params
+        _check_updates("clip", updates)
         return jax.tree.map(lambda t: jnp.clip(t, -max_delta, max_delta), updates), state
 
     return optax.GradientTransformation(optax.init_empty_state, update_fn)
@@ -118,7 +204,8 @@ def clip_by_block_rms(threshold: Any):
     """``optax.clip_by_block_rms``: divide each leaf by ``max(1, rms / threshold)``.
 
     Raises:
-        InvalidArgumentError: A negative or NaN ``threshold``.
+        InvalidArgumentError: A negative or NaN ``threshold``, or not a number or numeric array.
+        BackendError: (at ``update``, traced or not) an update leaf that is not floating point.
     """
     import jax
     import jax.numpy as jnp
@@ -136,6 +223,7 @@ def clip_by_block_rms(threshold: Any):
 
     def update_fn(updates, state, params=None):
         del params
+        _check_updates("clip_by_block_rms", updates)
         return jax.tree.map(clip_fn, updates), state
 
     return optax.GradientTransformation(optax.init_empty_state, update_fn)
@@ -186,7 +274,8 @@ def adaptive_grad_clip(clipping: Any, eps: Any = 1e-3, axis: Any = None):
         An ``optax.GradientTransformation``; ``update`` needs ``params``.
 
     Raises:
-        InvalidArgumentError: A negative or NaN ``clipping`` or ``eps``.
+        InvalidArgumentError: A negative or NaN ``clipping`` or ``eps``, or not a number or numeric array.
+        BackendError: (at ``update``, traced or not) an update leaf that is not floating point.
         ValueError: ``update`` without ``params`` (optax's message).
     """
     import jax
@@ -207,6 +296,7 @@ def adaptive_grad_clip(clipping: Any, eps: Any = 1e-3, axis: Any = None):
                 "adaptive_grad_clip: update() needs params (the units' norms are measured against the "
                 "parameters' own)"
             )
+        _check_updates("adaptive_grad_clip", updates)
         g_norm, p_norm = jax.tree.map(lambda x: unitwise_norm(x, axis=axis), (updates, params))
         max_norm = jax.tree.map(lambda x: clipping * jnp.maximum(x, eps), p_norm)
         return jax.tree.map(unitwise_clip, g_norm, max_norm, updates), state

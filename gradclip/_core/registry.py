@@ -18,7 +18,13 @@ from typing import Any
 
 from gradclip._core.errors import InvalidArgumentError, UnknownNameError
 
-__all__ = ["register", "get", "available", "registered_class", "from_config"]
+__all__ = ["register", "get", "available", "registered_class", "from_config", "UnknownArgumentError"]
+
+class UnknownArgumentError(UnknownNameError, TypeError):
+    """:func:`get` was given a keyword argument the method does not take: an
+    :class:`~gradclip.UnknownNameError`, and a ``TypeError`` as Python's own error for an
+    unexpected keyword argument is (code catching that keeps working)."""
+
 
 _REGISTRY: dict[str, type] = {}
 #: Registered names left out of :func:`available` (composites built by a function: ``chain``).
@@ -82,16 +88,41 @@ def get(name: str, **kwargs: Any):
         A new clipper instance.
 
     Raises:
-        UnknownNameError: Unknown name (lists the valid ones).
+        UnknownNameError: Unknown name (lists the valid ones), or a keyword argument the method
+            does not take (:class:`UnknownArgumentError`, also a ``TypeError`` as Python's own
+            error; it names the method, the keyword and the valid ones).
         InvalidArgumentError: A bad argument value (from the constructor).
     """
     cls = registered_class(name)
+    _check_keywords(name, cls, kwargs)
     # Every clipper takes a process group (torch.distributed), whatever its signature.
     group = kwargs.pop("process_group", None)
     clipper = cls(**cls.with_defaults(kwargs))
     if group is not None:
         clipper.process_group = group
     return clipper
+
+
+def _check_keywords(name: str, cls: type, kwargs: Mapping[str, Any]) -> None:
+    """Refuse keyword arguments the constructor of ``cls`` does not take (Python's own error
+    would be a bare ``TypeError`` naming ``__init__``, not a gradclip error).
+
+    Raises:
+        UnknownArgumentError: Naming the method, the bad keywords and the valid ones.
+    """
+    parameters = list(inspect.signature(cls.__init__).parameters.values())[1:]  # after self
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        return
+    valid = [
+        p.name for p in parameters if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    ]
+    valid += [] if "process_group" in valid else ["process_group"]
+    unknown = [key for key in kwargs if key not in valid]
+    if unknown:
+        raise UnknownArgumentError(
+            f"gradclip.get: {name!r} ({cls.__qualname__}) has no argument{'s' if len(unknown) > 1 else ''} "
+            f"{', '.join(map(repr, unknown))}; its arguments: {', '.join(valid)}"
+        )
 
 
 def _decode(value: Any) -> Any:

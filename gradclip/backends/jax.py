@@ -71,6 +71,26 @@ def _is_tracer(x: Any) -> bool:
     return isinstance(x, jax.core.Tracer)
 
 
+def refuse_float0(where: str, dtypes: Sequence[Any], names: Sequence[str] | None = None) -> None:
+    """Refuse the ``float0`` gradients of ``jax.grad(..., allow_int=True)``, naming the first.
+
+    Their dtype's name contains "float", but they hold no values and no operation takes them
+    (optax's transformations raise a ``TypeError`` on them too).
+
+    Raises:
+        BackendError: A ``float0`` among ``dtypes`` (named by ``names``, else by position).
+    """
+    for index, dtype in enumerate(dtypes):
+        if dtype == jax.dtypes.float0:
+            label = f"gradient {names[index]}" if names is not None else f"gradient #{index}"
+            raise BackendError(
+                f"{where}: {label} has dtype float0, the empty gradient jax.grad(..., allow_int=True) "
+                "gives for an integer input (it holds no values); clip only the floating-point "
+                "gradients: leave integer inputs out of what you differentiate, or drop their "
+                "float0 leaves (optax.masked in an optax chain). Nothing was changed."
+            )
+
+
 class JaxOps(ArrayApiOps):
     """Ops over lists of ``jax.Array``.
 
@@ -114,7 +134,10 @@ class JaxOps(ArrayApiOps):
                 f"{where}: JAX arrays are immutable and cannot be clipped in place; use "
                 "`grads, info = clipper.clip(grads)`, or `clipper.as_optax()` inside an optax chain"
             )
-        self.acc = jnp.float64 if any(a.dtype == jnp.float64 for a in arrays) else jnp.float32
+        dtypes = {a.dtype for a in arrays}  # a model has a handful
+        if any(d == jax.dtypes.float0 for d in dtypes):
+            refuse_float0(where, [a.dtype for a in arrays])
+        self.acc = jnp.float64 if any(d == jnp.float64 for d in dtypes) else jnp.float32
 
     def _dtype(self, name):
         return _dtype(name)

@@ -77,6 +77,13 @@ N-th skipped step in a row it sets ``model.stop_training = True`` and raises
 :class:`gradclip.DivergenceError` out of ``fit`` (one integer read per batch). In a training loop
 of your own call ``optimizer.check_divergence()`` after each step instead.
 
+**Saving.** ``model.save``/``keras.models.load_model`` keep the clipper: ``get_config`` holds its
+configuration as the plain data of its ``state_dict()`` (a schedule threshold as its settings, in
+a chain or ``Subset`` too) and the state lives in the optimizer's variables. A plain function
+given as a schedule is saved by name only and cannot be rebuilt by ``load_model`` (its error says
+so): use a schedule object of :mod:`gradclip.schedules`, or rebuild the optimizer and load the
+weights.
+
 Importing this module imports keras.
 """
 
@@ -89,6 +96,7 @@ import keras
 import numpy as np
 
 from gradclip._core.clipper import Clipper
+from gradclip._core.checkpoint import plain_config
 from gradclip._core.errors import InvalidArgumentError
 from gradclip._core.registry import from_config
 from gradclip._core.streaks import divergence_error
@@ -560,7 +568,10 @@ class ClippingOptimizer(keras.optimizers.Optimizer):
         config = {
             "name": self.name,
             "inner_optimizer": inner,
-            "clipper": {"clipper": self.clipper.name, "config": self.clipper.config()},
+            # As plain data, as in the clipper's state_dict(): schedule thresholds (nested in a
+            # chain's or Subset's clipper too) become their settings mappings, which Keras can
+            # write and gradclip's from_config rebuilds.
+            "clipper": {"clipper": self.clipper.name, "config": plain_config(self.clipper.config())},
         }
         if self.max_consecutive_skips is not None:
             config["max_consecutive_skips"] = self.max_consecutive_skips
