@@ -395,6 +395,8 @@ def _subset_masks(clipper, before, inputs) -> list[np.ndarray]:
 def _subset_rule(clipper, before, inputs, outputs, case: Case) -> None:
     """The wrapped clipper's result, which meets its own rule, exactly where selected; the
     unselected elements as they were."""
+    if not inputs:
+        return  # no gradient: nothing to select (and, every call so far empty, no state kept)
     inner, inner_before = clipper.clipper, before["state"]["inner"]
     wrapped = type(inner)(**inner.config())
     wrapped.load_state_dict(inner_before)

@@ -22,7 +22,8 @@ from gradclip._core.checkpoint import (
     validate_checkpoint,
 )
 from gradclip._core.contract import Measured, signals_from
-from gradclip._core.errors import InvalidArgumentError
+from gradclip._core.errors import InvalidArgumentError, StateError
+from gradclip._core.keeping import home_of
 from gradclip._core.ops import Ops, get_ops
 from gradclip._core.tracing import compiling, distinct_positions
 from gradclip._core.tree import collect_gradients, flatten, flatten_like
@@ -72,7 +73,9 @@ class CallsMixin:
 
         Returns:
             ``(clipped_grads, new_state, info)``: clipped gradients in the input's structure, the
-            next state, and a :class:`~gradclip.ClipInfo`.
+            next state, and a :class:`~gradclip.ClipInfo`. With no gradient at all (and nothing
+            to reduce with: no process group, no ``axis_name``) ``new_state`` is ``state`` itself
+            and the info is computed on its framework (see :meth:`clip_`).
         """
         return self._run_tree(grads, state, params, signals, inplace=False, axis_name=axis_name)
 
@@ -110,6 +113,12 @@ class CallsMixin:
         ``backward()`` (fresh tensors, or the old ones written or zeroed) pass. The check reads
         host-side counters only, never a device value. Stateless clippers never check.
 
+        A call that finds no gradient at all (every parameter frozen or without ``.grad``, an
+        empty list, ``clip_`` before ``backward()``) warns and changes nothing: no state is
+        advanced, created or placed, and the info says norm 0, coefficient 1 at the threshold in
+        force, in the framework (and on the device) of the state kept. With a process group such
+        a rank still joins the reduction, silently, and steps with the others.
+
         Args:
             parameters: A ``torch.nn.Module``, an iterable of parameters (their ``.grad`` is
                 clipped), optimizer parameter groups, or NumPy arrays (clipped themselves).
@@ -124,8 +133,12 @@ class CallsMixin:
             StateError: A stateful clipper called again on the same, unchanged gradients.
         """
         where = f"{type(self).__name__}.clip_"
-        collected, ops, params = self._collect(parameters, where, inplace=True, stacklevel=3)
+        collected, ops, params, quiet = self._collect(parameters, where, inplace=True, stacklevel=3)
         signal_values = signals_from(where, signals, ops.name)
+        if quiet:  # no gradient: nothing to clip, the state stays as it is (see _quiet_state)
+            with ops.context():
+                _, _, info = self.run(ops, [], self._quiet_state(ops), params, [], signal_values)
+                return ops.finish_info(info)
         self._before_own_step(ops, collected, where, allow_repeat)
         with ops.context():
             state = self._kept.current(self, ops, collected.grads)
@@ -160,19 +173,23 @@ class CallsMixin:
         reason = self.cannot_fold_reason()
         if reason is not None:
             raise InvalidArgumentError(f"{where}: the clip cannot be folded: {reason}")
-        collected, ops, params = self._collect(parameters, where, inplace=False, stacklevel=4)
+        collected, ops, params, quiet = self._collect(parameters, where, inplace=False, stacklevel=4)
         signal_values = signals_from(where, signals, ops.name)
-        self._before_own_step(ops, collected, where, allow_repeat)
+        if not quiet:
+            self._before_own_step(ops, collected, where, allow_repeat)
         with ops.context():
-            state = self._kept.current(self, ops, collected.grads)
+            # No gradient: decided as on any step, but the state stays as it is (_quiet_state).
+            state = self._quiet_state(ops) if quiet else self._kept.current(self, ops, collected.grads)
             self.check_fits(state, collected.grads)
             measured = self.measure(ops, collected.grads, collected.names, params)
             if divide_by is not None:
                 measured = measured.scaled(ops, 1.0 / divide_by)
             decision = self.decide(ops, measured, state, signal_values)
             info = ops.finish_info(decision.info)
-            self._kept.commit(ops, decision.state, where)
-        self._kept.remember(self, ops, collected.grads)
+            if not quiet:
+                self._kept.commit(ops, decision.state, where)
+        if not quiet:
+            self._kept.remember(self, ops, collected.grads)
         return Folded(decision.coef, info, measured)
 
     def as_optax(self, axis_name: Any = None):
@@ -208,19 +225,49 @@ class CallsMixin:
             group = fsdp.implied_group(self, parameters, collected.params, collected.grads, group, where, collected.names)
         # With a process group, ranks without gradients are expected (pipeline stages, uneven
         # partitions): they still join the reduction, silently. Dynamo cannot trace a warning.
-        if not collected.grads and group is None and not traced:
+        # Without one, a call with no gradient is quiet: nothing is clipped or kept.
+        quiet = not collected.grads and group is None
+        if quiet and not traced:
             warnings.warn(
                 f"{where}: found no gradients among {collected.seen} parameter(s); was it called "
                 "before backward()? Nothing was clipped.",
                 RuntimeWarning,
                 stacklevel=stacklevel,
             )
-        # With no gradient at all, the parameters seen still fix the backend (a torch module
-        # before backward() gets a torch ClipInfo); collected.params only holds those with one.
-        framework = collected.framework if not collected.grads else None
-        ops = get_ops(collected.grads, inplace=inplace, framework=framework, where=where, process_group=group)
+        framework = device = None
+        if not collected.grads:
+            # No gradient at all: the state kept decides the backend (its arrays are what the
+            # step reads), else the parameters seen (a torch module before backward() gets a
+            # torch ClipInfo; collected.params only holds those with a gradient), else NumPy.
+            framework, device = self._kept.home()
+            framework = framework or collected.framework
+        ops = get_ops(
+            collected.grads, inplace=inplace, framework=framework, where=where, process_group=group, device=device
+        )
         params = collected.params if self.needs_params else None
-        return collected, ops, params
+        return collected, ops, params, quiet
+
+    def _quiet_state(self, ops: Ops) -> Any:
+        """The state a call with no gradient reads, changing nothing (no initial state kept, no
+        checkpoint placed, no layout recorded, the last call's gradients still remembered).
+
+        Such a call (every parameter frozen, ``clip_`` before ``backward()``, a stage with
+        nothing to train) clips nothing and informs no statistic: the next step goes on as if it
+        had not happened. Its ClipInfo is what the current state decides for a norm of 0, as for
+        a stateless clipper: the threshold in force, a coefficient of 1. A state holding one entry
+        per tensor fits no empty list; the info then comes from the initial state for none.
+        """
+        return self._fitting_none(ops, self._kept.peek(self, ops))
+
+    def _fitting_none(self, ops: Ops, state: Any) -> Any:
+        """``state`` if it fits an empty list of gradients, else the initial state for none."""
+        if state is None:
+            return self.init_state(ops, [])
+        try:
+            self.check_fits(state, [])  # host-side shapes only
+        except StateError:
+            return self.init_state(ops, [])
+        return state
 
     def _before_own_step(self, ops: Ops, collected: Any, where: str, allow_repeat: bool) -> None:
         # Traced, version counters are the fake tensors' (see gradclip/_core/tracing.py).
@@ -245,8 +292,23 @@ class CallsMixin:
                     f"parameter(s) for {len(leaves)} gradient(s)"
                 )
             param_leaves = [flat_params[i] for i in positions]
-        ops = get_ops(present, inplace=inplace, where=where, process_group=self.distributed_group(), axis_name=axis_name)
+        group = self.distributed_group()
+        framework = device = None
+        if not present:
+            # No array to infer the framework from: the state's (kept or given) decides.
+            framework, device = self._kept.home() if own_state else home_of(state)
+        ops = get_ops(
+            present, inplace=inplace, framework=framework, where=where, process_group=group,
+            axis_name=axis_name, device=device,
+        )
         signal_values = signals_from(where, signals, ops.name)
+        if not present and group is None and axis_name is None:
+            # Nothing to clip and nobody to reduce with: the state stays as it is (see
+            # _quiet_state); update() hands back the state it was given.
+            read = self._quiet_state(ops) if own_state else self._fitting_none(ops, state)
+            _, _, info = self.run(ops, [], read, param_leaves, [], signal_values)
+            kept = state if state is not None or own_state else self.init_state(ops, [])
+            return unflatten(list(leaves)), kept, ops.finish_info(info)
         if own_state:
             if not allow_repeat:
                 self._kept.guard_repeat(self, ops, present, where)

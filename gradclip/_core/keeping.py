@@ -23,13 +23,27 @@ from typing import TYPE_CHECKING, Any
 
 from gradclip._core.checkpoint import state_from_plain, state_to_plain
 from gradclip._core.errors import StateError
-from gradclip._core.ops import Ops, get_ops
+from gradclip._core.ops import Ops, framework_of, get_ops
 from gradclip._core.tracing import compiling
 
 if TYPE_CHECKING:
     from gradclip._core.clipper import Clipper
 
-__all__ = ["KeptState"]
+__all__ = ["KeptState", "home_of"]
+
+
+def home_of(state: Any) -> tuple[str | None, Any]:
+    """The framework and device of a state's arrays, from their types alone (no device read):
+    what a call with no gradient at all runs on. ``(None, None)`` when it holds no array."""
+    pending = [state]
+    while pending:
+        value = pending.pop()
+        if isinstance(value, (tuple, list)):  # a NamedTuple, or the states of wrapped clippers
+            pending.extend(reversed(value))
+        elif value is not None and not isinstance(value, (bool, int, float)):
+            framework = framework_of(value)
+            return framework, (getattr(value, "device", None) if framework == "torch" else None)
+    return None, None
 
 
 class KeptState:
@@ -63,6 +77,20 @@ class KeptState:
         if ops.holds_state:
             return self._from_store(clipper, ops, grads)
         return self._arrays(clipper, ops, grads)
+
+    def home(self) -> tuple[str | None, Any]:
+        """The framework and device of the state kept (see :func:`home_of`)."""
+        if self.held is not None:
+            return self.held.framework, None
+        return home_of(self.state)
+
+    def peek(self, clipper: Clipper, ops: Ops) -> Any:
+        """The current state, changing nothing (no checkpoint placed, no store created): for a
+        call that has no gradient to clip. None before the first step."""
+        if self.pending is not None:
+            return state_from_plain(clipper, ops, self.pending, [])
+        # With a store (TensorFlow), ``state`` is its variables (see ``commit``), None after a reset.
+        return self.state
 
     def _arrays(self, clipper: Clipper, ops: Ops, grads: list[Any]) -> Any:
         if not clipper.state_type._fields:

@@ -453,6 +453,7 @@ def get_ops(
     process_group: Any = None,
     torch_kernels: bool = False,
     axis_name: Any = None,
+    device: Any = None,
 ) -> Ops:
     """Build the Ops for these arrays.
 
@@ -470,9 +471,11 @@ def get_ops(
             of torch's bits); other backends have no alternative kernels and ignore it.
         axis_name: jax only: the ``pmap``/``shard_map`` axis (or tuple of axes) the gradients are
             split over; statistics are reduced over it (:mod:`gradclip.backends._jax_axes`).
+        device: torch only: the device of an Ops built for no arrays (where a clipper's kept
+            state lives), instead of the CPU; ignored when there are arrays.
 
     Returns:
-        An :class:`Ops`, bound to the device of the first array.
+        An :class:`Ops`, bound to the device of the first array (else ``device``).
 
     Raises:
         BackendError: Unknown array type or mixed frameworks; an array that is not floating
@@ -482,7 +485,7 @@ def get_ops(
         check_tensors(arrays, where)
         return torch_backend()(
             arrays, inplace=inplace, foreach=foreach, where=where, process_group=process_group,
-            torch_kernels=torch_kernels,
+            torch_kernels=torch_kernels, device=device,
         )
     if process_group is not None and not arrays and framework is None:
         framework = "torch"  # a rank without gradients still joins the reduction
@@ -512,7 +515,7 @@ def get_ops(
     # The torch backend picks its Reducer from the arrays (DTensors) and the process group.
     return cls(
         arrays, inplace=inplace, foreach=foreach, where=where, process_group=process_group,
-        torch_kernels=torch_kernels,
+        torch_kernels=torch_kernels, device=device,
     )
 
 

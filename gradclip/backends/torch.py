@@ -122,6 +122,7 @@ class TorchOps(TorchVectorOps):
         process_group: Any = None,
         torch_kernels: bool = False,
         reducer: Any = None,
+        device: Any = None,
     ):
         if reducer is None:
             # A DTensor can only exist once torch.distributed.tensor is imported, so the common
@@ -153,7 +154,10 @@ class TorchOps(TorchVectorOps):
                 f"{where}: gradient #{index} has layout {tensor.layout}; sparse gradients are not "
                 "supported (use a dense embedding, or densify the gradient before clipping)"
             )
-        self.device = arrays[0].device if len(arrays) else reducer.device(torch.device("cpu"))
+        # No arrays: the device asked for (a kept state's), else the CPU; a process group may
+        # need its own (a rank without gradients still joins its collectives).
+        fallback = torch.device("cpu") if device is None else torch.device(device)
+        self.device = arrays[0].device if len(arrays) else reducer.device(fallback)
         self._arrays = arrays
         # What this Ops learns while it works, kept in one dict made here (the Ops itself is
         # never changed): "acc", the accumulation dtype, found on first use (most clipping steps
