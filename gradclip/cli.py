@@ -206,6 +206,8 @@ def _task_options(items: list[str]) -> dict[str, Any]:
         key, equals, value = item.partition("=")
         if not equals or not key.strip():
             raise UsageError(f"--task-option expects KEY=VALUE, got {item!r}")
+        if key.strip() in options:  # a repeated key is a typo, not a request for the last value
+            raise UsageError(f"--task-option {key.strip()} is given twice ({item!r}); give each key once")
         options[key.strip()] = _parse_value(value)
     return options
 

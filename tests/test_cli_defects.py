@@ -128,6 +128,14 @@ def test_compare_refuses_a_repeated_key_as_a_usage_error(tmp_path, capsys):
     assert not (tmp_path / "run" / "results.jsonl").exists()
 
 
+def test_compare_refuses_a_repeated_task_option_as_a_usage_error(tmp_path, capsys):
+    status = cli.main(_compare(tmp_path, "--task", "adding", "--steps", "2", "--clipper", "none",
+                               "--task-option", "seq_len=6", "--task-option", "seq_len=8"))
+    assert status == 2
+    assert "--task-option seq_len is given twice ('seq_len=8')" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "results.jsonl").exists()
+
+
 # -- 4: gradclip bench checks its options before running -----------------------------------------
 
 
