@@ -270,7 +270,9 @@ class CallsMixin:
         return state
 
     def _before_own_step(self, ops: Ops, collected: Any, where: str, allow_repeat: bool) -> None:
+        # Before anything changes: the kept state's framework, a repeat, the tensors' layout.
         # Traced, version counters are the fake tensors' (see gradclip/_core/tracing.py).
+        self._kept.check_home(ops, where)
         if not allow_repeat and not compiling():
             self._kept.guard_repeat(self, ops, collected.grads, where)
         self._kept.check_layout(self, collected.names, collected.grads, where)
@@ -310,12 +312,15 @@ class CallsMixin:
             kept = state if state is not None or own_state else self.init_state(ops, [])
             return unflatten(list(leaves)), kept, ops.finish_info(info)
         if own_state:
+            self._kept.check_home(ops, where)
             if not allow_repeat:
                 self._kept.guard_repeat(self, ops, present, where)
             self._kept.check_layout(self, present_names, present, where)
             state = self._kept.current(self, ops, present)
         elif state is None:
             state = self.init_state(ops, present)
+        else:
+            check_given_state(self, state, ops, where)
         new, new_state, info = self.run(ops, present, state, param_leaves, present_names, signal_values)
         info = ops.finish_info(info)
         if own_state:
@@ -390,3 +395,27 @@ class CallsMixin:
     def reset(self) -> None:
         """Forget all state; the next step starts as the first did."""
         self._kept.reset(self)
+
+
+def check_given_state(clipper: Any, state: Any, ops: Ops, where: str) -> None:
+    """Refuse a state given to :meth:`Clipper.update` that is not this clipper's, or that holds
+    another framework's arrays than the gradients (a NumPy state is taken by JAX and TensorFlow,
+    which read host arrays as constants: what ``flax.serialization`` restores is NumPy).
+
+    Raises:
+        InvalidArgumentError: Naming the state's type or framework and what was expected.
+    """
+    expected = clipper.state_type
+    if not isinstance(state, expected):
+        raise InvalidArgumentError(
+            f"{where}: state must be the {expected.__name__} that {type(clipper).__name__}.init (or a previous "
+            f"update) returned, got {type(state).__name__}; a state belongs to the clipper that made it"
+        )
+    framework, _ = home_of(state)
+    if framework is None or framework == ops.name or (framework == "numpy" and ops.name in ("jax", "tensorflow")):
+        return
+    raise InvalidArgumentError(
+        f"{where}: state holds {framework} arrays but the gradients are {ops.name} arrays; make the state "
+        f"from these gradients ({type(clipper).__name__}.init(grads)), or convert a saved one with "
+        "state_dict(state) and state_from_dict"
+    )

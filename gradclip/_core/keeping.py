@@ -84,6 +84,30 @@ class KeptState:
             return self.held.framework, None
         return home_of(self.state)
 
+    def check_home(self, ops: Ops, where: str) -> None:
+        """Refuse gradients of another framework than the state kept from earlier calls.
+
+        A torch state fed to NumPy math (or a TensorFlow one to JAX's) fails deep inside a
+        clipper's arithmetic with an error about array types; this names the cause first, before
+        anything changes. A checkpoint waiting to be placed has no framework yet: it is built
+        for whatever gradients come next (so a new clipper that loads this one's checkpoint takes
+        its statistics to another framework).
+
+        Raises:
+            StateError: The kept state's framework is not the gradients'.
+        """
+        if self.pending is not None:
+            return
+        framework, _ = self.home()
+        if framework is None or framework == ops.name:
+            return
+        raise StateError(
+            f"{where}: this clipper keeps its state in {framework} arrays from its earlier calls, but "
+            f"these gradients are {ops.name} arrays; a clipper's state lives in one framework. Use one "
+            "clipper per framework; to carry the statistics over, load this one's checkpoint into a new "
+            "clipper: new.load_state_dict(clipper.state_dict()). Nothing was changed."
+        )
+
     def peek(self, clipper: Clipper, ops: Ops) -> Any:
         """The current state, changing nothing (no checkpoint placed, no store created): for a
         call that has no gradient to clip. None before the first step."""
