@@ -49,7 +49,7 @@ LIMITS = {
 CRITICAL_PATHS = {
     "global_norm": 9,
     "non_finite": 6,
-    "quantile_norm": 11,
+    "quantile_norm": 9,
     "skip_on_spike": 19,
     "adagc": 18,
     "autoclip": 37,
