@@ -231,3 +231,51 @@ def test_amp_scaler_unscaled_through_the_wrapper_unscales_once():
     scaler.update()
     for a, p in zip(plain, model.parameters()):
         torch.testing.assert_close(p.detach(), a)
+
+
+def _virtual_amp(x, unscale, trailing_virtual, poison=False):
+    """Two physical batches (3 + 5 examples) through a GradScaler: the params after the step."""
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    model, _, opt = _setup(scaler=scaler)
+    opt.backward(_loss(model, x[:3]))
+    if poison:  # an overflow in an earlier physical batch
+        next(model.parameters()).grad[0, 0] = float("inf")
+    opt.virtual_step()
+    opt.backward(_loss(model, x[3:]))
+    if trailing_virtual:
+        opt.virtual_step()  # every physical batch kept: p.grad is None at step()
+    if unscale == "wrapper":
+        scaler.unscale_(opt)
+    elif unscale == "inner":
+        scaler.unscale_(opt.optimizer)
+    opt.step()
+    scaler.update()
+    return model, scaler
+
+
+@pytest.mark.parametrize("trailing_virtual", [False, True])
+@pytest.mark.parametrize("unscale", [None, "wrapper", "inner"])
+def test_amp_scaler_with_virtual_steps_unscales_every_physical_batch_once(unscale, trailing_virtual):
+    # The kept sums of earlier physical batches were merged after the unscale and stayed
+    # multiplied by the loss scale (an update ~1000x the per-example bound allows).
+    x = torch.randn(8, 6)
+    model, _, opt = _setup()
+    opt.backward(_loss(model, x))
+    opt.step()
+    plain = [p.detach().clone() for p in model.parameters()]
+    model, scaler = _virtual_amp(x, unscale, trailing_virtual)
+    for a, p in zip(plain, model.parameters()):
+        torch.testing.assert_close(p.detach(), a)
+    assert scaler.get_scale() == 1024.0
+
+
+@pytest.mark.parametrize("trailing_virtual", [False, True])
+@pytest.mark.parametrize("unscale", [None, "wrapper", "inner"])
+def test_amp_scaler_inf_in_an_earlier_physical_batch_skips_the_step(unscale, trailing_virtual):
+    x = torch.randn(8, 6)
+    torch.manual_seed(0)
+    initial = [p.detach().clone() for p in _setup()[0].parameters()]
+    model, scaler = _virtual_amp(x, unscale, trailing_virtual, poison=True)
+    for a, p in zip(initial, model.parameters()):
+        assert torch.equal(p.detach(), a)  # skipped
+    assert scaler.get_scale() == 512.0  # and the scaler backed off

@@ -68,6 +68,10 @@ class DPOptimizer:
             noise is then ``σ_Δ = (σ⁻² − (2σ_b)⁻²)^(−1/2)`` so that the pair costs exactly σ.
         scaler: A ``torch.amp.GradScaler`` (AMP): :meth:`backward` divides its scale out of the
             norms; :meth:`step` unscales once and steps through it, as ``ClippedOptimizer``.
+            With :meth:`virtual_step`, every physical batch's sum is unscaled exactly once, also
+            when ``scaler.unscale_(optimizer)`` ran before :meth:`step` (the sums kept from the
+            earlier physical batches are then unscaled by the scale tensor, no host read), and
+            an inf/NaN in any physical batch skips the step.
         process_group: With ``torch.distributed``: the clipped sums are summed over the group
             (per-example clipping stays local) and noise is added once, on the group's first
             rank. Do not wrap the model in DDP (its all-reduce would average unclipped data).
@@ -189,10 +193,14 @@ class DPOptimizer:
             raise InvalidArgumentError("DPOptimizer.step: closures are not supported (the noise is drawn once)")
         params = [p for _, p in self.per_sample.parameters]
         through_scaler = scaler_enabled(self.scaler)
+        unscaled = False
         if through_scaler:
             share_wrapper_stage(self.scaler, self, self.optimizer)  # scaler.unscale_(this): once
-        if through_scaler and scaler_stage(self.scaler, self.optimizer) != "unscaled":
-            self.scaler.unscale_(self.optimizer)
+            unscaled = scaler_stage(self.scaler, self.optimizer) == "unscaled"
+            if unscaled:
+                # The user unscaled p.grad (the last physical batch) before step(): the earlier
+                # physical batches' sums, kept by virtual_step, still carry the scale.
+                self._unscale_kept(params)
         for p in params:
             kept = getattr(p, "_dp_summed", None)
             if kept is not None:
@@ -201,6 +209,10 @@ class DPOptimizer:
             if p.grad is None:  # no example used it: its sum is zero, the noise is not
                 p.grad = torch.zeros_like(p)
         self._accumulated = False
+        if through_scaler and not unscaled:
+            # Every physical batch's sum, still scaled, unscaled once with one inf check: an
+            # overflow in any of them skips the step.
+            self.scaler.unscale_(self.optimizer)
         world, noisy = 1, True
         if self.process_group is not None:
             import torch.distributed as dist
@@ -225,6 +237,24 @@ class DPOptimizer:
         if self.accountant is not None:
             self.accountant.step(self.noise_multiplier, self.sample_rate)
         return result
+
+    def _unscale_kept(self, params: list[torch.Tensor]) -> None:
+        """Unscale the sums virtual_step kept, as GradScaler.unscale_ unscales ``p.grad``: by the
+        scale tensor (no host read), their inf/NaN recorded in the scaler's inf checks for this
+        optimizer, so that ``scaler.step`` skips the step and ``update()`` backs off."""
+        kept = [p._dp_summed for p in params if getattr(p, "_dp_summed", None) is not None]
+        if not kept:
+            return
+        found = self.scaler._per_optimizer_states[id(self.optimizer)]["found_inf_per_device"]
+        groups: dict[Any, list[torch.Tensor]] = {}
+        for tensor in kept:
+            groups.setdefault((tensor.device, tensor.dtype), []).append(tensor)
+        for (device, _), tensors in groups.items():
+            scale = self.scaler.scale(torch.ones((), dtype=torch.float32, device=device))
+            inv_scale = scale.double().reciprocal().float()  # in fp64, as GradScaler.unscale_
+            if device not in found:
+                found[device] = torch.zeros((), dtype=torch.float32, device=device)
+            torch._amp_foreach_non_finite_check_and_unscale_(tensors, found[device], inv_scale)
 
     def epsilon(self, delta: float) -> float:
         """ε spent so far at δ (needs ``sample_rate``).
