@@ -53,7 +53,7 @@ from gradclip._core.clipper import Clipper
 from gradclip._core.errors import InvalidArgumentError, StateError
 from gradclip._core.streaks import SkipStreak
 from gradclip.torch.optim_groups import check_mapped_clipper
-from gradclip.torch.trainer_signals import StepLoss, count_skips
+from gradclip.torch.trainer_signals import StepLoss, count_skips, loss_across_ranks
 
 try:  # the unified package first, then the standalone one
     from lightning.pytorch import Callback as _Callback
@@ -211,6 +211,7 @@ class GradClipCallback(_Callback):
         members = {id(p) for group in inner.param_groups for p in group["params"]}
         named = [(n, p) for n, p in pl_module.named_parameters() if id(p) in members]
         clipper = slot.clipper
+        loss = loss_across_ranks(loss, clipper)  # DDP: the same loss, so the same decision, on every rank
         if clipper.distributed_group() is None and "torch.distributed.fsdp" in sys.modules:
             # strategy="fsdp" (FSDP1): the parameters alone do not tell their shard groups; the
             # wrapped model does (gradclip.torch.fsdp). Set once; FSDP2 needs nothing.

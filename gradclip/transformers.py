@@ -57,7 +57,7 @@ from gradclip._core.clipper import Clipper
 from gradclip._core.errors import InvalidArgumentError, StateError
 from gradclip._core.registry import from_config
 from gradclip._core.streaks import SkipStreak
-from gradclip.torch.trainer_signals import StepLoss, count_skips
+from gradclip.torch.trainer_signals import StepLoss, count_skips, loss_across_ranks
 
 try:
     import transformers as _transformers
@@ -262,6 +262,7 @@ class GradClipCallback(_TrainerCallback, _ExportableState):
         else:
             self._unscale_once(optimizer)
             named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+            loss = loss_across_ranks(loss, self.clipper)  # DDP: the same loss, so the same decision, on every rank
             info = self.clipper.clip_(named, loss=loss)
         self.last_info = info
 

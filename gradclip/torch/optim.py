@@ -128,7 +128,7 @@ from gradclip.torch.scaling import (
     set_step_flags,
     share_wrapper_stage,
 )
-from gradclip.torch.trainer_signals import StepLoss
+from gradclip.torch.trainer_signals import StepLoss, loss_across_ranks
 
 __all__ = ["ClippedOptimizer", "fold_unsupported_reason", "scaler_enabled", "scaler_stage"]
 
@@ -514,7 +514,8 @@ class ClippedOptimizer(torch.optim.Optimizer):
             progress.losses.clear()
             return result
         progress.losses.add(loss)
-        loss = progress.losses.take()
+        # Under DDP: the mean over the ranks, so that every rank takes the same decision.
+        loss = loss_across_ranks(progress.losses.take(), self.clipper)
         return self._fold(loss) if self._fold_active else self._clip(loss)
 
     def _check_scaler_not_stepped(self) -> None:
@@ -672,7 +673,7 @@ class ClippedOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
             # This evaluation's loss with those of the step's earlier micro-batches.
-            signal = self._progress.losses.mean_with(self._closure_loss(loss))
+            signal = loss_across_ranks(self._progress.losses.mean_with(self._closure_loss(loss)), self.clipper)
             self._progress.closure_loss = signal
             named = self._named_parameters()
             info = self.clipper.clip_(named, **_signals(signal), **self._state_signals(named))

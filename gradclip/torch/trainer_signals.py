@@ -16,11 +16,21 @@ graph costs one small addition per micro-batch and no host read.
 :func:`count_skips` advances a :class:`~gradclip._core.streaks.SkipStreak` and, when the streak
 reaches its bound, stops the trainer and leaves the step's gradients cleared before the
 :class:`~gradclip.DivergenceError` propagates.
+
+Under data parallelism (``torch.distributed`` initialized, more than one process) each rank
+computes the loss of its own shard of the batch, while the gradients DDP/FSDP hand the clipper
+are the mean over the ranks. A clipper that reads the loss must decide from the same value on
+every rank, or the replicas diverge (one rank skips a step another takes):
+:func:`loss_across_ranks` averages the step's loss over the data-parallel group, on the device
+(one ``all_reduce`` of one scalar per optimizer step, no host read), for
+:class:`~gradclip.torch.ClippedOptimizer` and both trainer callbacks alike. The group is the
+clipper's ``process_group`` when it carries one, else the default group (every process); a
+clipper that ignores the loss costs no collective.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -30,7 +40,7 @@ from gradclip._core.ops import get_ops
 from gradclip._core.streaks import SkipStreak
 from gradclip._core.types import ClipInfo
 
-__all__ = ["StepLoss", "count_skips"]
+__all__ = ["StepLoss", "count_skips", "loss_across_ranks", "watches_loss"]
 
 
 class StepLoss:
@@ -105,6 +115,66 @@ class StepLoss:
     def clear(self) -> None:
         """Forget the recorded losses."""
         self._total, self._count = None, 0
+
+
+def watches_loss(clipper: Any) -> bool:
+    """Whether ``clipper`` (or a clipper it wraps) reads the loss signal (``watches_loss``); a
+    mapping of clippers (ClippedOptimizer's per-group ones) when any of them does."""
+    if clipper is None:
+        return False
+    if isinstance(clipper, Mapping):
+        return any(watches_loss(c) for c in clipper.values())
+    children = getattr(clipper, "children", None)
+    return bool(getattr(clipper, "watches_loss", False)) or (callable(children) and any(watches_loss(c) for c in children()))
+
+
+def _loss_group(clipper: Any) -> Any:
+    """The process group of the clipper(s) reading the loss, or None (the default group)."""
+    if isinstance(clipper, Mapping):
+        groups = [_loss_group(c) for c in clipper.values() if watches_loss(c)]
+        return next((g for g in groups if g is not None), None)
+    distributed_group = getattr(clipper, "distributed_group", None)
+    return distributed_group() if callable(distributed_group) else None
+
+
+def loss_across_ranks(loss: Any, clipper: Any, device: Any = None) -> Any:
+    """The step's loss averaged over the data-parallel ranks, for a clipper that reads it.
+
+    Returns ``loss`` unchanged when ``torch.distributed`` is not initialized, the group has one
+    process, ``loss`` is None, or ``clipper`` does not read the loss (no collective then).
+    Otherwise every rank of the group must call it once per optimizer step (the clipper is
+    called on every rank anyway) and gets the same fp32 (fp64 for an fp64 loss) 0-d tensor: the
+    sum of the ranks' losses over ``all_reduce`` divided by the group's size, on the device.
+
+    The group: ``clipper.distributed_group()`` when set, else the default group. With tensor or
+    pipeline parallelism the loss must be averaged over the data-parallel group only: give the
+    clipper that group as ``process_group``.
+
+    Args:
+        loss: The step's loss (a 0-d or one-element tensor, or a number), or None.
+        clipper: The clipper that will judge it.
+        device: Where a loss given as a number is placed (NCCL needs a CUDA tensor); default the
+            current CUDA device when the backend is NCCL, else the CPU.
+    """
+    if loss is None or not watches_loss(clipper):
+        return loss
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()):
+        return loss
+    group = _loss_group(clipper)
+    if group is not None and not isinstance(group, dist.ProcessGroup) and hasattr(group, "get_group"):
+        group = group.get_group()  # a one-dimensional DeviceMesh
+    size = dist.get_world_size(group)
+    if size <= 1:
+        return loss
+    if isinstance(loss, torch.Tensor):
+        value = loss.detach().reshape(()).to(torch.promote_types(loss.dtype, torch.float32), copy=True)
+    else:
+        if device is None:
+            device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else "cpu"
+        value = torch.tensor(float(loss), dtype=torch.float32, device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.SUM, group=group)  # SUM: gloo has no AVG
+    return value / size
 
 
 def count_skips(streak: SkipStreak, info: ClipInfo, loss: Any, may_skip: bool, named: list[Any], stop: Callable[[], None]) -> ClipInfo:

@@ -1,0 +1,147 @@
+"""Trainer-integration defects a user found: loss-based skips under DDP, the transformers callback's
+resume after attach(), its per-step queue, step numbering, and streak bookkeeping."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+
+import pytest
+
+torch = pytest.importorskip("torch")
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import gradclip
+import gradclip.torch as gct
+from gradclip.torch.trainer_signals import loss_across_ranks
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# -- 1. loss-based skips under DDP: every rank judges the mean loss ------------------------------
+
+
+def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    import torch.nn.functional as F
+
+    result: dict = {}
+    # ClippedOptimizer.step(loss=...) with a bad shard on rank 1 only.
+    torch.manual_seed(0)
+    model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(4, 1))
+    opt = gct.ClippedOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.01), gradclip.SkipOnSpike(signal="loss", min_history=4, window=16)
+    )
+    gen = torch.Generator().manual_seed(100 + rank)
+    skips = []
+    for s in range(8):
+        x, y = torch.randn(8, 4, generator=gen), torch.randn(8, 1, generator=gen)
+        if rank == 1 and s == 6:
+            y = y * 100
+        loss = F.mse_loss(model(x), y)
+        loss.backward()
+        opt.step(loss=loss)
+        opt.zero_grad()
+        skips.append(bool(opt.last_info.skip))
+    result["skips"] = skips
+    result["params"] = [p.detach().tolist() for p in model.module.parameters()]
+
+    # The shared helper: the mean on every rank, the caller's tensor untouched; a number too.
+    local = torch.tensor(float(rank + 1))
+    spike = gradclip.SkipOnSpike(signal="both")
+    result["mean"] = float(loss_across_ranks(local, spike))
+    result["local_kept"] = float(local)
+    result["number"] = float(loss_across_ranks(3.0 * (rank + 1), spike))
+    # The clipper's process_group is the group (here a one-process group: nothing to average).
+    groups = [dist.new_group([r]) for r in range(world)]  # every rank creates every group
+    spike.process_group = groups[rank]
+    result["own_group"] = float(loss_across_ranks(local, spike))
+    # A clipper that ignores the loss: the loss as given, no collective.
+    plain = gradclip.GlobalNorm(1.0)
+    result["plain_is_same"] = loss_across_ranks(local, plain) is local
+    with open(f"{out}.{rank}", "w") as f:
+        json.dump(result, f)
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def ddp_results(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("ddp_loss") / "rank")
+    mp.spawn(_ddp_worker, args=(2, _port(), out), nprocs=2, join=True)
+    return [json.load(open(f"{out}.{r}")) for r in range(2)]
+
+
+@pytest.mark.timeout(120)
+def test_ddp_loss_skip_is_the_same_on_every_rank(ddp_results):
+    a, b = ddp_results
+    assert a["skips"] == b["skips"]
+    assert a["skips"][6] is True and sum(a["skips"]) == 1  # the bad shard's step, on both ranks
+    assert a["params"] == b["params"]
+
+
+@pytest.mark.timeout(120)
+def test_loss_across_ranks_averages_over_the_clippers_group(ddp_results):
+    for rank, r in enumerate(ddp_results):
+        assert r["mean"] == 1.5 and r["number"] == 4.5
+        assert r["local_kept"] == rank + 1
+        assert r["own_group"] == rank + 1  # the clipper's one-process group: nothing averaged
+        assert r["plain_is_same"]
+
+
+def test_loss_across_ranks_without_distributed_is_the_identity():
+    loss = torch.tensor(2.0)
+    assert loss_across_ranks(loss, gradclip.SkipOnSpike(signal="loss")) is loss
+    assert loss_across_ranks(None, gradclip.SkipOnSpike(signal="loss")) is None
+
+
+_PL_SCRIPT = r'''
+import json, sys, torch, lightning as L, gradclip
+from gradclip.lightning import GradClipCallback
+out = sys.argv[1]
+class R(L.LightningModule):
+    def __init__(self):
+        super().__init__(); torch.manual_seed(0); self.net = torch.nn.Linear(4, 1)
+    def training_step(self, b, i):
+        x, y = b
+        if self.global_rank == 1 and i == 6: y = y * 100
+        return torch.nn.functional.mse_loss(self.net(x), y)
+    def configure_optimizers(self): return torch.optim.SGD(self.parameters(), lr=0.01)
+class Rec(L.Callback):
+    s = ()
+    def on_train_batch_end(self, t, pl, *a):
+        c = [x for x in t.callbacks if isinstance(x, GradClipCallback)][0]; self.s = list(self.s) + [bool(c.last_info.skip)]
+    def on_train_end(self, t, pl):
+        json.dump({"skips": self.s, "w": [p.detach().tolist() for p in pl.parameters()]}, open(f"{out}.{t.global_rank}", "w"))
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    g = torch.Generator().manual_seed(1)
+    ds = torch.utils.data.TensorDataset(torch.randn(64, 4, generator=g), torch.randn(64, 1, generator=g))
+    cb = GradClipCallback(gradclip.SkipOnSpike(signal="loss", min_history=4, window=16))
+    t = L.Trainer(max_steps=8, accelerator="cpu", devices=2, strategy="ddp_spawn", callbacks=[cb, Rec()], logger=False,
+                  enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    t.fit(R(), torch.utils.data.DataLoader(ds, batch_size=4))
+'''
+
+
+@pytest.mark.timeout(180)
+def test_lightning_ddp_spawn_loss_skip_is_the_same_on_every_rank(tmp_path):
+    pytest.importorskip("lightning")
+    import subprocess
+
+    script = tmp_path / "pl_ddp.py"
+    script.write_text(_PL_SCRIPT)
+    out = str(tmp_path / "rank")
+    subprocess.run([sys.executable, str(script), out], check=True, timeout=170, capture_output=True)
+    a, b = (json.load(open(f"{out}.{r}")) for r in range(2))
+    assert a["skips"] == b["skips"] and a["skips"][6] is True
+    assert a["w"] == b["w"]
