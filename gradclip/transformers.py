@@ -135,6 +135,9 @@ class GradClipCallback(_TrainerCallback, _ExportableState):
         self.monitor = monitor
         self.last_info = None
         self._may_skip = clipper.may_skip
+        # The steps since the last training log, folded on the device into one row (at most one
+        # entry, O(1) memory however long nothing logs): the last step's norm, norm after, coef,
+        # threshold, clipped, streak, then the clipped count and the step count since the log.
         self._pending: list[Any] = []
         self._last_update: tuple[list[str], Any] | None = None
         self._loss = StepLoss()
@@ -230,6 +233,8 @@ class GradClipCallback(_TrainerCallback, _ExportableState):
             )
         self._restore(state)
         self._loss.clear()
+        self._pending = []  # values of an earlier train() are not this run's
+        self._last_update = None
         # DeepSpeed ZeRO: p.grad stays None and the engine steps inside accelerate's backward,
         # before on_pre_optimizer_step; clip at the engine's own clip point instead.
         from gradclip.deepspeed import attach, zero_optimizer_of
@@ -279,18 +284,22 @@ class GradClipCallback(_TrainerCallback, _ExportableState):
 
         norm = info.norm.detach().to(torch.float32)
         coef = info.coef.detach().to(norm.device, torch.float32)
-        self._pending.append(
-            torch.stack(
-                [
-                    norm,
-                    norm * coef,
-                    coef,
-                    info.threshold.detach().to(norm.device, torch.float32),
-                    info.clipped.detach().to(norm.device, torch.float32),
-                    info.consecutive_skips.detach().to(norm.device, torch.float32),
-                ]
-            )
+        clipped = info.clipped.detach().to(norm.device, torch.float32)
+        row = torch.stack(
+            [
+                norm,
+                norm * coef,
+                coef,
+                info.threshold.detach().to(norm.device, torch.float32),
+                clipped,
+                info.consecutive_skips.detach().to(norm.device, torch.float32),
+                clipped,
+                torch.ones_like(norm),
+            ]
         )
+        if self._pending:  # add this step's counts to those since the last log; keep its values
+            row = torch.cat([row[:6], row[6:] + self._pending[0].to(row.device)[6:]])
+        self._pending[:] = [row]
         if self._may_skip and bool(info.skip):
             for _, param in named:
                 param.grad = None
@@ -327,14 +336,13 @@ class GradClipCallback(_TrainerCallback, _ExportableState):
         import torch
 
         pending, self._pending = self._pending, []
-        rows = torch.stack([r.to(pending[0].device) for r in pending]).cpu().tolist()  # one sync
-        norm, norm_after, coef, threshold, _, streak = rows[-1]
+        norm, norm_after, coef, threshold, _, streak, clipped, steps = pending[0].cpu().tolist()  # one sync
         added = {
             "grad_norm": norm,
             "grad_norm_clipped": norm_after,
             "clip_coef": coef,
             "clip_threshold": threshold,
-            "clip_rate": sum(r[4] for r in rows) / len(rows),
+            "clip_rate": clipped / steps,
         }
         if self._may_skip:
             added["consecutive_skips"] = int(streak)

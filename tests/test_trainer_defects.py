@@ -145,3 +145,77 @@ def test_lightning_ddp_spawn_loss_skip_is_the_same_on_every_rank(tmp_path):
     a, b = (json.load(open(f"{out}.{r}")) for r in range(2))
     assert a["skips"] == b["skips"] and a["skips"][6] is True
     assert a["w"] == b["w"]
+
+
+# -- transformers: tiny models built from configs ------------------------------------------------
+
+
+def _hf():
+    return pytest.importorskip("transformers")
+
+
+class _Tokens(torch.utils.data.Dataset):
+    def __init__(self, n: int = 32):
+        self.x = torch.randint(0, 50, (n, 12), generator=torch.Generator().manual_seed(0))
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.x[i], "labels": self.x[i]}
+
+
+def _gpt2():
+    transformers = _hf()
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50, n_positions=16)
+    return transformers.GPT2LMHeadModel(config)
+
+
+def _args(out, **kw):
+    transformers = _hf()
+    base = dict(output_dir=str(out), max_steps=6, per_device_train_batch_size=4, report_to=[], max_grad_norm=0,
+                logging_steps=1, save_strategy="no", learning_rate=1e-2, use_cpu=True, seed=0, disable_tqdm=True,
+                dataloader_num_workers=0)
+    base.update(kw)
+    return transformers.TrainingArguments(**base)
+
+
+def _trainer(out, callbacks=(), **kw):
+    transformers = _hf()
+    return transformers.Trainer(model=_gpt2(), args=_args(out, **kw), train_dataset=_Tokens(), callbacks=list(callbacks))
+
+
+# -- 3. the per-step queue is bounded and starts empty with each train() -------------------------
+
+
+def test_pending_values_stay_one_row_without_logging(tmp_path):
+    from gradclip.transformers import GradClipCallback
+
+    callback = GradClipCallback(gradclip.GlobalNorm(0.5))
+    _trainer(tmp_path, [callback], logging_strategy="no", max_steps=12).train()
+    assert len(callback._pending) == 1  # O(1), not one tensor per step
+    assert callback._pending[0][-1].item() == 12  # the steps since the last log, counted on the device
+
+
+def test_values_of_an_earlier_train_do_not_reach_the_next_logs(tmp_path):
+    from gradclip.transformers import GradClipCallback
+
+    callback = GradClipCallback(gradclip.GlobalNorm(1e-3))  # clips every step
+    _trainer(tmp_path / "a", [callback], max_steps=6, logging_steps=4).train()  # steps 5-6 left unlogged
+    callback.clipper = gradclip.GlobalNorm(1e9)  # clips nothing from now on
+    trainer = _trainer(tmp_path / "b", [callback], max_steps=4, logging_steps=4)
+    trainer.train()
+    rates = [h["clip_rate"] for h in trainer.state.log_history if "loss" in h]
+    assert rates == [0.0]
+
+
+def test_clip_rate_is_the_share_of_clipped_steps_since_the_log(tmp_path):
+    from gradclip.transformers import GradClipCallback
+
+    callback = GradClipCallback(gradclip.GlobalNorm(1e-3))
+    trainer = _trainer(tmp_path, [callback], max_steps=6, logging_steps=3)
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert [h["clip_rate"] for h in logs] == [1.0, 1.0]
+    assert callback._pending == []
