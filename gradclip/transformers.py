@@ -150,6 +150,11 @@ class GradClipCallback(_TrainerCallback, _ExportableState):
         ``trainer.training_step`` is wrapped (once, on this Trainer object): it runs as before
         and its returned, detached loss is recorded for the next optimizer step.
 
+        With ``TrainingArguments(restore_callback_states_from_checkpoint=True)`` the Trainer
+        replaces each stateful callback by a new one built from the checkpoint; this callback
+        takes the place of its replacement again, with the restored clipper state and streak, so
+        it stays attached (and keeps its monitor) on resume.
+
         Returns:
             This callback.
         """
@@ -168,8 +173,37 @@ class GradClipCallback(_TrainerCallback, _ExportableState):
 
             training_step._gradclip_callback = self  # type: ignore[attr-defined]
             trainer.training_step = training_step
+        load = getattr(trainer, "_load_callback_state", None)
+        if callable(load) and getattr(load, "_gradclip_callback", None) is not self:
+
+            def load_callback_state(*args: Any, **kwargs: Any) -> Any:
+                before = list(trainer.callback_handler.callbacks)
+                result = load(*args, **kwargs)
+                self._take_back(trainer, before)
+                return result
+
+            load_callback_state._gradclip_callback = self  # type: ignore[attr-defined]
+            trainer._load_callback_state = load_callback_state
         self._attached = True
         return self
+
+    def _take_back(self, trainer: Any, before: list[Any]) -> None:
+        """After the Trainer rebuilt the callbacks from a checkpoint: put this (attached) callback
+        back in place of the one rebuilt for it, with the state restored into that one."""
+        callbacks = trainer.callback_handler.callbacks
+        if any(c is self for c in callbacks):
+            return  # not replaced (no state saved for it, or the option is off)
+        rebuilt = [c for c in callbacks if isinstance(c, GradClipCallback) and not any(c is b for b in before)]
+        if not rebuilt:
+            return
+        mine = {"clipper": self.clipper.name, "config": self.clipper.config()}
+        same = [c for c in rebuilt if c.state()["args"]["clipper"] == mine]
+        # Another configuration: take its place all the same; on_train_begin names the mismatch.
+        replacement = (same or rebuilt)[0]
+        if same:
+            self.clipper_state, self.consecutive_skips = replacement.clipper_state, replacement.consecutive_skips
+        callbacks.remove(replacement)
+        callbacks.insert(0, self)
 
     # -- checkpoints (transformers' ExportableState) ------------------------------------------------
     def state(self) -> dict[str, Any]:

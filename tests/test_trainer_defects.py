@@ -219,3 +219,42 @@ def test_clip_rate_is_the_share_of_clipped_steps_since_the_log(tmp_path):
     logs = [h for h in trainer.state.log_history if "loss" in h]
     assert [h["clip_rate"] for h in logs] == [1.0, 1.0]
     assert callback._pending == []
+
+
+# -- 2. restore_callback_states_from_checkpoint=True keeps an attached callback attached ---------
+
+
+def test_restore_callback_states_keeps_the_attached_callback(tmp_path):
+    from gradclip.transformers import GradClipCallback
+
+    def clipper():
+        return gradclip.SkipOnSpike(signal="loss", min_history=2)
+
+    first = _trainer(tmp_path / "a", max_steps=4, save_strategy="steps", save_steps=2)
+    GradClipCallback(clipper(), max_consecutive_skips=3).attach(first)
+    first.train()
+    seen = []
+
+    class Seen:
+        def observe(self, info, step=None):
+            seen.append(step)
+
+    trainer = _trainer(tmp_path / "b", max_steps=4, restore_callback_states_from_checkpoint=True)
+    callback = GradClipCallback(clipper(), monitor=Seen(), max_consecutive_skips=3).attach(trainer)
+    trainer.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-2"))
+    mine = [c for c in trainer.callback_handler.callbacks if isinstance(c, GradClipCallback)]
+    assert mine == [callback] and trainer.callback_handler.callbacks[0] is callback
+    assert int(callback.clipper.state_dict()["state"]["loss_count"]) == 4  # 2 restored + 2 resumed
+    assert len(seen) == 2  # the attached callback's monitor, not a rebuilt one without it
+
+
+def test_restore_callback_states_with_another_clipper_is_refused_by_name(tmp_path):
+    from gradclip.transformers import GradClipCallback
+
+    first = _trainer(tmp_path / "a", max_steps=2, save_strategy="steps", save_steps=2)
+    GradClipCallback(gradclip.SkipOnSpike(signal="loss", min_history=2)).attach(first)
+    first.train()
+    trainer = _trainer(tmp_path / "b", max_steps=4, restore_callback_states_from_checkpoint=True)
+    GradClipCallback(gradclip.SkipOnSpike(signal="loss", min_history=3)).attach(trainer)
+    with pytest.raises(gradclip.StateError, match="resume with the clipper the run was trained with"):
+        trainer.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-2"))
