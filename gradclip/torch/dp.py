@@ -66,6 +66,12 @@ class DPOptimizer:
             count (Andrew et al. 2021; default ``max(B / 20, σ)``, the paper's ``B / 20`` when it
             is large enough). The gradient
             noise is then ``σ_Δ = (σ⁻² − (2σ_b)⁻²)^(−1/2)`` so that the pair costs exactly σ.
+            The bound C moves once per logical step, in :meth:`step`: every physical batch
+            (:meth:`virtual_step`) is clipped at the same C, the gradient noise is ``σ_Δ·C`` for
+            that C, and C then moves from the count over all of the step's examples (over all
+            processes of ``process_group``), noised once (on the group's first rank) and divided
+            by the expected batch size (times the number of processes): the C of one process
+            with the whole logical batch.
         scaler: A ``torch.amp.GradScaler`` (AMP): :meth:`backward` divides its scale out of the
             norms; :meth:`step` unscales once and steps through it, as ``ClippedOptimizer``.
             With :meth:`virtual_step`, every physical batch's sum is unscaled exactly once, also
@@ -74,7 +80,8 @@ class DPOptimizer:
             an inf/NaN in any physical batch skips the step.
         process_group: With ``torch.distributed``: the clipped sums are summed over the group
             (per-example clipping stays local) and noise is added once, on the group's first
-            rank. Do not wrap the model in DDP (its all-reduce would average unclipped data).
+            rank; so is ``QuantileNorm``'s unclipped count, so every rank keeps the same C. Do
+            not wrap the model in DDP (its all-reduce would average unclipped data).
 
     Raises:
         InvalidArgumentError: ``noise_multiplier < 0``, ``expected_batch_size <= 0``, a
@@ -154,7 +161,8 @@ class DPOptimizer:
 
     def backward(self, per_example_losses: torch.Tensor) -> Any:
         """Clip each example's gradient and sum them into ``p.grad`` (through the scaler's
-        scale with AMP, the count noise with QuantileNorm).
+        scale with AMP). With QuantileNorm: at the current bound, counting the unclipped
+        examples; :meth:`step` moves the bound once per logical step.
 
         Returns:
             The step's per-example :class:`~gradclip.ClipInfo`.
@@ -163,13 +171,7 @@ class DPOptimizer:
         if scaler_enabled(self.scaler):
             scale = self.scaler.get_scale()
             losses = self.scaler.scale(per_example_losses)
-        count_noise = None
-        if self.count_noise_multiplier is not None:
-            device = per_example_losses.device
-            count_noise = self._normal((), self.count_noise_multiplier, device)
-        return self.per_sample.backward(
-            losses, loss_scale=scale, count_noise=count_noise, expected_batch_size=self.expected_batch_size
-        )
+        return self.per_sample.backward(losses, loss_scale=scale, move_bound=False)
 
     def virtual_step(self) -> None:
         """Keep this physical batch's clipped sum and clear ``p.grad`` for the next one: several
@@ -221,15 +223,28 @@ class DPOptimizer:
             # Noise once for the whole group, on its first rank, before the sum: every rank
             # then holds the same noised total.
             noisy = dist.get_rank(self.process_group) == 0
+        # The C every physical batch of this step was clipped at (QuantileNorm moves it below).
         std = self.grad_noise_multiplier * self.per_sample.sensitivity()
         for p in params:
             if noisy and self.noise_multiplier > 0:
                 p.grad.add_(self._normal(p.shape, std, p.device).to(p.dtype))
+        counts = None
+        if isinstance(self.per_sample.clipper, QuantileNorm):
+            # [unclipped, examples, non-finite] over the step's physical batches; the count
+            # noised once for the group, as the gradients are.
+            counts = self.per_sample.take_counts()
+            if noisy and self.count_noise_multiplier is not None:
+                counts[0] += self._normal((), self.count_noise_multiplier, counts.device)
         if self.process_group is not None:
             import torch.distributed as dist
 
             for p in params:
                 dist.all_reduce(p.grad, group=self.process_group)
+            if counts is not None:
+                dist.all_reduce(counts, group=self.process_group)
+        if counts is not None:
+            noised = self.count_noise_multiplier is not None
+            self.per_sample.move_bound(counts, self.expected_batch_size * world if noised else None)
         divisor = float(self.expected_batch_size * world)
         for p in params:
             p.grad.div_(divisor)
@@ -285,6 +300,7 @@ class DPOptimizer:
         if "clipper" in state:
             kind = self.per_sample.clipper.state_type
             self.per_sample._state = kind(**state["clipper"])
+            self.per_sample._counts = None
 
     def _normal(self, shape: Any, std: Any, device: Any) -> torch.Tensor:
         key = str(torch.device(device))

@@ -152,6 +152,7 @@ class PerSample:
         self._tracked = {id(p): n for n, p in self.parameters}
         self._recorder = Recorder({u.module: u for u in self._units})
         self._state: Any = None
+        self._counts: torch.Tensor | None = None  # QuantileNorm, move_bound=False: see take_counts
         self._cut_choice = self._cut_rule(cut)
 
     # -- construction ------------------------------------------------------------------------
@@ -228,6 +229,7 @@ class PerSample:
         loss_scale: Any = None,
         count_noise: Any = None,
         expected_batch_size: int | None = None,
+        move_bound: bool = True,
     ) -> ClipInfo:
         """Clip each example's gradient and write their sum into ``p.grad``.
 
@@ -237,9 +239,16 @@ class PerSample:
                 are divided by it before they are compared with the threshold, so the bound
                 holds for the unscaled gradients; the written sum stays scaled.
             count_noise: For ``QuantileNorm`` under DP, the noise added to the count of unclipped
-                examples (a 0-d tensor, drawn by :class:`~gradclip.torch.DPOptimizer`).
+                examples (a 0-d tensor) when this batch moves the bound on its own
+                (:class:`~gradclip.torch.DPOptimizer` instead passes ``move_bound=False`` and
+                noises the logical step's count once, in :meth:`move_bound`'s ``counts``).
             expected_batch_size: The denominator of the noised unclipped fraction (the batch
                 size when None).
+            move_bound: For ``QuantileNorm``: move the bound from this batch now (True), or
+                (False) clip at the current bound, leave it, and add this batch's counts to
+                those :meth:`take_counts` returns, for :meth:`move_bound` to move it once from
+                several batches or processes (:class:`~gradclip.torch.DPOptimizer` does, once per
+                logical step; ``count_noise`` is then unused).
 
         Returns:
             A ClipInfo whose ``norm``, ``coef``, ``clipped`` and ``finite`` hold one entry per
@@ -305,7 +314,7 @@ class PerSample:
         norms = norms_sq.sqrt()
         if loss_scale is not None:
             norms = norms / torch.as_tensor(loss_scale, dtype=norms.dtype, device=norms.device)
-        coef, info = self._decide(norms, names, count_noise, expected_batch_size)
+        coef, info = self._decide(norms, names, count_noise, expected_batch_size, move_bound)
         if ghost:
             weights = coef.to(losses.dtype).detach()
             if cut is None:
@@ -365,7 +374,7 @@ class PerSample:
         return torch.as_tensor(value, dtype=torch.float32, device=device)
 
     def _decide(
-        self, norms: torch.Tensor, names: list[str], count_noise: Any, expected: int | None
+        self, norms: torch.Tensor, names: list[str], count_noise: Any, expected: int | None, move_bound: bool = True
     ) -> tuple[torch.Tensor, ClipInfo]:
         """The clipper's decide on per-example measurements: one coefficient per example (per
         example and parameter for ``Norm``)."""
@@ -389,10 +398,15 @@ class PerSample:
             names=names,
         )
         signals = NO_SIGNALS
-        if quantile:
+        deferred = quantile and not move_bound
+        if deferred:
+            self._count(total, finite)
+            signals = Signals(sample_norms=total.float())
+        elif quantile:
             signals = Signals(sample_norms=_noised_sample_norms(total, self._state.norm, count_noise, expected))
         decision = self.clipper.decide(ops, measured, self._state, signals)
-        self._state = decision.state
+        if not deferred:  # deferred: the coefficients at the current bound, which stays
+            self._state = decision.state
         coef, info = decision.coef, decision.info
         if per_layer:
             after = (coef * norms).pow(2).sum(1).sqrt()
@@ -403,6 +417,59 @@ class PerSample:
         else:
             info = info._replace(clipped=coef < 1, finite=finite)
         return coef, info
+
+    def _count(self, total: torch.Tensor, finite: torch.Tensor) -> None:
+        """Add a batch's ``[unclipped, examples, non-finite]`` to the kept counts, compared as
+        QuantileNorm compares (fp32 norms, ``<= C``)."""
+        values = total.float()
+        valid = torch.isfinite(values)
+        below = (valid & (values <= self._state.norm.to(values.device))).sum()
+        counts = torch.stack([below, valid.sum(), (~finite).sum()]).to(torch.float32)
+        self._counts = counts if self._counts is None else self._counts + counts
+
+    def take_counts(self) -> torch.Tensor:
+        """QuantileNorm's counts from the ``backward(move_bound=False)`` calls since the last
+        take, and forget them: a float32 tensor ``[unclipped, examples, non-finite]`` (an example
+        is unclipped when its norm is ``<= C``; zeros when there was none). Sums of counts, so the
+        counts of several processes add up (``all_reduce``) to those of their whole batch."""
+        counts, self._counts = self._counts, None
+        if counts is None:
+            device = self.parameters[0][1].device if self.parameters else torch.device("cpu")
+            counts = torch.zeros(3, dtype=torch.float32, device=device)
+        return counts
+
+    def move_bound(self, counts: torch.Tensor, expected_batch_size: int | None = None) -> None:
+        """Move QuantileNorm's bound once from :meth:`take_counts`'s ``counts`` (summed over
+        physical batches, processes).
+
+        Args:
+            counts: ``[unclipped, examples, non-finite]``. Under DP the unclipped count already
+                holds its noise (added once: Andrew et al. 2021's query is one noised count).
+            expected_batch_size: Given (DP): ``b̃ = counts[0] / expected_batch_size``, clamped to
+                [0, 1], the noised fraction (an empty batch still moves C by its noise). None:
+                ``b = unclipped / examples``; no example leaves the bound where it is.
+
+        A non-finite example in any batch leaves the bound where it is, as one batch does.
+        """
+        if not isinstance(self.clipper, QuantileNorm):
+            return
+        counts = counts.to(torch.float32)
+        ops = get_ops([counts], framework="torch", where="PerSample")
+        if self._state is None:
+            self._state = self.clipper.init_state(ops, [])
+        below, seen, nonfinite = counts[0], counts[1], counts[2]
+        gate = nonfinite == 0
+        if expected_batch_size is None:
+            fraction = below / seen.clamp(min=1.0)
+            gate = gate & (seen > 0)
+        else:
+            fraction = (below / expected_batch_size).clamp(0.0, 1.0)
+        measured = Measured(
+            grads=[], norms=None, norm=torch.zeros(1, device=counts.device), finite=gate, given_finite=gate,
+            norm_type=2.0, names=[],
+        )
+        signals = Signals(sample_norms=_fraction_samples(fraction))
+        self._state = self.clipper.decide(ops, measured, self._state, signals).state
 
     def _write(self, pieces: dict[int, list[Any]], coef: torch.Tensor) -> None:
         keep = self.mode == "instantiate"
@@ -481,10 +548,16 @@ def _noised_sample_norms(total: torch.Tensor, bound: torch.Tensor, count_noise: 
     """
     if count_noise is None:
         return total.float()
-    resolution = 10_000
     below = (total <= bound.to(total.dtype)).sum().to(torch.float32)
     denominator = expected if expected is not None else total.shape[0]
-    fraction = ((below + count_noise.to(torch.float32)) / denominator).clamp(0.0, 1.0)
-    count = (fraction * resolution).round()
-    index = torch.arange(resolution, device=total.device, dtype=torch.float32)
-    return torch.where(index < count, torch.zeros((), device=total.device), torch.full((), 3.0e38, device=total.device))
+    return _fraction_samples(((below + count_noise.to(torch.float32)) / denominator).clamp(0.0, 1.0))
+
+
+def _fraction_samples(fraction: torch.Tensor) -> torch.Tensor:
+    """A vector whose fraction of entries QuantileNorm counts as unclipped (0, ``<= C``) is
+    ``fraction`` to a resolution of 1e-4; the rest are 3e38 (finite, above any C)."""
+    resolution = 10_000
+    device = fraction.device
+    count = (fraction.to(torch.float32) * resolution).round()
+    index = torch.arange(resolution, device=device, dtype=torch.float32)
+    return torch.where(index < count, torch.zeros((), device=device), torch.full((), 3.0e38, device=device))
