@@ -52,6 +52,7 @@ from gradclip._core.checkpoint import check_keys, validate_checkpoint
 from gradclip._core.clipper import Clipper
 from gradclip._core.errors import InvalidArgumentError, StateError
 from gradclip._core.streaks import SkipStreak
+from gradclip._core.types import EmptyState
 from gradclip.torch.optim_groups import check_mapped_clipper
 from gradclip.torch.trainer_signals import StepLoss, count_skips, loss_across_ranks
 
@@ -226,7 +227,10 @@ class GradClipCallback(_Callback):
         def stop() -> None:
             trainer.should_stop = True
 
-        info = count_skips(slot.streak, info, loss, slot.may_skip, named, stop)
+        def keep(counted: Any) -> None:
+            self.last_info = self.last_infos[index] = counted
+
+        info = count_skips(slot.streak, info, loss, slot.may_skip, named, stop, keep)
         self.last_info = self.last_infos[index] = info
         if self.monitor is not None:
             self.monitor.observe(info, step=int(trainer.global_step))
@@ -282,6 +286,26 @@ class GradClipCallback(_Callback):
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
         if self.monitor is not None and callable(getattr(self.monitor, "flush", None)):
             self.monitor.flush()
+
+    def on_load_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
+        """Warn when the checkpoint resumed holds no state of this callback (a run trained without
+        it, or under another ``state_key``): an adaptive clipper, and the skip streak, then start
+        afresh, as :class:`~gradclip.torch.ClippedOptimizer` warns for a plain optimizer state."""
+        if self.state_key in (checkpoint.get("callbacks") or {}):
+            return
+        fresh = [
+            type(slot.clipper).__name__
+            for slot in self._slots.values()
+            if getattr(slot.clipper, "state_type", EmptyState) is not EmptyState or slot.streak.max_consecutive_skips is not None
+        ]
+        if fresh:
+            warnings.warn(
+                f"GradClipCallback: the checkpoint resumed holds no GradClipCallback state (saved without "
+                f"this callback?): {', '.join(fresh)} starts fresh (no adaptive history) and the skip "
+                "streak at 0",
+                UserWarning,
+                stacklevel=2,
+            )
 
     def state_dict(self) -> dict[str, Any]:
         """What Lightning saves in a checkpoint for this callback.

@@ -308,9 +308,14 @@ class GradClipCallback(_TrainerCallback, _ExportableState):
         def stop() -> None:
             control.should_training_stop = True
 
-        info = self.last_info = count_skips(self.streak, info, loss, self._may_skip, named, stop)
+        def keep(counted: Any) -> None:
+            self.last_info = counted
+
+        info = self.last_info = count_skips(self.streak, info, loss, self._may_skip, named, stop, keep)
         if self.monitor is not None:
-            self.monitor.observe(info, step=int(state.global_step))
+            # The Trainer numbers this step global_step + 1 (it counts it after the update), as
+            # its logs and checkpoints do.
+            self.monitor.observe(info, step=int(state.global_step) + 1)
             before_step = getattr(self.monitor, "before_step", None)  # a duck-typed monitor may lack it
             if callable(before_step):
                 before_step()

@@ -258,3 +258,93 @@ def test_restore_callback_states_with_another_clipper_is_refused_by_name(tmp_pat
     GradClipCallback(gradclip.SkipOnSpike(signal="loss", min_history=3)).attach(trainer)
     with pytest.raises(gradclip.StateError, match="resume with the clipper the run was trained with"):
         trainer.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-2"))
+
+
+# -- 4. step numbers, last_info after a DivergenceError, resume without the callback's state -----
+
+
+def test_transformers_monitor_steps_are_the_trainers(tmp_path):
+    from gradclip.transformers import GradClipCallback
+
+    seen = []
+
+    class Seen:
+        def observe(self, info, step=None):
+            seen.append(step)
+
+    trainer = _trainer(tmp_path, max_steps=4, logging_steps=1)
+    GradClipCallback(gradclip.GlobalNorm(1.0), monitor=Seen()).attach(trainer)
+    trainer.train()
+    assert seen == [h["step"] for h in trainer.state.log_history if "loss" in h] == [1, 2, 3, 4]
+
+
+def test_transformers_last_info_counts_the_streak_after_divergence(tmp_path):
+    from gradclip.transformers import GradClipCallback
+
+    callback = GradClipCallback(gradclip.SkipAbove(max_norm=1e-6), max_consecutive_skips=2)
+    trainer = _trainer(tmp_path, [callback], max_steps=6)
+    with pytest.raises(gradclip.DivergenceError):
+        trainer.train()
+    assert int(callback.last_info.consecutive_skips) == 2
+
+
+def _lightning():
+    L = pytest.importorskip("lightning")
+
+    class Reg(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.net = torch.nn.Linear(4, 1)
+
+        def training_step(self, batch, i):
+            x, y = batch
+            return torch.nn.functional.mse_loss(self.net(x), y)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.01)
+
+    def data(n=16):
+        g = torch.Generator().manual_seed(1)
+        ds = torch.utils.data.TensorDataset(torch.randn(n, 4, generator=g), torch.randn(n, 1, generator=g))
+        return torch.utils.data.DataLoader(ds, batch_size=4)
+
+    def trainer(root, **kw):
+        base = dict(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                    enable_model_summary=False, default_root_dir=str(root))
+        base.update(kw)
+        return L.Trainer(**base)
+
+    return L, Reg, data, trainer
+
+
+def test_lightning_last_info_counts_the_streak_after_divergence(tmp_path):
+    _, Reg, data, trainer = _lightning()
+    from gradclip.lightning import GradClipCallback
+
+    callback = GradClipCallback(gradclip.SkipAbove(max_norm=1e-6), max_consecutive_skips=3)
+    with pytest.raises(gradclip.DivergenceError):
+        trainer(tmp_path, max_steps=10, callbacks=[callback]).fit(Reg(), data())
+    assert int(callback.last_info.consecutive_skips) == 3
+    assert int(callback.last_infos[0].consecutive_skips) == 3
+
+
+def test_lightning_resume_without_the_callbacks_state_warns(tmp_path):
+    L, Reg, data, trainer = _lightning()
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from gradclip.lightning import GradClipCallback
+
+    saved = tmp_path / "ck"
+    trainer(tmp_path, max_steps=2, enable_checkpointing=True,
+            callbacks=[ModelCheckpoint(dirpath=str(saved), every_n_train_steps=2)]).fit(Reg(), data())
+    ckpt = str(next(saved.glob("*.ckpt")))
+    callback = GradClipCallback(gradclip.ZClip())
+    with pytest.warns(UserWarning, match="holds no GradClipCallback state.*ZClip starts fresh"):
+        trainer(tmp_path, max_steps=4, callbacks=[callback]).fit(Reg(), data(), ckpt_path=ckpt)
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:  # a stateless clipper loses nothing
+        warnings.simplefilter("always")
+        trainer(tmp_path, max_steps=4, callbacks=[GradClipCallback(gradclip.GlobalNorm(1.0))]).fit(Reg(), data(), ckpt_path=ckpt)
+    assert not [w for w in caught if "GradClipCallback" in str(w.message)]

@@ -177,7 +177,15 @@ def loss_across_ranks(loss: Any, clipper: Any, device: Any = None) -> Any:
     return value / size
 
 
-def count_skips(streak: SkipStreak, info: ClipInfo, loss: Any, may_skip: bool, named: list[Any], stop: Callable[[], None]) -> ClipInfo:
+def count_skips(
+    streak: SkipStreak,
+    info: ClipInfo,
+    loss: Any,
+    may_skip: bool,
+    named: list[Any],
+    stop: Callable[[], None],
+    keep: Callable[[ClipInfo], None] | None = None,
+) -> ClipInfo:
     """Count the step in ``streak``; at its bound stop the trainer and skip the step.
 
     Args:
@@ -188,6 +196,8 @@ def count_skips(streak: SkipStreak, info: ClipInfo, loss: Any, may_skip: bool, n
         named: The ``(name, parameter)`` pairs clipped: their gradients are cleared on divergence
             (the step the streak ends on is skipped too).
         stop: Sets the trainer's stop flag (``trainer.should_stop``, ``control.should_training_stop``).
+        keep: Given ``info`` with ``consecutive_skips`` before the error propagates (the
+            integration's ``last_info`` then counts the step that ended the run, as documented).
 
     Returns:
         ``info`` with ``consecutive_skips``.
@@ -198,6 +208,8 @@ def count_skips(streak: SkipStreak, info: ClipInfo, loss: Any, may_skip: bool, n
     try:
         return streak.observe(get_ops([info.norm], where=streak.where), info, loss, may_skip)
     except DivergenceError:
+        if keep is not None:
+            keep(info._replace(consecutive_skips=streak.count))
         stop()
         for _, param in named:
             param.grad = None
