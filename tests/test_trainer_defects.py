@@ -62,7 +62,8 @@ def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
     result["mean"] = float(loss_across_ranks(local, spike))
     result["local_kept"] = float(local)
     result["number"] = float(loss_across_ranks(3.0 * (rank + 1), spike))
-    # The clipper's process_group is the group (here a one-process group: nothing to average).
+    # Not the clipper's process_group (where gradients are sharded, which can leave out
+    # replicas): a one-process shard group still averages over every process.
     groups = [dist.new_group([r]) for r in range(world)]  # every rank creates every group
     spike.process_group = groups[rank]
     result["own_group"] = float(loss_across_ranks(local, spike))
@@ -90,11 +91,11 @@ def test_ddp_loss_skip_is_the_same_on_every_rank(ddp_results):
 
 
 @pytest.mark.timeout(120)
-def test_loss_across_ranks_averages_over_the_clippers_group(ddp_results):
+def test_loss_across_ranks_averages_over_every_process(ddp_results):
     for rank, r in enumerate(ddp_results):
         assert r["mean"] == 1.5 and r["number"] == 4.5
         assert r["local_kept"] == rank + 1
-        assert r["own_group"] == rank + 1  # the clipper's one-process group: nothing averaged
+        assert r["own_group"] == 1.5  # a one-process shard group does not narrow it
         assert r["plain_is_same"]
 
 

@@ -128,15 +128,6 @@ def watches_loss(clipper: Any) -> bool:
     return bool(getattr(clipper, "watches_loss", False)) or (callable(children) and any(watches_loss(c) for c in children()))
 
 
-def _loss_group(clipper: Any) -> Any:
-    """The process group of the clipper(s) reading the loss, or None (the default group)."""
-    if isinstance(clipper, Mapping):
-        groups = [_loss_group(c) for c in clipper.values() if watches_loss(c)]
-        return next((g for g in groups if g is not None), None)
-    distributed_group = getattr(clipper, "distributed_group", None)
-    return distributed_group() if callable(distributed_group) else None
-
-
 def loss_across_ranks(loss: Any, clipper: Any, device: Any = None) -> Any:
     """The step's loss averaged over the data-parallel ranks, for a clipper that reads it.
 
@@ -146,9 +137,12 @@ def loss_across_ranks(loss: Any, clipper: Any, device: Any = None) -> Any:
     called on every rank anyway) and gets the same fp32 (fp64 for an fp64 loss) 0-d tensor: the
     sum of the ranks' losses over ``all_reduce`` divided by the group's size, on the device.
 
-    The group: ``clipper.distributed_group()`` when set, else the default group. With tensor or
-    pipeline parallelism the loss must be averaged over the data-parallel group only: give the
-    clipper that group as ``process_group``.
+    The group is every process (the default group), not the clipper's ``process_group``: that
+    one is where the gradients are sharded (an HSDP shard group, a pipeline stage), which can
+    leave out data-parallel replicas, and replicas judging different losses diverge. Ranks that
+    share a batch (tensor parallelism) hold the same loss, so the mean over every process is the
+    mean over the replicas. Every process must therefore pass the loss: with pipeline
+    parallelism, where only the last stage has one, no stage can use a loss-reading clipper.
 
     Args:
         loss: The step's loss (a 0-d or one-element tensor, or a number), or None.
@@ -161,9 +155,7 @@ def loss_across_ranks(loss: Any, clipper: Any, device: Any = None) -> Any:
     dist = torch.distributed
     if not (dist.is_available() and dist.is_initialized()):
         return loss
-    group = _loss_group(clipper)
-    if group is not None and not isinstance(group, dist.ProcessGroup) and hasattr(group, "get_group"):
-        group = group.get_group()  # a one-dimensional DeviceMesh
+    group = None  # every process: see above
     size = dist.get_world_size(group)
     if size <= 1:
         return loss
