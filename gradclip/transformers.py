@@ -57,7 +57,7 @@ from gradclip._core.clipper import Clipper
 from gradclip._core.errors import InvalidArgumentError, StateError
 from gradclip._core.registry import from_config
 from gradclip._core.streaks import SkipStreak
-from gradclip.torch.trainer_signals import StepLoss, count_skips, loss_across_ranks
+from gradclip.torch.trainer_signals import StepLoss, count_skips, loss_across_ranks, watches_loss
 
 try:
     import transformers as _transformers
@@ -259,7 +259,7 @@ class GradClipCallback(_TrainerCallback, _ExportableState):
             self.streak.load_state_dict(streak)
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if not self._attached and _watches_loss(self.clipper):
+        if not self._attached and watches_loss(self.clipper):
             raise InvalidArgumentError(
                 f"GradClipCallback: {type(self.clipper).__name__} needs the step's loss, which the Trainer "
                 "gives callbacks only through GradClipCallback.attach(trainer); add the callback with "
@@ -372,8 +372,6 @@ class GradClipCallback(_TrainerCallback, _ExportableState):
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
         if not self._pending or logs is None or "loss" not in logs:
             return  # only training logs carry the clipping values
-        import torch
-
         pending, self._pending = self._pending, []
         norm, norm_after, coef, threshold, _, streak, clipped, steps = pending[0].cpu().tolist()  # one sync
         added = {
@@ -397,8 +395,3 @@ class GradClipCallback(_TrainerCallback, _ExportableState):
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.monitor is not None and callable(getattr(self.monitor, "flush", None)):
             self.monitor.flush()
-
-
-def _watches_loss(clipper: Clipper) -> bool:
-    """Whether ``clipper`` or a clipper it wraps decides on the loss (``SkipOnSpike(signal="loss")``)."""
-    return bool(getattr(clipper, "watches_loss", False)) or any(_watches_loss(c) for c in clipper.children())
