@@ -109,12 +109,13 @@ def _leaves(tree: Any, where: str):
     import jax.numpy as jnp
     import numpy as np
 
+    from gradclip._core.tree import path_name
     from gradclip.backends.jax import refuse_float0
 
     with_path, treedef = jax.tree_util.tree_flatten_with_path(tree)
     leaves, names = [], []
     for path, leaf in with_path:
-        name = jax.tree_util.keystr(path) or "#0"
+        name = path_name(path)  # as clip()/update() name it, so name patterns match alike
         if isinstance(leaf, (jax.Array, jax.core.Tracer, np.ndarray)) and leaf.dtype == jax.dtypes.float0:
             refuse_float0(where, [leaf.dtype], [name])
         if isinstance(leaf, (jax.Array, jax.core.Tracer)):

@@ -107,12 +107,14 @@ def _check_updates(where: str, updates: Any) -> None:
     import jax.numpy as jnp
     import numpy as np
 
+    from gradclip._core.tree import path_name
+
     for path, leaf in jax.tree_util.tree_flatten_with_path(updates)[0]:
         dtype = getattr(leaf, "dtype", None)
         dtype = np.result_type(leaf) if dtype is None else np.dtype(dtype)
         if dtype != jax.dtypes.float0 and jnp.issubdtype(dtype, jnp.inexact):
             continue
-        label = jax.tree_util.keystr(path) or "(the root)"
+        label = path_name(path)  # as clip() and as_optax() name leaves
         if dtype == jax.dtypes.float0:
             dtype = "float0"  # numpy prints it as [('float0', 'V')]
             why = (

@@ -91,7 +91,7 @@ def test_dropins_refuse_integer_and_bool_leaves(jo, name, dtype):
     params = {"w": jnp.ones(3), "count": jnp.array(2).astype(dtype)}
     tx = _dropins(gco)[name](1.0)
     state = tx.init(params)
-    message = rf"{name}: update leaf \['count'\] has dtype {dtype}, not floating point.*optax.masked"
+    message = rf"{name}: update leaf count has dtype {dtype}, not floating point.*optax.masked"
     with pytest.raises(gradclip.BackendError, match=message):
         tx.update(updates, state, params)
     with pytest.raises(gradclip.BackendError, match=message):
@@ -132,7 +132,7 @@ def test_dropins_refuse_float0_leaves(jo, name):
     params = {"w": jnp.ones(3), "step": jnp.array(3, jnp.int32)}
     grads = jax.grad(lambda p: jnp.sum(p["w"] ** 2), allow_int=True)(params)
     tx = _dropins(gco)[name](1.0)
-    message = rf"{name}: update leaf \['step'\] has dtype float0, the empty gradient jax.grad\(..., allow_int=True\)"
+    message = rf"{name}: update leaf step has dtype float0, the empty gradient jax.grad\(..., allow_int=True\)"
     with pytest.raises(gradclip.BackendError, match=message):
         tx.update(grads, tx.init(params), params)
     with pytest.raises(gradclip.BackendError, match=message):
@@ -196,7 +196,7 @@ def test_clip_and_as_optax_refuse_float0_gradients(jo):
     for clipper in (gradclip.GlobalNorm(1.0), gradclip.ZClip()):
         tx = clipper.as_optax()
         state = tx.init(float_params)
-        where = rf"{type(clipper).__name__}.as_optax\(\).update: gradient \['step'\] "
+        where = rf"{type(clipper).__name__}.as_optax\(\).update: gradient step "
         with pytest.raises(gradclip.BackendError, match=where + message):
             tx.update(grad(params), state)
         with pytest.raises(gradclip.BackendError, match=where + message):

@@ -199,7 +199,7 @@ def test_torch_and_tensorflow_arrays_are_a_clear_error_that_changes_nothing():
     grads = {"w": torch.tensor([30.0, 40.0, 0.0])}
     with pytest.raises(gradclip.BackendError, match=r"ZClip.as_optax\(\).init: .*JAX arrays.*torch\.Tensor.*clip_\(model\)"):
         tx.init(grads)
-    with pytest.raises(gradclip.BackendError, match=r"ZClip.as_optax\(\).update: .*leaf \['w'\] is a torch"):
+    with pytest.raises(gradclip.BackendError, match=r"ZClip.as_optax\(\).update: .*leaf w is a torch"):
         tx.update(grads, state)
     tf = pytest.importorskip("tensorflow", reason="needs tf arrays")
     with pytest.raises(gradclip.BackendError, match="ClippingOptimizer"):

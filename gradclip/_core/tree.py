@@ -13,7 +13,7 @@ from typing import Any, NamedTuple
 from gradclip._core.errors import BackendError
 from gradclip._core.tracing import collect_traced, compiling
 
-__all__ = ["flatten", "flatten_like", "Collected", "collect_gradients", "position_names"]
+__all__ = ["flatten", "flatten_like", "Collected", "collect_gradients", "path_name", "position_names"]
 
 
 #: Types whose class defines ``shape`` and ``dtype`` (every framework's array and parameter
@@ -146,6 +146,24 @@ def flatten_like(tree: Any, like: Any) -> list[Any]:
 
     walk(tree, like, "")
     return out
+
+
+def path_name(path: Any) -> str:
+    """A ``jax.tree_util`` key path spelled as :func:`flatten` names leaves: dict keys and
+    attributes joined by ``.``, list and tuple positions as ``#i`` (``{"head": {"w": ..}}`` →
+    ``head.w``, ``[w, b]`` → ``#0``, ``#1``; the root leaf ``#0``). Name patterns (AGC's
+    ``exclude``, Subset's) then match the same leaf whichever entry point flattened it."""
+    name = ""
+    for key in path:
+        if hasattr(key, "key"):  # DictKey
+            part = str(key.key)
+        elif hasattr(key, "name"):  # GetAttrKey (dataclasses, flax structs)
+            part = str(key.name)
+        else:  # SequenceKey, FlattenedIndexKey
+            name += f"#{getattr(key, 'idx', getattr(key, 'key', ''))}"
+            continue
+        name = f"{name}.{part}" if name else part
+    return name or "#0"
 
 
 def _jax_node(node: Any, prefix: str, leaves: list[Any], names: list[str]):
