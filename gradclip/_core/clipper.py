@@ -183,7 +183,10 @@ class Clipper(CallsMixin):
 
     # -- settings -------------------------------------------------------------------------------
     def config(self) -> dict[str, Any]:
-        """The settings as plain data (wrapped clippers as ``{"clipper": name, "config": ...}``)."""
+        """The constructor's settings, by name (wrapped clippers as ``{"clipper": name, "config":
+        ...}``), each as given: a schedule stays a schedule object and ``inf`` a float, so
+        ``type(self)(**config)`` rebuilds the clipper. For strict JSON use
+        :func:`gradclip._core.checkpoint.plain_config` of it, what :meth:`state_dict` writes."""
         return {name: _plain_setting(getattr(self, name)) for name in setting_names(type(self))}
 
     def __repr__(self) -> str:

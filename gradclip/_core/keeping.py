@@ -67,6 +67,22 @@ class KeptState:
         twin.layout = self.layout
         return twin
 
+    def __getstate__(self) -> dict[str, Any]:
+        # Pickled (torch.save of an object holding a clipper, multiprocessing, Ray) as deep-copied:
+        # the state and a pending checkpoint travel; the memory of the last call (weak
+        # references, which cannot be pickled) stays behind, as it would not mean anything in
+        # another process. A TensorFlow store's variables do not pickle: its checkpoint does.
+        if self.held is not None:
+            raise TypeError(
+                "a clipper that keeps its state in TensorFlow variables cannot be pickled; save "
+                "clipper.state_dict() and load it into a new clipper instead"
+            )
+        return {"state": self.state, "pending": self.pending, "layout": self.layout}
+
+    def __setstate__(self, saved: dict[str, Any]) -> None:
+        self.state, self.pending, self.layout = saved["state"], saved["pending"], saved["layout"]
+        self.held = self.last_seen = None
+
     def has_state(self) -> bool:
         return self.state is not None or self.pending is not None or self.held is not None
 

@@ -103,7 +103,7 @@ def get(name: str, **kwargs: Any):
     return clipper
 
 
-def _check_keywords(name: str, cls: type, kwargs: Mapping[str, Any]) -> None:
+def _check_keywords(name: str, cls: type, kwargs: Mapping[str, Any], where: str = "gradclip.get") -> None:
     """Refuse keyword arguments the constructor of ``cls`` does not take (Python's own error
     would be a bare ``TypeError`` naming ``__init__``, not a gradclip error).
 
@@ -113,15 +113,22 @@ def _check_keywords(name: str, cls: type, kwargs: Mapping[str, Any]) -> None:
     parameters = list(inspect.signature(cls.__init__).parameters.values())[1:]  # after self
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
         return
-    valid = [
-        p.name for p in parameters if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-    ]
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    valid = [p.name for p in parameters if p.kind in kinds]
     valid += [] if "process_group" in valid else ["process_group"]
+    if where != "gradclip.get":  # a config names a *clippers parameter (Chain's links) by its name
+        valid += [p.name for p in parameters if p.kind is inspect.Parameter.VAR_POSITIONAL]
     unknown = [key for key in kwargs if key not in valid]
     if unknown:
         raise UnknownArgumentError(
-            f"gradclip.get: {name!r} ({cls.__qualname__}) has no argument{'s' if len(unknown) > 1 else ''} "
+            f"{where}: {name!r} ({cls.__qualname__}) has no argument{'s' if len(unknown) > 1 else ''} "
             f"{', '.join(map(repr, unknown))}; its arguments: {', '.join(valid)}"
+        )
+    missing = [p.name for p in parameters if p.kind in kinds and p.default is inspect.Parameter.empty and p.name not in kwargs]
+    if missing and where != "gradclip.get":  # get() fills the registry's defaults first
+        raise InvalidArgumentError(
+            f"{where}: {name!r} ({cls.__qualname__}) needs {', '.join(map(repr, missing))}; the config gives "
+            f"{', '.join(map(repr, kwargs)) or 'nothing'}"
         )
 
 
@@ -163,6 +170,7 @@ def from_config(spec: Any):
     if not isinstance(config, Mapping):
         raise InvalidArgumentError(f"from_config: clipper['config'] must be a mapping, got {config!r}")
     cls = registered_class(spec["clipper"])
+    _check_keywords(spec["clipper"], cls, config, where="from_config")
     arguments = {key: _decode(value) for key, value in config.items()}
     parameters = inspect.signature(cls.__init__).parameters.values()
     positional = next((p.name for p in parameters if p.kind is inspect.Parameter.VAR_POSITIONAL), None)

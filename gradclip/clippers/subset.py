@@ -137,7 +137,8 @@ class Subset(Clipper):
         norm = info.norm
         acc = accumulation(norm)
         one = ops.scalar(1.0, acc)
-        after = ops.global_norm(merged, 2.0)
+        # In the norm the wrapped clipper reports (its p-norm), so the ratio is a scale of it.
+        after = ops.global_norm(merged, self.clipper.norm_type)
         safe = ops.where(norm > 0, norm, one)
         effective = ops.where(norm > 0, after / safe, one)
         effective = ops.where(ops.isfinite(effective), effective, one)
