@@ -164,9 +164,11 @@ def signals_from(where: str, given: dict[str, Any], framework: str | None) -> Si
                 f"{where}: {name} must be a number or an array, got {type(value).__name__}; nothing was changed"
             )
         if not hasattr(value, "shape"):
-            if name == "step" and (not isinstance(value, int) or value < 0):
+            # Steps are int64 on the device: a larger one would overflow there.
+            if name == "step" and (not isinstance(value, int) or not 0 <= value < 2**63):
                 raise InvalidArgumentError(
-                    f"{where}: step must be an integer >= 0 (the optimizer step), got {value!r}; nothing was changed"
+                    f"{where}: step must be an integer in [0, 2**63) (the optimizer step), got {value!r}; "
+                    "nothing was changed"
                 )
             continue
         _check_framework(where, name, value, framework)

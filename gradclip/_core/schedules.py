@@ -61,7 +61,7 @@ def _kind(name: str):
 def _finite(where: str, name: str, value: Any) -> float:
     # plain_config writes ±inf as strings (strict JSON): a rebuilt config may hold them.
     value = float(value) if isinstance(value, str) and value in ("inf", "-inf") else value
-    return check_number(where, name, value, low=-math.inf, high=math.inf, high_inclusive=False)
+    return check_number(where, name, value, low=-math.inf, low_inclusive=False, high=math.inf, high_inclusive=False)
 
 
 class Schedule(Mapping):
@@ -393,7 +393,9 @@ class FromCallable(Schedule):
 
     Args:
         function: Called with the step as a 0-d integer array of the gradients' framework;
-            returns a number or a one-element array of that framework.
+            returns a number or a one-element array of that framework. A NaN number is refused;
+            an array's value stays on the device unread (DESIGN.md rule 1), so a NaN there
+            becomes a NaN threshold, which clips nothing.
 
     Raises:
         InvalidArgumentError: ``function`` is not callable.
@@ -415,6 +417,8 @@ class FromCallable(Schedule):
         if isinstance(result, bool) or not (hasattr(result, "shape") or isinstance(result, numbers.Real)):
             raise InvalidArgumentError(f"{where}: returned {result!r}; a schedule returns a number or a scalar array")
         if not hasattr(result, "shape"):
+            if math.isnan(result):  # a host number costs nothing to check; NaN would clip nothing
+                raise InvalidArgumentError(f"{where}: returned NaN at step {step}; a schedule returns a number")
             return ops.scalar(float(result), dtype)
         if framework_of(result) != ops.name:
             raise InvalidArgumentError(
