@@ -1,6 +1,6 @@
 """ClippedOptimizer: AMP, clipping folded into a fused AdamW step, and a Monitor.
 
-Trains a small regression network on synthetic data whose gradients spike every few steps.
+Trains a small regression network on synthetic data whose gradients spike every 25 steps.
 ``ClippedOptimizer`` unscales the GradScaler's gradients once, clips with ``GlobalNorm``, skips a
 step on overflow and otherwise steps; with a fused optimizer the clip coefficient is folded into
 the optimizer's own step (no extra pass over the gradients). The Monitor writes JSON Lines, CSV
@@ -25,7 +25,9 @@ from gradclip.monitor import CsvWriter, JsonlWriter, TensorBoardWriter
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--max-norm", type=float, default=1.0)
+    # Above the typical norms of this task (median ~1), below its spikes (~1000): clipping tames
+    # the outliers and leaves ordinary steps alone (the early steps, far from the fit, clip too).
+    parser.add_argument("--max-norm", type=float, default=5.0)
     parser.add_argument("--accumulation-steps", type=int, default=1)
     parser.add_argument("--out", default="runs/clipped_optimizer")
     args = parser.parse_args(argv)
@@ -60,8 +62,8 @@ def main(argv=None) -> None:
     for step in range(args.steps * args.accumulation_steps):
         x = torch.randn(32, 16, generator=generator)
         y = x @ true_w + 0.1 * torch.randn(32, 1, generator=generator)
-        if step % 7 == 3:
-            y = y * 50  # an outlier batch: a gradient spike that clipping should tame
+        if step % 25 == 3:
+            y = y * 50  # an outlier batch (4% of them): a gradient spike that clipping should tame
         x, y = x.to(device), y.to(device)
         with torch.autocast(device, dtype=amp_dtype):
             loss = torch.nn.functional.mse_loss(model(x).float(), y) / args.accumulation_steps

@@ -15,6 +15,7 @@ import re
 import shutil
 import subprocess
 import sys
+import textwrap
 import warnings
 from pathlib import Path
 
@@ -133,3 +134,22 @@ def test_the_readme_sections_the_site_takes_exist():
         assert len(section) > 500 and "\n## " not in section, page
         assert hooks.MARKER in (DOCS / page).read_text(), page
     assert "](docs/" not in hooks.readme_section("## A tour")  # links rewritten for the site
+
+
+def test_the_architecture_page_s_new_clipper_runs_as_written(tmp_path):
+    # The page's "Adding a clipper" block is a complete clipper; run in a fresh process (it
+    # registers a name), it clips as tests/test_new_clipper.py's twin does.
+    text = (DOCS / "architecture.md").read_text()
+    block = next(b for b in re.findall(r"```python\n(.*?)```", text, re.S) if "class TwiceTheMean" in b)
+    script = tmp_path / "twice_the_mean.py"
+    script.write_text(block + textwrap.dedent("""
+        import numpy as np
+        clipper = gradclip.get("twice_the_mean")
+        first = clipper.clip([np.ones(3, np.float32)])[1]
+        out, second = clipper.clip([np.full(3, 10.0, np.float32)])
+        assert float(first.coef) == 1.0 and abs(float(second.threshold) - 2 * 3 ** 0.5) < 1e-5
+        np.testing.assert_allclose(np.linalg.norm(out[0]), 2 * 3 ** 0.5, rtol=1e-5)
+        print("ok")
+    """))
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-2000:]
