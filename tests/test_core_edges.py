@@ -44,6 +44,30 @@ def test_optax_leaves_are_named_as_clip_names_them():
     assert path_name(()) == "#0"
 
 
+def test_custom_pytree_nodes_are_named_with_the_same_spelling():
+    # flatten() (clip, update) and the optax entry points name a dict or tuple inside a custom
+    # node (a flax struct) alike: a name pattern matches the same leaf through either.
+    jnp = pytest.importorskip("jax.numpy")
+    struct = pytest.importorskip("flax.struct")
+    from gradclip._core.tree import flatten
+
+    @struct.dataclass
+    class Params:
+        w: object
+        d: dict
+        t: tuple
+
+    tree = {"m": Params(jnp.ones(2), {"a": jnp.ones(1)}, (jnp.ones(1),))}
+    assert flatten(tree)[2] == ["m.w", "m.d.a", "m.t#0"]
+    clipper = gradclip.AGC(0.1, exclude=("m.d.*",))
+    grads = {"m": Params(jnp.full(2, 10.0), {"a": jnp.full(1, 10.0)}, (jnp.full(1, 10.0),))}
+    clipped, _ = clipper.clip(grads, params=tree)
+    tx = gradclip.AGC(0.1, exclude=("m.d.*",)).as_optax()
+    updated, _ = tx.update(grads, tx.init(tree), tree)
+    for out in (clipped, updated):
+        assert float(out["m"].d["a"][0]) == 10.0 and float(out["m"].w[0]) < 10.0
+
+
 @pytest.mark.parametrize("name", ["zclip", "autoclip", "adagc", "quantile_norm", "skip_on_spike", "subset"])
 def test_a_clipper_that_has_clipped_pickles_with_its_state(name):
     clipper = gradclip.get(name)

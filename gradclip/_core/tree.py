@@ -186,7 +186,8 @@ def _jax_node(node: Any, prefix: str, leaves: list[Any], names: list[str]):
         if leaf is not None and not _is_array(leaf):
             return None  # let the caller raise about this node
         leaves.append(leaf)
-        names.append(f"{prefix}{tree_util.keystr(path)}" if prefix else tree_util.keystr(path).lstrip("."))
+        name = path_name(path)  # one spelling for every entry point (as_optax, clip_then too)
+        names.append(name if not prefix else f"{prefix}{name}" if name.startswith("#") else f"{prefix}.{name}")
     count = len(flat)
 
     def build_jax(it):
