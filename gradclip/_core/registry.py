@@ -103,9 +103,13 @@ def get(name: str, **kwargs: Any):
     return clipper
 
 
-def _check_keywords(name: str, cls: type, kwargs: Mapping[str, Any], where: str = "gradclip.get") -> None:
+def _check_keywords(name: str, cls: type, kwargs: Mapping[str, Any], *, complete: bool = False) -> None:
     """Refuse keyword arguments the constructor of ``cls`` does not take (Python's own error
     would be a bare ``TypeError`` naming ``__init__``, not a gradclip error).
+
+    With ``complete`` (``from_config``'s settings): a ``*clippers`` parameter is
+    named by its name, and a required one that is missing is refused too (``get`` fills the
+    registry's defaults first).
 
     Raises:
         UnknownArgumentError: Naming the method, the bad keywords and the valid ones.
@@ -116,7 +120,8 @@ def _check_keywords(name: str, cls: type, kwargs: Mapping[str, Any], where: str 
     kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
     valid = [p.name for p in parameters if p.kind in kinds]
     valid += [] if "process_group" in valid else ["process_group"]
-    if where != "gradclip.get":  # a config names a *clippers parameter (Chain's links) by its name
+    where = "from_config" if complete else "gradclip.get"
+    if complete:  # a config names a *clippers parameter (Chain's links) by its name
         valid += [p.name for p in parameters if p.kind is inspect.Parameter.VAR_POSITIONAL]
     unknown = [key for key in kwargs if key not in valid]
     if unknown:
@@ -125,7 +130,7 @@ def _check_keywords(name: str, cls: type, kwargs: Mapping[str, Any], where: str 
             f"{', '.join(map(repr, unknown))}; its arguments: {', '.join(valid)}"
         )
     missing = [p.name for p in parameters if p.kind in kinds and p.default is inspect.Parameter.empty and p.name not in kwargs]
-    if missing and where != "gradclip.get":  # get() fills the registry's defaults first
+    if missing and complete:
         raise InvalidArgumentError(
             f"{where}: {name!r} ({cls.__qualname__}) needs {', '.join(map(repr, missing))}; the config gives "
             f"{', '.join(map(repr, kwargs)) or 'nothing'}"
@@ -170,7 +175,7 @@ def from_config(spec: Any):
     if not isinstance(config, Mapping):
         raise InvalidArgumentError(f"from_config: clipper['config'] must be a mapping, got {config!r}")
     cls = registered_class(spec["clipper"])
-    _check_keywords(spec["clipper"], cls, config, where="from_config")
+    _check_keywords(spec["clipper"], cls, config, complete=True)
     arguments = {key: _decode(value) for key, value in config.items()}
     parameters = inspect.signature(cls.__init__).parameters.values()
     positional = next((p.name for p in parameters if p.kind is inspect.Parameter.VAR_POSITIONAL), None)
