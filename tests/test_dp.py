@@ -136,12 +136,17 @@ def test_quantile_norm_under_dp_noises_its_count():
         _setup(noise=1.0, clipper=gradclip.QuantileNorm(), count_noise_multiplier=0.4)
 
 
-def test_amp_scaler_scale_divided_out():
-    x = torch.randn(8, 6)
+def _plain_params(x):
+    """The parameters after one DP step on ``x`` without AMP: what every AMP path must give."""
     model, _, opt = _setup()
     opt.backward(_loss(model, x))
     opt.step()
-    plain = [p.detach().clone() for p in model.parameters()]
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def test_amp_scaler_scale_divided_out():
+    x = torch.randn(8, 6)
+    plain = _plain_params(x)
     scaler = torch.amp.GradScaler("cpu", init_scale=256.0)
     model, _, opt = _setup(scaler=scaler)
     info = opt.backward(_loss(model, x))
@@ -219,10 +224,7 @@ def test_amp_scaler_unscaled_through_the_wrapper_unscales_once():
     # torch's AMP recipe calls scaler.unscale_(optimizer) before step() to look at the gradients;
     # the optimizer the user holds is the DPOptimizer, whose param_groups are the inner one's.
     x = torch.randn(8, 6)
-    model, _, opt = _setup()
-    opt.backward(_loss(model, x))
-    opt.step()
-    plain = [p.detach().clone() for p in model.parameters()]
+    plain = _plain_params(x)
     scaler = torch.amp.GradScaler("cpu", init_scale=256.0)
     model, _, opt = _setup(scaler=scaler)
     opt.backward(_loss(model, x))
@@ -259,10 +261,7 @@ def test_amp_scaler_with_virtual_steps_unscales_every_physical_batch_once(unscal
     # The kept sums of earlier physical batches were merged after the unscale and stayed
     # multiplied by the loss scale (an update ~1000x the per-example bound allows).
     x = torch.randn(8, 6)
-    model, _, opt = _setup()
-    opt.backward(_loss(model, x))
-    opt.step()
-    plain = [p.detach().clone() for p in model.parameters()]
+    plain = _plain_params(x)
     model, scaler = _virtual_amp(x, unscale, trailing_virtual)
     for a, p in zip(plain, model.parameters()):
         torch.testing.assert_close(p.detach(), a)
