@@ -54,7 +54,7 @@ from gradclip._core.errors import InvalidArgumentError, StateError
 from gradclip._core.streaks import SkipStreak
 from gradclip._core.types import EmptyState
 from gradclip.torch.optim_groups import check_mapped_clipper
-from gradclip.torch.trainer_signals import StepLoss, count_skips, loss_across_ranks
+from gradclip.torch.trainer_signals import StepLoss, count_skips, loss_across_ranks, monitor_hook
 
 try:  # the unified package first, then the standalone one
     from lightning.pytorch import Callback as _Callback
@@ -234,9 +234,7 @@ class GradClipCallback(_Callback):
         self.last_info = self.last_infos[index] = info
         if self.monitor is not None:
             self.monitor.observe(info, step=int(trainer.global_step))
-            before_step = getattr(self.monitor, "before_step", None)  # a duck-typed monitor may lack it
-            if callable(before_step):
-                before_step()
+            monitor_hook(self.monitor, "before_step")
         if self.log:
             norm = info.norm.detach().float()
             coef = info.coef.detach().float()
@@ -272,8 +270,7 @@ class GradClipCallback(_Callback):
         return index
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-        after_step = getattr(self.monitor, "after_step", None)
-        measured = after_step() if callable(after_step) else None
+        measured = monitor_hook(self.monitor, "after_step")
         if measured is not None and self.log:
             names, _, _, ratios = measured
             pl_module.log_dict(

@@ -57,7 +57,7 @@ from gradclip._core.clipper import Clipper
 from gradclip._core.errors import InvalidArgumentError, StateError
 from gradclip._core.registry import from_config
 from gradclip._core.streaks import SkipStreak
-from gradclip.torch.trainer_signals import StepLoss, count_skips, loss_across_ranks, watches_loss
+from gradclip.torch.trainer_signals import StepLoss, count_skips, loss_across_ranks, monitor_hook, watches_loss
 
 try:
     import transformers as _transformers
@@ -316,9 +316,7 @@ class GradClipCallback(_TrainerCallback, _ExportableState):
             # The Trainer numbers this step global_step + 1 (it counts it after the update), as
             # its logs and checkpoints do.
             self.monitor.observe(info, step=int(state.global_step) + 1)
-            before_step = getattr(self.monitor, "before_step", None)  # a duck-typed monitor may lack it
-            if callable(before_step):
-                before_step()
+            monitor_hook(self.monitor, "before_step")
         import torch
 
         norm = info.norm.detach().to(torch.float32)
@@ -364,8 +362,7 @@ class GradClipCallback(_TrainerCallback, _ExportableState):
                 raise
 
     def on_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        after_step = getattr(self.monitor, "after_step", None)
-        measured = after_step() if callable(after_step) else None
+        measured = monitor_hook(self.monitor, "after_step")
         if measured is not None:
             self._last_update = (measured[0], measured[3])
 

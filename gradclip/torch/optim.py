@@ -128,7 +128,7 @@ from gradclip.torch.scaling import (
     set_step_flags,
     share_wrapper_stage,
 )
-from gradclip.torch.trainer_signals import StepLoss, loss_across_ranks
+from gradclip.torch.trainer_signals import StepLoss, loss_across_ranks, monitor_hook
 
 __all__ = ["ClippedOptimizer", "fold_unsupported_reason", "scaler_enabled", "scaler_stage"]
 
@@ -465,7 +465,7 @@ class ClippedOptimizer(torch.optim.Optimizer):
         counters = (progress.micro, progress.stepped, progress.folded, progress.losses.snapshot())
         boundary = self.will_step
         if boundary:
-            self._monitor_call("before_step")  # the parameters before the update, with updates=True
+            monitor_hook(self.monitor, "before_step")  # the parameters before the update, with updates=True
         try:
             # Clip (or fold) first, and call the inner step from this frame: torch's optimizers
             # break a torch.compile graph inside their step, and a break here, after every
@@ -485,7 +485,7 @@ class ClippedOptimizer(torch.optim.Optimizer):
             raise
         progress.failed_boundary = False
         if boundary:
-            self._monitor_call("after_step")  # the update's norms, into the step's record
+            monitor_hook(self.monitor, "after_step")  # the update's norms, into the step's record
         # The step is complete (skipped and counted): a streak past the bound is raised now.
         divergence, progress.divergence = progress.divergence, None
         if divergence is not None:
@@ -585,13 +585,6 @@ class ClippedOptimizer(torch.optim.Optimizer):
                 self.monitor.observe(info)
             else:
                 self.monitor.observe(info, layer_norms=layer_norms)
-
-    def _monitor_call(self, name: str) -> None:
-        """Call the monitor's ``before_step``/``after_step`` (they do nothing unless
-        ``updates=True``); a duck-typed monitor with only ``observe`` is left alone."""
-        method = getattr(self.monitor, name, None)
-        if callable(method):
-            method()
 
     def _unscale_once(self) -> None:
         if not scaler_enabled(self.scaler):

@@ -40,7 +40,7 @@ from gradclip._core.ops import get_ops
 from gradclip._core.streaks import SkipStreak
 from gradclip._core.types import ClipInfo
 
-__all__ = ["StepLoss", "count_skips", "loss_across_ranks", "watches_loss"]
+__all__ = ["StepLoss", "count_skips", "loss_across_ranks", "monitor_hook", "watches_loss"]
 
 
 class StepLoss:
@@ -115,6 +115,14 @@ class StepLoss:
     def clear(self) -> None:
         """Forget the recorded losses."""
         self._total, self._count = None, 0
+
+
+def monitor_hook(monitor: Any, name: str) -> Any:
+    """Call ``monitor``'s ``before_step`` or ``after_step`` (a Monitor's do nothing unless
+    ``updates=True``) and return what it returns; None for no monitor, or a duck-typed one with
+    only ``observe``."""
+    method = getattr(monitor, name, None)
+    return method() if callable(method) else None
 
 
 def watches_loss(clipper: Any) -> bool:
