@@ -212,19 +212,50 @@ def test_a_directory_given_as_the_log_is_named_a_directory(command, tmp_path, ca
 
 from gradclip.experiments import Task  # noqa: E402
 
+#: How long the simulated one-time costs below take, on a simulated clock: a real sleep against a
+#: real bound would make the tests depend on how fast a loaded machine runs three tiny steps.
+SLOW = 10.0
+
+
+class _Clock:
+    """The runner's clock (``runner.time``) with a simulated delay: ``sleep`` moves it forward
+    instantly, so a slow one-time cost shows up in any interval it falls into."""
+
+    def __init__(self):
+        import time
+
+        self._real, self.offset = time.perf_counter, 0.0
+
+    def perf_counter(self) -> float:
+        return self._real() + self.offset
+
+    def sleep(self, seconds: float) -> None:
+        self.offset += seconds
+
+
+_CLOCK = _Clock()
+
+
+@pytest.fixture
+def simulated_clock(monkeypatch):
+    from types import SimpleNamespace
+
+    from gradclip.experiments import runner
+
+    monkeypatch.setattr(runner, "time", SimpleNamespace(perf_counter=_CLOCK.perf_counter))
+    return _CLOCK
+
 
 class _SlowToBuild(Task):
-    """A tiny regression whose construction takes 0.4 s (as loading a data set or importing a
-    heavy library does on a worker's first run)."""
+    """A tiny regression whose construction takes SLOW seconds of the simulated clock (as loading
+    a data set or importing a heavy library does on a worker's first run)."""
 
     name = "slow-to-build"
     metric_name = "loss"
     greater_is_better = False
 
     def __init__(self, seed):
-        import time
-
-        time.sleep(0.4)
+        _CLOCK.sleep(SLOW)
         super().__init__(seed)
 
     def model(self):
@@ -249,18 +280,16 @@ class _SlowToBuild(Task):
         return metric < 0.1
 
 
-def test_wall_time_leaves_out_building_the_task(tmp_path):
+def test_wall_time_leaves_out_building_the_task(tmp_path, simulated_clock):
     from gradclip.experiments import compare
 
     result = compare(_SlowToBuild, "none", seeds=1, steps=3, jobs=1)
     (record,) = result.records
     assert record["status"] == "ok", record.get("error")
-    assert 0 < record["wall_time"] < 0.4
+    assert 0 < record["wall_time"] < SLOW
 
 
-def test_wall_time_leaves_out_a_clippers_first_use_in_the_process(monkeypatch):
-    import time
-
+def test_wall_time_leaves_out_a_clippers_first_use_in_the_process(monkeypatch, simulated_clock):
     import gradclip
     from gradclip.experiments import compare, runner
 
@@ -268,7 +297,7 @@ def test_wall_time_leaves_out_a_clippers_first_use_in_the_process(monkeypatch):
 
     def clip_(self, *args, **kwargs):
         if not calls:
-            time.sleep(0.4)  # a lazy import on the first use, say
+            simulated_clock.sleep(SLOW)  # a lazy import on the first use, say
         calls.append(1)
         return original(self, *args, **kwargs)
 
@@ -277,7 +306,7 @@ def test_wall_time_leaves_out_a_clippers_first_use_in_the_process(monkeypatch):
     result = compare(_SlowToBuild, "global_norm:max_norm=1.0", seeds=1, steps=3, jobs=1)
     (record,) = result.records
     assert record["status"] == "ok", record.get("error")
-    assert len(calls) == 3 + 1 and record["wall_time"] < 0.4
+    assert len(calls) == 3 + 1 and record["wall_time"] < SLOW
 
 
 def test_the_warm_up_changes_no_result():
